@@ -1,0 +1,176 @@
+"""Load any supported MLLM offline: one call, an HF id or a local directory -> `LoadedModel`.
+
+A `LoadedModel` holds the HF model, its processor/tokenizer, the family adapter, and a hook backend under
+transformer-lens names. The TransformerBridge is built on first use of `.bridge` (it rewraps the HF model in
+place); capture uses the lighter torch backend unless asked otherwise (see `probes.hooks`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from probes.families import FamilyAdapter, UnsupportedModelError, family_for_architecture, get_family
+from probes.hooks import BridgeHooks, TorchHooks
+
+BACKENDS = ("torch", "bridge")
+
+
+class ModelLoadError(ValueError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    hf_model: torch.nn.Module
+    processor: Any
+    adapter: FamilyAdapter
+    backend: str = "torch"
+    _bridge: Any = field(default=None, repr=False)
+
+    @property
+    def family(self) -> str:
+        return self.adapter.name
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.adapter.tokenizer
+
+    @property
+    def config(self) -> Any:
+        return self.hf_model.config
+
+    @property
+    def text_config(self) -> Any:
+        return getattr(self.config, "text_config", self.config)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.adapter.lm_layers(self.hf_model))
+
+    @property
+    def d_model(self) -> int:
+        return int(self.text_config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf_model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf_model.parameters()).dtype
+
+    @property
+    def bridge(self) -> Any:
+        """The transformer-lens TransformerBridge around this model (built once, on first use)."""
+        if self._bridge is None:
+            from transformer_lens.model_bridge import TransformerBridge
+
+            self._bridge = TransformerBridge.boot_transformers(
+                self.name, hf_model=self.hf_model, tokenizer=self.tokenizer, device=str(self.device),
+                dtype=self.dtype,
+            )
+        return self._bridge
+
+    @cached_property
+    def _torch_hooks(self) -> TorchHooks:
+        return TorchHooks(self.hf_model, self.adapter)
+
+    @property
+    def hook_backend(self) -> TorchHooks | BridgeHooks:
+        return BridgeHooks(self.bridge) if self.backend == "bridge" else self._torch_hooks
+
+    def hooks(self, fwd_hooks: list) -> Any:
+        """Context manager: run forwards with `fwd_hooks` = [(tl_hook_name, fn(act, name) -> act | None)]."""
+        return self.hook_backend.hooks(fwd_hooks)
+
+    def hook_names(self) -> list[str]:
+        return self.hook_backend.names()
+
+
+def _read_config(path: Path) -> dict:
+    cfg = path / "config.json"
+    if not cfg.exists():
+        raise ModelLoadError(f"{path}: no config.json; expected a Hugging Face model directory")
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelLoadError(f"{cfg}: not valid JSON ({err.msg})") from err
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    backend: str = "torch",
+    family: str | None = None,
+    device_map: str | dict | None = None,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a supported MLLM (or causal LM) by HF id or local directory, offline for local paths.
+
+    `family` overrides detection from `config.json`'s `architectures`. `backend` is 'torch' (plain forward
+    hooks, fast) or 'bridge' (transformer-lens TransformerBridge: every TL hook point). `device_map` spreads a
+    large model over the GPUs of a node. `trust_remote_code` stays off unless asked.
+    """
+    import transformers
+    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+
+    if backend not in BACKENDS:
+        raise ModelLoadError(f"backend {backend!r}: expected one of {BACKENDS}")
+    local = Path(name_or_path).expanduser()
+    is_local = local.is_dir()
+    looks_like_path = str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1
+    if not is_local and looks_like_path:
+        raise ModelLoadError(f"model path {name_or_path} is not a directory")
+    source = str(local) if is_local else str(name_or_path)
+    kw: dict[str, Any] = {"local_files_only": True} if is_local or os.environ.get("HF_HUB_OFFLINE") == "1" else {}
+    kw["trust_remote_code"] = trust_remote_code
+    if is_local:
+        raw = _read_config(local)
+        arch = (raw.get("architectures") or [None])[0]
+    else:
+        try:
+            config = AutoConfig.from_pretrained(source, **kw)
+        except OSError as err:
+            raise ModelLoadError(f"cannot load the config of {source!r} (offline: {bool(kw.get('local_files_only'))}): "
+                                 f"{err}") from err
+        arch = (getattr(config, "architectures", None) or [None])[0]
+    adapter_cls = get_family(family) if family else family_for_architecture(arch, where=source)
+    model_cls = getattr(transformers, arch, None) if arch else None
+    if model_cls is None:
+        raise UnsupportedModelError(f"{source}: transformers has no class {arch!r}")
+
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    load_kw: dict[str, Any] = dict(kw)
+    if dtype is not None:
+        load_kw["dtype"] = dtype
+    if device_map is not None:
+        load_kw["device_map"] = device_map
+    load_kw["attn_implementation"] = attn_implementation or ("eager" if backend == "bridge" else "sdpa")
+    try:
+        hf_model = model_cls.from_pretrained(source, **load_kw)
+    except OSError as err:
+        raise ModelLoadError(f"cannot load weights of {source!r}: {err}") from err
+    hf_model.eval()
+    if device is not None and device_map is None:
+        hf_model.to(device)
+    try:
+        if adapter_cls.placeholder is None:
+            processor = AutoTokenizer.from_pretrained(source, **kw)
+        else:
+            processor = AutoProcessor.from_pretrained(source, **kw)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load the processor/tokenizer of {source!r}: {err}") from err
+    adapter = adapter_cls(processor, hf_model.config)
+    return LoadedModel(name=source, hf_model=hf_model, processor=processor, adapter=adapter, backend=backend)

@@ -1,0 +1,250 @@
+"""What was said and shown: sessions of turns, with marked PII spans, saved as JSONL.
+
+A `Session` is a list of `Turn`s (one message each: role, text, images). A substring of a turn's text can be
+*marked* (for example the SSN inside a user turn), so the token map later knows its token span. Images are kept
+by path plus sha256, so a JSONL file can be checked against the images it points at.
+
+A turn index is the message index: turn 0 may be the system prompt, then user, assistant, user, ...
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from PIL import Image, UnidentifiedImageError
+
+ROLES = ("system", "user", "assistant")
+
+
+class SessionError(ValueError):
+    """A session or session file is malformed; the message names the file, line and field."""
+
+
+@dataclass(frozen=True)
+class Mark:
+    """A labelled character span `text[start:end]` of a turn (for example `label="ssn"`)."""
+
+    label: str
+    start: int
+    end: int
+
+    def to_json(self) -> dict:
+        return {"label": self.label, "start": self.start, "end": self.end}
+
+
+@dataclass
+class SessionImage:
+    """An image shown in a turn: a file path plus its sha256, or an in-memory PIL image."""
+
+    path: str | None = None
+    sha256: str | None = None
+    pil: Image.Image | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_pil(cls, image: Image.Image) -> "SessionImage":
+        return cls(pil=image)
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike) -> "SessionImage":
+        path = str(path)
+        return cls(path=path, sha256=file_sha256(path))
+
+    def load(self) -> Image.Image:
+        """The image as RGB; a missing, changed or undecodable file raises SessionError naming it."""
+        if self.pil is not None:
+            return self.pil.convert("RGB")
+        if self.path is None:
+            raise SessionError("image has neither a path nor pixels")
+        if not os.path.exists(self.path):
+            raise SessionError(f"image file not found: {self.path}")
+        data = Path(self.path).read_bytes()
+        if self.sha256 is not None and hashlib.sha256(data).hexdigest() != self.sha256:
+            raise SessionError(f"image file {self.path} does not match its sha256 {self.sha256[:12]}...")
+        try:
+            image = Image.open(io.BytesIO(data))
+            image.load()
+        except (UnidentifiedImageError, OSError) as err:
+            raise SessionError(f"image file {self.path} does not decode as an image: {err}") from err
+        return image.convert("RGB")
+
+    def to_json(self) -> dict:
+        if self.path is None:
+            raise SessionError("an in-memory image cannot be saved to JSONL: save it to a file first")
+        return {"path": self.path, "sha256": self.sha256}
+
+
+@dataclass
+class Turn:
+    """One message. `text=None` on an assistant turn means: let the model write it at capture time."""
+
+    role: str
+    text: str | None = ""
+    images: list[SessionImage] = field(default_factory=list)
+    marks: list[Mark] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise SessionError(f"turn role {self.role!r} is not one of {ROLES}")
+        if self.text is None and self.role != "assistant":
+            raise SessionError("only an assistant turn may have text=None (to be generated)")
+        self.images = [im if isinstance(im, SessionImage) else _as_image(im) for im in self.images]
+        for m in self.marks:
+            if self.text is None or not (0 <= m.start <= m.end <= len(self.text)):
+                raise SessionError(f"mark {m.label!r} [{m.start}, {m.end}) lies outside the turn text")
+
+    def mark(self, label: str, value: str, occurrence: int = 0) -> "Turn":
+        """Mark the `occurrence`-th appearance of `value` in this turn's text under `label`."""
+        if self.text is None:
+            raise SessionError("cannot mark text of a turn that is still to be generated")
+        start = -1
+        for _ in range(occurrence + 1):
+            start = self.text.find(value, start + 1)
+            if start < 0:
+                raise SessionError(f"mark {label!r}: value not found in the turn text")
+        self.marks.append(Mark(label, start, start + len(value)))
+        return self
+
+    @property
+    def generate(self) -> bool:
+        return self.text is None
+
+
+def _as_image(obj: Any) -> SessionImage:
+    if isinstance(obj, Image.Image):
+        return SessionImage.from_pil(obj)
+    if isinstance(obj, (str, os.PathLike)):
+        return SessionImage.from_path(obj)
+    raise SessionError(f"an image must be a PIL image, a path or a SessionImage, not {type(obj).__name__}")
+
+
+@dataclass
+class Session:
+    """A multi-turn conversation with images, an id, and labels (identity id, PII type, framing ...)."""
+
+    session_id: str
+    turns: list[Turn]
+    labels: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.turns:
+            raise SessionError(f"session {self.session_id!r} has no turns")
+
+    @property
+    def images(self) -> list[SessionImage]:
+        return [im for t in self.turns for im in t.images]
+
+    def to_json(self) -> dict:
+        return {
+            "session_id": self.session_id,
+            "labels": self.labels,
+            "turns": [
+                {
+                    "role": t.role,
+                    "text": t.text,
+                    "images": [im.to_json() for im in t.images],
+                    "marks": [m.to_json() for m in t.marks],
+                }
+                for t in self.turns
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str = "session") -> "Session":
+        """Build from a JSON object; errors name `where` (file and line) and the field."""
+        if not isinstance(obj, dict):
+            raise SessionError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        for key in ("session_id", "turns"):
+            if key not in obj:
+                raise SessionError(f"{where}: missing field {key!r}")
+        if not isinstance(obj["turns"], list):
+            raise SessionError(f"{where}: field 'turns' must be a list")
+        turns = []
+        for i, t in enumerate(obj["turns"]):
+            try:
+                turns.append(
+                    Turn(
+                        role=t["role"],
+                        text=t.get("text", ""),
+                        images=[SessionImage(path=im["path"], sha256=im.get("sha256")) for im in t.get("images", [])],
+                        marks=[Mark(m["label"], int(m["start"]), int(m["end"])) for m in t.get("marks", [])],
+                    )
+                )
+            except SessionError as err:
+                raise SessionError(f"{where}: turns[{i}]: {err}") from err
+            except (KeyError, TypeError, AttributeError) as err:
+                raise SessionError(f"{where}: turns[{i}]: malformed turn ({err!r})") from err
+        try:
+            return cls(session_id=str(obj["session_id"]), turns=turns, labels=dict(obj.get("labels", {})))
+        except SessionError as err:
+            raise SessionError(f"{where}: {err}") from err
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except FileNotFoundError as err:
+        raise SessionError(f"image file not found: {path}") from err
+
+
+def read_sessions(path: str | os.PathLike) -> Iterator[Session]:
+    """Sessions from a JSONL file, one per line; a malformed line raises SessionError naming file and line.
+
+    Image paths are resolved relative to the JSONL file's folder.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise SessionError(f"sessions file not found: {path}")
+    seen: set[str] = set()
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise SessionError(f"{where}: not valid JSON ({err.msg})") from err
+            session = Session.from_json(obj, where)
+            if session.session_id in seen:
+                raise SessionError(f"{where}: duplicate session_id {session.session_id!r}")
+            seen.add(session.session_id)
+            for im in session.images:
+                if im.path is not None and not os.path.isabs(im.path):
+                    im.path = str(path.parent / im.path)
+            yield session
+
+
+def write_sessions(sessions: Iterable[Session], path: str | os.PathLike) -> Path:
+    """Write sessions as JSONL atomically (temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps(s.to_json(), ensure_ascii=False) for s in sessions]
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename: readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
