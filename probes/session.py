@@ -75,8 +75,9 @@ class SessionImage:
         return image.convert("RGB")
 
     def to_json(self) -> dict:
-        if self.path is None:
-            raise SessionError("an in-memory image cannot be saved to JSONL: save it to a file first")
+        """{"path", "sha256"}; an in-memory image has path None and the sha256 of its pixels."""
+        if self.path is None and self.pil is not None:
+            return {"path": None, "sha256": hashlib.sha256(self.pil.tobytes()).hexdigest()}
         return {"path": self.path, "sha256": self.sha256}
 
 
@@ -172,7 +173,7 @@ class Session:
                     Turn(
                         role=t["role"],
                         text=t.get("text", ""),
-                        images=[SessionImage(path=im["path"], sha256=im.get("sha256")) for im in t.get("images", [])],
+                        images=[SessionImage(path=im.get("path"), sha256=im.get("sha256")) for im in t.get("images", [])],
                         marks=[Mark(m["label"], int(m["start"]), int(m["end"])) for m in t.get("marks", [])],
                     )
                 )
@@ -216,7 +217,9 @@ def read_sessions(path: str | os.PathLike) -> Iterator[Session]:
                 raise SessionError(f"{where}: duplicate session_id {session.session_id!r}")
             seen.add(session.session_id)
             for im in session.images:
-                if im.path is not None and not os.path.isabs(im.path):
+                if im.path is None:
+                    raise SessionError(f"{where}: an image has no 'path'")
+                if not os.path.isabs(im.path):
                     im.path = str(path.parent / im.path)
             yield session
 
@@ -225,6 +228,11 @@ def write_sessions(sessions: Iterable[Session], path: str | os.PathLike) -> Path
     """Write sessions as JSONL atomically (temp file, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    sessions = list(sessions)
+    for s in sessions:
+        if any(im.path is None for im in s.images):
+            raise SessionError(f"session {s.session_id!r}: an in-memory image cannot be saved to JSONL; save it "
+                               "to a file and use SessionImage.from_path")
     lines = [json.dumps(s.to_json(), ensure_ascii=False) for s in sessions]
     atomic_write_text(path, "".join(line + "\n" for line in lines))
     return path

@@ -66,7 +66,7 @@ class FamilyAdapter:
     placeholder: ClassVar[str | None] = "<image>"
     # Dotted module paths inside the HF model, for the plain-PyTorch hook backend.
     lm_layers_path: ClassVar[str] = "model.language_model.layers"
-    vision_layers_path: ClassVar[str | None] = "model.vision_tower.vision_model.encoder.layers"
+    vision_layers_path: ClassVar[str | None] = "model.vision_tower.encoder.layers"
     projector_path: ClassVar[str | None] = "model.multi_modal_projector"
     attn_name: ClassVar[str] = "self_attn"
     mlp_name: ClassVar[str] = "mlp"

@@ -28,7 +28,7 @@ class Adapter(FamilyAdapter):
     name = "llava"
     placeholder = "<image>"
     lm_layers_path = "model.language_model.layers"
-    vision_layers_path = "model.vision_tower.vision_model.encoder.layers"
+    vision_layers_path = "model.vision_tower.encoder.layers"
     projector_path = "model.multi_modal_projector"
 
     def patch_layout(self, ids, processed):

@@ -1,0 +1,128 @@
+"""Idefics3 / SmolVLM (`Idefics3ForConditionalGeneration`, e.g. HuggingFaceTB/SmolVLM-Instruct, SmolVLM-256M-Instruct).
+
+The chat template emits one `<image>` per image; the processor expands it. With image splitting, the image is
+resized (longest edge `size`), then to multiples of the tile size `max_image_size`, cut into `rows x cols`
+square crops, and followed by the whole image resized to one tile (the global view):
+
+    for each crop row i, col j:  <fake_token_around_image><row_i_col_j><image>*seq_len   then "\n" after each row
+    "\n"<fake_token_around_image><global-img><image>*seq_len<fake_token_around_image>
+
+An image that fits in one tile is just the global block. `pixel_values` is [batch, n_tiles, 3, tile, tile] in the
+same order as the text (crops row-major, global last). Each tile is encoded by the SigLIP tower on its own, and
+the connector pixel-shuffles its (tile/patch)^2 patch grid by `scale_factor`, so a tile gives
+seq_len = ((tile/patch)/scale_factor)^2 tokens, in row-major order on a (tile/patch/scale) square grid: token
+r*side + c gathers the scale x scale block of patches whose top-left patch is (r*scale, c*scale).
+
+Our layout: tile 0 = the global view, tiles 1..rows*cols = crop (i, j) as 1 + i*cols + j (row-major);
+`<fake_token_around_image>`, `<row_i_col_j>`, `<global-img>` and newlines are -1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from probes.families.base import FamilyAdapter
+
+# The chat template of HuggingFaceTB/SmolVLM-Instruct (also SmolVLM-256M/500M-Instruct). It writes the start token
+# `<|im_start|>` itself; the tokenizer adds no BOS.
+CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+GLOBAL_TAG = "<global-img>"
+FAKE = "<fake_token_around_image>"
+ROW_COL = [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]  # the processor knows up to 6x6
+
+
+class Adapter(FamilyAdapter):
+    name = "idefics3"
+    placeholder = "<image>"
+    nested_images = True  # the processor wants images nested per text sample
+    lm_layers_path = "model.text_model.layers"
+    vision_layers_path = "model.vision_model.encoder.layers"
+    projector_path = "model.connector"  # pixel shuffle + linear projection
+    end_of_turn_tokens = ("<end_of_utterance>",)
+
+    @property
+    def tile_side(self) -> int:
+        """Side of one tile's token grid after pixel shuffle."""
+        v = self.hf_config.vision_config
+        return v.image_size // v.patch_size // self.hf_config.scale_factor
+
+    def patch_layout(self, ids, processed):
+        tok = self.tokenizer
+        image_id = self.placeholder_id
+        global_id = tok.convert_tokens_to_ids(GLOBAL_TAG)
+        crop_of = {tok.convert_tokens_to_ids(t): divmod(k, 6) for k, t in enumerate(ROW_COL)}
+        n_cols = 1 + max((crop_of[t][1] for t in ids if t in crop_of), default=-1)
+        side = self.tile_side
+        n = len(ids)
+        tile, row, col = np.full(n, -1), np.full(n, -1), np.full(n, -1)
+        counts: dict[int, int] = {}
+        current = None  # the tile whose patch tokens follow the last tag
+        for q, t in enumerate(ids):
+            if t == global_id:
+                current = 0
+            elif t in crop_of:
+                i, j = crop_of[t]
+                current = 1 + i * n_cols + j
+            elif t == image_id:
+                if current is None:
+                    raise ValueError(f"idefics3: an <image> token at {q} follows no tile tag")
+                k = counts.get(current, 0)
+                tile[q], (row[q], col[q]) = current, divmod(k, side)
+                counts[current] = k + 1
+            else:
+                current = None
+        n_tiles = processed["pixel_values"].shape[1]
+        if len(counts) != n_tiles or any(c != side * side for c in counts.values()):
+            raise ValueError(f"idefics3: token counts per tile {counts} do not match {n_tiles} tiles of "
+                             f"{side}x{side} tokens")
+        return tile, row, col, {k: (side, side) for k in counts}
+
+
+def build_tiny(path: Path, tile_size: int = 64, longest_edge: int = 128, patch_size: int = 8, scale_factor: int = 2,
+               n_layers: int = 2, d_model: int = 64, vision_layers: int = 2, d_vision: int = 32,
+               n_heads: int = 4) -> Path:
+    """A tiny SmolVLM: 64-px tiles of 8-px patches, 2x pixel shuffle -> 16 tokens per tile; images are resized to
+    a longest edge of 128, so a 2:1 image becomes 1x2 crops + the global view (48 image tokens)."""
+    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor,
+                              Idefics3Processor, Idefics3VisionConfig, LlamaConfig)
+
+    from probes.tiny import build_tokenizer, save_tiny
+
+    # SmolVLM's tokenizer: BOS `<|im_start|>` (written by the template), EOS `<end_of_utterance>`, pad `<|im_end|>`.
+    tok = build_tokenizer([FAKE, "<image>", "<end_of_utterance>", GLOBAL_TAG, *ROW_COL], bos="<|im_start|>",
+                          eos="<end_of_utterance>", pad="<|im_end|>", add_bos=False)
+    image_processor = Idefics3ImageProcessor(
+        size={"longest_edge": longest_edge}, max_image_size={"longest_edge": tile_size}, do_image_splitting=True,
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    )
+    seq_len = (tile_size // patch_size // scale_factor) ** 2
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=seq_len,
+                                  chat_template=CHAT_TEMPLATE)
+    tok = processor.tokenizer
+    config = Idefics3Config(
+        vision_config=Idefics3VisionConfig(
+            hidden_size=d_vision, intermediate_size=2 * d_vision, num_hidden_layers=vision_layers,
+            num_attention_heads=n_heads, image_size=tile_size, patch_size=patch_size,
+        ),
+        text_config=LlamaConfig(
+            hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
+            num_attention_heads=n_heads, num_key_value_heads=n_heads, vocab_size=len(tok),
+            max_position_embeddings=4096, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        ),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        scale_factor=scale_factor,
+        pad_token_id=tok.pad_token_id,
+        architectures=["Idefics3ForConditionalGeneration"],
+    )
+    model = Idefics3ForConditionalGeneration(config).eval()
+    return save_tiny(model, processor, path)
