@@ -25,7 +25,7 @@ _VISION_HOOK = re.compile(r"^vision_encoder\.encoder_layers\.(\d+)\.hook_out$")
 PROJECTOR_HOOK = "vision_projector.hook_out"
 
 
-class HookNameError(KeyError):
+class HookNameError(ValueError):
     pass
 
 

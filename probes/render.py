@@ -156,19 +156,21 @@ def render(adapter: FamilyAdapter, session: Session, upto: int | None = None,
         ids = bos_prefix + ids
         offsets = [(0, 0)] * len(bos_prefix) + offsets
 
-    # 4. Per-token turn, segment, marks.
+    # 4. Per-token turn, segment, marks. A token belongs where its last character is: byte-level BPE glues the
+    #    template's space to the next word (" ASSISTANT", " A"), and that token is the next part's, not the space's.
     ts_chars = np.array([c for c, _ in turn_starts])
     ts_turns = np.array([k for _, k in turn_starts])
     starts_c = np.array([a for a, _ in offsets])
-    turn_of = ts_turns[np.searchsorted(ts_chars, starts_c, side="right") - 1]
+    ends_c = np.array([e for _, e in offsets])
+    last_c = np.maximum(ends_c - 1, starts_c)
+    turn_of = ts_turns[np.searchsorted(ts_chars, last_c, side="right") - 1]
     segment = np.array(["template"] * len(ids), dtype=object)
     role = np.array([session.turns[t].role if t < n else "assistant" for t in turn_of], dtype=object)
     for k, (a, b) in content_spans.items():
-        inside = (starts_c >= a) & (starts_c < b)
+        inside = (last_c >= a) & (last_c < b) & (ends_c > starts_c)
         segment[inside] = session.turns[k].role
     mark = np.array([""] * len(ids), dtype=object)
     for a, b, label in mark_spans:
-        ends_c = np.array([e for _, e in offsets])
         hit = (starts_c < b) & (ends_c > a)
         mark[hit] = [label if not m else f"{m}|{label}" for m in mark[hit]]
 

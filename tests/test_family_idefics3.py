@@ -22,7 +22,8 @@ def two_colour(size, first, second, vertical=False):
     """An image whose left (top if vertical) half is `first` and right (bottom) half is `second`."""
     w, h = size
     im = Image.new("RGB", size, first)
-    im.paste(Image.new("RGB", (w, h // 2) if vertical else (w // 2, h), second), (0, h // 2) if vertical else (w // 2, 0))
+    half = ((w, h // 2), (0, h // 2)) if vertical else ((w // 2, h), (w // 2, 0))
+    im.paste(Image.new("RGB", half[0], second), half[1])
     return im
 
 
@@ -197,3 +198,15 @@ def test_bridge_matches_torch_backend(path):
                                          pixel_attention_mask=inputs["pixel_attention_mask"],
                                          names_filter=lambda n: n == "blocks.0.hook_resid_post")
     assert (cache["blocks.0.hook_resid_post"] - got["torch"]).abs().max().item() < 1e-4
+
+
+def test_unsplit_image_is_one_global_tile(loaded):
+    import copy
+
+    from probes.families.idefics3 import Adapter
+
+    processor = copy.deepcopy(loaded.processor)
+    processor.image_processor.do_image_splitting = False
+    exp = Adapter(processor, loaded.config).expand_image(WIDE)
+    assert loaded.tokenizer.convert_ids_to_tokens(exp.token_ids[:2] + exp.token_ids[-1:]) == [FAKE, GLOBAL_TAG, FAKE]
+    assert exp.tile.tolist() == [-1, -1] + [0] * 16 + [-1] and exp.grid == {0: (4, 4)}

@@ -19,9 +19,9 @@ ROWS, COLS = 3, 4
 SSN = "123-45-6789"
 
 
-def _image(seed: int = 0) -> Image.Image:
+def _image(seed: int = 0, w: int = W, h: int = H) -> Image.Image:
     rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8))
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +147,18 @@ def _layer_outputs(loaded, fwd):
     return [torch.cat(outs[i], dim=1) for i in range(len(layers))]
 
 
-def test_chunked_kv_forward_matches_full(loaded, rendered):
+def _two_image_session():
+    """A system turn, then images in turns 1 and 3 (the second, 56x84 -> 3x2 tokens, after M-RoPE has jumped)."""
+    return Session("s1", [Turn("system", "Be brief."), Turn("user", "Describe it.", images=[_image(1)]),
+                          Turn("assistant", "A form."), Turn("user", "And this?", images=[_image(2, 56, 84)])])
+
+
+@pytest.mark.parametrize("which", ["three_turn", "two_images", "text_only"])
+def test_chunked_kv_forward_matches_full(loaded, session, which):
     model, adapter = loaded.hf_model, loaded.adapter
+    sess = {"three_turn": session, "two_images": _two_image_session(),
+            "text_only": Session("s2", [Turn("user", "Hi."), Turn("assistant", "Hello."), Turn("user", "Bye.")])}
+    rendered = render(adapter, sess[which])
     ids = rendered.input_ids
     pos = adapter.position_ids(model, ids, adapter.image_inputs(rendered.images))
 
@@ -166,7 +176,7 @@ def test_chunked_kv_forward_matches_full(loaded, rendered):
         model(input_ids=ids, position_ids=pos, **adapter.image_inputs(rendered.images),
               **adapter.forward_extras(ids, 0, ids.shape[1]))
 
-    assert len(rendered.turn_chunks()) == 4
+    assert len(rendered.turn_chunks()) == len(sess[which].turns) + 1
     got, ref = _layer_outputs(loaded, chunked), _layer_outputs(loaded, full)
     for g, r in zip(got, ref):
         assert g.shape == r.shape == (1, ids.shape[1], loaded.d_model)
@@ -175,6 +185,7 @@ def test_chunked_kv_forward_matches_full(loaded, rendered):
     model.model.rope_deltas = None
     own = _layer_outputs(loaded, lambda: model(input_ids=ids, mm_token_type_ids=adapter.image_token_mask(ids).int(),
                                                **adapter.image_inputs(rendered.images)))
+    model.model.rope_deltas = None
     for o, r in zip(own, ref):
         torch.testing.assert_close(o, r, atol=1e-5, rtol=0)
 

@@ -88,7 +88,7 @@ class Adapter(FamilyAdapter):
     name = "llava_next"
     placeholder = "<image>"
     lm_layers_path = "model.language_model.layers"
-    vision_layers_path = "model.vision_tower.vision_model.encoder.layers"
+    vision_layers_path = "model.vision_tower.encoder.layers"  # transformers 5: CLIP/SigLIP towers are flat
     projector_path = "model.multi_modal_projector"
 
     def _max_crops(self) -> int | None:

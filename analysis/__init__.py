@@ -1,0 +1,1 @@
+"""mm-retention analysis: statistics, tables, figures, reports, the study pipeline and the `mmret` CLI."""

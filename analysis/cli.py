@@ -1,0 +1,105 @@
+"""`mmret`: the command line. Each subcommand is a thin wrapper over a library function a notebook can call.
+
+    mmret capture --model M --sessions S.jsonl --out DIR [--hooks resid_post,attn_out] [--positions last:*]
+    mmret inspect DIR
+    mmret tiny --family llava --out DIR          (a tiny random-initialised checkpoint, for trying things out)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _layers(text: str | None) -> list[int] | None:
+    """'0-3,6' -> [0, 1, 2, 3, 6]."""
+    if not text:
+        return None
+    out: list[int] = []
+    for part in text.split(","):
+        a, _, b = part.partition("-")
+        try:
+            out += list(range(int(a), int(b) + 1)) if b else [int(a)]
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"--layers {text!r}: expected e.g. 0-3,6") from err
+    return out
+
+
+def cmd_capture(args: argparse.Namespace) -> int:
+    from probes.capture import capture
+    from probes.loading import load_model
+    from probes.session import read_sessions
+
+    sessions = list(read_sessions(args.sessions))  # parse everything first: a bad line fails before any work
+    loaded = load_model(args.model, device=args.device, dtype=args.model_dtype, backend=args.backend)
+    store = capture(loaded, sessions, args.out, hooks=args.hooks, positions=args.positions, layers=_layers(args.layers),
+                    mode=args.mode, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
+                    progress=not args.no_progress)
+    print(store.summary())
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from probes.store import ActivationStore
+
+    print(ActivationStore(args.store).summary())
+    return 0
+
+
+def cmd_tiny(args: argparse.Namespace) -> int:
+    from probes.tiny import build_tiny_model
+
+    print(build_tiny_model(args.family, args.out, seed=args.seed))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmret", description="mechanistic retention analysis of PII in multimodal LLMs")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("capture", help="capture hidden states of sessions into an activation store")
+    c.add_argument("--model", required=True, help="HF id or local model directory")
+    c.add_argument("--sessions", required=True, help="sessions JSONL")
+    c.add_argument("--out", required=True, help="store folder (reruns resume)")
+    c.add_argument("--hooks", default="resid_post",
+                   help="comma list: resid_post, resid_pre, attn_out, mlp_out, vision, projector, or TL hook names")
+    c.add_argument("--layers", default=None, help="LM layers for the hook shorthands, e.g. 0-3,6 (default all)")
+    c.add_argument("--positions", default="all",
+                   help="position selector: all, final, segment:<s>, turn:<t>, last:<t>, last:*, image:<k>, "
+                        "mark:<label>; join with +")
+    c.add_argument("--mode", default="auto", choices=["auto", "turns", "single"])
+    c.add_argument("--max-new-tokens", type=int, default=32, help="for assistant turns the model writes")
+    c.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="stored dtype")
+    c.add_argument("--model-dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    c.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
+    c.add_argument("--backend", default="torch", choices=["torch", "bridge"])
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(func=cmd_capture)
+
+    i = sub.add_parser("inspect", help="summarise an activation store")
+    i.add_argument("store")
+    i.set_defaults(func=cmd_inspect)
+
+    t = sub.add_parser("tiny", help="write a tiny random-initialised checkpoint of a family")
+    t.add_argument("--family", required=True)
+    t.add_argument("--out", required=True)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_tiny)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        # Our errors are ValueError subclasses that name the file/field: print them, not a traceback.
+        print(f"mmret {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Rendering through the checkpoint's own chat template, and the token map (LLaVA; other families in
+test_family_*.py)."""
+
+import numpy as np
+import pytest
+import torch
+
+from probes import RenderError, Session, Turn, UnsupportedModelError, load_model, render
+from probes.tokenmap import SelectorError
+from tests.conftest import document_image
+
+
+def session(image):
+    return Session("s0", [
+        Turn("user", "My SSN is 123-45-6789. Keep it.", images=[image]).mark("ssn", "123-45-6789"),
+        Turn("assistant", "Noted, 123-45-6789."),
+        Turn("user", "What was it?"),
+    ])
+
+
+def messages(s):
+    out = []
+    for t in s.turns:
+        out.append({"role": t.role, "content": [{"type": "image"} for _ in t.images] + [{"type": "text", "text": t.text}]})
+    return out
+
+
+def test_render_matches_the_processor(llava):
+    img = document_image()
+    s = session(img)
+    r = render(llava.adapter, s)
+    text = llava.processor.apply_chat_template(messages(s), tokenize=False, add_generation_prompt=True)
+    ref = llava.processor(text=[text], images=[img], return_tensors="pt")["input_ids"]
+    assert torch.equal(r.input_ids, ref)
+
+
+def test_token_map_places_llava_patches_row_major(llava):
+    r = render(llava.adapter, session(document_image()))
+    df = r.token_map.df
+    img = df[df.segment == "image"]
+    rows, cols = 8, 8  # 64 px / patch 8
+    assert len(img) == rows * cols
+    assert (img.image_index == 0).all() and (img.tile == 0).all()
+    assert list(zip(img.patch_row, img.patch_col)) == [(i, j) for i in range(rows) for j in range(cols)]
+    assert (img.token_id == llava.config.image_token_id).all()
+    assert img.position.is_monotonic_increasing and img.position.diff().dropna().eq(1).all()
+    assert r.image_spans == [(int(img.position.iloc[0]), int(img.position.iloc[-1]) + 1)]
+
+
+def test_token_map_turns_roles_segments_and_marks(llava):
+    r = render(llava.adapter, session(document_image()))
+    df, tok = r.token_map.df, llava.tokenizer
+    assert list(df.turn.unique()) == [0, 1, 2, 3]  # turn 3 = the generation prompt of the next assistant turn
+    assert list(df.groupby("turn").role.first()) == ["user", "assistant", "user", "assistant"]
+    assert set(df.segment) == {"template", "image", "user", "assistant"}
+    ssn = df[df.mark == "ssn"]
+    assert tok.decode(ssn.token_id).strip() == "123-45-6789"
+    assert set(ssn.turn) == {0}
+    assert tok.decode(df[df.segment == "assistant"].token_id) == "Noted, 123-45-6789."
+    assert tok.decode(df[(df.turn == 3)].token_id) == " ASSISTANT:"  # the space is glued to the word (BPE)
+    assert r.turn_chunks()[0][0] == 0 and r.turn_chunks()[-1][1] == len(df)
+
+
+def test_selectors(llava):
+    r = render(llava.adapter, session(document_image()))
+    tm, df = r.token_map, r.token_map.df
+    assert list(tm.select("last:*")) == [df[df.turn == t].position.max() for t in range(4)]
+    assert list(tm.select("last:1")) == [df[df.turn == 1].position.max()]
+    assert list(tm.select("last:-1")) == [len(df) - 1] == list(tm.select("final"))
+    assert len(tm.select("image:0")) == 64 and len(tm.select("image:1")) == 0
+    assert np.array_equal(tm.select("mark:ssn+final"), np.r_[df[df.mark == "ssn"].position, len(df) - 1])
+    assert len(tm.select("turn:2")) == (df.turn == 2).sum()
+    assert len(tm.select("segment:user")) == (df.segment == "user").sum()
+    with pytest.raises(SelectorError, match="unknown position selector 'patch:3'"):
+        tm.select("patch:3")
+
+
+def test_literal_placeholder_in_text_is_an_image_count_mismatch(llava):
+    s = Session("bad", [Turn("user", "look <image> here", images=[document_image()])])
+    with pytest.raises(RenderError, match="image-token count mismatch: .* 2 image placeholder"):
+        render(llava.adapter, s)
+
+
+def test_text_only_model_refuses_images_and_renders_text(tiny_dir):
+    text = load_model(tiny_dir("text"))
+    assert text.family == "text"
+    with pytest.raises(RenderError, match="text-only model"):
+        render(text.adapter, session(document_image()))
+    r = render(text.adapter, Session("t", [Turn("user", "hello"), Turn("assistant", "hi"), Turn("user", "SSN?")]))
+    ref = text.tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": x}]} if i % 2 == 0 else
+         {"role": "assistant", "content": [{"type": "text", "text": x}]} for i, x in enumerate(["hello", "hi", "SSN?"])],
+        tokenize=True, add_generation_prompt=True)
+    ref = ref["input_ids"] if isinstance(ref, dict) or hasattr(ref, "keys") else ref
+    assert r.input_ids[0].tolist() == list(ref)
+
+
+def test_unsupported_architecture_lists_families(tmp_path):
+    (tmp_path / "config.json").write_text('{"architectures": ["BertForMaskedLM"], "model_type": "bert"}')
+    with pytest.raises(UnsupportedModelError, match="'BertForMaskedLM' is not supported. Supported families: llava"):
+        load_model(tmp_path)
+    with pytest.raises(ValueError, match="not a directory"):
+        load_model(tmp_path / "missing" / "model")

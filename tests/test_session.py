@@ -1,0 +1,65 @@
+import json
+
+import pytest
+
+from probes.session import Session, SessionError, SessionImage, Turn, read_sessions, write_sessions
+from tests.conftest import document_image
+
+
+def three_turns(image):
+    return Session("s0", [
+        Turn("user", "My SSN is 123-45-6789. Keep it.", images=[image]).mark("ssn", "123-45-6789"),
+        Turn("assistant", "Noted."),
+        Turn("user", "What was it?"),
+    ], labels={"identity_id": 7, "pii_type": "SSN"})
+
+
+def test_jsonl_round_trip_keeps_turns_marks_images_and_labels(tmp_path, doc_image_path):
+    s = three_turns(SessionImage.from_path(doc_image_path))
+    path = write_sessions([s], tmp_path / "s.jsonl")
+    (back,) = list(read_sessions(path))
+    assert back.to_json() == s.to_json()
+    assert back.turns[0].images[0].sha256 == s.turns[0].images[0].sha256
+    assert back.turns[0].text[back.turns[0].marks[0].start:back.turns[0].marks[0].end] == "123-45-6789"
+    assert back.turns[0].images[0].load().size == (80, 64)
+
+
+def test_malformed_jsonl_line_is_named(tmp_path, doc_image_path):
+    s = three_turns(SessionImage.from_path(doc_image_path))
+    path = write_sessions([s], tmp_path / "s.jsonl")
+    path.write_text(path.read_text() + "{not json\n")
+    with pytest.raises(SessionError, match=r"s\.jsonl:2: not valid JSON"):
+        list(read_sessions(path))
+    path.write_text(json.dumps({"session_id": "x"}) + "\n")
+    with pytest.raises(SessionError, match=r"s\.jsonl:1: missing field 'turns'"):
+        list(read_sessions(path))
+    path.write_text(json.dumps({"session_id": "x", "turns": [{"role": "robot", "text": "hi"}]}) + "\n")
+    with pytest.raises(SessionError, match=r"s\.jsonl:1: turns\[0\]: turn role 'robot'"):
+        list(read_sessions(path))
+
+
+def test_missing_changed_and_corrupt_images_are_named(tmp_path, doc_image_path):
+    im = SessionImage.from_path(doc_image_path)
+    doc_image_path.write_bytes(b"not a png at all")
+    with pytest.raises(SessionError, match="does not match its sha256"):
+        im.load()
+    with pytest.raises(SessionError, match=r"doc\.png does not decode"):
+        SessionImage(path=str(doc_image_path)).load()
+    with pytest.raises(SessionError, match="image file not found: .*nope.png"):
+        SessionImage.from_path(tmp_path / "nope.png")
+
+
+def test_empty_session_and_bad_marks_are_refused():
+    with pytest.raises(SessionError, match="has no turns"):
+        Session("empty", [])
+    with pytest.raises(SessionError, match="value not found"):
+        Turn("user", "hello").mark("ssn", "123")
+    with pytest.raises(SessionError, match="only an assistant turn"):
+        Turn("user", None)
+
+
+def test_in_memory_images_cannot_go_to_jsonl(tmp_path):
+    s = three_turns(document_image())
+    with pytest.raises(SessionError, match="in-memory image"):
+        write_sessions([s], tmp_path / "s.jsonl")
+    assert not (tmp_path / "s.jsonl").exists()
