@@ -53,7 +53,8 @@ def test_loads(loaded):
 def test_render_matches_processor(loaded, session, rendered):
     proc = loaded.processor
     text = proc.apply_chat_template(chat_messages(session, 3, False), tokenize=False, add_generation_prompt=True)
-    assert text.startswith("[INST] <image>\nName:") and text.endswith("</s> [INST] What is the name on the form? [/INST]")
+    assert text.startswith("[INST] <image>\nName:")
+    assert text.endswith("</s> [INST] What is the name on the form? [/INST]")
     ref = proc(text=text, images=[_image()], return_tensors="pt")
     assert ref["input_ids"].tolist() == rendered.input_ids.tolist()
     assert ref["pixel_values"].shape[:2] == (1, 4)  # base + 3 crops
@@ -63,13 +64,15 @@ def test_token_map(loaded, rendered):
     df = rendered.token_map.df
     img = df[df.segment == "image"]
     image_id = loaded.tokenizer.convert_tokens_to_ids("<image>")
-    assert len(img) == 42 and (img.token_id == image_id).all() and (df.token_id[df.segment != "image"] != image_id).all()
+    assert len(img) == 42 and (img.token_id == image_id).all()
+    assert (df.token_id[df.segment != "image"] != image_id).all()
     (a, b), = rendered.image_spans
     assert (img.position.iloc[0], img.position.iloc[-1] + 1) == (a, b)
     assert df.iloc[0].token_id == loaded.tokenizer.bos_token_id
     # base view first: 4x4 row-major on tile 0
     base = img.iloc[:N * N]
-    assert (base.tile == 0).all() and list(zip(base.patch_row, base.patch_col)) == [(r, c) for r in range(N) for c in range(N)]
+    full = [(r, c) for r in range(N) for c in range(N)]
+    assert (base.tile == 0).all() and list(zip(base.patch_row, base.patch_col)) == full
     # high-res: 2 stitched rows (crop rows 1, 2) across crops 1..3, newline (-1) after each
     hi = img.iloc[N * N:]
     expect = [(t, r, c) for r in (1, 2) for t in (1, 2, 3) for c in range(N)]
@@ -78,7 +81,7 @@ def test_token_map(loaded, rendered):
     cells = img[img.tile >= 0].groupby("tile").apply(lambda g: sorted(zip(g.patch_row, g.patch_col)))
     for t, got in cells.items():
         assert len(got) == len(set(got))  # each cell at most once; crops lose rows 0 and 3 to unpadding
-        assert got == ([(r, c) for r in range(N) for c in range(N)] if t == 0 else [(r, c) for r in (1, 2) for c in range(N)])
+        assert got == (full if t == 0 else [(r, c) for r in (1, 2) for c in range(N)])
     exp = loaded.adapter.expand_image(_image())
     assert exp.grid == {0: (N, N), 1: (N, N), 2: (N, N), 3: (N, N)}
     assert (df.patch_row[df.segment != "image"] == -1).all() and (df.tile[df.segment != "image"] == -1).all()

@@ -1,0 +1,95 @@
+"""Capture through the KV cache equals one full forward; generation; hook backends; the store round trip."""
+
+import numpy as np
+import pytest
+import torch
+
+from probes import Session, Turn, capture, capture_session, render, resolve_hooks
+from probes.capture import CaptureError
+from probes.hooks import HookNameError
+from tests.conftest import document_image
+
+
+def chat(n_pairs=3, generate=False):
+    turns = [Turn("user", "Here is my form. SSN 123-45-6789.", images=[document_image()]).mark("ssn", "123-45-6789")]
+    for i in range(n_pairs):
+        turns += [Turn("assistant", None if generate else f"Answer number {i}."), Turn("user", f"Question {i}?")]
+    return Session("c0", turns, labels={"identity_id": 1, "pii_type": "SSN"})
+
+
+def full_forward_hidden(loaded, rendered):
+    ad = loaded.adapter
+    images = ad.image_inputs(rendered.images)
+    pos = ad.position_ids(loaded.hf_model, rendered.input_ids, images)
+    with torch.no_grad():
+        out = loaded.hf_model(input_ids=rendered.input_ids, position_ids=pos, output_hidden_states=True, **images,
+                              **ad.forward_extras(rendered.input_ids, 0, rendered.n_positions))
+    return out.hidden_states[1:]  # the output of each decoder layer
+
+
+def test_turn_by_turn_capture_matches_one_full_forward(llava):
+    s = chat()
+    hooks = resolve_hooks(llava, "resid_post")
+    got = capture_session(llava, s, hooks, "all", mode="turns")
+    rendered = render(llava.adapter, s)
+    assert len(rendered.turn_chunks()) == 8  # 7 turns + the generation prompt: 8 chunks through the cache
+    ref = full_forward_hidden(llava, rendered)
+    x = got.kinds["hook_resid_post"]
+    assert x.shape == (rendered.n_positions, llava.n_layers, llava.d_model)
+    for layer in range(llava.n_layers - 1):  # HF's last hidden state is after the final norm
+        assert torch.allclose(x[:, layer], ref[layer][0], atol=1e-4)
+    assert got.rows["hook_resid_post"]["position"].tolist() == list(range(rendered.n_positions))
+
+
+def test_selected_positions_and_other_hooks(llava):
+    s = chat()
+    hooks = resolve_hooks(llava, "resid_pre,resid_post,attn_out,mlp_out,vision,projector", layers=[0])
+    a = capture_session(llava, s, hooks, "last:*+mark:ssn", mode="turns")
+    b = capture_session(llava, s, hooks, "all", mode="single")
+    rows = a.rows["hook_resid_post"]
+    assert rows.groups.str.contains("mark:ssn").sum() == (rows["mark"] == "ssn").sum() > 0
+    assert rows.last_of_turn.sum() == 8
+    for kind in ("hook_resid_post", "hook_attn_out", "hook_mlp_out"):
+        assert torch.allclose(a.kinds[kind], b.kinds[kind][torch.tensor(rows.position.tolist())], atol=1e-5)
+    # the residual stream after a layer is its input plus what attention and the MLP wrote
+    k = a.kinds
+    assert torch.allclose(k["hook_resid_post"], k["hook_resid_pre"] + k["hook_attn_out"] + k["hook_mlp_out"], atol=1e-5)
+    assert a.kinds["vision.hook_out"].shape[:2] == (65, 2)  # 64 patches + CLS, both vision layers
+    assert a.kinds["vision_projector.hook_out"].shape == (64, 1, llava.d_model)
+
+
+def test_generated_turns_are_written_and_recaptured_consistently(llava):
+    s = chat(n_pairs=2, generate=True)
+    hooks = resolve_hooks(llava, "resid_post")
+    got = capture_session(llava, s, hooks, "last:*", mode="turns", max_new_tokens=5)
+    assert all(t.text is not None for t in got.session.turns)
+    assert s.turns[1].text is None  # the caller's session is not modified
+    again = capture_session(llava, got.session, hooks, "last:*", mode="single")
+    assert torch.allclose(got.kinds["hook_resid_post"], again.kinds["hook_resid_post"], atol=1e-5)
+    assert got.rows["hook_resid_post"].position.tolist() == again.rows["hook_resid_post"].position.tolist()
+
+
+def test_bad_hooks_and_layers(llava):
+    with pytest.raises(CaptureError, match="out of range: the model has 2 layers"):
+        resolve_hooks(llava, "resid_post", layers=[5])
+    with pytest.raises(CaptureError, match="unknown hook 'resid'"):
+        resolve_hooks(llava, "resid")
+    with pytest.raises(HookNameError, match="not served by the torch backend"):
+        capture_session(llava, chat(1), ["blocks.0.attn.hook_pattern"], "final")
+
+
+def test_store_round_trip_and_queries(llava, tmp_path):
+    sessions = [chat(1), Session("c1", chat(2).turns, labels={"identity_id": 2, "pii_type": "SSN"})]
+    hooks = resolve_hooks(llava, "resid_post")
+    store = capture(llava, sessions, tmp_path / "store", hooks="resid_post", positions="last:*+mark:ssn",
+                    progress=False)
+    direct = capture_session(llava, sessions[1], hooks, "last:*+mark:ssn")
+    x, meta = store.query(session_id="c1")
+    assert torch.equal(x, direct.kinds["hook_resid_post"])
+    assert meta.position.tolist() == direct.rows["hook_resid_post"].position.tolist()
+    x, meta = store.query(turn=2, last_of_turn=True, layers=[1])
+    assert x.shape == (2, 1, llava.d_model) and set(meta.session_id) == {"c0", "c1"}
+    x, meta = store.query(position_group="mark:ssn")
+    assert (meta["mark"] == "ssn").all() and set(meta.identity_id) == {1, 2}
+    assert store.session("c1").to_json()["turns"][1]["text"] == "Answer number 0."
+    assert "sessions: 2" in store.summary() and "123-45-6789" not in store.summary()

@@ -1,0 +1,97 @@
+"""The store is resumable: a capture killed with SIGKILL resumes and ends as an uninterrupted run would."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from probes import ActivationStore, Session, StoreError, Turn, capture, write_sessions
+from probes.session import SessionImage
+from tests.conftest import document_image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_sessions(tmp_path, n):
+    img = tmp_path / "doc.png"
+    document_image().save(img)
+    return [Session(f"s{i:02d}", [Turn("user", f"Form {i}: SSN 123-45-{i:04d}.", images=[SessionImage.from_path(img)])
+                                  .mark("ssn", f"123-45-{i:04d}"), Turn("assistant", "Ok."), Turn("user", "SSN?")],
+                    labels={"identity_id": i}) for i in range(n)]
+
+
+def compare_stores(a: ActivationStore, b: ActivationStore):
+    cols = ["session_id", "kind", "layer", "row"]
+    ma = a.manifest.sort_values(cols).reset_index(drop=True)
+    mb = b.manifest.sort_values(cols).reset_index(drop=True)
+    pd.testing.assert_frame_equal(ma, mb)
+    xa, meta_a = a.query()
+    xb, meta_b = b.query()
+    order_a = meta_a.sort_values(["session_id", "row"]).index
+    order_b = meta_b.sort_values(["session_id", "row"]).index
+    assert torch.equal(xa[torch.tensor(order_a)], xb[torch.tensor(order_b)])
+
+
+def test_rerun_skips_finished_sessions_and_refuses_other_settings(llava, tmp_path):
+    sessions = make_sessions(tmp_path, 3)
+    store = capture(llava, sessions[:2], tmp_path / "st", positions="last:*", progress=False)
+    mtime = (store.shards / "s00.parquet").stat().st_mtime_ns
+    store = capture(llava, sessions, tmp_path / "st", positions="last:*", progress=False)
+    assert (store.shards / "s00.parquet").stat().st_mtime_ns == mtime  # not redone
+    assert store.finished_ids() == {"s00", "s01", "s02"}
+    with pytest.raises(StoreError, match="captured with other settings \\(positions differ\\)"):
+        capture(llava, sessions, tmp_path / "st", positions="final", progress=False)
+    with pytest.raises(StoreError, match="not an activation store"):
+        ActivationStore(tmp_path)
+
+
+def test_a_session_without_its_manifest_is_not_finished(llava, tmp_path):
+    sessions = make_sessions(tmp_path, 2)
+    store = capture(llava, sessions, tmp_path / "st", positions="last:*", progress=False)
+    (store.shards / "s01.parquet").unlink()  # as if killed between the tensor and the manifest write
+    (store.shards / ".s01.parquet.abc.tmp").write_bytes(b"half")
+    reopened = ActivationStore(tmp_path / "st")
+    assert reopened.finished_ids() == {"s00"}
+    assert not list(reopened.shards.glob(".*.tmp"))
+
+
+SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import probes.store
+    from probes import load_model, capture, read_sessions
+    real = probes.store.atomic_write_bytes
+    def slow(path, data):  # widen the window in which the kill lands, between and inside writes
+        time.sleep(0.15)
+        real(path, data)
+    probes.store.atomic_write_bytes = slow
+    model = load_model(sys.argv[1])
+    capture(model, list(read_sessions(sys.argv[2])), sys.argv[3], positions="last:*+mark:ssn", progress=False)
+""")
+
+
+def test_sigkill_mid_capture_resumes_to_the_same_store(llava, tiny_dir, tmp_path):
+    sessions = make_sessions(tmp_path, 12)
+    jsonl = write_sessions(sessions, tmp_path / "s.jsonl")
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(tiny_dir("llava")), str(jsonl), str(out)], env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "shards").glob("*.parquet"))) < 3:
+        time.sleep(0.05)
+        assert proc.poll() is None, "capture finished or failed before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = ActivationStore(out)
+    assert 3 <= len(partial.finished_ids()) < 12
+    resumed = capture(llava, sessions, out, positions="last:*+mark:ssn", progress=False)
+    clean = capture(llava, sessions, tmp_path / "clean", positions="last:*+mark:ssn", progress=False)
+    assert resumed.finished_ids() == {s.session_id for s in sessions}
+    compare_stores(resumed, clean)
