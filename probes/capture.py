@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+from types import SimpleNamespace
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -100,9 +101,14 @@ class _Recorder:
         if _is_vision(name):
             image = c.images[0] if len(c.images) == 1 else -1
             self.vision[name].append((image, x.detach().reshape(-1, x.shape[-1]).to("cpu", self.dtype, copy=True)))
-        elif len(c.keep):
-            local = torch.as_tensor(c.keep - c.start, device=x.device)
-            self.lm[name].append((c.keep, x.detach()[0, local].to("cpu", self.dtype, copy=True)))
+        else:
+            if x.dim() < 3 or x.shape[1] != c.end - c.start:
+                raise CaptureError(f"hook {name} gives shape {tuple(x.shape)}; capture stores per-position "
+                                   f"activations shaped [batch, pos ({c.end - c.start}), ...]")
+            if len(c.keep):
+                local = torch.as_tensor(c.keep - c.start, device=x.device)
+                kept = x.detach()[0, local].reshape(len(local), -1)  # [pos, heads, d_head] -> [pos, heads*d_head]
+                self.lm[name].append((c.keep, kept.to("cpu", self.dtype, copy=True)))
         return None
 
     def crop(self, p: int) -> None:
@@ -138,6 +144,10 @@ def capture_session(loaded: LoadedModel, session: Session, hooks: list[str], pos
             kw["logits_to_keep"] = 1
         kw.update({k: v.to(device) for k, v in adapter.forward_extras(ids, a, b).items()})
         kw.update({k: v.to(device) if isinstance(v, Tensor) else v for k, v in images.items()})
+        if loaded.backend == "bridge":  # through the bridge, so that every TL hook point fires
+            kw.pop("use_cache")
+            logits, new_cache = loaded.bridge(kw.pop("input_ids"), return_type="logits_and_cache", **kw)
+            return SimpleNamespace(logits=logits, past_key_values=new_cache)
         return model(**kw)
 
     with loaded.hooks([(name, rec.fn) for name in hooks]):

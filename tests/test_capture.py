@@ -93,3 +93,19 @@ def test_store_round_trip_and_queries(llava, tmp_path):
     assert (meta["mark"] == "ssn").all() and set(meta.identity_id) == {1, 2}
     assert store.session("c1").to_json()["turns"][1]["text"] == "Answer number 0."
     assert "sessions: 2" in store.summary() and "123-45-6789" not in store.summary()
+
+
+def test_bridge_backend_captures_the_same_and_more_hooks(tiny_dir, llava):
+    from probes import load_model
+
+    bridged = load_model(tiny_dir("llava"), backend="bridge")  # its own copy: the bridge rewraps in place
+    s = chat(n_pairs=1, generate=True)
+    hooks = resolve_hooks(llava, "resid_post")
+    a = capture_session(llava, s, hooks, "all", mode="turns", max_new_tokens=4)
+    b = capture_session(bridged, s, hooks, "all", mode="turns", max_new_tokens=4)
+    assert a.session.turns[1].text == b.session.turns[1].text
+    assert torch.allclose(a.kinds["hook_resid_post"], b.kinds["hook_resid_post"], atol=1e-5)
+    z = capture_session(bridged, s, ["blocks.0.attn.hook_z"], "final", max_new_tokens=4)
+    assert z.kinds["attn.hook_z"].shape == (1, 1, llava.d_model)  # [pos, heads * d_head] flattened
+    with pytest.raises(CaptureError, match="hook_pattern gives shape .* per-position"):
+        capture_session(bridged, s, ["blocks.0.attn.hook_pattern"], "final", max_new_tokens=4)

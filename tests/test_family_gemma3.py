@@ -186,10 +186,11 @@ def test_chunked_kv_forward_matches_full(loaded, make):
     # the image attention really is bidirectional: without token types (causal images) the states differ
     causal = _layer_outputs(model, layers, lambda: model(input_ids=ids, **full_kw))
     assert (causal[len(layers) - 1] - ref[len(layers) - 1]).abs().max() > 1e-2
-    # ... and a chunk given only its own token types gets the mask wrong
-    local = _layer_outputs(model, layers, lambda: chunked(
-        lambda a, b: {"token_type_ids": (ids[:, a:b] == ad.image_token_id).long()}))
-    assert (local[len(layers) - 1] - ref[len(layers) - 1]).abs().max() > 1e-2
+    # ... and a chunk after position 0 given only its own token types gets the mask wrong
+    if make is _system_session:  # images in chunks that start at 1 and later
+        local = _layer_outputs(model, layers, lambda: chunked(
+            lambda a, b: {"token_type_ids": (ids[:, a:b] == ad.image_token_id).long()}))
+        assert (local[len(layers) - 1] - ref[len(layers) - 1]).abs().max() > 1e-2
 
 
 def test_pan_and_scan_layout(loaded):
@@ -239,8 +240,7 @@ def test_bridge_matches_torch_hooks(tiny_path):
     bridge = TransformerBridge.boot_transformers(str(tiny_path), hf_model=loaded.hf_model, tokenizer=loaded.tokenizer)
     bridge_out = {}
     with torch.no_grad(), bridge.hooks(fwd_hooks=[
-            (f"blocks.{i}.hook_resid_post", lambda x, hook: bridge_out.__setitem__(hook.name, x.clone()))
-            for i in range(loaded.n_layers)]):
+            (name, lambda x, hook, name=name: bridge_out.__setitem__(name, x.clone())) for name in torch_out]):
         bridge(ids, **kw)
     assert set(bridge_out) == set(torch_out)
     for name in torch_out:

@@ -59,7 +59,7 @@ class Adapter(FamilyAdapter):
     name = "gemma3"
     placeholder = "<start_of_image>"  # the boi token: what the template writes and the processor expands
     lm_layers_path = "model.language_model.layers"
-    vision_layers_path = "model.vision_tower.vision_model.encoder.layers"
+    vision_layers_path = "model.vision_tower.encoder.layers"  # transformers 5's SiglipVisionModel has no .vision_model
     projector_path = "model.multi_modal_projector"
     end_of_turn_tokens = ("<end_of_turn>",)
 
