@@ -10,6 +10,7 @@ layout on the vision grid the family adapter knows.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,7 +147,35 @@ def render(adapter: FamilyAdapter, session: Session, upto: int | None = None,
     text_parts.append(full[cursor:])
     text = "".join(text_parts)
 
-    # 3. Tokenize once, with offsets, as the processor would.
+    # 3. Replace each image placeholder by the processor's expansion *in the text*, as processors do, so that
+    #    tokens at an expansion's edges ("\n\n" beside a template newline) merge exactly as theirs do.
+    pil_images = [im.load() for im in images_in_turns]
+    ph_at = _find_all(text, adapter.placeholder) if adapter.is_multimodal else []
+    if len(ph_at) != len(pil_images):
+        raise RenderError(
+            f"session {sid!r}: image-token count mismatch: the rendered text has {len(ph_at)} image placeholder(s) "
+            f"{adapter.placeholder!r} but the turns carry {len(pil_images)} image(s) "
+            "(does a turn's text contain the placeholder literally?)"
+        )
+    expansions = [adapter.expand_image(im) for im in pil_images]
+    parts, exp_ranges, shifts, cursor = [], [], [], 0
+    for at, exp in zip(ph_at, expansions):
+        etext = adapter.expansion_text(exp)
+        parts += [text[cursor:at], etext]
+        new_at = at + sum(d for _, d in shifts)
+        exp_ranges.append((new_at, new_at + len(etext)))
+        shifts.append((at, len(etext) - len(adapter.placeholder)))
+        cursor = at + len(adapter.placeholder)
+    text = "".join(parts) + text[cursor:]
+
+    def moved(x: int) -> int:  # a character position of the text before expansion, in the expanded text
+        return x + sum(d for at, d in shifts if at < x)
+
+    turn_starts = [(moved(c), k) for c, k in turn_starts]
+    content_spans = {k: (moved(a), moved(b)) for k, (a, b) in content_spans.items()}
+    mark_spans = [(moved(a), moved(b), label) for a, b, label in mark_spans]
+
+    # 4. Tokenize once, with offsets, as the processor would.
     tok = adapter.tokenizer
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
@@ -156,52 +185,45 @@ def render(adapter: FamilyAdapter, session: Session, upto: int | None = None,
         ids = bos_prefix + ids
         offsets = [(0, 0)] * len(bos_prefix) + offsets
 
-    # 4. Per-token turn, segment, marks. A token belongs where its last character is: byte-level BPE glues the
+    # 5. Per-token turn, segment, marks. A token belongs where its last character is: byte-level BPE glues the
     #    template's space to the next word (" ASSISTANT", " A"), and that token is the next part's, not the space's.
     ts_chars = np.array([c for c, _ in turn_starts])
     ts_turns = np.array([k for _, k in turn_starts])
     starts_c = np.array([a for a, _ in offsets])
     ends_c = np.array([e for _, e in offsets])
     last_c = np.maximum(ends_c - 1, starts_c)
+    real_tok = ends_c > starts_c  # BOS added by the tokenizer has no characters
     turn_of = ts_turns[np.searchsorted(ts_chars, last_c, side="right") - 1]
     segment = np.array(["template"] * len(ids), dtype=object)
     role = np.array([session.turns[t].role if t < n else "assistant" for t in turn_of], dtype=object)
     for k, (a, b) in content_spans.items():
-        inside = (last_c >= a) & (last_c < b) & (ends_c > starts_c)
-        segment[inside] = session.turns[k].role
+        segment[(last_c >= a) & (last_c < b) & real_tok] = session.turns[k].role
     mark = np.array([""] * len(ids), dtype=object)
     for a, b, label in mark_spans:
         hit = (starts_c < b) & (ends_c > a)
         mark[hit] = [label if not m else f"{m}|{label}" for m in mark[hit]]
 
-    # 5. Expand image placeholders.
-    pil_images = [im.load() for im in images_in_turns]
-    cols: dict[str, list] = {c: [] for c in COLUMNS}
+    # 6. Image tokens: the expansion's layout, aligned to the tokens that fell inside each expansion.
+    image_index = np.full(len(ids), -1)
+    layout = np.full((3, len(ids)), -1)  # tile, patch_row, patch_col
     spans: list[tuple[int, int]] = []
-    ph = adapter.placeholder_id if adapter.is_multimodal else None
-    n_ph = sum(1 for i in ids if i == ph) if ph is not None else 0
-    if n_ph != len(pil_images):
-        raise RenderError(
-            f"session {sid!r}: image-token count mismatch: the rendered text has {n_ph} image placeholder(s) "
-            f"{adapter.placeholder!r} but the turns carry {len(pil_images)} image(s) "
-            "(does a turn's text contain the placeholder literally?)"
-        )
-    img_k = 0
-    for j, tid in enumerate(ids):
-        base = dict(turn=int(turn_of[j]), role=role[j], mark=mark[j])
-        if tid == ph:
-            exp = adapter.expand_image(pil_images[img_k])
-            start = len(cols["position"])
-            for q, etid in enumerate(exp.token_ids):
-                _append(cols, etid, "image", img_k, exp.tile[q], exp.patch_row[q], exp.patch_col[q], **base)
-            spans.append((start, len(cols["position"])))
-            img_k += 1
-        else:
-            _append(cols, tid, segment[j], -1, -1, -1, -1, **base)
-    df = pd.DataFrame(cols)
+    for k, ((a, b), exp) in enumerate(zip(exp_ranges, expansions)):
+        inside = np.flatnonzero((last_c >= a) & (last_c < b) & real_tok)
+        segment[inside] = "image"
+        image_index[inside] = k
+        got = [ids[j] for j in inside]
+        for i, q in _align(got, exp.token_ids):
+            layout[:, inside[i]] = exp.tile[q], exp.patch_row[q], exp.patch_col[q]
+        spans.append((int(inside[0]), int(inside[-1]) + 1))
+    cols = {
+        "position": np.arange(len(ids)), "token_id": np.array(ids), "turn": turn_of.astype(int), "role": role,
+        "segment": segment, "image_index": image_index, "tile": layout[0], "patch_row": layout[1],
+        "patch_col": layout[2], "mark": mark,
+    }
+    df = pd.DataFrame(cols, columns=COLUMNS)
     return RenderedSession(
         session=session,
-        input_ids=torch.tensor([cols["token_id"]], dtype=torch.long),
+        input_ids=torch.tensor([ids], dtype=torch.long),
         token_map=TokenMap(df),
         images=pil_images,
         image_spans=spans,
@@ -210,17 +232,20 @@ def render(adapter: FamilyAdapter, session: Session, upto: int | None = None,
     )
 
 
-def _append(cols: dict, token_id: int, segment: str, image_index: int, tile: int, row: int, col: int, **base) -> None:
-    cols["position"].append(len(cols["position"]))
-    cols["token_id"].append(int(token_id))
-    cols["turn"].append(base["turn"])
-    cols["role"].append(base["role"])
-    cols["segment"].append(segment)
-    cols["image_index"].append(int(image_index))
-    cols["tile"].append(int(tile))
-    cols["patch_row"].append(int(row))
-    cols["patch_col"].append(int(col))
-    cols["mark"].append(base["mark"])
+def _find_all(text: str, sub: str) -> list[int]:
+    out, at = [], text.find(sub)
+    while at >= 0:
+        out.append(at)
+        at = text.find(sub, at + len(sub))
+    return out
+
+
+def _align(got: list[int], want: list[int]) -> list[tuple[int, int]]:
+    """(index in got, index in want) of matching tokens; only edge tokens differ when neighbours merged."""
+    if got == want:
+        return [(i, i) for i in range(len(got))]
+    matcher = difflib.SequenceMatcher(a=got, b=want, autojunk=False)
+    return [(blk.a + i, blk.b + i) for blk in matcher.get_matching_blocks() for i in range(blk.size)]
 
 
 def _special_prefix(tokenizer: Any) -> list[int]:

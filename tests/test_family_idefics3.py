@@ -117,8 +117,8 @@ def test_token_map(loaded, image, rows, cols):
     assert tok.decode(df[df["turn"] == 3]["token_id"].tolist()) == "Assistant:"
     reply = "A red and a blue box."
     assert tok.decode(df[df["turn"] == 1]["token_id"].tolist()) == f"Assistant: {reply}<end_of_utterance>\n"
-    # The template's ": " space merges into the reply's first token (" A"), which then starts in the template.
-    assert reply.endswith(tok.decode(df[df["segment"] == "assistant"]["token_id"].tolist()))
+    # The template's ": " space merges into the reply's first token (" A"); a token belongs where it ends.
+    assert tok.decode(df[df["segment"] == "assistant"]["token_id"].tolist()) == " " + reply
     ssn = r.token_map.select("mark:ssn")
     assert SSN in tok.decode(df["token_id"].iloc[ssn].tolist())
     assert (df["segment"].iloc[ssn] == "user").all() and (df["turn"].iloc[ssn] == 0).all()

@@ -117,6 +117,11 @@ class FamilyAdapter:
             self._expansions[key] = ImageExpansion(ids, tile, row, col, grid)
         return self._expansions[key]
 
+    def expansion_text(self, expansion: ImageExpansion) -> str:
+        """The text the processor puts in place of one placeholder (its token ids, decoded verbatim)."""
+        return self.tokenizer.decode(expansion.token_ids, skip_special_tokens=False,
+                                     clean_up_tokenization_spaces=False)
+
     def image_inputs(self, images: list[Image.Image]) -> dict[str, Tensor]:
         """Model-forward keyword tensors for `images` (pixel_values and whatever grid sizes the family needs)."""
         out = self.process(images)
