@@ -133,7 +133,7 @@ def capture_session(loaded: LoadedModel, session: Session, hooks: list[str], pos
     device = loaded.device
     rec = _Recorder(hooks, dtype)
     accepts = _forward_kwargs_supported(model)
-    cache, done, prev_ids, logits = None, 0, None, None
+    cache, done, prev_ids, logits = _new_cache(loaded), 0, None, None
     stop_ids = adapter.stop_token_ids()
 
     def run(ids: Tensor, a: int, b: int, pos: Tensor | None, images: dict[str, Tensor]) -> Tensor:
@@ -205,6 +205,16 @@ def capture_session(loaded: LoadedModel, session: Session, hooks: list[str], pos
             # generated turn existed) did not: capture the completed session once more, with nothing to generate.
             return capture_session(loaded, session, hooks, positions, mode, max_new_tokens, dtype)
     return _assemble(session, rendered, rec, positions, hooks, selected)
+
+
+def _new_cache(loaded: LoadedModel) -> Any:
+    """A KV cache that can be rolled back after generation, sliding-window layers included (Gemma 3)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=loaded.config)
+    if hasattr(cache, "activate_past_recording"):
+        cache.activate_past_recording()
+    return cache
 
 
 def _crop_to(cache: Any, n: int) -> None:

@@ -124,6 +124,8 @@ class FamilyAdapter:
 
     def image_inputs(self, images: list[Image.Image]) -> dict[str, Tensor]:
         """Model-forward keyword tensors for `images` (pixel_values and whatever grid sizes the family needs)."""
+        if not images:
+            return {}
         out = self.process(images)
         return {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")}
 

@@ -1,23 +1,26 @@
-"""Gemma 3 (`Gemma3ForConditionalGeneration`, e.g. google/gemma-3-4b-it).
+r"""Gemma 3 (`Gemma3ForConditionalGeneration`, e.g. google/gemma-3-4b-it).
 
 The chat template writes `{{ bos_token }}` itself and one `<start_of_image>` (the processor's boi token) per image.
 The processor replaces that text with
 
-    "\\n\\n<start_of_image>" + "<image_soft_token>" * mm_tokens_per_image + "<end_of_image>\\n\\n"
+    "\n\n<start_of_image>" + "<image_soft_token>" * mm_tokens_per_image + "<end_of_image>\n\n"
 
 and only then tokenizes. The soft tokens are the SigLIP patch grid (image_size / patch_size squared, 64x64 for
 4b-it) average-pooled to sqrt(mm_tokens_per_image) squared (16x16 = 256), in row-major order, on one tile. With
 pan-and-scan (off in the released preprocessor configs) the original image (tile 0) is followed by its crops
 (tiles 1..), each its own boi ... eoi block. Wrapper and newline tokens are not patches (-1).
 
-Two things the template does not show:
-- image soft tokens attend to each other *bidirectionally* within an image, and the model does so only when given
-  `token_type_ids` (1 = soft token) for the whole sequence so far: `forward_extras` passes them for every chunk;
-- Gemma's tokenizer has single tokens for runs of newlines, so tokenizing the expanded text fuses the expansion's
-  "\\n\\n" with a neighbouring "\\n" or "\\n\\n" (e.g. "user\\n" + "\\n\\n" -> "\\n\\n\\n"); `merge_tokens` says
-  which pairs fuse, for a renderer that expands placeholders after tokenizing.
+Image soft tokens attend to each other *bidirectionally* within an image, which the model does only when given
+`token_type_ids` (1 = soft token) for the whole sequence so far: `forward_extras` passes them for every chunk.
 
-The template merges a system prompt into the first user turn ("<start_of_turn>user\\n" + system + "\\n\\n" + ...).
+Gemma's tokenizer has single tokens for runs of newlines, so in the processor's output the expansion's "\n\n"
+fuses with a neighbouring newline ("user\n" + "\n\n" -> "\n\n\n"); `probes.render` expands placeholders in the
+text before tokenizing, as the processor does, so it gets the same tokens. The tokenizer also adds BOS itself, and
+the template writes it too: `processor(text=templated)` needs add_special_tokens=False to give the model's input.
+
+The template merges a system prompt into the first user turn ("<start_of_turn>user\n" + system + "\n\n" + ...);
+rendered alone, [system] is just "<bos>", so turn 0 of the token map is the BOS and the system text (segment
+"system") lies in turn 1.
 """
 
 from __future__ import annotations
@@ -63,10 +66,6 @@ class Adapter(FamilyAdapter):
     projector_path = "model.multi_modal_projector"
     end_of_turn_tokens = ("<end_of_turn>",)
 
-    def __init__(self, processor, hf_config) -> None:
-        super().__init__(processor, hf_config)
-        self._fused: dict[tuple[int, int], int | None] = {}
-
     @property
     def image_token_id(self) -> int:
         return int(self.hf_config.image_token_id)
@@ -91,28 +90,6 @@ class Adapter(FamilyAdapter):
     def forward_extras(self, input_ids, start, end):
         # The bidirectional image mask is read by absolute position, so a chunk needs the types from position 0.
         return {"token_type_ids": (input_ids[:, :end] == self.image_token_id).long()}
-
-    def merge_tokens(self, left: int, right: int) -> int | None:
-        """The token that `left` and `right` become when tokenized as one text, if the tokenizer fuses them
-        (only runs of newlines: "\\n" + "\\n\\n" -> "\\n\\n\\n"), else None."""
-        key = (int(left), int(right))
-        if key not in self._fused:
-            text = self.tokenizer.decode([left]) + self.tokenizer.decode([right])
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] if set(text) == {"\n"} else []
-            self._fused[key] = int(ids[0]) if len(ids) == 1 else None
-        return self._fused[key]
-
-
-def fuse_newlines(adapter: Adapter, ids: list[int]) -> list[int]:
-    """`ids` with every adjacent pair the tokenizer would fuse fused (what tokenizing the expanded text gives)."""
-    out: list[int] = []
-    for tid in ids:
-        fused = adapter.merge_tokens(out[-1], tid) if out else None
-        if fused is None:
-            out.append(int(tid))
-        else:
-            out[-1] = fused
-    return out
 
 
 def build_tiny(path: Path, image_size: int = 64, patch_size: int = 8, mm_tokens_per_image: int = 16,
