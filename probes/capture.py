@@ -123,12 +123,19 @@ def _forward_kwargs_supported(model: torch.nn.Module) -> set[str]:
 
 @torch.no_grad()
 def capture_session(loaded: LoadedModel, session: Session, hooks: list[str], positions: str = "all",
-                    mode: str = "auto", max_new_tokens: int = 32, dtype: torch.dtype = torch.float32
-                    ) -> SessionActivations:
-    """Capture `hooks` at `positions` (a TokenMap selector) for one session; see the module docstring."""
+                    mode: str = "auto", max_new_tokens: int = 32, dtype: torch.dtype = torch.float32,
+                    rendered: RenderedSession | None = None) -> SessionActivations:
+    """Capture `hooks` at `positions` (a TokenMap selector) for one session; see the module docstring.
+
+    `rendered` may carry `render(loaded.adapter, session)` done beforehand (it is reused for the first pass)."""
     if mode not in MODES:
         raise CaptureError(f"mode {mode!r}: expected one of {MODES}")
+    if rendered is not None and rendered.session is not session:
+        raise CaptureError("`rendered` must be the rendering of `session`")
     session = copy.deepcopy(session)
+    if rendered is not None:
+        rendered = copy.copy(rendered)
+        rendered.session = session
     model, adapter = loaded.hf_model, loaded.adapter
     device = loaded.device
     rec = _Recorder(hooks, dtype)
@@ -152,7 +159,8 @@ def capture_session(loaded: LoadedModel, session: Session, hooks: list[str], pos
 
     with loaded.hooks([(name, rec.fn) for name in hooks]):
         while True:
-            rendered = render(adapter, session)
+            if rendered is None:
+                rendered = render(adapter, session)
             ids = rendered.input_ids
             if prev_ids is not None:  # keep the cached prefix that the new rendering shares
                 p = _common_prefix(prev_ids[0, :done], ids[0])
@@ -162,8 +170,8 @@ def capture_session(loaded: LoadedModel, session: Session, hooks: list[str], pos
                     rec.crop(p)
                     done = p
             selected = rendered.token_map.select(positions)
-            pos = adapter.position_ids(model, ids, adapter.image_inputs(rendered.images)) \
-                if rendered.images else adapter.position_ids(model, ids, {})
+            everything = range(len(rendered.images)) if adapter.positions_need_images else ()
+            pos = adapter.position_ids(model, ids, rendered.image_inputs(adapter, everything))
             spans = rendered.turn_chunks() if mode == "turns" else [(0, rendered.n_positions)]
             for a, b in spans:
                 if b <= done:
@@ -171,7 +179,7 @@ def capture_session(loaded: LoadedModel, session: Session, hooks: list[str], pos
                 a = max(a, done)
                 ks = rendered.images_in(a, b)
                 rec.chunk = _Chunk(a, b, selected[(selected >= a) & (selected < b)], ks)
-                images = adapter.image_inputs([rendered.images[k] for k in ks]) if ks else {}
+                images = rendered.image_inputs(adapter, ks)
                 out = run(ids, a, b, pos, images)
                 cache, logits, done = out.past_key_values, out.logits, b
             rec.chunk = None
@@ -197,6 +205,7 @@ def capture_session(loaded: LoadedModel, session: Session, hooks: list[str], pos
             _crop_to(cache, done)
             rec.on = True
             session.turns[t].text = adapter.tokenizer.decode(new, skip_special_tokens=True).strip()
+            rendered = None  # render again, with the new text
     lm_names = [n for n in hooks if not _is_vision(n)]
     if lm_names:
         got = np.concatenate([p for p, _ in rec.lm[lm_names[0]]] or [np.zeros(0, int)])

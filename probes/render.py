@@ -51,6 +51,13 @@ class RenderedSession:
         cuts = np.flatnonzero(np.r_[True, turns[1:] != turns[:-1], True])
         return [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
 
+    def image_inputs(self, adapter: FamilyAdapter, indices: Any) -> dict[str, Tensor]:
+        """Model inputs for the images at `indices` (processed once per set of indices)."""
+        key = tuple(indices)
+        if key not in self._inputs_cache:
+            self._inputs_cache[key] = adapter.image_inputs([self.images[k] for k in key])
+        return self._inputs_cache[key]
+
     def images_in(self, start: int, end: int) -> list[int]:
         """Indices of images whose tokens lie in [start, end); an image cut by the range is an error."""
         inside = []

@@ -139,6 +139,9 @@ class FamilyAdapter:
         return input_ids == int(self.hf_config.image_token_id)
 
     # ---- forward --------------------------------------------------------------------------------------------
+    # True when position_ids needs the image inputs of the whole session (Qwen's M-RoPE reads the image grids).
+    positions_need_images: ClassVar[bool] = False
+
     def position_ids(self, model: Any, input_ids: Tensor, image_inputs: dict[str, Tensor]) -> Tensor | None:
         """Position ids of the whole sequence when the family's positions are not just 0..L-1, else None."""
         return None

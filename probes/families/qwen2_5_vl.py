@@ -63,6 +63,8 @@ class Adapter(FamilyAdapter):
     def image_inputs(self, images):
         return super().image_inputs(images) if images else {}  # the processor fails on an empty image list
 
+    positions_need_images = True
+
     def position_ids(self, model, input_ids, image_inputs):
         """M-RoPE ids [3, 1, L] of the whole sequence, from the model's own `get_rope_index`."""
         image_mask = self.image_token_mask(input_ids)
