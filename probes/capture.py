@@ -106,9 +106,12 @@ class _Recorder:
                 raise CaptureError(f"hook {name} gives shape {tuple(x.shape)}; capture stores per-position "
                                    f"activations shaped [batch, pos ({c.end - c.start}), ...]")
             if len(c.keep):
-                local = torch.as_tensor(c.keep - c.start, device=x.device)
-                kept = x.detach()[0, local].reshape(len(local), -1)  # [pos, heads, d_head] -> [pos, heads*d_head]
-                self.lm[name].append((c.keep, kept.to("cpu", self.dtype, copy=True)))
+                lo, hi = int(c.keep[0]) - c.start, int(c.keep[-1]) + 1 - c.start
+                if hi - lo == len(c.keep):  # a contiguous run: slice and copy once
+                    kept = x.detach()[0, lo:hi].to("cpu", self.dtype, copy=True)
+                else:  # fancy indexing already makes the copy
+                    kept = x.detach()[0, torch.as_tensor(c.keep - c.start, device=x.device)].to("cpu", self.dtype)
+                self.lm[name].append((c.keep, kept.reshape(len(c.keep), -1)))  # [pos, heads, d] -> [pos, heads*d]
         return None
 
     def crop(self, p: int) -> None:
@@ -247,9 +250,12 @@ def _not_inside_image(p: int, rendered: RenderedSession) -> int:
 
 
 def _groups(rendered: RenderedSession, positions: str, kept: np.ndarray) -> list[str]:
+    """For each kept position, the comma-joined selector parts that picked it."""
     parts = [s.strip() for s in positions.split("+") if s.strip()]
-    picked = {s: set(rendered.token_map.select(s).tolist()) for s in parts}
-    return [",".join(s for s in parts if int(p) in picked[s]) for p in kept]
+    if len(parts) == 1:
+        return [parts[0]] * len(kept)
+    hit = np.stack([np.isin(kept, rendered.token_map.select(s)) for s in parts], axis=1)
+    return [",".join(p for p, h in zip(parts, row) if h) for row in hit]
 
 
 def _assemble(session: Session, rendered: RenderedSession, rec: _Recorder, positions: str, hooks: list[str],
