@@ -87,10 +87,25 @@ def reencode(loaded, rendered, hooks) -> None:
             loaded.hf_model(input_ids=rendered.input_ids[:, :b], **inputs, logits_to_keep=1)
 
 
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_peak_rss_kb() -> int:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS and return that (Linux >= 4.0)."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kb("VmRSS")
+
+
+def peak_rss_kb() -> int:
+    return _status_kb("VmHWM")
+
+
 def memory_child(model_dir: str, what: str, n_turns: int) -> None:
     """Peak resident memory added by one capture, in a fresh process (printed as JSON)."""
-    import resource
-
     loaded = load_model(model_dir, backend="bridge" if what == "run_with_cache" else "torch")
     s = session(n_turns)
     rendered = render(loaded.adapter, s)
@@ -104,7 +119,7 @@ def memory_child(model_dir: str, what: str, n_turns: int) -> None:
             loaded.bridge.run_with_cache(warm.input_ids, **loaded.adapter.image_inputs(warm.images))
         else:
             capture_session(loaded, warm.session, hooks, "all", rendered=warm)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = reset_peak_rss_kb()
     if what == "capture":
         out = capture_session(loaded, s, hooks, "all", rendered=rendered)
         kept = out.kinds["hook_resid_post"]
@@ -112,7 +127,7 @@ def memory_child(model_dir: str, what: str, n_turns: int) -> None:
         with torch.no_grad():
             _, cache = loaded.bridge.run_with_cache(inputs.pop("input_ids"), **inputs)
         kept = torch.stack([cache[h][0] for h in hooks], dim=1)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = peak_rss_kb()
     print(json.dumps({"delta_kb": after - before, "kept_shape": list(kept.shape)}))
 
 

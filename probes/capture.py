@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from probes.hooks import PROJECTOR_HOOK, lm_hook, split_hook, vision_hook
 from probes.loading import LoadedModel
 from probes.render import RenderedSession, render
-from probes.session import Session
+from probes.session import Session, Turn
 from probes.store import ActivationStore, SessionActivations
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ def capture_session(loaded: LoadedModel, session: Session, hooks: list[str], pos
         raise CaptureError(f"mode {mode!r}: expected one of {MODES}")
     if rendered is not None and rendered.session is not session:
         raise CaptureError("`rendered` must be the rendering of `session`")
-    session = copy.deepcopy(session)
+    session = _copy_turns(session)
     if rendered is not None:
         rendered = copy.copy(rendered)
         rendered.session = session
@@ -219,6 +219,12 @@ def capture_session(loaded: LoadedModel, session: Session, hooks: list[str], pos
     return _assemble(session, rendered, rec, positions, hooks, selected)
 
 
+def _copy_turns(session: Session) -> Session:
+    """A copy whose turn texts can be filled in without touching the caller's session (images shared)."""
+    turns = [Turn(t.role, t.text, list(t.images), list(t.marks)) for t in session.turns]
+    return Session(session.session_id, turns, dict(session.labels))
+
+
 def _new_cache(loaded: LoadedModel) -> Any:
     """A KV cache that can be rolled back after generation, sliding-window layers included (Gemma 3)."""
     from transformers import DynamicCache
@@ -258,6 +264,11 @@ def _groups(rendered: RenderedSession, positions: str, kept: np.ndarray) -> list
     return [",".join(p for p, h in zip(parts, row) if h) for row in hit]
 
 
+def _cat(parts: list[Tensor]) -> Tensor:
+    """torch.cat that does not copy a single part (the hooks already made their own copies)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts) if parts else torch.empty(0, 0)
+
+
 def _assemble(session: Session, rendered: RenderedSession, rec: _Recorder, positions: str, hooks: list[str],
               selected: np.ndarray) -> SessionActivations:
     kinds: dict[str, list[Tensor]] = {}
@@ -269,7 +280,7 @@ def _assemble(session: Session, rendered: RenderedSession, rec: _Recorder, posit
         kind, layer = split_hook(name)
         if _is_vision(name):
             parts = rec.vision[name]
-            t = torch.cat([x for _, x in parts]) if parts else torch.empty(0)
+            t = _cat([x for _, x in parts])
             if kind not in rows:
                 img = np.concatenate([np.full(len(x), k) for k, x in parts]) if parts else np.zeros(0, int)
                 vis_pos = np.concatenate([np.arange(len(x)) for _, x in parts]) if parts else np.zeros(0, int)
@@ -282,16 +293,17 @@ def _assemble(session: Session, rendered: RenderedSession, rec: _Recorder, posit
         else:
             parts = rec.lm[name]
             pos = np.concatenate([p for p, _ in parts]) if parts else np.zeros(0, int)
-            t = torch.cat([x for _, x in parts]) if parts else torch.empty(0, 0)
+            t = _cat([x for _, x in parts])
             keep = np.isin(pos, selected)  # earlier renderings may have picked positions the final one does not
-            pos, t = pos[keep], t[torch.as_tensor(keep)] if len(pos) else t
+            if not keep.all():
+                pos, t = pos[keep], t[torch.as_tensor(keep)]
             if not np.array_equal(pos, selected):
                 raise CaptureError(f"internal: hook {name} kept {len(pos)} positions, expected {len(selected)}")
             if kind not in rows:
-                r = tm.iloc[pos].drop(columns=["token_id"]).reset_index(drop=True)
-                r["last_of_turn"] = last[pos]
-                r["groups"] = _groups(rendered, positions, pos)
-                rows[kind] = r
+                rows[kind] = pd.DataFrame({
+                    **{c: tm[c].to_numpy()[pos] for c in tm.columns if c != "token_id"},
+                    "last_of_turn": last[pos], "groups": _groups(rendered, positions, pos),
+                })
         kinds.setdefault(kind, []).append(t)
         layers.setdefault(kind, []).append(layer)
     stacked = {k: torch.stack(v, dim=1) if v and v[0].numel() else torch.zeros(0, len(v), 0) for k, v in kinds.items()}
