@@ -10,7 +10,8 @@ Layout of a store folder:
 
 One manifest row per stored vector: session_id, turn, role, position, segment, image_index, tile, patch_row,
 patch_col, mark, last_of_turn, groups (the position selectors that picked it), hook, kind, layer, the row of
-that vector's position in its shard tensor, and every label the session carries.
+that vector's position in its shard tensor, and every public label the session carries (labels whose key
+starts with "_", such as "_target", the PII value a probe asks for, are private and not copied).
 
 Every file is written to a temp name and renamed, so a capture killed at any moment leaves only finished
 sessions (and stray `.tmp` files, which opening the store removes). Reads memory-map the safetensors shards.
@@ -119,6 +120,8 @@ class ActivationStore:
         df.insert(0, "session_id", sid)
         df["shard"] = name
         for key, value in acts.session.labels.items():
+            if key.startswith("_"):  # private labels (the PII value a probe asks for ...) stay out of manifests
+                continue
             col = key if key not in df.columns else f"label_{key}"
             df[col] = _scalar(value)
         buf = _parquet_bytes(df)

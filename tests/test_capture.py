@@ -14,7 +14,7 @@ def chat(n_pairs=3, generate=False):
     turns = [Turn("user", "Here is my form. SSN 123-45-6789.", images=[document_image()]).mark("ssn", "123-45-6789")]
     for i in range(n_pairs):
         turns += [Turn("assistant", None if generate else f"Answer number {i}."), Turn("user", f"Question {i}?")]
-    return Session("c0", turns, labels={"identity_id": 1, "pii_type": "SSN"})
+    return Session("c0", turns, labels={"identity_id": 1, "pii_type": "SSN", "_target": "123-45-6789"})
 
 
 def full_forward_hidden(loaded, rendered):
@@ -93,6 +93,7 @@ def test_store_round_trip_and_queries(llava, tmp_path):
     assert (meta["mark"] == "ssn").all() and set(meta.identity_id) == {1, 2}
     assert store.session("c1").to_json()["turns"][1]["text"] == "Answer number 0."
     assert "sessions: 2" in store.summary() and "123-45-6789" not in store.summary()
+    assert "_target" not in store.manifest.columns  # private labels stay out of the manifest
 
 
 def test_bridge_backend_captures_the_same_and_more_hooks(tiny_dir, llava):
