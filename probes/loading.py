@@ -18,6 +18,7 @@ import torch
 
 from probes.families import FamilyAdapter, UnsupportedModelError, family_for_architecture, get_family
 from probes.hooks import BridgeHooks, TorchHooks
+from probes.processors import load_processor
 
 BACKENDS = ("torch", "bridge")
 
@@ -73,10 +74,16 @@ class LoadedModel:
         if self._bridge is None:
             from transformer_lens.model_bridge import TransformerBridge
 
-            self._bridge = TransformerBridge.boot_transformers(
-                self.name, hf_model=self.hf_model, tokenizer=self.tokenizer, device=str(self.device),
-                dtype=self.dtype,
-            )
+            try:
+                self._bridge = TransformerBridge.boot_transformers(
+                    self.name, hf_model=self.hf_model, tokenizer=self.tokenizer, device=str(self.device),
+                    dtype=self.dtype,
+                )
+            except ImportError as err:  # TL's Qwen2.5-VL adapter needs torchvision (no CPU build here)
+                raise ModelLoadError(
+                    f"transformer-lens cannot wrap this {self.family} model here ({err}); use backend='torch', "
+                    "which serves the capture hooks under the same names"
+                ) from err
         return self._bridge
 
     @cached_property
@@ -123,7 +130,7 @@ def load_model(
     large model over the GPUs of a node. `trust_remote_code` stays off unless asked.
     """
     import transformers
-    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     if backend not in BACKENDS:
         raise ModelLoadError(f"backend {backend!r}: expected one of {BACKENDS}")
@@ -169,7 +176,7 @@ def load_model(
         if adapter_cls.placeholder is None:
             processor = AutoTokenizer.from_pretrained(source, **kw)
         else:
-            processor = AutoProcessor.from_pretrained(source, **kw)
+            processor = load_processor(source, **kw)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot load the processor/tokenizer of {source!r}: {err}") from err
     adapter = adapter_cls(processor, hf_model.config)

@@ -59,7 +59,12 @@ def save_tiny(model: torch.nn.Module, processor: Any, path: str | Path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
-    processor.save_pretrained(path)
+    if getattr(processor, "video_processor", "absent") is None:  # built without torchvision
+        from probes.processors import save_without_video
+
+        save_without_video(processor, path)
+    else:
+        processor.save_pretrained(path)
     return path
 
 

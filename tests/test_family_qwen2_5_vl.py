@@ -1,5 +1,6 @@
 """Qwen2.5-VL family: loading, rendering vs the processor, token map, M-RoPE chunked forward, hooks, bridge."""
 
+import importlib.util
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -9,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from probes.loading import load_model
+from probes.loading import ModelLoadError, load_model
 from probes.render import chat_messages, render
 from probes.session import Session, Turn
 from probes.tiny import build_tiny_model
@@ -204,9 +205,10 @@ def test_torch_hook_names_and_vision_hook(loaded, rendered):
     assert seen["vision_projector.hook_out"] == (ROWS * COLS, loaded.d_model)
 
 
-def test_bridge_matches_torch_hooks(tmp_path_factory, rendered):
-    """The transformer-lens bridge wraps Qwen2.5-VL; its resid_post equals the torch backend's (fresh model: the
-    bridge rewraps the HF model in place)."""
+def test_bridge_matches_torch_hooks_or_falls_back(tmp_path_factory, rendered):
+    """With torchvision, the transformer-lens bridge wraps Qwen2.5-VL and its resid_post equals the torch backend's
+    (fresh model: the bridge rewraps the HF model in place). Without torchvision (these CPU machines), TL's Qwen
+    adapter refuses to load: then asking for the bridge gives a clear error and the torch backend is the path."""
     from transformer_lens.model_bridge import TransformerBridge
 
     loaded = load_model(build_tiny_model("qwen2_5_vl", tmp_path_factory.mktemp("qwen2_5_vl_bridge")))
@@ -218,6 +220,11 @@ def test_bridge_matches_torch_hooks(tmp_path_factory, rendered):
     with loaded.hooks([("blocks.0.hook_resid_post", lambda x, n: got.setdefault("torch", x.clone()))]), \
             torch.no_grad():
         model(input_ids=ids, position_ids=pos, **images)
+    assert got["torch"].shape == (1, ids.shape[1], loaded.d_model)
+    if importlib.util.find_spec("torchvision") is None:
+        with pytest.raises(ModelLoadError, match="torchvision.*backend='torch'"):
+            loaded.bridge
+        return
     bridge = TransformerBridge.boot_transformers(loaded.name, hf_model=model, tokenizer=loaded.tokenizer)
     with bridge.hooks(fwd_hooks=[("blocks.0.hook_resid_post", lambda x, hook: got.setdefault("bridge", x.clone()))]), \
             torch.no_grad():

@@ -36,7 +36,9 @@ def compare_stores(a: ActivationStore, b: ActivationStore):
     xb, meta_b = b.query()
     order_a = meta_a.sort_values(["session_id", "row"]).index
     order_b = meta_b.sort_values(["session_id", "row"]).index
-    assert torch.equal(xa[torch.tensor(order_a)], xb[torch.tensor(order_b)])
+    # allclose, not equal: the killed run computed some sessions in another process, whose thread scheduling may
+    # sum in another order
+    assert torch.allclose(xa[torch.tensor(order_a)], xb[torch.tensor(order_b)], atol=1e-5)
 
 
 def test_rerun_skips_finished_sessions_and_refuses_other_settings(llava, tmp_path):

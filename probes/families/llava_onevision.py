@@ -49,10 +49,12 @@ class Adapter(LlavaNextAdapter):
 def build_tiny(path: Path, crop_px: int = 16, patch_size: int = 4, n_layers: int = 2, d_model: int = 64,
                vision_layers: int = 2, d_vision: int = 32, n_heads: int = 4) -> Path:
     """Tiny OneVision: SigLIP 16px crops of 4x4 tokens, the real 6x6 pinpoint set scaled 384 -> 16."""
-    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
-                              LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor,
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor,
                               Qwen2Config, SiglipVisionConfig)
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil as LlavaOnevisionImageProcessor)
 
+    from probes.processors import build_without_video
     from probes.tiny import build_tokenizer, save_tiny
 
     tok = build_tokenizer(["<|im_start|>", "<image>", "<video>"], bos=None, eos="<|im_end|>", pad="<|endoftext|>",
@@ -63,11 +65,11 @@ def build_tiny(path: Path, crop_px: int = 16, patch_size: int = 4, n_layers: int
     image_processor = LlavaOnevisionImageProcessor(
         size=size, image_grid_pinpoints=pinpoints, image_mean=[0.5] * 3, image_std=[0.5] * 3,
     )
-    video_processor = LlavaOnevisionVideoProcessor(size=size, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     n = crop_px // patch_size
-    processor = LlavaOnevisionProcessor(
-        image_processor=image_processor, tokenizer=tok, video_processor=video_processor, num_image_tokens=n * n,
-        vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9", chat_template=CHAT_TEMPLATE,
+    # PIL backend and no video processor: both need torchvision, which has no CPU build here.
+    processor = build_without_video(
+        LlavaOnevisionProcessor, image_processor, tok, CHAT_TEMPLATE, num_image_tokens=n * n,
+        vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
     )
     config = LlavaOnevisionConfig(
         vision_config=SiglipVisionConfig(

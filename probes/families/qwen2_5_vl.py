@@ -77,18 +77,17 @@ def build_tiny(path: Path, n_layers: int = 2, d_model: int = 64, vision_layers: 
                n_heads: int = 4, max_tokens: int = 16, window_size: int = 56) -> Path:
     """Tiny Qwen2.5-VL: at most `max_tokens` image tokens per image; a 56 px window (2x2 merge blocks) so the
     window permutation is exercised on small images; last vision layer full attention, the others windowed."""
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+    from probes.processors import build_without_video
     from probes.tiny import build_tokenizer, save_tiny
 
     tok = build_tokenizer(SPECIAL_TOKENS, bos=None, eos="<|im_end|>", pad="<|endoftext|>", add_bos=False)
     tok.chat_template = CHAT_TEMPLATE
     px = dict(min_pixels=56 * 56, max_pixels=28 * 28 * max_tokens, patch_size=14, temporal_patch_size=2, merge_size=2)
-    processor = Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(**px), video_processor=Qwen2VLVideoProcessor(**px), tokenizer=tok,
-        chat_template=CHAT_TEMPLATE,
-    )
+    # PIL backend and no video processor: both need torchvision, which has no CPU build here.
+    processor = build_without_video(Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil(**px), tok, CHAT_TEMPLATE)
     ids = tok.convert_tokens_to_ids
     half = d_model // n_heads // 2  # rotary frequencies per head
     hw = (half - half // 4) // 2  # height and width sections; temporal gets the rest ([16, 24, 24] at half=64)
