@@ -2,6 +2,7 @@
 
     mmret capture --model M --sessions S.jsonl --out DIR [--hooks resid_post,attn_out] [--positions last:*]
     mmret inspect DIR
+    mmret sessions load-mmprivacy DIR --out S.jsonl [--part direct|memory] [--framings caption,direct]
     mmret tiny --family llava --out DIR          (a tiny random-initialised checkpoint, for trying things out)
 """
 
@@ -56,6 +57,13 @@ def cmd_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sessions_load_mmprivacy(args: argparse.Namespace) -> int:
+    from probes.mmprivacy import cli_load_mmprivacy
+
+    print(cli_load_mmprivacy(args.dir, args.out, part=args.part, framings=args.framings))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmret", description="mechanistic retention analysis of PII in multimodal LLMs")
     sub = p.add_subparsers(dest="command", required=True)
@@ -78,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--backend", default="torch", choices=["torch", "bridge"])
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=cmd_capture)
+
+    sessions = sub.add_parser("sessions", help="build or load sessions (JSONL)")
+    ssub = sessions.add_subparsers(dest="sessions_command", required=True)
+    lm = ssub.add_parser("load-mmprivacy", help="a folder in the published MM-Privacy layout -> sessions JSONL")
+    lm.add_argument("dir")
+    lm.add_argument("--out", required=True, help="sessions JSONL to write")
+    lm.add_argument("--part", choices=["direct", "memory"], default="direct")
+    lm.add_argument("--framings", default=None, help="comma-separated framings (default: all five)")
+    lm.set_defaults(func=cmd_sessions_load_mmprivacy)
 
     i = sub.add_parser("inspect", help="summarise an activation store")
     i.add_argument("store")
