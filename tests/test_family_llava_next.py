@@ -14,6 +14,7 @@ from probes.loading import load_model
 from probes.render import chat_messages, render
 from probes.session import Session, Turn
 from probes.tiny import build_tiny_model
+from tests.family_checks import assert_chunked_matches_full
 
 N = 4  # tokens per crop side: 32 px crops, 8 px patches
 # 16x96 (H x W) picks the 32x96 pinpoint: 3 crops side by side, stitched grid 4x12, unpadded to rows 1..2
@@ -132,43 +133,10 @@ def test_layout_is_the_models_packing(loaded, hw):
     assert set(exp.grid) == set(range(n_tiles)) and n_tiles >= 3
 
 
-def _layer_outputs(loaded, fwd):
-    outs = {}
-    layers = loaded.adapter.lm_layers(loaded.hf_model)
-    hooks = [layer.register_forward_hook(lambda m, a, o, i=i: outs.setdefault(i, []).append(o[0] if isinstance(
-        o, tuple) else o)) for i, layer in enumerate(layers)]
-    try:
-        with torch.no_grad():
-            fwd()
-    finally:
-        for h in hooks:
-            h.remove()
-    return [torch.cat(outs[i], dim=1) for i in range(len(layers))]
-
-
 def test_chunked_kv_forward_matches_full(loaded, rendered):
-    model, adapter = loaded.hf_model, loaded.adapter
-    ids = rendered.input_ids
-    pos = adapter.position_ids(model, ids, adapter.image_inputs(rendered.images))
-    assert pos is None
-
-    def chunked():
-        cache = None
-        for a, b in rendered.turn_chunks():
-            ks = rendered.images_in(a, b)
-            inputs = adapter.image_inputs([rendered.images[k] for k in ks]) if ks else {}
-            out = model(input_ids=ids[:, a:b], past_key_values=cache, use_cache=True, position_ids=None,
-                        **inputs, **adapter.forward_extras(ids, a, b))
-            cache = out.past_key_values
-
-    def full():
-        model(input_ids=ids, **adapter.image_inputs(rendered.images), **adapter.forward_extras(ids, 0, ids.shape[1]))
-
+    assert loaded.adapter.position_ids(loaded.hf_model, rendered.input_ids, {}) is None
     assert len(rendered.turn_chunks()) == 3
-    got, ref = _layer_outputs(loaded, chunked), _layer_outputs(loaded, full)
-    for g, r in zip(got, ref):
-        assert g.shape == r.shape == (1, ids.shape[1], loaded.d_model)
-        torch.testing.assert_close(g, r, atol=1e-4, rtol=0)
+    assert_chunked_matches_full(loaded, rendered)
 
 
 def test_torch_hook_names_and_vision_hook(loaded, rendered):

@@ -14,6 +14,7 @@ from probes.loading import ModelLoadError, load_model
 from probes.render import chat_messages, render
 from probes.session import Session, Turn
 from probes.tiny import build_tiny_model
+from tests.family_checks import assert_chunked_matches_full, layer_outputs
 
 W, H = 112, 84  # -> 8x6 patches of 14 px -> 4x3 merge blocks -> 12 image tokens, 3 rows x 4 cols
 ROWS, COLS = 3, 4
@@ -134,20 +135,6 @@ def test_image_token_order_end_to_end(loaded, rendered):
     assert changed.tolist() == ((img.patch_row == r) & (img.patch_col == c)).tolist()
 
 
-def _layer_outputs(loaded, fwd):
-    outs = {}
-    layers = loaded.adapter.lm_layers(loaded.hf_model)
-    hooks = [layer.register_forward_hook(lambda m, a, o, i=i: outs.setdefault(i, []).append(o[0] if isinstance(
-        o, tuple) else o)) for i, layer in enumerate(layers)]
-    try:
-        with torch.no_grad():
-            fwd()
-    finally:
-        for h in hooks:
-            h.remove()
-    return [torch.cat(outs[i], dim=1) for i in range(len(layers))]
-
-
 def _two_image_session():
     """A system turn, then images in turns 1 and 3 (the second, 56x84 -> 3x2 tokens, after M-RoPE has jumped)."""
     return Session("s1", [Turn("system", "Be brief."), Turn("user", "Describe it.", images=[_image(1)]),
@@ -161,30 +148,11 @@ def test_chunked_kv_forward_matches_full(loaded, session, which):
             "text_only": Session("s2", [Turn("user", "Hi."), Turn("assistant", "Hello."), Turn("user", "Bye.")])}
     rendered = render(adapter, sess[which])
     ids = rendered.input_ids
-    pos = adapter.position_ids(model, ids, adapter.image_inputs(rendered.images))
-
-    def chunked():
-        cache = None
-        for a, b in rendered.turn_chunks():
-            ks = rendered.images_in(a, b)
-            inputs = adapter.image_inputs([rendered.images[k] for k in ks]) if ks else {}
-            out = model(input_ids=ids[:, a:b], past_key_values=cache, use_cache=True,
-                        position_ids=None if pos is None else pos[..., a:b],
-                        **inputs, **adapter.forward_extras(ids, a, b))
-            cache = out.past_key_values
-
-    def full():
-        model(input_ids=ids, position_ids=pos, **adapter.image_inputs(rendered.images),
-              **adapter.forward_extras(ids, 0, ids.shape[1]))
-
     assert len(rendered.turn_chunks()) == len(sess[which].turns) + 1
-    got, ref = _layer_outputs(loaded, chunked), _layer_outputs(loaded, full)
-    for g, r in zip(got, ref):
-        assert g.shape == r.shape == (1, ids.shape[1], loaded.d_model)
-        torch.testing.assert_close(g, r, atol=1e-4, rtol=0)
+    ref = assert_chunked_matches_full(loaded, rendered)
     # and the full forward with our ids is the model's own (position_ids=None -> get_rope_index inside)
     model.model.rope_deltas = None
-    own = _layer_outputs(loaded, lambda: model(input_ids=ids, mm_token_type_ids=adapter.image_token_mask(ids).int(),
+    own = layer_outputs(loaded, lambda: model(input_ids=ids, mm_token_type_ids=adapter.image_token_mask(ids).int(),
                                                **adapter.image_inputs(rendered.images)))
     model.model.rope_deltas = None
     for o, r in zip(own, ref):
