@@ -3,6 +3,7 @@
     mmret capture --model M --sessions S.jsonl --out DIR [--hooks resid_post,attn_out] [--positions last:*]
     mmret inspect DIR
     mmret sessions load-mmprivacy DIR --out S.jsonl [--part direct|memory] [--framings caption,direct]
+    mmret leak --model M --sessions S.jsonl --out DIR
     mmret tiny --family llava --out DIR          (a tiny random-initialised checkpoint, for trying things out)
 """
 
@@ -64,6 +65,24 @@ def cmd_sessions_load_mmprivacy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_leak(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from probes.leakage import DEFAULT_REFUSAL_PATTERNS, run_leakage
+
+    patterns = None
+    if args.refusal_patterns:  # extra regexes, one a line, on top of the defaults
+        extra = [line.strip() for line in Path(args.refusal_patterns).read_text().splitlines() if line.strip()]
+        patterns = [*DEFAULT_REFUSAL_PATTERNS, *extra]
+    df = run_leakage(args.model, args.sessions, args.out, max_new_tokens=args.max_new_tokens,
+                     batch_size=args.batch_size, refusal_patterns=patterns, keep_responses=args.keep_responses,
+                     n_boot=args.n_boot, seed=args.seed, device=args.device, dtype=args.model_dtype,
+                     progress=not args.no_progress)
+    print(f"{len(df)} responses: ASR {df['leak'].mean():.3f}, RR {df['refused'].mean():.3f}; "
+          f"results, leakage_table.csv/.tex and leakage.pdf in {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmret", description="mechanistic retention analysis of PII in multimodal LLMs")
     sub = p.add_subparsers(dest="command", required=True)
@@ -95,6 +114,22 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--part", choices=["direct", "memory"], default="direct")
     lm.add_argument("--framings", default=None, help="comma-separated framings (default: all five)")
     lm.set_defaults(func=cmd_sessions_load_mmprivacy)
+
+    lk = sub.add_parser("leak", help="generate answers to PII-asking sessions; score ASR, partial leak, RR")
+    lk.add_argument("--model", required=True, help="HF id or local model directory")
+    lk.add_argument("--sessions", required=True, help="sessions JSONL (labels pii_type and _target)")
+    lk.add_argument("--out", required=True, help="folder for results, tables and the figure")
+    lk.add_argument("--max-new-tokens", type=int, default=32)
+    lk.add_argument("--batch-size", type=int, default=8)
+    lk.add_argument("--n-boot", type=int, default=1000, help="bootstrap draws for the CIs")
+    lk.add_argument("--seed", type=int, default=0)
+    lk.add_argument("--refusal-patterns", default=None, help="file of extra refusal regexes, one a line")
+    lk.add_argument("--keep-responses", action="store_true",
+                    help="add the response texts to results.csv (they contain PII when the model leaks)")
+    lk.add_argument("--model-dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    lk.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
+    lk.add_argument("--no-progress", action="store_true")
+    lk.set_defaults(func=cmd_leak)
 
     i = sub.add_parser("inspect", help="summarise an activation store")
     i.add_argument("store")
