@@ -2,6 +2,7 @@
 
     mmret capture --model M --sessions S.jsonl --out DIR [--hooks resid_post,attn_out] [--positions last:*]
     mmret inspect DIR
+    mmret sessions build --kind mmprivacy|multiturn|memory --out S.jsonl [--n 20] [--seed 0]
     mmret sessions load-mmprivacy DIR --out S.jsonl [--part direct|memory] [--framings caption,direct]
     mmret leak --model M --sessions S.jsonl --out DIR
     mmret tiny --family llava --out DIR          (a tiny random-initialised checkpoint, for trying things out)
@@ -58,6 +59,43 @@ def cmd_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(text: str | None) -> list[str] | None:
+    return [x.strip() for x in text.split(",") if x.strip()] if text else None
+
+
+def cmd_sessions_build(args: argparse.Namespace) -> int:
+    """Synthetic identities -> documents -> sessions JSONL (images beside it), plus fine-tune texts for memory."""
+    import json
+    from pathlib import Path
+
+    from probes import sessions_build as sb
+    from probes.identities import make_identities, split_identities
+    from probes.session import atomic_write_text, write_sessions
+
+    out = Path(args.out)
+    image_dir = out.parent / (out.stem + "_images")
+    people = make_identities(args.n, seed=args.seed)
+    choose = {k: v for k, v in {"framings": _csv(args.framings), "pii_types": _csv(args.pii_types)}.items() if v}
+    docs = {"size": args.size, "seed": args.seed, "layout": args.layout, "relative_to": out.parent}
+    if args.scenarios:
+        docs["scenarios"] = _csv(args.scenarios)
+    if args.kind == "mmprivacy":
+        sessions = sb.mmprivacy_sessions(people, image_dir, **choose, **docs)
+    elif args.kind == "multiturn":
+        ks = [int(k) for k in _csv(args.k)] if args.k else range(6)
+        choose.pop("framings", None)
+        sessions = sb.multiturn_sessions(people, image_dir, k_distractors=ks, **choose, **docs)
+    else:  # memory: plant the memory set; probe it and the never-planted probe set by name
+        memory, unseen = split_identities(people, args.n // 2, seed=args.seed)
+        texts = sb.memory_finetune_texts(memory, style=args.memory_style)
+        atomic_write_text(out.with_suffix(".finetune.jsonl"), "".join(json.dumps(t) + "\n" for t in texts))
+        sessions = (sb.memory_probe_sessions(memory, **choose)
+                    + sb.memory_probe_sessions(unseen, unseen=True, **choose))
+    write_sessions(sessions, out)
+    print(f"{len(sessions)} {args.kind} sessions of {args.n} identities -> {out}")
+    return 0
+
+
 def cmd_sessions_load_mmprivacy(args: argparse.Namespace) -> int:
     from probes.mmprivacy import cli_load_mmprivacy
 
@@ -108,6 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     sessions = sub.add_parser("sessions", help="build or load sessions (JSONL)")
     ssub = sessions.add_subparsers(dest="sessions_command", required=True)
+    b = ssub.add_parser("build", help="synthetic identities and documents -> sessions JSONL")
+    b.add_argument("--kind", required=True, choices=["mmprivacy", "multiturn", "memory"])
+    b.add_argument("--out", required=True, help="sessions JSONL; images go to <out>_images/ beside it")
+    b.add_argument("--n", type=int, default=20, help="identities (memory: half planted, half unseen)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--size", type=int, default=128, help="document size in pixels")
+    b.add_argument("--layout", default="fixed", choices=["fixed", "random"])
+    b.add_argument("--framings", default=None, help="comma list (default all five; mmprivacy and memory)")
+    b.add_argument("--pii-types", default=None, help="comma list of Email, Phone Numbers, SSN (default all)")
+    b.add_argument("--scenarios", default=None, help="comma list of open, hiring, verification, finance")
+    b.add_argument("--k", default=None, help="multiturn: distractor counts, e.g. 0,1,3 (default 0-5)")
+    b.add_argument("--memory-style", default="full", choices=["full", "single"])
+    b.set_defaults(func=cmd_sessions_build)
+
     lm = ssub.add_parser("load-mmprivacy", help="a folder in the published MM-Privacy layout -> sessions JSONL")
     lm.add_argument("dir")
     lm.add_argument("--out", required=True, help="sessions JSONL to write")

@@ -15,10 +15,12 @@ differs between families and is not in the template lives here:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
+import pandas as pd
 import torch
 from jaxtyping import Int
 from PIL import Image
@@ -56,6 +58,103 @@ def grid_layout(rows: int, cols: int, tile: int = 0) -> tuple[np.ndarray, np.nda
 
 def not_patches(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.full(n, -1), np.full(n, -1), np.full(n, -1)
+
+
+# ---- where each image token looks: token boxes in original image pixels ------------------------------------------
+# Coordinates are continuous: pixel (i, j) of an image covers [j, j+1) x [i, i+1). A token's box is the region of
+# the original image that the processor's resize / crop / pad / tiling maps onto the token's pixels (resampling
+# kernels reach a pixel or so beyond it); the part of a token that shows only padding is clipped off, so a token
+# that sees nothing but padding has an empty box (x0 == x1 or y0 == y1).
+BOX_COLUMNS = ["tile", "patch_row", "patch_col", "x0", "y0", "x1", "y1"]
+
+
+@dataclass(frozen=True)
+class View:
+    """An axis-aligned affine map from original pixels to a processed tile's pixels: tile = orig * s + o."""
+
+    sx: float = 1.0
+    sy: float = 1.0
+    ox: float = 0.0
+    oy: float = 0.0
+
+    def then(self, sx: float = 1.0, sy: float = 1.0, ox: float = 0.0, oy: float = 0.0) -> "View":
+        """This map followed by `tile = x * s + o`."""
+        return View(self.sx * sx, self.sy * sy, self.ox * sx + ox, self.oy * sy + oy)
+
+    def cells(self, row: np.ndarray, col: np.ndarray, cell_h: float, cell_w: float) -> np.ndarray:
+        """[n, 4] original-pixel boxes (x0, y0, x1, y1) of grid cells (row, col) of `cell_h x cell_w` tile px."""
+        row, col = np.asarray(row, dtype=float), np.asarray(col, dtype=float)
+        return self.back(col * cell_w, row * cell_h, (col + 1) * cell_w, (row + 1) * cell_h)
+
+    def back(self, x0, y0, x1, y1) -> np.ndarray:
+        """Tile-pixel boxes mapped back to original pixels, [n, 4]."""
+        return np.stack([(np.asarray(x0, float) - self.ox) / self.sx, (np.asarray(y0, float) - self.oy) / self.sy,
+                         (np.asarray(x1, float) - self.ox) / self.sx, (np.asarray(y1, float) - self.oy) / self.sy], 1)
+
+
+def resize_hw(size: Any, h: int, w: int) -> tuple[int, int]:
+    """The (height, width) transformers' `TorchvisionBackend.resize` gives an h x w image for `size`."""
+    from transformers.image_transforms import get_resize_output_image_size, get_size_with_aspect_ratio
+    from transformers.image_utils import get_image_size_for_max_height_width
+
+    if size.shortest_edge and size.longest_edge:
+        return tuple(get_size_with_aspect_ratio((h, w), size.shortest_edge, size.longest_edge))
+    if size.shortest_edge:
+        dummy = np.broadcast_to(np.zeros((1, 1, 1), np.uint8), (3, h, w))  # only its shape is read
+        return tuple(get_resize_output_image_size(dummy, size.shortest_edge, default_to_square=False,
+                                                  input_data_format="channels_first"))
+    if size.max_height and size.max_width:
+        return tuple(get_image_size_for_max_height_width((h, w), size.max_height, size.max_width))
+    if size.height and size.width:
+        return int(size.height), int(size.width)
+    raise ValueError(f"image processor size {size} has no rule this toolkit knows")
+
+
+def clip_view(ip: Any, h: int, w: int, view: View = View(), pad_square: bool = False) -> tuple[View, int, int]:
+    """CLIP-style preprocessing of an h x w image: [pad to square], resize by `ip.size`, centre crop.
+
+    Returns the composed view and the output (height, width); the arithmetic is the processor's own.
+    """
+    if pad_square and h != w:  # LlavaImageProcessor(do_pad=True): centred, before resizing
+        side = max(h, w)
+        view, h, w = view.then(ox=(side - w) // 2, oy=(side - h) // 2), side, side
+    if ip.do_resize:
+        nh, nw = resize_hw(ip.size, h, w)
+        view, h, w = view.then(sx=nw / w, sy=nh / h), nh, nw
+    if getattr(ip, "do_center_crop", False) and ip.crop_size is not None and ip.crop_size.height:
+        ch, cw = int(ip.crop_size.height), int(ip.crop_size.width)
+        if cw > w or ch > h:  # centre_crop pads first (left/top get the smaller half)
+            pl, pt = ((cw - w) // 2 if cw > w else 0), ((ch - h) // 2 if ch > h else 0)
+            view, h, w = view.then(ox=pl, oy=pt), max(h, ch), max(w, cw)
+        top, left = int((h - ch) / 2.0), int((w - cw) / 2.0)
+        view, h, w = view.then(ox=-left, oy=-top), ch, cw
+    return view, h, w
+
+
+def boxes_frame(tile: np.ndarray, row: np.ndarray, col: np.ndarray, boxes: np.ndarray,
+                image_size: tuple[int, int]) -> pd.DataFrame:
+    """The token-box table, boxes clipped to the image (a token that sees only padding gets an empty box)."""
+    W, H = image_size
+    b = np.asarray(boxes, dtype=float).reshape(-1, 4)
+    x0, x1 = np.clip(b[:, 0], 0, W), np.clip(b[:, 2], 0, W)
+    y0, y1 = np.clip(b[:, 1], 0, H), np.clip(b[:, 3], 0, H)
+    return pd.DataFrame({"tile": np.asarray(tile, np.int64), "patch_row": np.asarray(row, np.int64),
+                         "patch_col": np.asarray(col, np.int64), "x0": x0, "y0": y0,
+                         "x1": np.maximum(x0, x1), "y1": np.maximum(y0, y1)}, columns=BOX_COLUMNS)
+
+
+def cached_boxes(fn: Callable[[Any, tuple[int, int]], pd.DataFrame]) -> Callable[[Any, tuple[int, int]], pd.DataFrame]:
+    """Cache an adapter's `token_boxes` by image size (they depend on nothing else); callers get a copy."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, image_size: tuple[int, int]) -> pd.DataFrame:
+        key = (int(image_size[0]), int(image_size[1]))
+        cache = self.__dict__.setdefault("_token_boxes", {})
+        if key not in cache:
+            cache[key] = fn(self, key)
+        return cache[key].copy()
+
+    return wrapper
 
 
 class FamilyAdapter:
@@ -133,6 +232,17 @@ class FamilyAdapter:
         self, ids: list[int], processed: dict[str, Any]
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, tuple[int, int]]]:
         raise NotImplementedError(f"{type(self).__name__} must define patch_layout")
+
+    def token_boxes(self, image_size: tuple[int, int]) -> pd.DataFrame:
+        """For each patch token of one (width, height) image, in expansion order, the box (x0, y0, x1, y1) of
+        original pixels it sees (columns `BOX_COLUMNS`; tile/patch_row/patch_col as in `patch_layout`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define token_boxes")
+
+    def _patch_tokens(self, image_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tile, row, col) of the patch tokens of an image of this (width, height), in expansion order."""
+        exp = self.expand_image(Image.new("RGB", (int(image_size[0]), int(image_size[1]))))
+        keep = exp.tile >= 0
+        return exp.tile[keep], exp.patch_row[keep], exp.patch_col[keep]
 
     def image_token_mask(self, input_ids: Int[Tensor, "batch pos"]) -> torch.Tensor:
         """Positions the model fills with image features (for checks and for noise corruptions)."""

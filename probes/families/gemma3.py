@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from probes.families.base import FamilyAdapter
+from probes.families.base import FamilyAdapter, View, boxes_frame, cached_boxes
 
 # The chat template of google/gemma-3-4b-it (chat_template.json), verbatim.
 CHAT_TEMPLATE = (
@@ -87,9 +87,54 @@ class Adapter(FamilyAdapter):
                              f"{len(processed['pixel_values'])} pixel tensors of {side}x{side} tokens")
         return tile, row, col, {k: (side, side) for k in range(n_tiles)}
 
+    @cached_boxes
+    def token_boxes(self, image_size):
+        """Each view (the whole image, then any pan-and-scan crops) is resized to size.height x size.width, no
+        aspect kept; its `side x side` soft tokens pool equal squares of it."""
+        W, H = image_size
+        tile, r, c = self._patch_tokens(image_size)
+        ip = self.processor.image_processor
+        # The processor's own images_kwargs (do_pan_and_scan=False ...) override the image processor's attributes.
+        keys = ("do_pan_and_scan", "pan_and_scan_min_crop_size", "pan_and_scan_max_num_crops",
+                "pan_and_scan_min_ratio_to_activate")
+        given = getattr(self.processor, "images_kwargs", {})
+        opt = {k: given[k] if k in given else getattr(ip, k, None) for k in keys}
+        sh, sw = int(ip.size.height), int(ip.size.width)
+        views = {0: View(sx=sw / W, sy=sh / H)}
+        if opt["do_pan_and_scan"]:
+            for k, (top, left, ch, cw) in enumerate(_pan_and_scan_crops(H, W, opt)):
+                views[k + 1] = View(ox=-left, oy=-top).then(sx=sw / cw, sy=sh / ch)
+        if set(np.unique(tile)) - set(views):
+            raise ValueError(f"gemma3: the token layout has views {sorted(set(np.unique(tile)))}, pan-and-scan "
+                             f"arithmetic gives {len(views)}")
+        side = math.isqrt(int(self.hf_config.mm_tokens_per_image))
+        boxes = np.zeros((len(tile), 4))
+        for t, view in views.items():
+            m = tile == t
+            boxes[m] = view.cells(r[m], c[m], sh / side, sw / side)
+        return boxes_frame(tile, r, c, boxes, image_size)
+
     def forward_extras(self, input_ids, start, end):
         # The bidirectional image mask is read by absolute position, so a chunk needs the types from position 0.
         return {"token_type_ids": (input_ids[:, :end] == self.image_token_id).long()}
+
+
+def _pan_and_scan_crops(H: int, W: int, opt: dict) -> list[tuple[int, int, int, int]]:
+    """(top, left, height, width) of the pan-and-scan crops of an H x W image (`Gemma3ImageProcessor`'s rule)."""
+    if W >= H:
+        if W / H < opt["pan_and_scan_min_ratio_to_activate"]:
+            return []
+        nw = min(int(math.floor(W / opt["pan_and_scan_min_crop_size"])), int(math.floor(W / H + 0.5)))
+        nw, nh = min(opt["pan_and_scan_max_num_crops"], max(2, nw)), 1
+    else:
+        if H / W < opt["pan_and_scan_min_ratio_to_activate"]:
+            return []
+        nh = min(int(math.floor(H / opt["pan_and_scan_min_crop_size"])), int(math.floor(H / W + 0.5)))
+        nw, nh = 1, min(opt["pan_and_scan_max_num_crops"], max(2, nh))
+    cw, ch = int(math.ceil(W / nw)), int(math.ceil(H / nh))
+    if min(cw, ch) < opt["pan_and_scan_min_crop_size"]:
+        return []
+    return [(i * ch, j * cw, min(ch, H - i * ch), min(cw, W - j * cw)) for i in range(nh) for j in range(nw)]
 
 
 def build_tiny(path: Path, image_size: int = 64, patch_size: int = 8, mm_tokens_per_image: int = 16,

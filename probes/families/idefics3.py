@@ -22,8 +22,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from probes.families.base import FamilyAdapter
+from probes.families.base import FamilyAdapter, View, boxes_frame, cached_boxes
 
 # The chat template of HuggingFaceTB/SmolVLM-Instruct (also SmolVLM-256M/500M-Instruct). It writes the start token
 # `<|im_start|>` itself; the tokenizer adds no BOS.
@@ -85,6 +86,43 @@ class Adapter(FamilyAdapter):
             raise ValueError(f"idefics3: token counts per tile {counts} do not match {n_tiles} tiles of "
                              f"{side}x{side} tokens")
         return tile, row, col, {k: (side, side) for k in counts}
+
+    @cached_boxes
+    def token_boxes(self, image_size):
+        """Resize (longest edge `size`), then up to multiples of the tile side T, cut into T x T crops; the global
+        view is that image resized to T x T. A token pools a `scale x scale` block of patches of its tile."""
+        import math
+
+        from transformers.models.idefics3.image_processing_idefics3 import get_resize_output_image_size
+
+        W, H = image_size
+        tile, r, c = self._patch_tokens(image_size)
+        ip = self.processor.image_processor
+        T = int(ip.max_image_size["longest_edge"])
+        h, w = H, W
+        if ip.do_resize:
+            h, w = get_resize_output_image_size(torch.empty(0, H, W), resolution_max_side=ip.size.longest_edge)
+        if ip.do_image_splitting:  # resize_for_vision_encoder, verbatim arithmetic
+            aspect = w / h
+            if w >= h:
+                w = math.ceil(w / T) * T
+                h = math.ceil(int(w / aspect) / T) * T
+            else:
+                h = math.ceil(h / T) * T
+                w = math.ceil(int(h * aspect) / T) * T
+        split = ip.do_image_splitting and (h > T or w > T)
+        whole = View(sx=w / W, sy=h / H)  # original -> the resized image the crops are cut from
+        views = {0: View(sx=T / W, sy=T / H) if split or not ip.do_image_splitting else whole}
+        if split:
+            cols = w // T
+            for k in range((h // T) * cols):
+                views[1 + k] = whole.then(ox=-(k % cols) * T, oy=-(k // cols) * T)
+        cell = self.hf_config.vision_config.patch_size * self.hf_config.scale_factor
+        boxes = np.zeros((len(tile), 4))
+        for t in np.unique(tile):
+            m = tile == t
+            boxes[m] = views[int(t)].cells(r[m], c[m], cell, cell)
+        return boxes_frame(tile, r, c, boxes, image_size)
 
 
 def build_tiny(path: Path, tile_size: int = 64, longest_edge: int = 128, patch_size: int = 8, scale_factor: int = 2,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from probes.families.base import FamilyAdapter, grid_layout, not_patches
+from probes.families.base import FamilyAdapter, boxes_frame, cached_boxes, clip_view, grid_layout, not_patches
 
 # The chat template of llava-hf/llava-1.5-7b-hf (images first, then text; BOS comes from the tokenizer).
 CHAT_TEMPLATE = (
@@ -41,6 +41,16 @@ class Adapter(FamilyAdapter):
         parts = [not_patches(extra), grid_layout(rows, cols)]
         tile, r, c = (np.concatenate(x) for x in zip(*parts))
         return tile, r, c, {0: (rows, cols)}
+
+    @cached_boxes
+    def token_boxes(self, image_size):
+        """CLIP preprocessing ([pad to square,] resize shortest edge, centre crop), then p x p patches."""
+        tile, r, c = self._patch_tokens(image_size)
+        ip = self.processor.image_processor
+        pad = bool(getattr(ip, "do_pad", False)) and hasattr(ip, "pad_to_square")  # LlavaImageProcessor only
+        view, _, _ = clip_view(ip, image_size[1], image_size[0], pad_square=pad)
+        p = self.hf_config.vision_config.patch_size
+        return boxes_frame(tile, r, c, view.cells(r, c, p, p), image_size)
 
 
 def build_tiny(path: Path, image_size: int = 64, patch_size: int = 8, n_layers: int = 2, d_model: int = 64,

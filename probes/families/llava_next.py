@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from transformers.image_processing_utils import select_best_resolution
 
-from probes.families.base import FamilyAdapter, grid_layout
+from probes.families.base import FamilyAdapter, View, boxes_frame, cached_boxes, clip_view, grid_layout
 
 # chat_template.json of llava-hf/llava-v1.6-mistral-7b-hf (Mistral [INST] format, no generation prompt; BOS
 # comes from the tokenizer).
@@ -104,6 +104,73 @@ class Adapter(FamilyAdapter):
             raise ValueError(f"{self.name}: the processor made {len(ids)} image tokens, the model's packing "
                              f"{len(tile)} (vision_feature_select_strategy / image size mismatch?)")
         return tile, r, c, grid
+
+    @cached_boxes
+    def token_boxes(self, image_size):
+        """Base view: the image resized to size x size (aspect not kept). High-res part: the image resized into the
+        best pinpoint resolution (aspect kept), centred on padding, cut into crops; a token's box is its cell on
+        the stitched, unpadded (OneVision: maybe downsampled) token grid, mapped back through the crops."""
+        from transformers.image_processing_utils import get_patch_output_size
+
+        W, H = image_size
+        tile, r, c = self._patch_tokens(image_size)
+        ip, vc = self.processor.image_processor, self.hf_config.vision_config
+        p, n = vc.patch_size, vc.image_size // vc.patch_size
+        sz = ip.size
+        S = (sz.height, sz.width) if sz.height and sz.width else (sz.shortest_edge, sz.shortest_edge)
+        P = ip.crop_size.height if ip.crop_size is not None and ip.crop_size.height else (sz.height or sz.shortest_edge)
+        # Every pixel tile goes through the processor's resize(size) [+ centre crop] once more.
+        base, _, _ = clip_view(ip, S[0], S[1], View(sx=S[1] / W, sy=S[0] / H))
+        post, _, _ = clip_view(ip, P, P)
+        boxes = np.zeros((len(tile), 4))
+        nb = n * n
+        boxes[:nb] = base.cells(r[:nb], c[:nb], p, p)
+        # The high-res part: the stitched grid as the model unpads (and OneVision downsamples) it.
+        bh, bw = select_best_resolution([H, W], ip.image_grid_pinpoints)
+        rh, rw = get_patch_output_size(np.broadcast_to(np.zeros((1, 1, 1)), (3, H, W)), (bh, bw), "channels_first")
+        pad_t, pad_l = (bh - rh) // 2, (bw - rw) // 2
+        mh, mw = select_best_resolution([H, W], self.hf_config.image_grid_pinpoints)
+        nh, nw = mh // vc.image_size, mw // vc.image_size
+        top, left, cur_h, cur_w = _unpad(H, W, nh * n, nw * n)
+        out_h, out_w = cur_h, cur_w
+        max_crops = self._max_crops()
+        if max_crops is not None and math.sqrt(cur_h * cur_w / (max_crops * n**2)) > 1.1:
+            ratio = math.sqrt(cur_h * cur_w / (max_crops * n**2))
+            out_h, out_w = int(cur_h // ratio), int(cur_w // ratio)
+        if len(tile) - nb != out_h * out_w:
+            raise ValueError(f"{self.name}: {len(tile) - nb} high-res tokens, expected {out_h}x{out_w}")
+        i, j = np.divmod(np.arange(out_h * out_w), out_w)
+        g = [top + i * cur_h / out_h, left + j * cur_w / out_w, top + (i + 1) * cur_h / out_h,
+             left + (j + 1) * cur_w / out_w]  # (y0, x0, y1, x1) on the stitched token grid
+        # the token's own (tile, row, col) is the source token under its centre: a check on this arithmetic
+        cy = top + np.floor((i + 0.5) * cur_h / out_h).astype(int)  # anyres_layout's own float arithmetic
+        cx = left + np.floor((j + 0.5) * cur_w / out_w).astype(int)
+        if not (np.array_equal(1 + (cy // n) * nw + cx // n, tile[nb:]) and np.array_equal(cy % n, r[nb:])
+                and np.array_equal(cx % n, c[nb:])):
+            raise ValueError(f"{self.name}: token boxes disagree with the token layout for a {W}x{H} image")
+
+        def to_padded(u: np.ndarray, end: bool, s: float, o: float) -> np.ndarray:
+            """Stitched token coordinate -> padded-image pixel, through the crop it falls in."""
+            k = np.ceil(u / n) - 1 if end else np.floor(u / n)
+            k = np.clip(k, 0, None)
+            return k * P + ((u - k * n) * p - o) / s
+
+        y0, x0 = to_padded(g[0], False, post.sy, post.oy), to_padded(g[1], False, post.sx, post.ox)
+        y1, x1 = to_padded(g[2], True, post.sy, post.oy), to_padded(g[3], True, post.sx, post.ox)
+        hi = View(sx=rw / W, sy=rh / H, ox=pad_l, oy=pad_t)
+        boxes[nb:] = hi.back(x0, y0, x1, y1)
+        return boxes_frame(tile, r, c, boxes, image_size)
+
+
+def _unpad(H: int, W: int, full_h: int, full_w: int) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the stitched token grid that `unpad_image` keeps (its own arithmetic)."""
+    if W / H > full_w / full_h:
+        new_h = int(round(H * (full_w / W), 7))
+        top = (full_h - new_h) // 2
+        return top, 0, full_h - 2 * top, full_w
+    new_w = int(round(W * (full_h / H), 7))
+    left = (full_w - new_w) // 2
+    return 0, left, full_h, full_w - 2 * left
 
 
 def build_tiny(path: Path, crop_px: int = 32, patch_size: int = 8, n_layers: int = 2, d_model: int = 64,

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from probes.families.base import FamilyAdapter, grid_layout
+from PIL import Image
+
+from probes.families.base import FamilyAdapter, View, boxes_frame, cached_boxes, grid_layout
 
 # The chat template of Qwen/Qwen2.5-VL-3B-Instruct (chat_template.json), verbatim: a default system prompt when the
 # first message is not a system message; images inline where they appear in the content list.
@@ -59,6 +61,17 @@ class Adapter(FamilyAdapter):
             raise ValueError(f"qwen2_5_vl: {len(ids)} image tokens for a {rows}x{cols} merged grid")
         tile, r, c = grid_layout(rows, cols)
         return tile, r, c, {0: (rows, cols)}
+
+    @cached_boxes
+    def token_boxes(self, image_size):
+        """The image is resized (aspect kept, `smart_resize`) to rows x cols merge blocks of m*p px; a token is one
+        block, so its box is that block scaled back (the grid comes from the processor's own image_grid_thw)."""
+        tile, r, c = self._patch_tokens(image_size)
+        rows, cols = self.expand_image(Image.new("RGB", tuple(image_size))).grid[0]
+        ip = self.processor.image_processor
+        unit = int(ip.patch_size) * int(ip.merge_size)
+        view = View(sx=cols * unit / image_size[0], sy=rows * unit / image_size[1])
+        return boxes_frame(tile, r, c, view.cells(r, c, unit, unit), image_size)
 
     def image_inputs(self, images):
         return super().image_inputs(images) if images else {}  # the processor fails on an empty image list
