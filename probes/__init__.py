@@ -9,6 +9,8 @@
 """
 
 from probes.capture import capture, capture_session, resolve_hooks
+from probes.documents import Document, patches_for_field, render_document, render_pair
+from probes.identities import Identity, make_identities, split_identities
 from probes.families import FAMILIES, RenderError, UnsupportedModelError
 from probes.loading import LoadedModel, ModelLoadError, load_model
 from probes.render import RenderedSession, render
@@ -18,6 +20,8 @@ from probes.tiny import build_tiny_model
 from probes.tokenmap import SelectorError, TokenMap
 
 __all__ = [
+    "Document", "Identity", "make_identities", "patches_for_field", "render_document", "render_pair",
+    "split_identities",
     "FAMILIES", "ActivationStore", "LoadedModel", "Mark", "ModelLoadError", "RenderError", "RenderedSession",
     "SelectorError", "Session", "SessionError", "SessionImage", "StoreError", "TokenMap", "Turn",
     "UnsupportedModelError", "build_tiny_model", "capture", "capture_session", "load_model", "read_sessions",
