@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from transformers import AutoConfig, AutoProcessor
+from transformers import AutoConfig
 
 from probes.documents import (SCENARIOS, Document, DocumentError, FieldBox, font, font_dir, patches_for_field,
                               render_document, render_pair)
 from probes.families import get_family
 from probes.families.base import BOX_COLUMNS
+from probes.processors import load_processor, without_video
 from probes.identities import PII_TYPES, ChoiceError, make_identities
 
 FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_5_vl", "idefics3", "gemma3")
@@ -35,7 +36,7 @@ def adapter(tiny_dir):
     def get(family):
         if family not in made:
             path = tiny_dir(family)
-            made[family] = get_family(family)(AutoProcessor.from_pretrained(path), AutoConfig.from_pretrained(path))
+            made[family] = get_family(family)(load_processor(str(path)), AutoConfig.from_pretrained(path))
         return made[family]
 
     return get
@@ -322,7 +323,7 @@ def test_dot_check_catches_a_one_patch_shift(adapter):
 def real_geometry(family, tiny_path, variant=""):
     """An adapter with a released checkpoint's image geometry (processor settings and vision config), built on
     the tiny checkpoint's tokenizer: no weights are needed for token boxes."""
-    proc, cfg = AutoProcessor.from_pretrained(tiny_path), AutoConfig.from_pretrained(tiny_path)
+    proc, cfg = load_processor(str(tiny_path)), AutoConfig.from_pretrained(tiny_path)
     tok, template = proc.tokenizer, proc.chat_template
     if family == "llava":  # llava-hf/llava-1.5-7b-hf (variant "pad": LlavaImageProcessor(do_pad=True))
         from transformers import CLIPImageProcessor, LlavaImageProcessor, LlavaProcessor
@@ -359,7 +360,7 @@ def real_geometry(family, tiny_path, variant=""):
         from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor
 
         ip = LlavaOnevisionImageProcessor(size={"height": 384, "width": 384})
-        proc = LlavaOnevisionProcessor(image_processor=ip, tokenizer=tok, video_processor=proc.video_processor,
+        proc = without_video(LlavaOnevisionProcessor)(image_processor=ip, tokenizer=tok, video_processor=None,
                                        num_image_tokens=729, vision_feature_select_strategy="full",
                                        vision_aspect_ratio="anyres_max_9", chat_template=template)
         cfg.vision_config.patch_size, cfg.vision_config.image_size = 14, 384

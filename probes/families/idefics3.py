@@ -93,7 +93,8 @@ class Adapter(FamilyAdapter):
         view is that image resized to T x T. A token pools a `scale x scale` block of patches of its tile."""
         import math
 
-        from transformers.models.idefics3.image_processing_idefics3 import get_resize_output_image_size
+        # the PIL module: the default (torchvision) module cannot be imported without torchvision
+        from transformers.models.idefics3.image_processing_pil_idefics3 import get_resize_output_image_size
 
         W, H = image_size
         tile, r, c = self._patch_tokens(image_size)
