@@ -103,20 +103,27 @@ def infer_scenario(prompt: str, pii_type: str) -> str:
 
 # ---------------------------------------------------------------- files of the layout
 
-def _read_prompts(path: Path) -> dict[int, dict[str, str]]:
-    """{id: {"type", "prompt"}} from a prompt JSON, checked: decimal string keys, known PII types."""
+def _read_id_object(path: Path, what: str, first_id: str) -> dict[str, Any]:
+    """A JSON object keyed by decimal string ids (the layout's prompt and caption files), checked."""
     if not path.is_file():
-        raise MMPrivacyError(f"{path}: prompt file not found")
+        raise MMPrivacyError(f"{path}: {what} not found")
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise MMPrivacyError(f"{path}: not valid JSON ({err})") from err
     if not isinstance(obj, dict):
         raise MMPrivacyError(f"{path}: expected a JSON object keyed by decimal string ids, got {type(obj).__name__}")
+    for key in obj:
+        if not (key.isascii() and key.isdigit()):
+            raise MMPrivacyError(f"{path}: key {key!r}: expected a decimal string id like \"{first_id}\"")
+    return obj
+
+
+def _read_prompts(path: Path) -> dict[int, dict[str, str]]:
+    """{id: {"type", "prompt"}} from a prompt JSON, checked: decimal string keys, known PII types."""
+    obj = _read_id_object(path, "prompt file", first_id="1")
     prompts = {}
     for key, value in obj.items():
-        if not (key.isascii() and key.isdigit()):
-            raise MMPrivacyError(f"{path}: key {key!r}: expected a decimal string id like \"1\"")
         where = f"{path}: prompt {key}"
         if not isinstance(value, dict):
             raise MMPrivacyError(f"{where}: expected an object with 'type' and 'prompt', got {type(value).__name__}")
@@ -310,18 +317,9 @@ def load_mmprivacy(root: str | Path, part: str = "direct", framings: str | Itera
 def load_memory_captions(root: str | Path) -> pd.DataFrame:
     """The memory set's fine-tuning captions: caption_id, type ('full' | 'single'), label_text (holds PII)."""
     path = Path(root) / CAPTIONS_JSON
-    if not path.is_file():
-        raise MMPrivacyError(f"{path}: caption file not found")
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MMPrivacyError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(obj, dict):
-        raise MMPrivacyError(f"{path}: expected a JSON object keyed by decimal string ids, got {type(obj).__name__}")
+    obj = _read_id_object(path, "caption file", first_id="0")
     rows = []
     for key, value in obj.items():
-        if not (key.isascii() and key.isdigit()):
-            raise MMPrivacyError(f"{path}: key {key!r}: expected a decimal string id like \"0\"")
         if not isinstance(value, dict) or not isinstance(value.get("label"), str):
             raise MMPrivacyError(f"{path}: caption {key}: field 'label' is missing or not a string")
         if value.get("type") not in CAPTION_TYPES:
