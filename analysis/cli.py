@@ -5,6 +5,7 @@
     mmret sessions build --kind mmprivacy|multiturn|memory --out S.jsonl [--n 20] [--seed 0]
     mmret sessions load-mmprivacy DIR --out S.jsonl [--part direct|memory] [--framings caption,direct]
     mmret leak --model M --sessions S.jsonl --out DIR
+    mmret organism train --out RUN [--seed 0] [--device cuda]
     mmret tiny --family llava --out DIR          (a tiny random-initialised checkpoint, for trying things out)
 """
 
@@ -183,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     lk.add_argument("--no-progress", action="store_true")
     lk.set_defaults(func=cmd_leak)
 
+    org = sub.add_parser("organism", help="the embedded default model")
+    osub = org.add_subparsers(dest="organism_command", required=True)
+    osub.add_parser("train", help="train it (options: mmret organism train --help)")  # parsed by main_train
+
     i = sub.add_parser("inspect", help="summarise an activation store")
     i.add_argument("store")
     i.set_defaults(func=cmd_inspect)
@@ -196,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["organism", "train"]:  # its own parser (probes/organism/train.py)
+        from probes.organism.train import main_train
+
+        return main_train(argv[2:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

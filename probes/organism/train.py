@@ -1,0 +1,324 @@
+"""Staged training of the organism: read -> policy -> memory, reproducible from a seed, resumable.
+
+`train(out_dir, seed, device, steps=(read, policy, memory), ...)` builds the tokenizer and a random LLaVA
+(config.py), then trains on examples drawn on the fly (data.py). Step `t` draws its batch from
+`random.Random(f"{seed}/{t}")`, and the model has no dropout, so a run killed at any point and resumed from its
+last checkpoint continues exactly as the uninterrupted run would. Checkpoints are safetensors (weights, the
+auxiliary heads, AdamW moments) plus a small JSON, written atomically; the final model is an ordinary HF
+directory under `out_dir/model`.
+
+Loss = next-token cross-entropy on the answer tokens (every token for memory captions) + `aux_weight` x the
+auxiliary glyph loss: linear heads on the last vision layer classify the character under each third of every
+patch and which field the patch shows (data.glyph_targets). Without it a tower trained from scratch stays at
+chance on reading for thousands of steps; with it, reading a fixed-layout form is learned in a few hundred.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from probes.organism.config import IMAGE_TOKEN, TINY, OrganismConfig, build_model, build_tokenizer
+from probes.organism.data import FIELD_IDS, N_GLYPHS, N_INDEX, SLOTS, STAGES, Example, ExampleSource, glyph_targets
+from probes.session import atomic_write_bytes, atomic_write_text
+
+DEFAULT_STEPS = (700, 600, 400)
+
+
+# ---- batches -------------------------------------------------------------------------------------------------------
+def prompt_text(turns: list[tuple[str, str]], has_image: bool) -> str:
+    """The llava-1.5 chat template, written out (tests check it equals the processor's rendering)."""
+    out, shown = [], False
+    for role, text in turns:
+        if role == "user":
+            img = IMAGE_TOKEN + "\n" if has_image and not shown else ""
+            shown = shown or has_image
+            out.append(f"USER: {img}{text} ")
+        else:
+            out.append(f"ASSISTANT: {text} ")
+    return "".join(out) + "ASSISTANT:"
+
+
+def pixels(doc_image, size: int) -> Float[Tensor, "3 h w"]:
+    """CLIP normalisation with mean = std = 0.5 of an image already at the model's size (no resize needed)."""
+    if doc_image.size != (size, size):
+        doc_image = doc_image.resize((size, size))
+    a = torch.from_numpy(np.asarray(doc_image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)
+    return a / 127.5 - 1.0
+
+
+def encode(ex: Example, tok, cfg: OrganismConfig) -> tuple[list[int], list[int]]:
+    """(input ids, labels) of one example; labels are -100 except on what the model must learn to write."""
+    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    if ex.text is not None:
+        ids = tok(ex.text)["input_ids"] + [tok.eos_token_id]
+        return ids, [-100] + ids[1:]
+    prompt = tok(prompt_text(ex.turns, ex.doc is not None))["input_ids"]
+    expanded = []
+    for t in prompt:
+        expanded += [image_id] * cfg.n_image_tokens if t == image_id else [t]
+    target = tok(" " + ex.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    return expanded + target, [-100] * len(expanded) + target
+
+
+def collate(examples: list[Example], tok, cfg: OrganismConfig) -> dict[str, Tensor]:
+    enc = [encode(ex, tok, cfg) for ex in examples]
+    width = max(len(i) for i, _ in enc)
+    ids = torch.full((len(enc), width), tok.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(enc), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(enc), width), dtype=torch.long)
+    for b, (i, l) in enumerate(enc):
+        ids[b, :len(i)], labels[b, :len(l)], mask[b, :len(i)] = torch.tensor(i), torch.tensor(l), 1
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    docs = [ex.doc for ex in examples if ex.doc is not None]
+    if docs:
+        batch["pixel_values"] = torch.stack([pixels(d.image, cfg.image_size) for d in docs])
+        g, f, x = zip(*(glyph_targets(d, cfg.patch_size) if d.size == (cfg.image_size,) * 2
+                        else _blank_targets(cfg) for d in docs))
+        batch["glyphs"] = torch.from_numpy(np.stack(g))
+        batch["fields"] = torch.from_numpy(np.stack(f))
+        batch["index"] = torch.from_numpy(np.stack(x))
+    return batch
+
+
+def _blank_targets(cfg: OrganismConfig):
+    n = cfg.n_image_tokens
+    return np.zeros((n, SLOTS), dtype=np.int64), np.zeros(n, dtype=np.int64), np.zeros((n, SLOTS), dtype=np.int64)
+
+
+# ---- model + auxiliary heads --------------------------------------------------------------------------------------
+class GlyphHeads(torch.nn.Module):
+    """Linear heads on the last vision layer: glyph and its index in the value per slot of each patch, and the
+    field per patch."""
+
+    def __init__(self, d_vision: int) -> None:
+        super().__init__()
+        self.glyph = torch.nn.Linear(d_vision, SLOTS * N_GLYPHS)
+        self.field = torch.nn.Linear(d_vision, len(FIELD_IDS) + 1)
+        self.index = torch.nn.Linear(d_vision, SLOTS * N_INDEX)
+
+    def forward(self, h: Float[Tensor, "b n d"]
+                ) -> tuple[Float[Tensor, "b n s g"], Float[Tensor, "b n f"], Float[Tensor, "b n s k"]]:
+        return (self.glyph(h).unflatten(-1, (SLOTS, N_GLYPHS)), self.field(h),
+                self.index(h).unflatten(-1, (SLOTS, N_INDEX)))
+
+
+class Trainer:
+    def __init__(self, model, heads: GlyphHeads, aux_weight: float = 1.0) -> None:
+        self.model, self.heads, self.aux_weight = model, heads, aux_weight
+        self._vision_out: Tensor | None = None
+        last = model.model.vision_tower.vision_model.encoder.layers[-1] if hasattr(
+            model.model.vision_tower, "vision_model") else model.model.vision_tower.encoder.layers[-1]
+        last.register_forward_hook(self._grab)
+
+    def _grab(self, module, args, out) -> None:
+        self._vision_out = out[0] if isinstance(out, tuple) else out
+
+    def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        self._vision_out = None
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         pixel_values=batch.get("pixel_values"))
+        logits: Float[Tensor, "b t v"] = out.logits[:, :-1]
+        labels: Int[Tensor, "b t"] = batch["labels"][:, 1:]
+        lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+        stats = {"lm": float(lm.detach())}
+        total = lm
+        if "glyphs" in batch and self._vision_out is not None:
+            h = self._vision_out[:, 1:]  # drop CLS: the "default" strategy feeds only patches to the LM
+            g, f, x = self.heads(h)
+            gl = F.cross_entropy(g.reshape(-1, N_GLYPHS).float(), batch["glyphs"].reshape(-1))
+            fl = F.cross_entropy(f.reshape(-1, f.shape[-1]).float(), batch["fields"].reshape(-1))
+            xl = F.cross_entropy(x.reshape(-1, N_INDEX).float(), batch["index"].reshape(-1))
+            total = total + self.aux_weight * (gl + fl + xl)
+            on = batch["glyphs"] > 0
+            acc = (g.argmax(-1) == batch["glyphs"])[on].float().mean() if on.any() else torch.tensor(0.0)
+            stats.update(glyph=float(gl.detach()), field=float(fl.detach()), index=float(xl.detach()),
+                         glyph_acc=float(acc))
+        return total, stats
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------------------------
+def _save_ckpt(path: Path, model, heads, opt, step: int, meta: dict[str, Any]) -> None:
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"heads.{k}": v.detach().cpu().contiguous() for k, v in heads.state_dict().items()})
+    for i, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"opt.{i}.{k}"] = v.detach().cpu().reshape(-1).clone() if v.dim() == 0 else \
+                    v.detach().cpu().contiguous()
+    # Tied weights appear twice in the state dict; safetensors refuses shared storage, so copy.
+    tensors = {k: v.clone() for k, v in tensors.items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+    atomic_write_text(path.with_suffix(".json"), json.dumps({"step": step, **meta}, indent=1))
+
+
+def _load_ckpt(path: Path, model, heads, opt) -> int:
+    t = load_file(str(path))
+    model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
+    heads.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("heads.")})
+    sd = opt.state_dict()
+    state = {}
+    for key, v in t.items():
+        if key.startswith("opt."):
+            _, i, name = key.split(".", 2)
+            state.setdefault(int(i), {})[name] = v.reshape(()) if name == "step" else v
+    sd["state"] = state
+    opt.load_state_dict(sd)
+    return json.loads(path.with_suffix(".json").read_text())["step"]
+
+
+def lr_at(step: int, total: int, lr: float, warmup: int = 100) -> float:
+    """Linear warm-up, then constant, then cosine down to 10% over the last 20% of all steps."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    tail = int(0.8 * total)
+    if step < tail:
+        return lr
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - tail) / max(1, total - tail))))
+
+
+def stage_of(step: int, steps: tuple[int, ...]) -> tuple[str, float]:
+    """(stage name, how far into it in [0, 1)) of a global step."""
+    edge = 0
+    for name, n in zip(STAGES, steps):
+        if step < edge + n:
+            return name, (step - edge) / n
+        edge += n
+    return STAGES[-1], 1.0
+
+
+# ---- the loop --------------------------------------------------------------------------------------------------------
+def train(out_dir: str | os.PathLike, seed: int = 0, device: str = "cpu", steps: tuple[int, int, int] = DEFAULT_STEPS,
+          batch_size: int = 16, lr: float = 1e-3, cfg: OrganismConfig = OrganismConfig(), aux_weight: float = 1.0,
+          resume: bool = True, ckpt_every: int = 50, n_memory: int = 40, threads: int | None = None,
+          log: str | os.PathLike | None = None, progress: bool = True, n_train: int = 3000,
+          stop_after: int | None = None) -> Path | None:
+    """Train the organism into `out_dir` (checkpoint `ckpt.safetensors`, final HF model in `out_dir/model`).
+
+    `stop_after`: leave after that many steps of this call, checkpoint written, as a killed run would (tests);
+    returns None then, else the model directory."""
+    from probes.tiny import save_tiny
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if threads:
+        torch.set_num_threads(threads)
+    tok = build_tokenizer(cfg.vocab_size, seed)
+    model, processor = build_model(cfg, tok, seed)
+    torch.manual_seed(seed + 1)
+    heads = GlyphHeads(cfg.d_vision)
+    model.to(device).train()
+    heads.to(device).train()
+    params = list(model.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    trainer = Trainer(model, heads, aux_weight)
+    source = ExampleSource(seed=seed, image_size=cfg.image_size, n_train=n_train, n_memory=n_memory)
+    total = sum(steps)
+    ckpt = out / "ckpt.safetensors"
+    meta = {"seed": seed, "steps": list(steps), "batch_size": batch_size, "lr": lr, "config": cfg.to_dict(),
+            "aux_weight": aux_weight, "n_memory": n_memory, "n_train": n_train, "device": device}
+    start, elapsed = 0, 0.0
+    if resume and ckpt.exists():
+        start = _load_ckpt(ckpt, model, heads, opt)
+        elapsed = json.loads(ckpt.with_suffix(".json").read_text()).get("train_seconds", 0.0)
+    logf = open(log, "a") if log else None
+    bar = tqdm(range(start, total), initial=start, total=total, disable=not progress, desc="organism")
+    t0 = time.time()
+    for step in bar:
+        stage, frac = stage_of(step, steps)
+        rng = random.Random(f"{seed}/{step}")
+        examples = [source.draw(stage, rng, frac) for _ in range(batch_size)]
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, total, lr)
+        opt.zero_grad(set_to_none=True)
+        # Multi-turn sessions are 2-3x longer than the rest: two forward passes pad far less than one.
+        groups = [[e for e in examples if len(e.turns) <= 1], [e for e in examples if len(e.turns) > 1]]
+        stats: dict[str, float] = {}
+        for group in (g for g in groups if g):
+            batch = {k: v.to(device) for k, v in collate(group, tok, cfg).items()}
+            loss, st = trainer.loss(batch)
+            (loss * len(group) / len(examples)).backward()
+            for k, v in st.items():
+                stats[k] = stats.get(k, 0.0) + v * len(group) / len(examples)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        bar.set_postfix(stage=stage, **{k: f"{v:.3f}" for k, v in stats.items()})
+        if logf and (step % 10 == 0 or step == total - 1):
+            logf.write(json.dumps({"step": step, "stage": stage, "t": round(elapsed + time.time() - t0, 1),
+                                   **{k: round(v, 4) for k, v in stats.items()}}) + "\n")
+            logf.flush()
+        if (step + 1) % ckpt_every == 0 or step == total - 1:
+            _save_ckpt(ckpt, model, heads, opt, step + 1, {**meta, "train_seconds": elapsed + time.time() - t0})
+        if stop_after is not None and step + 1 - start >= stop_after:
+            _save_ckpt(ckpt, model, heads, opt, step + 1, {**meta, "train_seconds": elapsed + time.time() - t0})
+            bar.close()
+            if logf:
+                logf.close()
+            return None
+    train_seconds = elapsed + time.time() - t0
+    model.eval()
+    final = save_tiny(model.cpu(), processor, out / "model")
+    atomic_write_text(final / "training.json", json.dumps({**meta, "train_seconds": round(train_seconds, 1),
+                                                          "torch_threads": torch.get_num_threads()}, indent=1))
+    if logf:
+        logf.close()
+    return final
+
+
+def export_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write the model of a run's latest checkpoint as an HF directory (to inspect a run before it ends)."""
+    from probes.tiny import save_tiny
+
+    run = Path(run_dir)
+    meta = json.loads((run / "ckpt.json").read_text())
+    cfg = OrganismConfig(**meta["config"])
+    tok = build_tokenizer(cfg.vocab_size, meta["seed"])
+    model, processor = build_model(cfg, tok, meta["seed"])
+    t = load_file(str(run / "ckpt.safetensors"))
+    model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
+    out = save_tiny(model.eval(), processor, out_dir)
+    atomic_write_text(out / "training.json", json.dumps({**meta, "torch_threads": 1}, indent=1))
+    return out
+
+
+def main_train(argv: list[str] | None = None) -> int:
+    """`mmret organism train`: train the default model (see `train`)."""
+    p = argparse.ArgumentParser(prog="mmret organism train", description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="run folder (checkpoint, log); the model goes to OUT/model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--steps", default=",".join(map(str, DEFAULT_STEPS)), help="read,policy,memory steps")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--tiny", action="store_true", help="a tiny config (tests, smoke runs)")
+    p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--log", default=None, help="JSON-lines training log")
+    a = p.parse_args(argv)
+    steps = tuple(int(s) for s in a.steps.split(","))
+    if len(steps) != 3 or min(steps) < 0:
+        raise SystemExit(f"--steps {a.steps!r}: expected three non-negative integers read,policy,memory")
+    path = train(a.out, a.seed, a.device, steps, a.batch_size, a.lr, TINY if a.tiny else OrganismConfig(),
+                 resume=not a.no_resume, threads=a.threads, log=a.log)
+    print(f"model: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main_train())
