@@ -13,6 +13,7 @@ KV cache equals the full pass (the tests check this for every family).
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
 from types import SimpleNamespace
@@ -120,8 +121,13 @@ class _Recorder:
             self.lm[name] = [(pos[pos < p], t[torch.as_tensor(pos < p)]) for pos, t in parts if (pos < p).any()]
 
 
-def _forward_kwargs_supported(model: torch.nn.Module) -> set[str]:
-    return set(inspect.signature(model.forward).parameters)
+@functools.lru_cache(maxsize=None)
+def _forward_params(model_cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(model_cls.forward).parameters)
+
+
+def _forward_kwargs_supported(model: torch.nn.Module) -> frozenset[str]:
+    return _forward_params(type(model))
 
 
 @torch.no_grad()
