@@ -13,8 +13,6 @@ KV cache equals the full pass (the tests check this for every family).
 from __future__ import annotations
 
 import copy
-import functools
-import inspect
 import logging
 from types import SimpleNamespace
 from dataclasses import dataclass
@@ -121,15 +119,6 @@ class _Recorder:
             self.lm[name] = [(pos[pos < p], t[torch.as_tensor(pos < p)]) for pos, t in parts if (pos < p).any()]
 
 
-@functools.lru_cache(maxsize=None)
-def _forward_params(model_cls: type) -> frozenset[str]:
-    return frozenset(inspect.signature(model_cls.forward).parameters)
-
-
-def _forward_kwargs_supported(model: torch.nn.Module) -> frozenset[str]:
-    return _forward_params(type(model))
-
-
 @torch.no_grad()
 def capture_session(loaded: LoadedModel, session: Session, hooks: list[str], positions: str = "all",
                     mode: str = "auto", max_new_tokens: int = 32, dtype: torch.dtype = torch.float32,
@@ -148,7 +137,6 @@ def capture_session(loaded: LoadedModel, session: Session, hooks: list[str], pos
     model, adapter = loaded.hf_model, loaded.adapter
     device = loaded.device
     rec = _Recorder(hooks, dtype)
-    accepts = _forward_kwargs_supported(model)
     cache, done, prev_ids, logits = _new_cache(loaded), 0, None, None
     stop_ids = adapter.stop_token_ids()
 
@@ -156,7 +144,7 @@ def capture_session(loaded: LoadedModel, session: Session, hooks: list[str], pos
         kw: dict[str, Any] = {"input_ids": ids[:, a:b].to(device), "past_key_values": cache, "use_cache": True}
         if pos is not None:
             kw["position_ids"] = pos[..., a:b].to(device)
-        if "logits_to_keep" in accepts:
+        if "logits_to_keep" in loaded.forward_params:
             kw["logits_to_keep"] = 1
         kw.update({k: v.to(device) for k, v in adapter.forward_extras(ids, a, b).items()})
         kw.update({k: v.to(device) if isinstance(v, Tensor) else v for k, v in images.items()})

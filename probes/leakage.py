@@ -16,7 +16,6 @@ label "_target" (the PII value its probe turn asks for).
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 from pathlib import Path
@@ -261,24 +260,11 @@ def batch_inputs(loaded: LoadedModel, rendered: list[RenderedSession]) -> dict[s
         ids[i, width - lengths[i]:] = r.input_ids[0]
         mask[i, width - lengths[i]:] = 1
     kw: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
-    per_sample = [r.images for r in rendered]
-    if any(per_sample):
-        if adapter.nested_images:
-            with_images = [ims for ims in per_sample if ims]
-            out = adapter.processor(text=[adapter.placeholder * len(ims) for ims in with_images], images=with_images,
-                                    add_special_tokens=False, return_tensors="pt")
-            kw.update({k: v for k, v in out.items()
-                       if k not in ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")})
-        else:  # one processor call for the whole batch, not one per session
-            kw.update(adapter.image_inputs([im for ims in per_sample for im in ims]))
+    kw.update(adapter.batch_image_inputs([r.images for r in rendered]))
     kw.update(adapter.forward_extras(ids, 0, width))
-    if adapter.is_multimodal and "mm_token_type_ids" in _forward_params(loaded.hf_model):
+    if adapter.is_multimodal and "mm_token_type_ids" in loaded.forward_params:
         kw.setdefault("mm_token_type_ids", adapter.image_token_mask(ids).int())
     return kw
-
-
-def _forward_params(model: torch.nn.Module) -> set[str]:
-    return set(inspect.signature(model.forward).parameters)
 
 
 @torch.inference_mode()

@@ -87,6 +87,13 @@ class LoadedModel:
         return self._bridge
 
     @cached_property
+    def forward_params(self) -> frozenset[str]:
+        """Keyword arguments the HF model's forward takes (logits_to_keep, mm_token_type_ids ... vary by family)."""
+        import inspect
+
+        return frozenset(inspect.signature(self.hf_model.forward).parameters)
+
+    @cached_property
     def _torch_hooks(self) -> TorchHooks:
         return TorchHooks(self.hf_model, self.adapter)
 

@@ -225,8 +225,17 @@ class FamilyAdapter:
         """Model-forward keyword tensors for `images` (pixel_values and whatever grid sizes the family needs)."""
         if not images:
             return {}
-        out = self.process(images)
-        return {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")}
+        return _pixel_inputs(self.process(images))
+
+    def batch_image_inputs(self, per_sample: list[list[Image.Image]]) -> dict[str, Tensor]:
+        """Image inputs for a batch of sequences, `per_sample[i]` the images of sequence i, in order."""
+        if not self.nested_images:  # the model takes every image of the batch as one flat list
+            return self.image_inputs([im for ims in per_sample for im in ims])
+        with_images = [ims for ims in per_sample if ims]
+        if not with_images:
+            return {}
+        return _pixel_inputs(self.processor(text=[self.placeholder * len(ims) for ims in with_images],
+                                            images=with_images, add_special_tokens=False, return_tensors="pt"))
 
     def patch_layout(
         self, ids: list[int], processed: dict[str, Any]
@@ -285,6 +294,12 @@ class FamilyAdapter:
         return ids
 
     end_of_turn_tokens: ClassVar[tuple[str, ...]] = ()
+
+
+def _pixel_inputs(processed: dict[str, Any]) -> dict[str, Tensor]:
+    """The processor output minus the text side (ids and masks come from our own rendering)."""
+    return {k: v for k, v in processed.items()
+            if k not in ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")}
 
 
 def _get(root: Any, dotted: str) -> Any:
