@@ -1,13 +1,20 @@
 """Capture speed and memory, measured side by side in one run; prints `name: value` lines.
 
 Model: a random-initialised LLaVA (8 LM layers, d_model 256, CLIP 2 layers, 96 px / patch 8 = 144 image tokens)
-on 8-turn sessions with one image (turn = one message). Times are medians of interleaved repeats.
+on 8-turn sessions with one image (turn = one message). Times are medians of interleaved repeats; the machine
+may be shared, so `--threads 1` gives steadier figures.
 
     capture_vs_plain_forward            capture of resid_post at every layer and position, given the rendered
                                         tokens / plain HF forward of the same tokens with no hooks (target <= 1.10)
     capture_end_to_end_vs_plain_forward the same, rendering the session from its turns included
     run_with_cache_vs_plain_forward     transformer-lens TransformerBridge.run_with_cache of the same hooks
-    kv_capture_vs_single_pass           turn-by-turn capture through the KV cache / one pass (target <= 1.25)
+    kv_capture_vs_single_pass           turn-by-turn capture through the KV cache / one pass, both for a batch of
+                                        `--batch` sessions captured together (`capture_batch`: one forward per turn
+                                        step for the batch vs one padded pass); the sessions differ in their
+                                        image only, so their turns are of equal length (target <= 1.25)
+    kv_capture_vs_single_pass_varied    the same for sessions whose turns differ in length (0-12 tokens), so that
+                                        each turn step is padded to its longest chunk: the cost of the holes
+    kv_capture_vs_single_pass_unbatched the same for one session at a time (each turn pays a forward's fixed cost)
     kv_capture_vs_reencode_T{n}         turn-by-turn capture / re-encoding the prefix at each turn, n turns
     peak_mem_vs_run_with_cache          peak memory of capture / run_with_cache of everything, then slicing
                                         (each in a fresh process; target <= 0.25)
@@ -32,12 +39,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from probes import Session, Turn, build_tiny_model, capture_session, load_model, render, resolve_hooks  # noqa: E402
+from probes.capture import capture_batch  # noqa: E402
 from probes.families.base import FamilyAdapter  # noqa: E402
 
 SIZE = dict(n_layers=8, d_model=256, image_size=96, patch_size=8, vision_layers=2, d_vision=64, n_heads=8)
 
 
-def session(n_turns: int, seed: int = 0) -> Session:
+def session(n_turns: int, seed: int = 0, vary: bool = False) -> Session:
+    """`vary`: messages get 0-2 extra clauses by seed and turn, so that sessions of a batch differ in length."""
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (96, 96), "white")
@@ -45,16 +54,22 @@ def session(n_turns: int, seed: int = 0) -> Session:
     turns = [Turn("user", "Here is my application form. Please read it carefully and keep it.", images=[img])]
     for i in range(1, n_turns):
         role = "assistant" if i % 2 else "user"
-        turns.append(Turn(role, f"This is message {i} of our conversation about the weather and other things."))
+        extra = " and then some more about it" * ((seed + i) % 3) if vary else ""
+        turns.append(Turn(role, f"This is message {i} of our conversation about the weather and other things{extra}."))
     return Session(f"bench-{n_turns}-{seed}", turns)
+
+
+# Wall-clock time by default; `--clock cpu` takes this process's CPU time instead, which a busy machine disturbs
+# less (with `--threads 1`, where one thread does all the work).
+CLOCK = time.perf_counter
 
 
 def median_time(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(CLOCK() - t0)
     return statistics.median(times)
 
 
@@ -65,9 +80,9 @@ def interleaved(fns: dict, repeats: int) -> dict[str, float]:
         fn()  # warm up
     for _ in range(repeats):
         for k, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             fn()
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(CLOCK() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -135,8 +150,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--turns", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=8, help="sessions captured together for kv_capture_vs_single_pass")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="time by wall clock, or by this process's CPU time (steadier on a shared machine)")
     ap.add_argument("--child", nargs=3, metavar=("MODEL", "WHAT", "TURNS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.child:
         memory_child(args.child[0], args.child[1], int(args.child[2]))
         return
@@ -150,7 +173,8 @@ def main() -> None:
     rendered = render(loaded.adapter, s)
     inputs = plain_inputs(loaded.adapter, rendered)
     print(f"# model: llava, 8 layers, d_model 256; session: {args.turns} turns, {rendered.n_positions} positions, "
-          f"1 image ({len(rendered.token_map.select('image:0'))} image tokens); threads {torch.get_num_threads()}")
+          f"1 image ({len(rendered.token_map.select('image:0'))} image tokens); threads {torch.get_num_threads()}, "
+          f"clock {args.clock}")
 
     with torch.no_grad():
         t = interleaved({
@@ -163,7 +187,23 @@ def main() -> None:
     print(f"capture_ms: {1000 * t['capture']:.1f}")
     print(f"capture_vs_plain_forward: {t['capture'] / t['plain']:.3f}")
     print(f"capture_end_to_end_vs_plain_forward: {t['capture_e2e'] / t['plain']:.3f}")
-    print(f"kv_capture_vs_single_pass: {t['kv'] / t['capture']:.3f}")
+    print(f"kv_capture_vs_single_pass_unbatched: {t['kv'] / t['capture']:.3f}")
+
+    print(f"batch_size: {args.batch}")
+    for name, vary in (("kv_capture_vs_single_pass", False), ("kv_capture_vs_single_pass_varied", True)):
+        batch = [session(args.turns, seed, vary=vary) for seed in range(args.batch)]
+        batch_rendered = [render(loaded.adapter, b) for b in batch]
+        lengths = [r.n_positions for r in batch_rendered]
+        with torch.no_grad():
+            tb = interleaved({
+                "single": lambda b=batch, r=batch_rendered: capture_batch(loaded, b, hooks, "all", mode="single",
+                                                                         rendered=r),
+                "kv": lambda b=batch, r=batch_rendered: capture_batch(loaded, b, hooks, "all", mode="turns",
+                                                                     rendered=r),
+            }, args.repeats)
+        print(f"# {name}: {args.batch} sessions of {args.turns} turns, {min(lengths)}-{max(lengths)} positions; "
+              f"batched single pass {1000 * tb['single']:.1f} ms, turn by turn {1000 * tb['kv']:.1f} ms")
+        print(f"{name}: {tb['kv'] / tb['single']:.3f}")
 
     bridged = load_model(model_dir, backend="bridge").bridge
     bridge_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "logits_to_keep")}
@@ -186,7 +226,8 @@ def main() -> None:
 
     mem = {}
     for what in ("capture", "run_with_cache"):
-        out = subprocess.run([sys.executable, __file__, "--child", model_dir, what, str(args.turns)],
+        threads = [] if args.threads is None else ["--threads", str(args.threads)]
+        out = subprocess.run([sys.executable, __file__, "--child", model_dir, what, str(args.turns), *threads],
                              capture_output=True, text=True, check=True)
         mem[what] = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"peak_mem_capture_mb: {mem['capture']['delta_kb'] / 1024:.1f}")

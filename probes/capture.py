@@ -8,6 +8,26 @@ keep only the selected positions of each chunk, so memory grows with what is kep
 `mode`: "turns" feeds one chunk per turn (what a chat does); "single" feeds everything available in one pass per
 rendering; "auto" (default) is "single", which gives the same numbers, cheaper, since a chunked pass through the
 KV cache equals the full pass (the tests check this for every family).
+
+Batches (`capture_batch`, `capture(batch_size=...)`). A forward has a fixed cost whatever its length, paid once
+per turn when a session goes turn by turn; B sessions captured together pay it once per turn step instead. At
+step t every session feeds its turn-t chunk, right-padded to the longest chunk of the step, so the KV cache holds
+pad columns ("holes") between a session's turns. The forward gets a 2-D attention mask over [cache + chunk] that
+is 0 at every hole, and explicit position ids that continue each session's own positions across its holes (the
+family's M-RoPE ids for Qwen2.5-VL; Gemma 3's image token types laid out the same way), so each row sees exactly
+what it would alone. Column 0 is a real token in every row, so no query row is fully masked. Images go in with
+the step whose chunk holds their tokens, stacked in row order as the processor batches them. Mode "single"
+batches the same way: one padded pass.
+
+Batched, each session's activations equal its one-session capture (within float rounding; tests: every family).
+One session at a time instead, inside the same call:
+- a session with a turn to generate (assistant `text=None`), which needs its own greedy loop;
+- vision and projector hooks (their tensors hold the images of several sessions, with no row to split them by);
+- the transformer-lens bridge backend (no attention mask through the bridge);
+- sliding-window attention (Gemma 3), turn by turn, when the batch's padded length exceeds the window: the
+  window is counted in cache columns, holes included, so it would cut keys a session alone still sees (measured:
+  errors of order 1). Within the window a batch is exact (the tiny Gemma 3 has a 32-token window: its sessions go
+  one at a time turn by turn; a real 4b-it has 1024); one padded pass ("single") has no holes and always batches.
 """
 
 from __future__ import annotations
@@ -21,6 +41,8 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
+from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -70,12 +92,30 @@ def resolve_hooks(loaded: LoadedModel, hooks: str | Iterable[str] | None = None,
     return list(dict.fromkeys(out))
 
 
+class _Kept:
+    """What the hooks kept of one session: per LM hook, (absolute positions, [pos, d]) parts in the order run; per
+    vision hook, (image index or -1 when a pass held several images, [patches, d]) parts."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.lm: dict[str, list[tuple[np.ndarray, Tensor]]] = {n: [] for n in names if not _is_vision(n)}
+        self.vision: dict[str, list[tuple[int, Tensor]]] = {n: [] for n in names if _is_vision(n)}
+
+    def crop(self, p: int) -> None:
+        """Forget everything at positions >= p (they will be recomputed)."""
+        for name, parts in self.lm.items():
+            self.lm[name] = [(pos[pos < p], t[torch.as_tensor(pos < p)]) for pos, t in parts if (pos < p).any()]
+
+
 @dataclass
 class _Chunk:
+    """Positions [start, end) of one session, fed in batch row `row` from column 0 of the pass."""
+
     start: int
     end: int
     keep: np.ndarray  # absolute positions kept in [start, end)
     images: list[int]
+    kept: _Kept
+    row: int = 0
 
 
 def _is_vision(name: str) -> bool:
@@ -83,40 +123,41 @@ def _is_vision(name: str) -> bool:
 
 
 class _Recorder:
-    """Hook functions that keep the selected positions of the chunk being run."""
+    """Hook functions that keep the selected positions of the chunks being run, one chunk per batch row."""
 
-    def __init__(self, names: list[str], dtype: torch.dtype) -> None:
-        self.names = names
+    def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
-        self.lm: dict[str, list[tuple[np.ndarray, Tensor]]] = {n: [] for n in names if not _is_vision(n)}
-        self.vision: dict[str, list[tuple[int, Tensor]]] = {n: [] for n in names if _is_vision(n)}
-        self.chunk: _Chunk | None = None
+        self.chunks: list[_Chunk] = []
+        self.width = 0  # columns of the pass: the longest chunk (the others are right-padded)
         self.on = True
 
-    def fn(self, x: Tensor, name: str) -> None:
-        if not self.on or self.chunk is None:
-            return None
-        c = self.chunk
-        if _is_vision(name):
-            image = c.images[0] if len(c.images) == 1 else -1
-            self.vision[name].append((image, x.detach().reshape(-1, x.shape[-1]).to("cpu", self.dtype, copy=True)))
-        else:
-            if x.dim() < 3 or x.shape[1] != c.end - c.start:
-                raise CaptureError(f"hook {name} gives shape {tuple(x.shape)}; capture stores per-position "
-                                   f"activations shaped [batch, pos ({c.end - c.start}), ...]")
-            if len(c.keep):
-                lo, hi = int(c.keep[0]) - c.start, int(c.keep[-1]) + 1 - c.start
-                if hi - lo == len(c.keep):  # a contiguous run: slice and copy once
-                    kept = x.detach()[0, lo:hi].to("cpu", self.dtype, copy=True)
-                else:  # fancy indexing already makes the copy
-                    kept = x.detach()[0, torch.as_tensor(c.keep - c.start, device=x.device)].to("cpu", self.dtype)
-                self.lm[name].append((c.keep, kept.reshape(len(c.keep), -1)))  # [pos, heads, d] -> [pos, heads*d]
-        return None
+    def run(self, chunks: list[_Chunk]) -> None:
+        self.chunks = chunks
+        self.width = max((c.end - c.start for c in chunks), default=0)
 
-    def crop(self, p: int) -> None:
-        """Forget everything at positions >= p (they will be recomputed)."""
-        for name, parts in self.lm.items():
-            self.lm[name] = [(pos[pos < p], t[torch.as_tensor(pos < p)]) for pos, t in parts if (pos < p).any()]
+    def fn(self, x: Tensor, name: str) -> None:
+        if not self.on or not self.chunks:
+            return None
+        if _is_vision(name):
+            if len(self.chunks) != 1:
+                raise CaptureError(f"internal: vision hook {name} in a batched pass")
+            c = self.chunks[0]
+            image = c.images[0] if len(c.images) == 1 else -1
+            c.kept.vision[name].append((image, x.detach().reshape(-1, x.shape[-1]).to("cpu", self.dtype, copy=True)))
+            return None
+        if x.dim() < 3 or x.shape[1] != self.width:
+            raise CaptureError(f"hook {name} gives shape {tuple(x.shape)}; capture stores per-position "
+                               f"activations shaped [batch, pos ({self.width}), ...]")
+        for c in self.chunks:
+            if not len(c.keep):
+                continue
+            lo, hi = int(c.keep[0]) - c.start, int(c.keep[-1]) + 1 - c.start
+            if hi - lo == len(c.keep):  # a contiguous run: slice and copy once
+                part = x.detach()[c.row, lo:hi].to("cpu", self.dtype, copy=True)
+            else:  # fancy indexing already makes the copy
+                part = x.detach()[c.row, torch.as_tensor(c.keep - c.start, device=x.device)].to("cpu", self.dtype)
+            c.kept.lm[name].append((c.keep, part.reshape(len(c.keep), -1)))  # [pos, heads, d] -> [pos, heads*d]
+        return None
 
 
 @torch.no_grad()
@@ -136,7 +177,7 @@ def capture_session(loaded: LoadedModel, session: Session, hooks: list[str], pos
         rendered.session = session
     model, adapter = loaded.hf_model, loaded.adapter
     device = loaded.device
-    rec = _Recorder(hooks, dtype)
+    rec, kept = _Recorder(dtype), _Kept(hooks)
     cache, done, prev_ids, logits = _new_cache(loaded), 0, None, None
     stop_ids = adapter.stop_token_ids()
 
@@ -164,7 +205,7 @@ def capture_session(loaded: LoadedModel, session: Session, hooks: list[str], pos
                 p = _not_inside_image(p, rendered)
                 if p < done:
                     _crop_to(cache, p)
-                    rec.crop(p)
+                    kept.crop(p)
                     done = p
             selected = rendered.token_map.select(positions)
             everything = range(len(rendered.images)) if adapter.positions_need_images else ()
@@ -175,11 +216,11 @@ def capture_session(loaded: LoadedModel, session: Session, hooks: list[str], pos
                     continue
                 a = max(a, done)
                 ks = rendered.images_in(a, b)
-                rec.chunk = _Chunk(a, b, selected[(selected >= a) & (selected < b)], ks)
+                rec.run([_Chunk(a, b, selected[(selected >= a) & (selected < b)], ks, kept)])
                 images = rendered.image_inputs(adapter, ks)
                 out = run(ids, a, b, pos, images)
                 cache, logits, done = out.past_key_values, out.logits, b
-            rec.chunk = None
+            rec.run([])
             prev_ids = ids
             t = rendered.generation_turn
             if t is None or t >= len(session.turns) or session.turns[t].text is not None:
@@ -205,12 +246,12 @@ def capture_session(loaded: LoadedModel, session: Session, hooks: list[str], pos
             rendered = None  # render again, with the new text
     lm_names = [n for n in hooks if not _is_vision(n)]
     if lm_names:
-        got = np.concatenate([p for p, _ in rec.lm[lm_names[0]]] or [np.zeros(0, int)])
+        got = np.concatenate([p for p, _ in kept.lm[lm_names[0]]] or [np.zeros(0, int)])
         if not np.isin(selected, got).all():
             # A selector such as "final" or "turn:-1" now picks positions that an earlier rendering (before a
             # generated turn existed) did not: capture the completed session once more, with nothing to generate.
             return capture_session(loaded, session, hooks, positions, mode, max_new_tokens, dtype)
-    return _assemble(session, rendered, rec, positions, hooks, selected)
+    return _assemble(session, rendered, kept, positions, hooks, selected)
 
 
 def _copy_turns(session: Session) -> Session:
@@ -263,7 +304,7 @@ def _cat(parts: list[Tensor]) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts) if parts else torch.empty(0, 0)
 
 
-def _assemble(session: Session, rendered: RenderedSession, rec: _Recorder, positions: str, hooks: list[str],
+def _assemble(session: Session, rendered: RenderedSession, kept: _Kept, positions: str, hooks: list[str],
               selected: np.ndarray) -> SessionActivations:
     kinds: dict[str, list[Tensor]] = {}
     layers: dict[str, list[int]] = {}
@@ -273,7 +314,7 @@ def _assemble(session: Session, rendered: RenderedSession, rec: _Recorder, posit
     for name in hooks:
         kind, layer = split_hook(name)
         if _is_vision(name):
-            parts = rec.vision[name]
+            parts = kept.vision[name]
             t = _cat([x for _, x in parts])
             if kind not in rows:
                 img = np.concatenate([np.full(len(x), k) for k, x in parts]) if parts else np.zeros(0, int)
@@ -285,7 +326,7 @@ def _assemble(session: Session, rendered: RenderedSession, rec: _Recorder, posit
                     "groups": "vision",
                 })
         else:
-            parts = rec.lm[name]
+            parts = kept.lm[name]
             pos = np.concatenate([p for p, _ in parts]) if parts else np.zeros(0, int)
             t = _cat([x for _, x in parts])
             keep = np.isin(pos, selected)  # earlier renderings may have picked positions the final one does not
@@ -304,10 +345,173 @@ def _assemble(session: Session, rendered: RenderedSession, rec: _Recorder, posit
     return SessionActivations(session=session, kinds=stacked, layers=layers, rows=rows)
 
 
+# ---- batches of sessions: one forward per turn step for all of them (see the module docstring) -------------------
+@torch.no_grad()
+def capture_batch(loaded: LoadedModel, sessions: Iterable[Session], hooks: list[str], positions: str = "all",
+                  mode: str = "turns", max_new_tokens: int = 32, dtype: torch.dtype = torch.float32,
+                  rendered: list[RenderedSession] | None = None) -> list[SessionActivations]:
+    """`capture_session` of each of `sessions`, in order, with one forward per turn step for all of them together.
+
+    Sessions with nothing to generate go through padded batched passes; the others (and every session where
+    batching cannot be exact: see the module docstring) are captured one at a time. `rendered`, if given, holds
+    `render(loaded.adapter, s)` of each session, in order."""
+    sessions = list(sessions)
+    if mode not in MODES:
+        raise CaptureError(f"mode {mode!r}: expected one of {MODES}")
+    if rendered is None:
+        rendered = [render(loaded.adapter, s) for s in sessions]
+    elif len(rendered) != len(sessions) or any(r.session is not s for r, s in zip(rendered, sessions)):
+        raise CaptureError("`rendered` must hold the rendering of each session of `sessions`, in order")
+    together = [i for i, r in enumerate(rendered) if not _needs_generation(r)]
+    if len(together) < 2 or loaded.backend == "bridge" or any(_is_vision(h) for h in hooks):
+        together = []
+    window = _sliding_window(loaded)
+    if window is not None and together and mode == "turns" and _padded_length(
+            [rendered[i] for i in together], mode) > window:  # one padded pass has no holes: its window is exact
+        together = []
+    out: list[SessionActivations | None] = [None] * len(sessions)
+    if together:
+        batch = _capture_padded(loaded, [rendered[i] for i in together], hooks, positions, mode, dtype)
+        for i, acts in zip(together, batch):
+            out[i] = acts
+    for i, (s, r) in enumerate(zip(sessions, rendered)):
+        if out[i] is None:
+            out[i] = capture_session(loaded, s, hooks, positions, mode, max_new_tokens, dtype, rendered=r)
+    return out
+
+
+def _needs_generation(rendered: RenderedSession) -> bool:
+    """Whether capture must write an assistant turn (text=None) of this session itself."""
+    t, turns = rendered.generation_turn, rendered.session.turns
+    return t is not None and t < len(turns) and turns[t].text is None
+
+
+def _sliding_window(loaded: LoadedModel) -> int | None:
+    """The attention window of the LM's sliding-window layers, or None when every layer attends to everything."""
+    tc = loaded.text_config
+    window = getattr(tc, "sliding_window", None)
+    types = getattr(tc, "layer_types", None)
+    if window is None or getattr(tc, "use_sliding_window", True) is False:
+        return None
+    if types is not None and "sliding_attention" not in types:
+        return None
+    return int(window)
+
+
+def _spans(rendered: RenderedSession, mode: str) -> list[tuple[int, int]]:
+    return rendered.turn_chunks() if mode == "turns" else [(0, rendered.n_positions)]
+
+
+def _padded_length(rendered: list[RenderedSession], mode: str) -> int:
+    """Columns of the padded layout: at each step, the longest chunk of the step."""
+    spans = [_spans(r, mode) for r in rendered]
+    steps = max(len(s) for s in spans)
+    return sum(max(s[t][1] - s[t][0] for s in spans if t < len(s)) for t in range(steps))
+
+
+def _pad_id(loaded: LoadedModel) -> int:
+    """A token id for holes: the pad token, else EOS/BOS, never an image token (the model would fill it)."""
+    tok = loaded.tokenizer
+    for cand in (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id, *range(8)):
+        if cand is None:
+            continue
+        if not loaded.adapter.is_multimodal or not loaded.adapter.image_token_mask(torch.tensor([[cand]])).any():
+            return int(cand)
+    raise CaptureError(f"{loaded.name}: no token id to pad with")
+
+
+def _stack_image_inputs(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """The image inputs of several rows as one batch, as the processors batch them: every tensor zero-padded to
+    the largest along each dim but the first (LLaVA-NeXT crops, Idefics3 tiles and their pixel mask), then
+    concatenated along the first."""
+    parts = [p for p in parts if p]
+    if len(parts) <= 1:
+        return parts[0] if parts else {}
+    if any(p.keys() != parts[0].keys() for p in parts):
+        raise CaptureError(f"internal: image inputs with different keys {[sorted(p) for p in parts]}")
+    out = {}
+    for key in parts[0]:
+        ts = [p[key] for p in parts]
+        size = [max(t.shape[d] for t in ts) for d in range(1, ts[0].dim())]
+        # F.pad takes (before, after) pairs from the last dim backwards
+        ts = [F.pad(t, [x for d in reversed(range(1, t.dim())) for x in (0, size[d - 1] - t.shape[d])]) for t in ts]
+        out[key] = torch.cat(ts)
+    return out
+
+
+def _capture_padded(loaded: LoadedModel, rendered: list[RenderedSession], hooks: list[str], positions: str,
+                    mode: str, dtype: torch.dtype) -> list[SessionActivations]:
+    """Capture teacher-forced sessions together: at step t every row feeds its chunk t (see the module docstring)."""
+    model, adapter, device = loaded.hf_model, loaded.adapter, loaded.device
+    spans = [_spans(r, mode) for r in rendered]
+    n_rows, n_steps = len(rendered), max(len(s) for s in spans)
+    widths = [max(s[t][1] - s[t][0] for s in spans if t < len(s)) for t in range(n_steps)]
+    col = np.cumsum([0, *widths])  # the padded layout: step t holds columns [col[t], col[t + 1])
+    # Ids, mask and position ids of the padded layout. Holes get the pad id, mask 0 and their column as position:
+    # with one step (mode "single") every row is then 0, 1, 2 ... like an unpadded one, and the forward can do
+    # without a mask, since right padding only follows a row's tokens (causal attention never reaches it).
+    ids: Int[Tensor, "row col"] = torch.full((n_rows, int(col[-1])), _pad_id(loaded), dtype=torch.long)
+    mask: Int[Tensor, "row col"] = torch.zeros_like(ids)
+    pos: Int[Tensor, "*rope row col"] | None = None
+    for i, r in enumerate(rendered):
+        everything = range(len(r.images)) if adapter.positions_need_images else ()
+        own = adapter.position_ids(model, r.input_ids, r.image_inputs(adapter, everything))  # [*rope, 1, n]
+        if own is None:
+            own = torch.arange(r.n_positions)[None]
+        if pos is None:
+            pos = torch.arange(int(col[-1]), dtype=own.dtype).expand(*own.shape[:-2], n_rows, -1).clone()
+        for t, (a, b) in enumerate(spans[i]):
+            c = int(col[t])
+            ids[i, c:c + b - a] = r.input_ids[0, a:b]
+            mask[i, c:c + b - a] = 1
+            pos[..., i, c:c + b - a] = own[..., 0, a:b]
+    selected = [r.token_map.select(positions) for r in rendered]
+    kept = [_Kept(hooks) for _ in rendered]
+    rec = _Recorder(dtype)
+    cache = _new_cache(loaded) if n_steps > 1 else None
+    with loaded.hooks([(name, rec.fn) for name in hooks]):
+        for t in range(n_steps):
+            c0, c1 = int(col[t]), int(col[t + 1])
+            chunks, images = [], []
+            for i, r in enumerate(rendered):
+                if t >= len(spans[i]):
+                    continue  # this session has no turn t: its row is all holes
+                a, b = spans[i][t]
+                ks = r.images_in(a, b)
+                sel = selected[i]
+                chunks.append(_Chunk(a, b, sel[(sel >= a) & (sel < b)], ks, kept[i], row=i))
+                if ks:
+                    images.append(r.image_inputs(adapter, ks))
+            rec.run(chunks)
+            kw: dict[str, Any] = {"input_ids": ids[:, c0:c1], "position_ids": pos[..., c0:c1],
+                                  "attention_mask": mask[:, :c1] if n_steps > 1 else None,
+                                  "past_key_values": cache, "use_cache": cache is not None}
+            if "logits_to_keep" in loaded.forward_params:
+                kw["logits_to_keep"] = 1
+            kw.update(adapter.forward_extras(ids, c0, c1))
+            kw.update(_stack_image_inputs(images))
+            out = model(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in kw.items()})
+            cache = out.past_key_values if cache is not None else None
+    rec.run([])
+    results = []
+    for r, k, sel in zip(rendered, kept, selected):
+        session = _copy_turns(r.session)  # as capture_session returns: a copy the caller's edits do not reach
+        results.append(_assemble(session, r, k, positions, hooks, sel))
+    return results
+
+
 def capture(loaded: LoadedModel, sessions: Iterable[Session], out: str, hooks: str | list[str] | None = None,
             positions: str = "all", layers: Iterable[int] | None = None, mode: str = "auto",
-            max_new_tokens: int = 32, dtype: str = "float32", progress: bool = True) -> ActivationStore:
-    """Capture every session into the store at `out`; sessions already there are skipped (resume)."""
+            max_new_tokens: int = 32, dtype: str = "float32", progress: bool = True,
+            batch_size: int = 8) -> ActivationStore:
+    """Capture every session into the store at `out`; sessions already there are skipped (resume).
+
+    Sessions go `batch_size` at a time through `capture_batch`, in the order given, and are written in that order
+    once their batch is done (so memory holds what a batch keeps); `batch_size=1` captures one session at a time.
+    Sessions whose turns have similar lengths batch with fewer pad columns. The batch size is not part of the
+    store's identity: a store resumes and reads the same whatever batch size wrote it."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise CaptureError(f"batch_size {batch_size!r}: expected an integer >= 1")
     names = resolve_hooks(loaded, hooks, layers)
     rendered_positions = positions
     spec = {"model": loaded.name, "family": loaded.family, "hooks": names, "positions": rendered_positions,
@@ -317,6 +521,10 @@ def capture(loaded: LoadedModel, sessions: Iterable[Session], out: str, hooks: s
     todo = [s for s in sessions if not store.done(s.session_id)]
     if len(todo) < len(sessions):
         log.info("resuming: %d of %d sessions already captured", len(sessions) - len(todo), len(sessions))
-    for s in tqdm(todo, desc="capture", unit="session", disable=not progress):
-        store.write(capture_session(loaded, s, names, positions, mode, max_new_tokens, getattr(torch, dtype)))
+    with tqdm(total=len(todo), desc="capture", unit="session", disable=not progress) as bar:
+        for b0 in range(0, len(todo), batch_size):
+            group = todo[b0:b0 + batch_size]
+            for acts in capture_batch(loaded, group, names, positions, mode, max_new_tokens, getattr(torch, dtype)):
+                store.write(acts)
+            bar.update(len(group))
     return store

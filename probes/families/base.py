@@ -234,8 +234,10 @@ class FamilyAdapter:
         with_images = [ims for ims in per_sample if ims]
         if not with_images:
             return {}
+        # padding=True: rows with different numbers of tiles (Idefics3 images of different sizes) pad to the longest
         return _pixel_inputs(self.processor(text=[self.placeholder * len(ims) for ims in with_images],
-                                            images=with_images, add_special_tokens=False, return_tensors="pt"))
+                                            images=with_images, add_special_tokens=False, padding=True,
+                                            return_tensors="pt"))
 
     def patch_layout(
         self, ids: list[int], processed: dict[str, Any]
