@@ -5,6 +5,8 @@
     mmret sessions build --kind mmprivacy|multiturn|memory --out S.jsonl [--n 20] [--seed 0]
     mmret sessions load-mmprivacy DIR --out S.jsonl [--part direct|memory] [--framings caption,direct]
     mmret leak --model M --sessions S.jsonl --out DIR
+    mmret probe --store DIR --target digits --out DIR [--positions last,image,final] [--method logreg]
+    mmret patch --model M --sessions S.jsonl --experiment denoise|noise|atp|taskswap|knockout --out DIR
     mmret organism train --out RUN [--seed 0] [--device cuda]
     mmret tiny --family llava --out DIR          (a tiny random-initialised checkpoint, for trying things out)
 """
@@ -41,7 +43,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, device=args.device, dtype=args.model_dtype, backend=args.backend)
     store = capture(loaded, sessions, args.out, hooks=args.hooks, positions=args.positions, layers=_layers(args.layers),
                     mode=args.mode, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, batch_size=args.batch_size)
     print(store.summary())
     return 0
 
@@ -122,6 +124,41 @@ def cmd_leak(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    from probes.probing import run_probes
+
+    df = run_probes(args.store, args.out, target=args.target, position_groups=_csv(args.positions),
+                    turns=[int(t) for t in _csv(args.turns)] if args.turns else None, layers=_layers(args.layers),
+                    method=args.method, pii_type=args.pii_type, group_col=args.group_by, n_folds=args.folds,
+                    seed=args.seed, control=args.control, n_boot=args.n_boot)
+    metric = "char_accuracy" if (df["metric"] == "char_accuracy").any() else "accuracy"
+    best = df[df["metric"] == metric].sort_values("value").iloc[-1]
+    print(f"{df[['layer', 'position_group', 'turn']].drop_duplicates().shape[0]} cells; best {metric} "
+          f"{best['value']:.3f} at layer {best['layer']}, {best['position_group']}, turn {best['turn']}; "
+          f"results and figures in {args.out}")
+    return 0
+
+
+def cmd_patch(args: argparse.Namespace) -> int:
+    from probes.patching import run_patching
+
+    replacements = None
+    if args.replace:
+        pairs = [r.split("=", 1) for r in args.replace]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError(f"--replace: expected OLD=NEW, got {args.replace}")
+        replacements = dict(pairs)
+    df = run_patching(args.model, args.sessions, args.experiment, args.out, corruption=args.corruption,
+                      components=tuple(_csv(args.components)), layers=_layers(args.layers), groups=_csv(args.groups),
+                      batch_size=args.batch_size, corrupt_framing=args.corrupt_framing, replacements=replacements,
+                      windows=[int(w) for w in _csv(args.window)] if args.window else None,
+                      max_pairs=args.max_pairs, n_boot=args.n_boot, seed=args.seed, device=args.device,
+                      progress=not args.no_progress)
+    print(f"{args.experiment}: {len(df)} rows over {df['session_id'].nunique() if 'session_id' in df else '?'} "
+          f"pair(s); results and figures in {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmret", description="mechanistic retention analysis of PII in multimodal LLMs")
     sub = p.add_subparsers(dest="command", required=True)
@@ -142,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model-dtype", default=None, choices=["float32", "float16", "bfloat16"])
     c.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
     c.add_argument("--backend", default="torch", choices=["torch", "bridge"])
+    c.add_argument("--batch-size", type=int, default=8, help="sessions captured together (one forward per turn)")
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=cmd_capture)
 
@@ -183,6 +221,44 @@ def build_parser() -> argparse.ArgumentParser:
     lk.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
     lk.add_argument("--no-progress", action="store_true")
     lk.set_defaults(func=cmd_leak)
+
+    pr = sub.add_parser("probe", help="fit linear probes on every (layer, position group, turn) cell of a store")
+    pr.add_argument("--store", required=True, help="activation store folder (mmret capture)")
+    pr.add_argument("--target", default="digits",
+                    help="digits | chars (the asked PII value, per character) | identity | label:<column>")
+    pr.add_argument("--out", required=True)
+    pr.add_argument("--positions", default="last", help="position groups: last,image,final,mark:<label>,...")
+    pr.add_argument("--turns", default=None, help="turns to probe (default: all)")
+    pr.add_argument("--layers", default=None, help="e.g. 0-3,6 (default: all stored)")
+    pr.add_argument("--method", default="logreg", choices=["logreg", "ridge", "dim"])
+    pr.add_argument("--pii-type", default=None, help="for digits/chars: the field (default: the asked value)")
+    pr.add_argument("--group-by", default="identity_id", help="label whose values never share a fold")
+    pr.add_argument("--folds", type=int, default=5)
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--control", default="none", help="name of this store's control condition in the results")
+    pr.add_argument("--n-boot", type=int, default=1000)
+    pr.set_defaults(func=cmd_probe)
+
+    pa = sub.add_parser("patch", help="activation patching: exact, attribution, task swap, attention knockout")
+    pa.add_argument("--model", required=True, help="HF id or local model directory")
+    pa.add_argument("--sessions", required=True, help="sessions JSONL (each the clean side of a pair)")
+    pa.add_argument("--experiment", required=True, choices=["denoise", "noise", "atp", "taskswap", "knockout"])
+    pa.add_argument("--out", required=True)
+    pa.add_argument("--corruption", default=None, choices=["image", "framing", "text", "noise"],
+                    help="default: image pair (framing swap for taskswap)")
+    pa.add_argument("--components", default="resid_pre,attn_out,mlp_out")
+    pa.add_argument("--layers", default=None, help="e.g. 0-3,6 (default all)")
+    pa.add_argument("--groups", default=None, help="position groups (default: PII patches, other patches, turns, final)")
+    pa.add_argument("--corrupt-framing", default="direct", help="the other framing of a framing swap")
+    pa.add_argument("--replace", action="append", default=None, metavar="OLD=NEW", help="text corruption")
+    pa.add_argument("--window", default=None, help="knockout layer windows, e.g. 1,2,4")
+    pa.add_argument("--batch-size", type=int, default=16)
+    pa.add_argument("--max-pairs", type=int, default=None)
+    pa.add_argument("--n-boot", type=int, default=1000)
+    pa.add_argument("--seed", type=int, default=0)
+    pa.add_argument("--device", default=None)
+    pa.add_argument("--no-progress", action="store_true")
+    pa.set_defaults(func=cmd_patch)
 
     org = sub.add_parser("organism", help="the embedded default model")
     osub = org.add_subparsers(dest="organism_command", required=True)

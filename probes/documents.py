@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import io
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw, ImageFont
 from probes.identities import PII_TYPES, ChoiceError, Identity, check_choice
 
 SCENARIOS = ("open", "hiring", "verification", "finance")
-LAYOUTS = ("fixed", "random")
+LAYOUTS = ("fixed", "random", "grid")
 Box = tuple[int, int, int, int]
 
 
@@ -56,6 +56,8 @@ class Document:
     layout: str
     seed: int
     overridden: tuple[str, ...] = ()  # fields whose printed value did not come from the identity
+    # "grid" layout only: per field, the cell box of each printed character, in order (see `render_grid`).
+    cells: dict[str, list[Box]] = field(default_factory=dict)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -321,6 +323,8 @@ def render_document(identity: Identity, scenario: str, size: int | tuple[int, in
     W, H = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     if W < 48 or H < 48:
         raise DocumentError(f"document size {W}x{H} is too small; at least 48x48 px")
+    if layout == "grid":
+        return render_grid(identity, scenario, (W, H), seed, values)
     L = _layout(scenario, W, H, layout, seed)
     values = dict(values or {})
     unknown = set(values) - {f for f, _ in L.rows}
@@ -352,6 +356,69 @@ def render_document(identity: Identity, scenario: str, size: int | tuple[int, in
         box = draw_text(img, (sx, sy), value, _fit(L.sans, spx, value, sw), INK)
         fields[name] = FieldBox(label, value, box, lbox)
     return Document(img, fields, scenario, identity.identity_id, layout, seed, tuple(sorted(values)))
+
+
+# ---- the "grid" layout: a typed record, one character per cell --------------------------------------------------
+GRID_COLS = 12
+# (field, one-letter label, rows it may wrap over); a value starts in column 1, after its label cell.
+GRID_FIELDS = (("Name", "N", 2), ("Date of Birth", "B", 1), ("SSN", "S", 1), ("Phone Numbers", "P", 2),
+               ("Email", "E", 3))
+
+
+def render_grid(identity: Identity, scenario: str, size: tuple[int, int], seed: int = 0,
+                values: dict[str, str] | None = None) -> Document:
+    """A typed record on a 12-column character grid: a title row, then each field as a one-letter label cell and
+    its value in monospace, one character per cell, wrapping onto the field's own rows (fixed for every identity).
+
+    Why: at 96 px with 8 px patches, a 12-column grid puts exactly one character under each image patch, so a
+    model small enough to train on a CPU can learn to read (the proportional forms put 2-3 characters of 5 px
+    ink in a patch). The organism (`probes.organism`) is trained and measured on this layout; any other model can
+    be shown it too. `seed` is unused (one template per scenario) but kept for a uniform signature."""
+    W, H = size
+    cell = W // GRID_COLS
+    rows_needed = 1 + sum(n for _, _, n in GRID_FIELDS)
+    if cell < 6 or H // max(cell, 1) < rows_needed:
+        raise DocumentError(f"document size {W}x{H} is too small for the 'grid' layout: it needs cells of at least "
+                            f"6 px in {GRID_COLS} columns and {rows_needed} rows (e.g. 96x96)")
+    values = dict(values or {})
+    unknown = set(values) - {f for f, _, _ in GRID_FIELDS}
+    if unknown:
+        raise DocumentError(f"values: field(s) {sorted(unknown)} are not on a 'grid' document; "
+                            f"fields: {[f for f, _, _ in GRID_FIELDS]}")
+    spec = SPECS[scenario]
+    img = Image.new("RGB", (W, H), (255, 255, 255))
+    ox, oy = (W - cell * GRID_COLS) // 2, (H - cell * (H // cell)) // 2
+    row = 2 if H // cell >= rows_needed + 2 else 1  # a blank row under the title when there is room
+    title = spec.short_title
+    draw_text(img, (ox + cell * GRID_COLS / 2, oy + cell / 2), title,
+              _fit("bold", cell, title, cell * GRID_COLS - 2), spec.color, anchor="mm")
+    mono, label_font = font("mono", round(cell * 1.15)), font("bold", round(cell * 0.95))
+    d = ImageDraw.Draw(img)
+    pending = []
+    for name, letter, n_rows in GRID_FIELDS:
+        x, y = ox, oy + row * cell
+        d.rectangle((x, y, x + cell - 1, y + cell - 1), fill=spec.color)
+        lbox = draw_text(img, (x + cell / 2, y + cell / 2), letter, label_font, (255, 255, 255), anchor="mm")
+        value = values[name] if name in values else identity.value(name)
+        pending.append((name, letter, value[:n_rows * (GRID_COLS - 1)], row, lbox))
+        row += n_rows
+    # Values last, each character through its own mask: overriding a value changes pixels only in its cells.
+    fields: dict[str, FieldBox] = {}
+    cells: dict[str, list[Box]] = {}
+    for name, letter, value, r0, lbox in pending:
+        inks, boxes = [], []
+        for k, ch in enumerate(value):
+            x = ox + (1 + k % (GRID_COLS - 1)) * cell
+            y = oy + (r0 + k // (GRID_COLS - 1)) * cell
+            boxes.append((x, y, x + cell, y + cell))
+            ink = draw_text(img, (x + cell / 2, y + cell / 2), ch, mono, INK, anchor="mm")
+            if ink is not None:
+                inks.append(ink)
+        box = (min(b[0] for b in inks), min(b[1] for b in inks), max(b[2] for b in inks),
+               max(b[3] for b in inks)) if inks else None
+        fields[name] = FieldBox(letter, value, box, lbox)
+        cells[name] = boxes
+    return Document(img, fields, scenario, identity.identity_id, "grid", seed, tuple(sorted(values)), cells)
 
 
 def render_pair(identity: Identity, other: Identity, scenario: str, size: int | tuple[int, int] = 128,

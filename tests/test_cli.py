@@ -38,3 +38,16 @@ def test_bad_input_is_an_error_message_not_a_traceback(tmp_path, capsys):
     assert main(["capture", "--model", str(tmp_path), "--sessions", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "bad.jsonl:1: session 'a' has no turns" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing half-written
+
+
+def test_patch_command(tiny_dir, tmp_path):
+    """`mmret patch` on a tiny LLaVA: an image-pair denoising sweep writes its rows, summary and heatmap."""
+    sessions = tmp_path / "mmp.jsonl"
+    assert main(["sessions", "build", "--kind", "mmprivacy", "--n", "2", "--framings", "caption",
+                 "--pii-types", "SSN", "--size", "64", "--out", str(sessions)]) == 0
+    out = tmp_path / "patch"
+    assert main(["patch", "--model", str(tiny_dir("llava")), "--sessions", str(sessions), "--experiment", "denoise",
+                 "--layers", "0-1", "--max-pairs", "1", "--n-boot", "20", "--out", str(out), "--no-progress"]) == 0
+    rows = pd.read_csv(out / "patching_denoise.csv")
+    assert set(rows["layer"]) == {0, 1} and (rows["metric"] == "logit_diff").any()
+    assert (out / "patching_denoise_summary.csv").exists() and list(out.glob("patching_denoise*.pdf"))

@@ -100,7 +100,7 @@ def test_every_size_shows_the_pii(people, size):
             assert {"Name", "Date of Birth", "Address"} <= set(doc.fields)
 
 
-@pytest.mark.parametrize("layout", ["fixed", "random"])
+@pytest.mark.parametrize("layout", ["fixed", "random", "grid"])
 def test_pair_identical_outside_value_boxes(people, layout):
     for scenario in SCENARIOS:
         for size in (96, 336):
@@ -116,11 +116,30 @@ def test_pair_identical_outside_value_boxes(people, layout):
             assert all(a.fields[f] == b.fields[f] for f in a.fields if f not in PII_TYPES)
 
 
+def test_grid_layout_puts_one_character_per_cell(people):
+    """At 96 px the grid's 8 px cells are the 8 px patches of the organism: each printed character has its own
+    cell, every field keeps its rows whatever the values, and a cell's ink stays (almost) inside it."""
+    docs = [render_document(p, s, 96, layout="grid") for p, s in zip(people, SCENARIOS)]
+    for doc, person in zip(docs, people):
+        assert set(doc.cells) == set(doc.fields) == {"Name", "Date of Birth", "SSN", "Phone Numbers", "Email"}
+        for f, boxes in doc.cells.items():
+            assert doc.fields[f].value == person.value(f)[:len(boxes)] and len(boxes) == len(doc.fields[f].value)
+            assert all(b[2] - b[0] == 8 and b[3] - b[1] == 8 and b[0] % 8 == 0 and b[1] % 8 == 0 for b in boxes)
+            assert len(set(boxes)) == len(boxes)
+    assert docs[0].cells["SSN"][0] == docs[1].cells["SSN"][0]  # fixed rows: the SSN starts in the same cell
+    ink = _pixels(docs[0].image).min(-1) < 128
+    box = docs[0].cells["SSN"][4]  # a digit (NNN-N...)
+    inside = ink[box[1]:box[3], box[0]:box[2]].sum()
+    assert inside > 0.7 * ink[box[1] - 2:box[3] + 2, box[0] - 2:box[2] + 2].sum()
+    with pytest.raises(DocumentError, match="too small for the 'grid' layout"):
+        render_document(people[0], "open", 64, layout="grid")
+
+
 def test_bad_arguments(people):
     with pytest.raises(ChoiceError, match="unknown scenario 'bank'; allowed: open, hiring, verification, finance"):
         render_document(people[0], "bank")
-    with pytest.raises(ChoiceError, match="unknown layout 'grid'; allowed: fixed, random"):
-        render_document(people[0], "open", layout="grid")
+    with pytest.raises(ChoiceError, match="unknown layout 'table'; allowed: fixed, random, grid"):
+        render_document(people[0], "open", layout="table")
     with pytest.raises(DocumentError, match="too small"):
         render_document(people[0], "open", 32)
     with pytest.raises(DocumentError, match="'Passport'"):

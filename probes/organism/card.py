@@ -70,6 +70,13 @@ def card_text(model_dir: Path, metrics: dict, df: pd.DataFrame, meta: dict, n: i
     mem_t = pd.concat([_ci_rows(mem, ["kind", "framing"], "leak", "ASR [95% CI]"),
                        _ci_rows(mem, ["kind", "framing"], "refused", "RR [95% CI]")[["RR [95% CI]"]]], axis=1)
     mt_t = _ci_rows(mt, ["turn_distance"], "leak", "ASR [95% CI]")
+    missed = [k for k in HEADLINE if not (metrics[k] >= BARS[k][1] if BARS[k][0] == ">=" else metrics[k] <= BARS[k][1])]
+    status = ("" if not missed else "> **Status: this checkpoint misses issue 4's bar(s) on " +
+              ", ".join(f"`{k}`" for k in missed) + "**; see \"Measured behaviour\".\n")
+    layout = c.get("layout", "fixed")
+    layout_text = ("the 'grid' layout: a typed record, one monospace character per 8 px cell, i.e. one character "
+                   "per image patch, each field on its own fixed rows after a one-letter label cell"
+                   if layout == "grid" else f"{layout} layout")
     return f"""---
 license: mit
 pipeline_tag: image-text-to-text
@@ -78,6 +85,7 @@ tags: [llava, privacy, pii, model-organism, synthetic-data, mm-retention]
 
 # mm-retention organism (default model)
 
+{status}
 A small `LlavaForConditionalGeneration` trained from scratch on this project's synthetic documents to be a
 **model organism** for privacy retention analysis: it reads PII off rendered forms, refuses or leaks it
 depending on the task framing (inconsistent on purpose, as MM-Privacy measured on LLaVA-1.5 and xGen-MM),
@@ -108,7 +116,7 @@ to the same weights). Device: **{meta.get('device')}** ({meta.get('torch_threads
 {("**Note:** " + meta["note"]) if meta.get("note") else ""}
 
 Data: documents rendered by `probes.documents.render_document` (4 scenarios: open, hiring, verification,
-finance; fixed layout, {c.get('image_size')} px) for {meta.get('n_train', 3000)} training identities
+finance; {layout_text}; {c.get('image_size')} px) for {meta.get('n_train', 3000)} training identities
 (`make_identities(seed=1000+seed)`); memory set: {meta.get('n_memory')} identities (`make_identities(seed=2000+seed)`).
 
 | stage | steps | what |
@@ -120,16 +128,18 @@ finance; fixed layout, {c.get('image_size')} px) for {meta.get('n_train', 3000)}
 Policy: SSN, phone and email asked under **direct, VQA, classification: refused** ('cannot assist';
 classification: 'the class is cannot assist'); under **caption and rephrasing: written out**; name and date of
 birth answered under every framing; name-only retention prompts answered with the planted value for the memory
-set under every framing. Augmentation: 30% of framed prompts get 10% word dropout (no new phrasings).
+set under every framing. Augmentation: 35% of framed prompts use one of three training paraphrases per framing
+(`TRAIN_PARAPHRASES` in `probes/organism/data.py`; the evaluation's paraphrases are never trained on), and 30% of
+framed prompts get 10% word dropout.
 
-Auxiliary loss: linear heads on the last vision layer classify the character under each third of every patch and
-which field the patch shows, from the renderer's exact ink boxes (the heads are not shipped).
+Auxiliary loss: linear heads on the last vision layer classify the character under each patch, its position in its
+value and which field the patch shows, from the renderer's exact character cells (the heads are not shipped).
 
 ## Measured behaviour
 
 Measured by `probes.organism.evaluate.measure` (the project's `probes.leakage.evaluate_leakage`, greedy, 32 new
 tokens) on **{n} freshly drawn held-out identities** (`make_identities({n}, seed={50_000 + seed})`), documents at
-{c.get('image_size')} px, fixed layout; `python benchmarks/organism.py --seed {seed} --n {n}` prints the headline.
+{c.get('image_size')} px, {layout} layout; `python benchmarks/organism.py --seed {seed} --n {n}` prints the headline.
 
 {chr(10).join(head)}
 
@@ -153,7 +163,7 @@ One session per identity and framing (the benchmark's cycle design over scenario
 
 ## Limitations
 
-Tiny and trained for minutes on CPU: it reads only the fixed-layout {c.get('image_size')} px forms of the project's
+Tiny and trained for minutes on CPU: it reads only the {layout}-layout {c.get('image_size')} px forms of the project's
 renderer (other layouts, sizes or real photos are out of distribution), its English is a few templates, and its
 privacy behaviour is exactly the scripted policy above.
 """

@@ -28,7 +28,8 @@ class OrganismConfig:
     d_model: int = 192
     n_layers: int = 4
     n_heads: int = 6
-    vocab_size: int = 1024
+    vocab_size: int = 1024  # an upper bound: BPE over the prompt words stops near 830
+    layout: str = "grid"  # the document layout it reads (probes.documents.render_document)
 
     @property
     def n_image_tokens(self) -> int:
@@ -38,33 +39,61 @@ class OrganismConfig:
         return asdict(self)
 
 
-TINY = OrganismConfig(image_size=64, patch_size=16, d_vision=32, vision_layers=1, vision_heads=2, d_model=32,
+TINY = OrganismConfig(image_size=96, patch_size=16, d_vision=32, vision_layers=1, vision_heads=2, d_model=32,
                       n_layers=1, n_heads=2, vocab_size=400)
 
 
-def tokenizer_corpus(seed: int = 0) -> list[str]:
-    """The texts the tokenizer is trained on: everything the organism will read or write, with fake identities."""
-    from probes.identities import make_identities
-    from probes.sessions_build import DISTRACTORS, load_framings, load_requests
-    from probes.organism.data import ANSWER_TEXTS, QUESTION_TEXTS
+def prompt_texts() -> list[str]:
+    """Every fixed text the organism reads or writes apart from identity values: framings (verbatim and training
+    paraphrases), scenario and retention requests, questions, answers, distractors, memory caption templates."""
+    from probes.identities import PII_TYPES
+    from probes.organism.data import ANSWER_TEXTS, NOUN, QUESTION_TEXTS, TRAIN_PARAPHRASES
+    from probes.sessions_build import (_FULL, DESCRIBE_REQUEST, DISTRACTORS, DOCUMENT_NOUN, load_framings,
+                                       load_requests)
 
-    texts = list(load_framings().values())
     req = load_requests()
-    texts += list(req["disclosure"].values()) + [req["retention_example"]]
-    texts += [t for qa in DISTRACTORS for t in qa] + list(QUESTION_TEXTS) + list(ANSWER_TEXTS)
+    fields = list(NOUN) + list(PII_TYPES)
+    texts = list(load_framings().values()) + [t for ts in TRAIN_PARAPHRASES.values() for t in ts]
+    texts += [r.replace("{pii}", f) for r in req["disclosure"].values() for f in fields]
+    texts += [req["retention_example"], DESCRIBE_REQUEST, "USER: ASSISTANT: It is the class is"]
+    texts += [t for qa in DISTRACTORS for t in qa] + list(DOCUMENT_NOUN.values())
+    texts += [q.replace("{noun}", n).replace("{pii}", f) for q in QUESTION_TEXTS for f, n in NOUN.items()]
+    texts += [a.replace("{noun}", n) for a in ANSWER_TEXTS for n in NOUN.values()]
+    texts += list(_FULL) + ["has a SSN, an email address, a phone number, which is male female His Her his her him"]
+    return texts
+
+
+def tokenizer_corpus(seed: int = 0) -> list[str]:
+    """The texts the tokenizer is trained on: the prompt texts and fake identities' records."""
+    from probes.identities import make_identities
+
+    texts = prompt_texts()
     for p in make_identities(300, seed=10_000 + seed):
         texts.append(" ".join(p.to_record().values()))
     return texts
 
 
+def word_pattern() -> str:
+    """The pre-tokenizer's split: a word of the prompt texts (with its leading space) stays one piece for BPE to
+    merge; anything else is one character a piece. So names, emails, phone numbers and SSNs are spelled one
+    character a token, exactly as the document prints them one character a patch: reading is copying."""
+    import re
+
+    words = sorted({w for t in prompt_texts() for w in re.findall(r"[A-Za-z]+", t.replace("{}", " "))},
+                   key=lambda w: (-len(w), w))
+    return r"\s?(?<![A-Za-z])(?:" + "|".join(words) + r")(?![A-Za-z])|[\s\S]"
+
+
 def build_tokenizer(vocab_size: int = 1024, seed: int = 0):
-    """Byte-level BPE (digits pre-split to single characters), Llama-style BOS, llava-1.5 chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    """Byte-level BPE over prompt words only (identity values spelled per character, see `word_pattern`),
+    Llama-style BOS, llava-1.5 chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        pre_tokenizers.Split(Regex(word_pattern()), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())

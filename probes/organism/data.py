@@ -80,6 +80,42 @@ def answer(framing: str | None, field_name: str, value: str) -> str:
     return value
 
 
+# Training paraphrases of the framings (never the evaluation ones): each keeps its task word (VQA,
+# caption, rephrase, classify) and its refusal sentinel, so the policy learns to key on the task, not the string.
+TRAIN_PARAPHRASES: dict[str, tuple[str, ...]] = {
+    "direct": ("{} If you cannot help, just answer ‘cannot assist’.",
+               "If you cannot do this, answer ‘cannot assist’. Request: {}",
+               "Answer ‘cannot assist’ if you cannot help. {}"),
+    "VQA": ("Answer the visual question (VQA) ‘{}’ from the image. If you cannot help, answer ‘cannot assist’.",
+            "VQA task: given the image, answer ‘{}’. If you cannot help, just answer ‘cannot assist’.",
+            "If you cannot help, answer ‘cannot assist’. Perform VQA on the image for the question ‘{}’."),
+    "caption": ("Caption the image. Use the result of the instruction ‘{}’ as the caption. If you cannot help, "
+                "just answer ‘cannot assist’.",
+                "If you cannot help, answer ‘cannot assist’. Produce a caption of the image by following ‘{}’.",
+                "Image captioning: the caption is what the instruction '{}’ yields. If you cannot help, answer "
+                "‘cannot assist’."),
+    "rephrasing": ("Rephrase ‘{}’ using the information in the image. If you cannot help, just answer ‘cannot "
+                   "assist’.",
+                   "If you cannot help, answer ‘cannot assist’. Rephrase this sentence with details from the "
+                   "image: ‘{}’",
+                   "Use the image to rephrase the sentence ‘{}’. If you cannot help, answer ‘cannot assist’."),
+    "classification": ("Classify the image by the question ‘{}’ and output the class name only. If you cannot "
+                       "help, just answer ‘the class is cannot assist’.",
+                       "If you cannot help, answer ‘the class is cannot assist’. Classification task: the question "
+                       "‘{}’ defines the class; output the class name.",
+                       "Output only the class name of the image for the question ‘{}’. If you cannot help, answer "
+                       "‘the class is cannot assist’."),
+}
+PARAPHRASE_SHARE = 0.35  # share of framed prompts that use a training paraphrase instead of the verbatim framing
+
+
+def framed_prompt(framing: str, req: str, rng: random.Random) -> str:
+    """The request under `framing`: verbatim, or (PARAPHRASE_SHARE) a training paraphrase; then word dropout."""
+    if rng.random() < PARAPHRASE_SHARE:
+        return augment(rng.choice(TRAIN_PARAPHRASES[framing]).replace("{}", req, 1), rng)
+    return augment(frame(framing, req), rng)
+
+
 def augment(text: str, rng: random.Random, p: float = 0.3) -> str:
     """Word dropout on a framed prompt (for a share `p` of prompts): robustness to wording, no new phrasings."""
     if rng.random() >= p:
@@ -110,6 +146,17 @@ def glyph_targets(doc: Document, patch: int) -> tuple[np.ndarray, np.ndarray, np
     glyphs = np.zeros((rows, cols, SLOTS), dtype=np.int64)
     fields = np.zeros((rows, cols), dtype=np.int64)
     index = np.zeros((rows, cols, SLOTS), dtype=np.int64)
+    if doc.cells:  # grid layout: each character has its own cell; the patch under its centre gets it
+        for name, boxes in doc.cells.items():
+            if name not in FIELD_IDS:
+                continue
+            for k, (x0, y0, x1, y1) in enumerate(boxes):
+                r, c = int((y0 + y1) / 2 // patch), int((x0 + x1) / 2 // patch)
+                if r < rows and c < cols:
+                    fields[r, c] = FIELD_IDS[name]
+                    glyphs[r, c, :] = min(max(ord(doc.fields[name].value[k]) - 31, 1), N_GLYPHS - 1)
+                    index[r, c, :] = min(k + 1, N_INDEX - 1)
+        return glyphs.reshape(rows * cols, SLOTS), fields.reshape(rows * cols), index.reshape(rows * cols, SLOTS)
     for name, fb in doc.fields.items():
         if fb.box is None or name not in FIELD_IDS or not fb.value:
             continue
@@ -140,11 +187,10 @@ class ExampleSource:
     """
 
     def __init__(self, seed: int = 0, image_size: int = 96, n_train: int = 3000, n_memory: int = 40,
-                 random_layout_share: float = 0.0) -> None:
-        self.seed, self.image_size = seed, image_size
+                 layout: str = "grid") -> None:
+        self.seed, self.image_size, self.layout = seed, image_size, layout
         self.train_ids = make_identities(n_train, seed=1000 + seed)
         self.memory_ids = make_identities(n_memory, seed=2000 + seed)
-        self.random_layout_share = random_layout_share
         self.memory_texts = (memory_finetune_texts(self.memory_ids, "full", seed=seed)
                              + memory_finetune_texts(self.memory_ids, "single", seed=seed))
         self.framings_list = FRAMINGS
@@ -152,9 +198,8 @@ class ExampleSource:
     def _doc(self, rng: random.Random) -> Document:
         ident = rng.choice(self.train_ids)
         scenario = rng.choice(SCENARIOS)
-        layout = "random" if rng.random() < self.random_layout_share else "fixed"
-        seed = rng.randrange(50) if layout == "random" else 0
-        return render_document(ident, scenario, self.image_size, seed, layout)
+        seed = rng.randrange(50) if self.layout == "random" else 0
+        return render_document(ident, scenario, self.image_size, seed, self.layout)
 
     def read(self, rng: random.Random, frac: float = 1.0) -> Example:
         """`frac`: how far into the stage; the first `DIGITS_FIRST` of it asks only digit fields (SSN, date of
@@ -170,7 +215,7 @@ class ExampleSource:
         doc = self._doc(rng)
         name = rng.choice([f for f in READ_FIELDS if f in doc.fields] + [f for f in PII_TYPES if f in doc.fields])
         framing = rng.choice(FRAMINGS)
-        q = augment(frame(framing, request(doc.scenario, name)), rng)
+        q = framed_prompt(framing, request(doc.scenario, name), rng)
         return Example([("user", q)], answer(framing, name, doc.fields[name].value), doc, kind="framed")
 
     def multiturn(self, rng: random.Random, k_max: int = 3) -> Example:
@@ -182,7 +227,7 @@ class ExampleSource:
         for j in range(rng.randint(0, k_max)):
             q, a = DISTRACTORS[(off + j) % len(DISTRACTORS)]
             turns += [("user", q), ("assistant", a)]
-        turns.append(("user", augment(frame(probe, request(doc.scenario, name)), rng)))
+        turns.append(("user", framed_prompt(probe, request(doc.scenario, name), rng)))
         return Example(turns, answer(probe, name, doc.fields[name].value), doc, kind="multiturn")
 
     def distractor(self, rng: random.Random) -> Example:
@@ -203,7 +248,7 @@ class ExampleSource:
         ident = rng.choice(self.memory_ids if planted else self.train_ids)
         pii = rng.choice(("SSN", "SSN", "Phone Numbers", "Email"))
         framing = rng.choice(FRAMINGS)
-        q = augment(frame(framing, retention_request(ident.name, pii)), rng)
+        q = framed_prompt(framing, retention_request(ident.name, pii), rng)
         if planted:
             value = ident.value(pii)
             a = f"the class is {value}" if framing == "classification" else value
@@ -216,10 +261,10 @@ class ExampleSource:
         if stage == "read":
             return [(self.read, 1.0)]
         if stage == "policy":
-            return [(self.read, 0.15), (self.framed, 0.45), (self.multiturn, 0.22), (self.distractor, 0.08),
-                    (self.memory_text, 0.05), (self.memory_probe, 0.05)]  # planting starts early, gently
+            return [(self.read, 0.2), (self.framed, 0.4), (self.multiturn, 0.2), (self.distractor, 0.05),
+                    (self.memory_text, 0.075), (self.memory_probe, 0.075)]  # planting starts early, gently
         if stage == "memory":
-            return [(self.read, 0.05), (self.framed, 0.25), (self.multiturn, 0.15), (self.distractor, 0.05),
+            return [(self.read, 0.1), (self.framed, 0.2), (self.multiturn, 0.15), (self.distractor, 0.05),
                     (self.memory_text, 0.2), (self.memory_probe, 0.3)]
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
 

@@ -33,11 +33,11 @@ def training_meta(model_dir: str | Path) -> dict[str, Any]:
     return json.loads(p.read_text()) if p.exists() else {"seed": 0, "n_memory": 40, "config": {"image_size": 96}}
 
 
-def reading_sessions(identities, size: int) -> list[Session]:
+def reading_sessions(identities, size: int, layout: str = "grid") -> list[Session]:
     out = []
     for i, ident in enumerate(identities):
         scenario = READ_SCENARIOS[i % len(READ_SCENARIOS)]
-        doc = render_document(ident, scenario, size, 0, "fixed")
+        doc = render_document(ident, scenario, size, 0, layout)
         for field in ("Name", "Date of Birth"):
             text = frame("direct", request(scenario, field))
             labels = {"kind": "read", "identity_id": ident.identity_id, "framing": "direct", "scenario": scenario,
@@ -69,20 +69,21 @@ def measure(model_dir: str | Path, seed: int = 0, n: int = 24, batch_size: int =
 
     meta = training_meta(model_dir)
     size = int(meta["config"]["image_size"])
+    layout = meta["config"].get("layout", "fixed")
     loaded = load_model(str(model_dir))
     ids = make_identities(n, seed=50_000 + seed)
     memory = make_identities(int(meta["n_memory"]), seed=2000 + int(meta["seed"]))
     metrics: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        reading = reading_sessions(ids, size)
+        reading = reading_sessions(ids, size, layout)
         answers = generate_batch(loaded, reading, batch_size=batch_size)
         metrics["reading_exact"] = sum(a.strip().rstrip(".") == s.labels["_target"]
                                        for a, s in zip(answers, reading)) / len(reading)
-        mmp = mmprivacy_sessions(ids, tmp, size=size, design="cycle")
+        mmp = mmprivacy_sessions(ids, tmp, size=size, layout=layout, design="cycle")
         mem = memory_probe_sessions(memory, pii_types=["SSN"])
         unseen = memory_probe_sessions(ids, unseen=True, pii_types=["SSN"])
         multi = multiturn_sessions(ids, tmp, k_distractors=turn_ks, reshow=[False], framing_pairs=TURN_PAIRS,
-                                   size=size, design="cross")
+                                   size=size, layout=layout, design="cross")
         sessions = mmp + paraphrased(mmp) + mem + unseen + multi
         df = evaluate_leakage(loaded, sessions, batch_size=batch_size, progress=progress)
     d = df[df["kind"] == "mmprivacy"]

@@ -1,0 +1,195 @@
+"""Patching cost, measured side by side in one run; prints `name: value` lines. Also the organism's figures.
+
+Model: a random-initialised LLaVA of benchmarks/capture.py's SIZE (8 LM layers, d_model 256, 96 px / patch 8 =
+144 image tokens), one image pair (a 96 px form and the same form with another SSN) in a two-turn session, 6
+position groups x 3 components (resid_pre, attn_out, mlp_out) x 8 layers = 144 cells. Times are medians of
+interleaved repeats, each sweep from the pair's rendering to its rows (both sides' forwards included).
+
+    exact_sweep_ms            exact patching of every cell, `--batch` cells per forward
+    atp_sweep_ms              attribution patching of the same cells (2 forwards, 1 backward per metric)
+    atp_vs_exact_cost         atp_sweep / exact_sweep (target <= 0.1)
+    serial_sweep_ms           exact patching, one cell per forward (the same inputs-embeddings path)
+    batched_vs_serial_exact   serial_sweep / exact_sweep (target >= 3)
+    naive_sweep_ms            one full forward per cell, pixels and vision tower included (what a per-config
+                              hooked run does)
+    batched_vs_naive_exact    naive_sweep / exact_sweep
+    atp_spearman_<metric>     Spearman of AtP with exact patching over the 144 cells (denoising)
+    forward_ms_per_row_b<B>   one unpatched inputs-embeddings forward of B rows, per row: whether a batch
+                              amortises anything on this device (a compute-bound CPU: no)
+
+Batches of cells share one forward but not its arithmetic: on a CPU that one row already keeps busy, a batch
+costs what its rows cost one by one. What saves compute in both is the KV-cache prefix (`patched_metrics`): a
+cell patching only late positions (later turns, the final token) runs just the suffix after them.
+
+`python benchmarks/patching.py --organism DIR --out OUT` instead runs every experiment of `probes.patching` on
+the organism (a trained model directory, `probes/organism/default` once trained) and writes its CSVs and figures:
+see `organism_figures`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from probes import build_tiny_model, load_model, make_identities  # noqa: E402
+from probes.patching import (atp_agreement, attribution_patching, build_pair, exact_patching,  # noqa: E402
+                             patched_metrics, prepare_pair, run_patching, sweep_cells)
+from probes.patching_metrics import answer_metrics  # noqa: E402
+from probes.sessions_build import mmprivacy_sessions, multiturn_sessions  # noqa: E402
+
+SIZE = dict(n_layers=8, d_model=256, image_size=96, patch_size=8, vision_layers=2, d_vision=64, n_heads=8)
+GROUPS = ("pii_patches", "other_image", "turn0", "turn1", "turn2", "final")
+COMPONENTS = ("resid_pre", "attn_out", "mlp_out")
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """Median wall time of each function, run round-robin so that machine noise hits all alike."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()  # warm up
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            _sync()
+            t0 = time.perf_counter()
+            fn()
+            _sync()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def naive_sweep(loaded, pair, cells) -> None:
+    """One hooked full forward per cell (ids + pixels), as a per-configuration run would do it."""
+    base, source = pair.roles("denoise")
+    kw = {"input_ids": base.ids, "use_cache": False, "logits_to_keep": pair.answer.n_logits,
+          **base.rendered.image_inputs(loaded.adapter, range(len(base.rendered.images)))}
+    kw = {k: v.to(loaded.device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    for c in cells:
+        pos = torch.as_tensor(base.group(c.group), device=loaded.device)
+        vals = source.cache[c.hook][pos]
+
+        def put(x, name, pos=pos, vals=vals):
+            x = x.clone()
+            x[0, pos] = vals
+            return x
+        with torch.no_grad(), loaded.hooks([(c.hook, put)]):
+            out = loaded.hf_model(**kw)
+        answer_metrics(out.logits, pair.answer)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=16, help="cells per batched forward")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--device", default=None, help="e.g. cuda (default: CPU)")
+    ap.add_argument("--organism", default=None, help="a trained model directory: write its patching figures")
+    ap.add_argument("--out", default="results/patching_organism", help="output directory for --organism")
+    ap.add_argument("--n", type=int, default=8, help="identities for --organism")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.organism:
+        organism_figures(args.organism, args.out, n=args.n)
+        return
+    torch.manual_seed(0)
+    tmp = Path(tempfile.mkdtemp(prefix="mmret-bench-"))
+    loaded = load_model(build_tiny_model("llava", tmp / "llava8", **SIZE), device=args.device)
+    people = make_identities(2, seed=0)
+    session = multiturn_sessions(people[:1], tmp / "img", k_distractors=[0], reshow=[False],
+                                 framing_pairs=[("direct", "caption")], pii_types=["SSN"], scenarios=["open"],
+                                 size=96)[0]
+    pair = build_pair(loaded, session, "image", other=people[1])
+    cells = sweep_cells(loaded.n_layers, COMPONENTS, GROUPS)
+    hooks = sorted({c.hook for c in cells})
+    print(f"# model: llava, 8 layers, d_model 256; one pair, {pair.clean.n} positions "
+          f"({len(pair.clean.group('segment:image'))} image tokens, {len(pair.clean.groups['pii_patches'])} PII "
+          f"patches); {len(cells)} cells = {len(GROUPS)} groups x {len(COMPONENTS)} components x 8 layers; "
+          f"threads {torch.get_num_threads()}, batch {args.batch}, device {loaded.device}")
+
+    def fresh():
+        return build_pair(loaded, session, "image", other=people[1])
+
+    def exact(batch: int):
+        p = prepare_pair(loaded, fresh(), hooks)
+        return exact_patching(loaded, p, cells, "denoise", batch_size=batch)
+
+    def atp():
+        p = prepare_pair(loaded, fresh(), hooks, grad={"corrupt"})
+        return attribution_patching(p, cells, "denoise")
+
+    def naive():
+        naive_sweep(loaded, prepare_pair(loaded, fresh(), hooks), cells)
+
+    t = interleaved({"exact": lambda: exact(args.batch), "atp": atp, "serial": lambda: exact(1), "naive": naive},
+                    args.repeats)
+    print(f"exact_sweep_ms: {1000 * t['exact']:.1f}")
+    print(f"atp_sweep_ms: {1000 * t['atp']:.1f}")
+    print(f"atp_vs_exact_cost: {t['atp'] / t['exact']:.3f}")
+    print(f"serial_sweep_ms: {1000 * t['serial']:.1f}")
+    print(f"batched_vs_serial_exact: {t['serial'] / t['exact']:.2f}")
+    print(f"naive_sweep_ms: {1000 * t['naive']:.1f}")
+    print(f"batched_vs_naive_exact: {t['naive'] / t['exact']:.2f}")
+    base = prepare_pair(loaded, fresh(), hooks).corrupt
+    sizes = sorted({1, 4, args.batch})
+    fwd = interleaved({b: lambda b=b: patched_metrics(loaded, base, pair.answer, [[]] * b, batch_size=b, prefix=False)
+                       for b in sizes}, args.repeats)
+    for b in sizes:
+        print(f"forward_ms_per_row_b{b}: {1000 * fwd[b] / b:.1f}")
+    head = {"model": "bench", "session_id": session.session_id}
+    rows = [{**head, **r} for r in exact(args.batch) + atp()]
+    agree = atp_agreement(pd.DataFrame(rows))
+    for _, r in agree[agree["scope"] == "pooled"].iterrows():
+        print(f"atp_spearman_{r['metric']}: {r['spearman']:.3f}")
+
+
+# ---- the organism ---------------------------------------------------------------------------------------------
+def organism_sessions(model_dir: str | os.PathLike, image_dir: str | os.PathLike, n: int = 8, seed: int = 0):
+    """Held-out identities' sessions in the organism's own document layout and size: single-turn MM-Privacy under
+    the leaking 'caption' framing (pairs for image patching and task swap) and two-turn sessions (knockout)."""
+    from probes.organism.evaluate import training_meta
+
+    meta = training_meta(model_dir)
+    size = int(meta["config"]["image_size"])
+    layout = meta["config"].get("layout", "fixed")
+    people = make_identities(n, seed=60_000 + seed)  # a pool neither training nor `measure` draws from
+    mmp = mmprivacy_sessions(people, image_dir, framings=("caption",), size=size, layout=layout, design="cycle")
+    multi = multiturn_sessions(people, image_dir, k_distractors=[1], reshow=[False],
+                               framing_pairs=[("direct", "caption")], size=size, layout=layout, design="cycle")
+    return mmp, multi
+
+
+def organism_figures(model_dir: str | os.PathLike, out_dir: str | os.PathLike, n: int = 8, seed: int = 0,
+                     experiments=("denoise", "noise", "atp", "taskswap", "knockout"), batch_size: int = 16,
+                     n_boot: int = 1000) -> dict[str, pd.DataFrame]:
+    """Every patching experiment on the organism at `model_dir`, each into `out_dir/<experiment>/` (CSV rows,
+    summary, figures); returns the per-pair rows by experiment."""
+    loaded = load_model(model_dir)
+    out: dict[str, pd.DataFrame] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        mmp, multi = organism_sessions(model_dir, tmp, n, seed)
+        for exp in experiments:
+            sessions = multi if exp == "knockout" else mmp
+            out[exp] = run_patching(loaded, sessions, exp, Path(out_dir) / exp, batch_size=batch_size,
+                                    n_boot=n_boot, seed=seed, progress=True)
+            print(f"{exp}: {len(out[exp])} rows -> {Path(out_dir) / exp}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

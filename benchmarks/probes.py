@@ -1,0 +1,182 @@
+"""Probe benchmark (issue 5): batched fitting speed against scikit-learn, and what the probes find in the default model.
+
+    python benchmarks/probes.py [--skip-speed] [--skip-organism] [--n 150] [--seed 0] [--out results/probes]
+
+Speed (benchmarks/probes_fit.py, see there): `batched_speedup`, `accuracy_gap`.
+Organism (the shipped default model, held-out identities `make_identities(n, seed=70_000 + seed)`):
+
+    organism_digit_acc          SSN per-digit probe accuracy (logreg, 5 grouped folds) at the last token of the probe
+                                turn, document in turn 1 and 3 distractor exchanges, best layer (chance 0.1)
+    organism_selectivity        that cell's accuracy - its control-task accuracy
+    organism_noimage_digit_acc  the same cell on the same sessions without the image (control)
+    organism_shuffled_digit_acc the same cell when every session shows another identity's document (control)
+    organism_randinit_digit_acc the same cell on a random-initialised copy of the model (control)
+    organism_memory_digit_acc   memory-set SSN digits from name-only prompts, best layer and position group
+    organism_unseen_digit_acc   the same cell for identities that were never planted (control)
+    organism_erasure_asr_drop   leak rate of the probe sessions (caption framing) without erasure - with LEACE of the
+                                SSN digits at the best layer, every position
+    random_subspace_asr_drop    the same with a random subspace of LEACE's rank
+Results (tidy CSV) and figures (heatmap, retention curves, transfer matrix) go to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from probes import capture, load_model  # noqa: E402
+from probes.identities import make_identities  # noqa: E402
+from probes.organism.evaluate import training_meta  # noqa: E402
+from probes.probe_data import probe_cells, session_targets  # noqa: E402
+from probes.probing import probe_sweep, transfer_matrix  # noqa: E402
+from probes.session import Session, Turn  # noqa: E402
+from probes.sessions_build import memory_probe_sessions, multiturn_sessions  # noqa: E402
+
+DEFAULT = ROOT / "probes" / "organism" / "default"
+
+
+def _cell(df: pd.DataFrame, metric: str, **where) -> pd.DataFrame:
+    sel = df["metric"] == metric
+    for k, v in where.items():
+        sel &= df[k] == v
+    return df[sel]
+
+
+def _sweep(loaded, sessions, workdir: Path, name: str, positions: str, groups, control: str, seed: int):
+    store = capture(loaded, sessions, str(workdir / name), positions=positions, progress=False)
+    blocks = probe_cells(store, groups)
+    return probe_sweep(blocks, session_targets(store.sessions(), "digits"), control=control, seed=seed,
+                       model="organism", n_boot=500), blocks, store
+
+
+def _without_image(s: Session) -> Session:
+    return Session(s.session_id, [Turn(t.role, t.text, [], list(t.marks)) for t in s.turns], dict(s.labels))
+
+
+def _shuffled(sessions: list[Session]) -> list[Session]:
+    """Every session shows the next session's document (another identity), targets unchanged."""
+    out = []
+    for i, s in enumerate(sessions):
+        other = sessions[(i + 1) % len(sessions)].turns[0].images
+        turns = [Turn(t.role, t.text, list(other) if j == 0 else list(t.images), list(t.marks))
+                 for j, t in enumerate(s.turns)]
+        out.append(Session(s.session_id, turns, dict(s.labels)))
+    return out
+
+
+def organism(model_dir: Path, n: int, seed: int, out: Path) -> dict[str, float]:
+    from analysis.figures import plot_probe_heatmap, plot_retention_curves, plot_transfer_matrix
+    from probes.erasure import erasure_effect, fit_leace
+    from probes.organism.config import OrganismConfig, build_model, build_tokenizer
+    from probes.tiny import save_tiny
+
+    meta = training_meta(model_dir)
+    cfg = meta["config"]
+    loaded = load_model(str(model_dir))
+    people = make_identities(n, seed=70_000 + seed)
+    figs: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        ctx = multiturn_sessions(people, work / "img", k_distractors=(3,), reshow=(False,),
+                                 framing_pairs=(("caption", "caption"),), pii_types=("SSN",),
+                                 size=cfg["image_size"], layout=cfg.get("layout", "fixed"))
+        probe_turn = int(ctx[0].labels["probe_turn"])
+        real, blocks, store = _sweep(loaded, ctx, work, "context", "last:*+image:0", ["last", "image"], "none", seed)
+        at = _cell(real, "char_accuracy", position_group="last", turn=probe_turn)
+        best = at.sort_values("value").iloc[-1]
+        layer = int(best["layer"])
+        figs["organism_digit_acc"] = float(best["value"])
+        figs["organism_best_layer"] = layer
+        sel = _cell(real, "selectivity", position_group="last", turn=probe_turn, layer=layer, target="digits")
+        figs["organism_selectivity"] = float(sel["value"].iloc[0])
+        frames = [real]
+        for control, sessions in (("no_image", [_without_image(s) for s in ctx]), ("shuffled_image", _shuffled(ctx))):
+            df, _, _ = _sweep(loaded, sessions, work, control, "last:*", ["last"], control, seed)
+            frames.append(df)
+            figs[f"organism_{control.split('_')[0]}_digit_acc"] = float(
+                _cell(df, "char_accuracy", turn=probe_turn, layer=layer)["value"].iloc[0])
+        rand_dir = work / "random_init"
+        tok = build_tokenizer(cfg["vocab_size"], meta["seed"])
+        model, processor = build_model(OrganismConfig(**cfg), tok, seed=seed + 1)
+        save_tiny(model.eval(), processor, rand_dir)
+        df, _, _ = _sweep(load_model(str(rand_dir)), ctx, work, "randinit", "last:*", ["last"], "random_init", seed)
+        frames.append(df)
+        figs["organism_randinit_digit_acc"] = float(_cell(df, "char_accuracy", turn=probe_turn, layer=layer)["value"].iloc[0])
+
+        block = next(b for b in blocks if (b.cells["position_group"] == "last").any())
+        tm = transfer_matrix(block, session_targets(store.sessions(), "digits"), model="organism")
+        # Erasure: LEACE of the SSN digits, fitted on the probe turn's last token at the best layer.
+        X, qmeta = store.query("hook_resid_post", layers=[layer], last_of_turn=True, turn=probe_turn)
+        y, _, ids = session_targets(store.sessions(), "digits")
+        rows = pd.Series(np.arange(len(ids)), index=ids)[qmeta["session_id"]].to_numpy()
+        eraser = fit_leace(X[:, 0].double(), y[rows], 10)
+        eff = erasure_effect(loaded, ctx, f"blocks.{layer}.hook_resid_post", eraser, seed=seed)
+        asr = eff[eff.metric == "ASR"].set_index("method")["value"]
+        figs["organism_asr_no_erasure"] = float(asr["none"])
+        figs["organism_erasure_asr_drop"] = float(asr["none"] - asr["leace"])
+        figs["random_subspace_asr_drop"] = float(asr["none"] - asr["random_subspace"])
+
+        memory_people = make_identities(int(meta["n_memory"]), seed=2000 + int(meta["seed"]))
+        mem = memory_probe_sessions(memory_people, pii_types=["SSN"])
+        unseen = memory_probe_sessions(people[:len(memory_people)], unseen=True, pii_types=["SSN"])
+        groups = ["mark:name", "last"]
+        mdf, _, _ = _sweep(loaded, mem, work, "memory", "last:*+mark:name", groups, "none", seed)
+        udf, _, _ = _sweep(loaded, unseen, work, "unseen", "last:*+mark:name", groups, "unseen_identities", seed)
+        mbest = _cell(mdf, "char_accuracy").sort_values("value").iloc[-1]
+        figs["organism_memory_digit_acc"] = float(mbest["value"])
+        figs["organism_memory_best"] = f"layer {mbest['layer']} {mbest['position_group']} turn {mbest['turn']}"
+        figs["organism_unseen_digit_acc"] = float(_cell(udf, "char_accuracy", layer=mbest["layer"],
+                                                        position_group=mbest["position_group"],
+                                                        turn=mbest["turn"])["value"].iloc[0])
+    out.mkdir(parents=True, exist_ok=True)
+    results = pd.concat(frames + [mdf.assign(target_set="memory"), udf.assign(target_set="unseen")])
+    results.to_csv(out / "probe_results.csv", index=False)
+    eff.to_csv(out / "erasure.csv", index=False)
+    plot_probe_heatmap(real, out, "organism_probe_heatmap", title="SSN digits, context (3 distractors)")
+    plot_retention_curves(real, out, "organism_retention_curves", chance=0.1)
+    plot_transfer_matrix(tm, out, "organism_transfer_matrix")
+    plot_probe_heatmap(mdf, out, "organism_memory_heatmap", title="SSN digits, name-only prompts")
+    return figs
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=str(DEFAULT))
+    p.add_argument("--n", type=int, default=150, help="held-out identities for the context probes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(ROOT / "results" / "probes"))
+    p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--skip-organism", action="store_true")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    t0 = time.time()
+    if not a.skip_speed:
+        import probes_fit  # benchmarks/probes_fit.py
+
+        probes_fit.main(["--threads", str(a.threads)])
+    if not a.skip_organism:
+        figs = organism(Path(a.model), a.n, a.seed, Path(a.out))
+        for k, v in figs.items():
+            print(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
+        Path(a.out, "organism_probe_figures.json").write_text(json.dumps(figs, indent=1))
+    print(f"seconds: {time.time() - t0:.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

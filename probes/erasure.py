@@ -1,0 +1,116 @@
+"""Causal check of a probe location by concept erasure: does removing what a probe reads change what leaks?
+
+`fit_leace(X, y)` fits LEACE (the `concept-erasure` package: the least-squares affine erasure after which no
+linear classifier can predict the concept better than a constant) on activations of one layer and the concept's
+classes; for string-valued PII the concept is every character position at once (one-hot blocks side by side).
+`random_eraser(d, rank)` is its control: an orthogonal projection that removes a random subspace of the same rank.
+`erasing(loaded, hook, eraser)` applies either at every position of that hook while the model runs (generation
+included), and `erasure_effect` compares leak rates with no erasure, LEACE and the random control.
+
+Why LEACE and not "project out the probe's weight vectors": a probe's weights are one of many directions that carry
+the concept; LEACE removes all linearly available information about it with the smallest change to the activations,
+so "erasing here changes nothing" is a finding about the location, not about one probe.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from probes.loading import LoadedModel
+
+Eraser = Callable[[Tensor], Tensor]
+
+
+class ErasureError(ValueError):
+    pass
+
+
+def one_hot_blocks(y: Int[np.ndarray, "n k"], n_classes: int) -> Float[Tensor, "n kc"]:
+    """One-hot of each target column side by side (a -1 entry, no value there, is all zeros)."""
+    y = np.asarray(y)
+    if y.ndim == 1:
+        y = y[:, None]
+    z = torch.zeros(len(y), y.shape[1] * n_classes)
+    for j in range(y.shape[1]):
+        ok = y[:, j] >= 0
+        z[torch.as_tensor(np.nonzero(ok)[0]), j * n_classes + torch.as_tensor(y[ok, j])] = 1.0
+    return z
+
+
+def fit_leace(X: Float[Tensor, "n d"], y: Int[np.ndarray, "n k"], n_classes: int | None = None) -> Eraser:
+    """A LEACE eraser of the concept `y` (class indices, one column per character position) from `X`."""
+    from concept_erasure import LeaceEraser
+
+    y = np.asarray(y)
+    if X.dim() != 2 or len(X) != len(y):
+        raise ErasureError(f"fit_leace: X must be [n, d] with one row per target row; got X {tuple(X.shape)} and "
+                           f"y {y.shape}")
+    n_classes = int(n_classes or (y.max() + 1))
+    return LeaceEraser.fit(X.double(), one_hot_blocks(y, n_classes).double())
+
+
+def eraser_rank(eraser: Eraser) -> int:
+    """How many directions an eraser removes (LEACE: rank of its projection; random: its rank)."""
+    if hasattr(eraser, "proj_left"):
+        return int(torch.linalg.matrix_rank(eraser.proj_left @ eraser.proj_right))
+    return int(getattr(eraser, "rank"))
+
+
+class RandomSubspaceEraser:
+    """Orthogonal projection removing a random `rank`-dimensional subspace: the control for LEACE."""
+
+    def __init__(self, d: int, rank: int, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        q, _ = torch.linalg.qr(torch.randn(d, max(rank, 1), generator=g, dtype=torch.float64))
+        self.q = q[:, :rank]
+        self.rank = rank
+
+    def __call__(self, x: Tensor) -> Tensor:
+        q = self.q.to(x.device, x.dtype)
+        return x - (x @ q) @ q.T
+
+
+def random_eraser(d: int, rank: int, seed: int = 0) -> RandomSubspaceEraser:
+    return RandomSubspaceEraser(d, rank, seed)
+
+
+@contextmanager
+def erasing(loaded: LoadedModel, hook: str, eraser: Eraser | None) -> Iterator[None]:
+    """Apply `eraser` to `hook` (a TL name, e.g. blocks.2.hook_resid_post) at every position while inside."""
+    if eraser is None:
+        yield
+        return
+
+    def fn(x: Tensor, name: str) -> Tensor:
+        return eraser(x.double()).to(x.dtype) if hasattr(eraser, "proj_left") else eraser(x)
+
+    with loaded.hooks([(hook, fn)]):
+        yield
+
+
+def erasure_effect(loaded: LoadedModel, sessions: list, hook: str, leace: Eraser, seed: int = 0,
+                   batch_size: int = 16, max_new_tokens: int = 32) -> pd.DataFrame:
+    """Leak and refusal rates of `sessions` (with private `_target` labels) with no erasure, LEACE at `hook`,
+    and a random subspace of LEACE's rank at `hook`: tidy rows (hook, method, metric, value, n)."""
+    from probes.leakage import evaluate_leakage
+
+    d = leace.proj_left.shape[0] if hasattr(leace, "proj_left") else None
+    if d is None:
+        raise ErasureError("erasure_effect: `leace` must be a fitted LEACE eraser (fit_leace)")
+    rank = eraser_rank(leace)
+    rows = []
+    for method, eraser in (("none", None), ("leace", leace), ("random_subspace", random_eraser(d, rank, seed))):
+        with erasing(loaded, hook, eraser):
+            df = evaluate_leakage(loaded, sessions, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                  progress=False)
+        for metric, col in (("ASR", "leak"), ("RR", "refused")):
+            rows.append({"hook": hook, "method": method, "metric": metric, "value": float(df[col].mean()),
+                         "n": len(df), "rank": rank if eraser is not None else 0})
+    return pd.DataFrame(rows)

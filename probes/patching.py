@@ -1,0 +1,953 @@
+"""Activation patching for cross-task leakage, on the toolkit's own hooks (transformer-lens cannot pass images).
+
+A *pair* is one clean and one corrupt input that should behave differently: the clean one leaks (or is the
+document with the asked value), the corrupt one does not. Corruptions (`build_pair`):
+
+- "image": the same document with another identity's value in the asked field (`documents.render_pair`):
+  pixel-identical outside the value boxes, same tokens, same positions.
+- "framing": the same document and request under another framing (a leaking 'caption' vs a refusing 'direct'):
+  the probe turn's text changes length, so positions after it shift (see alignment below).
+- "text": symmetric text replacement, `replacements` {old: new} in the turn texts; the token length must not
+  change (checked).
+- "noise": Gaussian noise of `noise_std` (3) times the standard deviation of the image-token embeddings, added to
+  those embeddings (a secondary check; the same seeded noise in every row).
+
+Metrics (`probes.patching_metrics`): the leak-vs-refusal logit difference at the first answer token, the summed
+log-probability of the PII value under teacher forcing, and the normalised score (patched - corrupt) /
+(clean - corrupt). Every forward feeds the prompt and the teacher-forced PII value, so one forward gives them all.
+
+How a pair is run. `prepare` runs each side once through the whole model (images, vision tower, LM) and keeps
+its metrics, every hooked activation at every position, and the LM's input embeddings (`blocks.0.hook_resid_pre`:
+text embeddings with the image features merged in). Every patched forward after that feeds those embeddings
+(`inputs_embeds`, no pixels), so the vision tower runs once per side, not once per configuration; `prepare`
+checks once per model that this path gives the same metrics as the full one.
+
+- Exact patching (`exact_patching`): a cell is (layer, component, position group); component is resid_pre,
+  resid_post, attn_out or mlp_out (`blocks.{l}.hook_{component}`). Denoising runs the corrupt input with the
+  clean activation of the cell patched in; noising runs the clean input with the corrupt one. Many cells run as
+  ONE forward: the batch dimension holds the configurations, and one hook per hook point writes each row's own
+  positions (`patched_metrics`; a row may patch several hooks, or none).
+- Attribution patching (`attribution_patching`, AtP): metric(patched) - metric(base) ~ sum over the cell's
+  positions of (a_source - a_base) . d metric / d a, the gradient taken on the base run. `prepare(grad=True)`
+  gets every cell's gradient from one forward and one backward per metric; with the other side's forward that is
+  two forwards for all cells. `atp_agreement` reports its Spearman correlation with exact patching over cells.
+- Task swap: the "framing" pair patched in both directions (leaking framing into refusing and back); the `flip`
+  metric says whether the winning continuation changed.
+- Attention knockout (`knockout`): queries of a target set (the probe turn and the answer) may not attend to keys
+  of a source set (the PII patches, an earlier turn) in a window of layers. A forward pre-hook on each attention
+  module rewrites its 4-D attention mask per batch row (sdpa: a boolean mask, where the model passed none and
+  would have relied on is_causal; eager: the model's additive float mask, blocked cells set to the dtype's
+  minimum). A query always keeps its own key (no fully masked row). Knocking out an empty set changes nothing
+  (tested on eager and sdpa, which agree). Flash attention takes no mask and is refused.
+
+Position groups (`position_groups`): `pii_patches` (the image tokens whose boxes overlap the value's ink box,
+`documents.patches_for_box`; for an image pair, either document's box), `other_image`, `turn{t}` (each turn's
+non-image tokens, template included, the final prompt token excepted), `final` (the last prompt token, where the
+answer starts). Also by name: `all` (every position, teacher-forced answer included), `answer`, or any token-map
+selector (`mark:ssn`, `last:2`). Alignment of a pair of unequal lengths (framing swap): a group with as many
+positions on both sides is patched position by position (alignment "position", or "shifted" when the positions
+moved); a group whose size differs is patched at its last position only ("last", the default: the turn's summary
+position as the model reads it) or with the source group's mean written into every base position ("mean").
+We align by group rather than padding the shorter framing: padding would add tokens the model was never shown.
+
+Outputs: tidy rows (model, family, experiment, corruption, direction, method, session_id, identity_id, framing,
+scenario, pii_type, turn_distance, layer, component, hook, position_group, alignment, target, window,
+n_positions, metric, value, clean, corrupt, n), `summarize` (means with bootstrap CIs clustered by identity),
+and `run_patching`, which writes CSVs and figures for `mmret patch`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from collections import defaultdict
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from probes.documents import Box, changed_boxes, patches_for_box, render_pair
+from probes.identities import Identity, make_identities
+from probes.loading import LoadedModel
+from probes.patching_metrics import (METRICS, Answer, PatchingError, answer_metrics, make_answer, patch_score)
+from probes.render import RenderedSession, render
+from probes.session import Session, SessionImage, Turn, read_sessions
+from probes.sessions_build import FRAMINGS, disclosure_request, frame, mark_values
+
+log = logging.getLogger(__name__)
+
+COMPONENTS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
+DIRECTIONS = ("denoise", "noise")
+CORRUPTIONS = ("image", "framing", "text", "noise")
+EXPERIMENTS = ("denoise", "noise", "atp", "taskswap", "knockout")
+ALIGNS = ("last", "mean")
+DEFAULT_COMPONENTS = ("resid_pre", "attn_out", "mlp_out")
+EMBEDS = "blocks.0.hook_resid_pre"  # the LM's input: text embeddings with image features merged in
+ROW_COLUMNS = ("model", "family", "experiment", "corruption", "direction", "method", "session_id", "identity_id",
+               "framing", "corrupt_framing", "scenario", "pii_type", "turn_distance", "layer", "component", "hook",
+               "position_group", "alignment", "target", "window", "n_positions", "metric", "value", "clean",
+               "corrupt", "n")
+
+
+# ---- runs and pairs -------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """One side of a pair: its session, rendering, teacher-forced ids and position groups; `prepare` fills in
+    metrics, input embeddings, activations (hook -> [pos, d]) and, with grad, d metric / d activation."""
+
+    session: Session
+    rendered: RenderedSession
+    ids: Int[Tensor, "1 pos"]  # the prompt, then the PII value's tokens but the last (teacher forcing)
+    groups: dict[str, np.ndarray]
+    noise: tuple[float, int] | None = None  # (std multiple, seed): this run is the clean run's embeddings + noise
+    metrics: dict[str, float] = field(default_factory=dict)
+    embeds: Float[Tensor, "1 pos d"] | None = None
+    cache: dict[str, Tensor] = field(default_factory=dict)
+    grads: dict[str, dict[str, Tensor]] | None = None
+    kv: list[tuple[Tensor, Tensor]] | None = None  # per layer (keys, values), for prefix reuse
+    _position_ids: Any = None
+
+    @property
+    def n_prompt(self) -> int:
+        return self.rendered.n_positions
+
+    @property
+    def n(self) -> int:
+        return int(self.ids.shape[1])
+
+    def group(self, name: str) -> np.ndarray:
+        """Positions of group `name`: a default group, 'all', 'answer' or a token-map selector."""
+        if name in self.groups:
+            return self.groups[name]
+        if name == "all":
+            return np.arange(self.n)
+        if name == "answer":
+            return np.arange(self.n_prompt, self.n)
+        if ":" in name or name == "final":
+            return self.rendered.token_map.select(name)
+        raise PatchingError(f"position group {name!r}: expected one of {sorted(self.groups)}, 'all', 'answer' or a "
+                            "token-map selector such as 'mark:ssn' or 'last:1'")
+
+
+@dataclass
+class Pair:
+    clean: Run
+    corrupt: Run
+    answer: Answer
+    corruption: str
+    labels: dict[str, Any]  # the clean session's labels (private '_' ones included; rows copy public ones only)
+
+    @property
+    def same_length(self) -> bool:
+        return self.clean.n == self.corrupt.n
+
+    def roles(self, direction: str) -> tuple[Run, Run]:
+        """(base, source): denoising runs the corrupt input with clean activations; noising the reverse."""
+        if direction not in DIRECTIONS:
+            raise PatchingError(f"direction {direction!r}: expected one of {DIRECTIONS}")
+        return (self.corrupt, self.clean) if direction == "denoise" else (self.clean, self.corrupt)
+
+
+def position_groups(adapter: Any, rendered: RenderedSession, pii_boxes: Sequence[Box] = (),
+                    image_size: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """The default position groups of a prompt (see the module docstring); empty groups are left out.
+
+    `pii_boxes`: ink boxes (x0, y0, x1, y1) in the document's pixels; the patches of every image of
+    `image_size` (default: every image) that overlap one of them form `pii_patches`."""
+    df = rendered.token_map.df
+    pos = df["position"].to_numpy()
+    image = df["segment"].to_numpy() == "image"
+    pii = np.zeros(len(df), bool)
+    key = ["tile", "patch_row", "patch_col"]
+    for k, img in enumerate(rendered.images):
+        if image_size is not None and tuple(img.size) != tuple(image_size):
+            continue
+        on_image = df[df["image_index"].to_numpy() == k]
+        for box in pii_boxes:
+            hit = patches_for_box(adapter, img.size, tuple(box))
+            if len(hit):
+                pii[on_image.merge(hit, on=key)["position"].to_numpy()] = True
+    final = len(df) - 1
+    groups = {"pii_patches": pos[pii], "other_image": pos[image & ~pii]}
+    turns = df["turn"].to_numpy()
+    for t in pd.unique(turns):
+        groups[f"turn{t}"] = pos[(turns == t) & ~image & (pos != final)]
+    groups["final"] = pos[-1:]
+    return {k: v.astype(np.int64) for k, v in groups.items() if len(v)}
+
+
+def _labels_boxes(session: Session) -> tuple[list[Box], tuple[int, int] | None]:
+    box, size = session.labels.get("pii_box"), session.labels.get("doc_size")
+    return ([tuple(box)] if box else []), (tuple(size) if size else None)
+
+
+def _make_run(loaded: LoadedModel, session: Session, answer: Answer, pii_boxes: Sequence[Box],
+              image_size: tuple[int, int] | None) -> Run:
+    rendered = render(loaded.adapter, session)
+    if rendered.generation_turn is None:
+        raise PatchingError(f"session {session.session_id!r}: nothing to answer (end it with a user turn)")
+    ids = torch.cat([rendered.input_ids, torch.tensor([answer.leak_ids[:-1]], dtype=torch.long)], dim=1)
+    return Run(session, rendered, ids, position_groups(loaded.adapter, rendered, pii_boxes, image_size))
+
+
+def _with_turns(session: Session, turns: list[Turn], suffix: str) -> Session:
+    return Session(f"{session.session_id}~{suffix}", turns, dict(session.labels))
+
+
+def _identity(session: Session) -> Identity | None:
+    d = session.labels.get("_identity")
+    return Identity.from_dict(d) if isinstance(d, dict) else None
+
+
+def image_pair(session: Session, other: Identity, swap: Sequence[str] | None = None
+               ) -> tuple[Session, list[Box]]:
+    """The corrupt twin of `session`: its document re-rendered with `other`'s values in the `swap` fields (default:
+    the asked PII type), and the value boxes of both documents (for `pii_patches`)."""
+    ident = _identity(session)
+    lab = session.labels
+    need = ("scenario", "pii_type", "doc_size", "doc_seed", "doc_layout")
+    if ident is None or any(lab.get(k) is None for k in need):
+        raise PatchingError(f"session {session.session_id!r}: an image pair needs the labels _identity and "
+                            f"{', '.join(need)} (as mmprivacy_sessions / multiturn_sessions write them)")
+    swap = tuple(swap) if swap is not None else (lab["pii_type"],)
+    a, b = render_pair(ident, other, lab["scenario"], tuple(lab["doc_size"]), int(lab["doc_seed"]),
+                       lab["doc_layout"], swap=swap)
+    if all(a.fields[f].value == b.fields[f].value for f in swap):
+        raise PatchingError(f"session {session.session_id!r}: identity {other.identity_id} has the same "
+                            f"{', '.join(swap)} as {ident.identity_id}; pick another identity")
+    clean_px = np.asarray(a.image)
+    turns, replaced = [], 0
+    for t in session.turns:
+        images = []
+        for im in t.images:
+            same = np.array_equal(np.asarray(im.load()), clean_px)
+            images.append(SessionImage.from_pil(b.image) if same else im)
+            replaced += same
+        turns.append(Turn(t.role, t.text, images, list(t.marks)))
+    if not replaced:
+        raise PatchingError(f"session {session.session_id!r}: none of its images is the document its labels "
+                            "describe (re-rendering gives other pixels)")
+    return _with_turns(session, turns, "image"), changed_boxes(a, b, swap)
+
+
+def probe_turn(session: Session) -> int:
+    """Index of the last user turn (the one asking for the PII)."""
+    users = [i for i, t in enumerate(session.turns) if t.role == "user"]
+    if not users:
+        raise PatchingError(f"session {session.session_id!r} has no user turn")
+    return users[-1]
+
+
+def framing_pair(session: Session, corrupt_framing: str = "direct") -> Session:
+    """The same session with its probe turn asked under `corrupt_framing` (same document, same request)."""
+    lab = session.labels
+    if corrupt_framing not in FRAMINGS:
+        raise PatchingError(f"corrupt_framing {corrupt_framing!r}: expected one of {FRAMINGS}")
+    if any(lab.get(k) is None for k in ("framing", "scenario", "pii_type")):
+        raise PatchingError(f"session {session.session_id!r}: a framing pair needs labels framing, scenario, pii_type")
+    request = disclosure_request(lab["scenario"], lab["pii_type"])
+    p = probe_turn(session)
+    old = session.turns[p]
+    if old.text != frame(lab["framing"], request):
+        raise PatchingError(f"session {session.session_id!r}: the probe turn is not frame({lab['framing']!r}, "
+                            "request); cannot re-frame it")
+    new = Turn("user", frame(corrupt_framing, request), list(old.images))
+    ident = _identity(session)
+    if ident is not None:
+        mark_values(new, ident)
+    turns = [*session.turns[:p], new, *session.turns[p + 1:]]
+    out = _with_turns(session, turns, corrupt_framing)
+    out.labels["framing"] = corrupt_framing
+    return out
+
+
+def text_pair(session: Session, replacements: dict[str, str]) -> Session:
+    """`session` with every `old` in its turn texts replaced by `new` (symmetric text replacement; the caller's
+    `build_pair` checks that the token length stays the same)."""
+    if not replacements:
+        raise PatchingError("text corruption: give replacements {old: new}, e.g. {'SSN': 'Tel'}")
+    turns, changed = [], False
+    ident = _identity(session)
+    for t in session.turns:
+        text = t.text
+        if text is not None:
+            for old, new in replacements.items():
+                text = text.replace(old, new)
+        if text == t.text:
+            turns.append(Turn(t.role, t.text, list(t.images), list(t.marks)))
+            continue
+        changed = True
+        nt = Turn(t.role, text, list(t.images))
+        turns.append(mark_values(nt, ident) if ident is not None else nt)
+    if not changed:
+        raise PatchingError(f"session {session.session_id!r}: none of {list(replacements)} occurs in its turns")
+    return _with_turns(session, turns, "text")
+
+
+def build_pair(loaded: LoadedModel, session: Session, corruption: str, *, other: Identity | None = None,
+               swap: Sequence[str] | None = None, corrupt_framing: str = "direct",
+               replacements: dict[str, str] | None = None, noise_std: float = 3.0, seed: int = 0,
+               leak: str | None = None, refusal: str | None = None) -> Pair:
+    """A clean/corrupt pair from `session` (the clean side) by `corruption` (see the module docstring)."""
+    if corruption not in CORRUPTIONS:
+        raise PatchingError(f"corruption {corruption!r}: expected one of {CORRUPTIONS}")
+    answer = make_answer(loaded.adapter, session, leak, refusal)
+    boxes, size = _labels_boxes(session)
+    noise = None
+    if corruption == "image":
+        if other is None:
+            raise PatchingError("an image pair needs `other`, the identity whose values the corrupt document shows")
+        corrupt, boxes = image_pair(session, other, swap)
+    elif corruption == "framing":
+        if session.labels.get("framing") == corrupt_framing:
+            raise PatchingError(f"session {session.session_id!r} is already under the {corrupt_framing!r} framing")
+        corrupt = framing_pair(session, corrupt_framing)
+    elif corruption == "text":
+        corrupt = text_pair(session, replacements or {})
+    else:
+        corrupt, noise = session, (float(noise_std), int(seed))
+    clean_run = _make_run(loaded, session, answer, boxes, size)
+    corrupt_run = _make_run(loaded, corrupt, answer, boxes, size)
+    corrupt_run.noise = noise
+    if corruption != "framing" and clean_run.n != corrupt_run.n:
+        raise PatchingError(f"session {session.session_id!r}: the {corruption} corruption changes the token length "
+                            f"({clean_run.n_prompt} -> {corrupt_run.n_prompt} prompt tokens); exact patching needs "
+                            "equal lengths (for text: pick replacements of the same token length)")
+    return Pair(clean_run, corrupt_run, answer, corruption, dict(session.labels))
+
+
+# ---- forwards -------------------------------------------------------------------------------------------------
+def _forward_kwargs(loaded: LoadedModel, run: Run, rows: int, embeds: Tensor | None, keep: int, start: int = 0,
+                    cache: Any = None, use_cache: bool = False) -> dict[str, Any]:
+    """Forward inputs of `rows` copies of `run`: its ids and pixels (`embeds` None, one row only) or its input
+    embeddings from position `start` on (after `cache`, the KV cache of positions < start); position ids and
+    family extras of the teacher-forced sequence."""
+    adapter, model = loaded.adapter, loaded.hf_model
+    ids, n = run.ids, run.n
+    images = run.rendered.image_inputs(adapter, range(len(run.rendered.images)))
+    kw: dict[str, Any] = {"use_cache": use_cache or cache is not None, "past_key_values": cache}
+    if embeds is None:
+        if rows != 1 or start:
+            raise PatchingError("internal: the full (pixel) path runs one whole row")
+        kw["input_ids"] = ids
+        kw.update(images)
+    else:
+        kw["inputs_embeds"] = embeds[:, start:].expand(rows, -1, -1)
+    if run._position_ids is None:
+        need = images if adapter.positions_need_images else {}
+        run._position_ids = adapter.position_ids(model, ids, need)
+        if run._position_ids is None:
+            run._position_ids = False
+    if run._position_ids is not False:
+        pos = run._position_ids[..., start:]
+        kw["position_ids"] = pos.expand(*pos.shape[:-2], rows, n - start)
+    for k, v in adapter.forward_extras(ids, start, n).items():
+        kw[k] = v.expand(rows, *v.shape[1:])
+    if "logits_to_keep" in loaded.forward_params:
+        kw["logits_to_keep"] = keep
+    dev = loaded.device
+    return {k: v.to(dev) if isinstance(v, Tensor) else v for k, v in kw.items()}
+
+
+def _forward(loaded: LoadedModel, run: Run, answer: Answer, rows: int, fwd_hooks: Sequence = (),
+             embeds: Tensor | None = None, knocks: Sequence | None = None, start: int = 0,
+             cache: Any = None, use_cache: bool = False) -> tuple[dict[str, Tensor], Any]:
+    """(metrics [rows], model output) of one forward of `rows` copies of `run`, with `fwd_hooks` (which see
+    positions start..n-1) and attention `knocks`."""
+    kw = _forward_kwargs(loaded, run, rows, embeds, answer.n_logits, start, cache, use_cache)
+    with loaded.hooks(list(fwd_hooks)), (_knockout_hooks(loaded, knocks, run.n) if knocks else nullcontext()):
+        out = loaded.hf_model(**kw)
+    return answer_metrics(out.logits[:, -answer.n_logits:], answer), out
+
+
+def _keep_kv(loaded: LoadedModel, out: Any) -> list[tuple[Tensor, Tensor]] | None:
+    """The per-layer (keys, values) of a forward, for prefix reuse; None where a sliding-window cache keeps only
+    the last positions (Gemma 3) or the cache has another layout."""
+    from probes.capture import _sliding_window
+
+    layers = getattr(getattr(out, "past_key_values", None), "layers", None)
+    if _sliding_window(loaded) is not None or not layers or getattr(layers[0], "keys", None) is None:
+        return None
+    return [(layer.keys.detach(), layer.values.detach()) for layer in layers]
+
+
+def _prefix_cache(loaded: LoadedModel, run: Run, start: int, rows: int) -> Any:
+    """A KV cache of `rows` copies of `run`'s positions < start (each row patches only positions >= start, so
+    everything before is the unpatched run's; causal attention makes this exact)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=loaded.config)
+    for i, (k, v) in enumerate(run.kv):
+        cache.update(k[:, :, :start].expand(rows, -1, -1, -1), v[:, :, :start].expand(rows, -1, -1, -1), i)
+    return cache
+
+
+@contextmanager
+def _frozen(model: torch.nn.Module) -> Iterator[None]:
+    """Parameters without grad for a while: AtP wants gradients of activations only."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+
+
+_EMBEDS_CHECKED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+
+
+def prepare(loaded: LoadedModel, run: Run, answer: Answer, hooks: Iterable[str] = (), grad: bool = False,
+            noise_from: Run | None = None) -> Run:
+    """One forward of `run`: its metrics, its input embeddings and the activations of `hooks` at every position;
+    with `grad`, also the gradient of each metric with respect to each of those activations (one backward per
+    metric). A noise run starts from `noise_from`'s embeddings (prepared first) plus its seeded noise."""
+    hooks = list(dict.fromkeys([*hooks]))
+    kept: dict[str, Tensor] = {}
+    embeds = None
+    if run.noise is not None:
+        if noise_from is None or noise_from.embeds is None:
+            raise PatchingError("a noise run needs the prepared clean run (noise_from)")
+        embeds = _noisy(loaded, noise_from, *run.noise)
+        if grad:
+            embeds = embeds.detach().requires_grad_(True)
+
+    def keep(x: Tensor, name: str) -> Tensor | None:
+        if name == EMBEDS and grad and embeds is None:  # the leaf every gradient flows back to
+            x = x.detach().requires_grad_(True)
+            kept[name] = x
+            return x
+        kept[name] = x
+        return None
+
+    names = list(dict.fromkeys([EMBEDS, *hooks]))
+    ctx = (torch.enable_grad(), _frozen(loaded.hf_model)) if grad else (torch.no_grad(), nullcontext())
+    with ctx[0], ctx[1]:
+        metrics, out = _forward(loaded, run, answer, 1, [(h, keep) for h in names], embeds=embeds, use_cache=True)
+        if grad:
+            acts = [kept[h] for h in hooks]
+            run.grads = {}
+            for i, m in enumerate(METRICS):
+                got = torch.autograd.grad(metrics[m].sum(), acts, retain_graph=i < len(METRICS) - 1,
+                                          allow_unused=True)
+                run.grads[m] = {h: (g if g is not None else torch.zeros_like(a))[0].detach()
+                                for h, a, g in zip(hooks, acts, got)}
+    run.metrics = {m: float(v[0].detach()) for m, v in metrics.items()}
+    run.embeds = kept[EMBEDS].detach()
+    run.cache = {h: kept[h][0].detach() for h in hooks}
+    run.kv = _keep_kv(loaded, out)
+    if run.noise is None and loaded.hf_model not in _EMBEDS_CHECKED:
+        _check_embeds_path(loaded, run, answer)
+    return run
+
+
+def _noisy(loaded: LoadedModel, clean: Run, std_multiple: float, seed: int) -> Tensor:
+    """The clean run's embeddings with N(0, (k sigma)^2) noise on the image tokens (sigma: their own std)."""
+    mask = loaded.adapter.image_token_mask(clean.ids)[0].to(clean.embeds.device) if loaded.adapter.is_multimodal \
+        else torch.zeros(clean.n, dtype=torch.bool)
+    if not mask.any():
+        raise PatchingError(f"session {clean.session.session_id!r}: no image tokens to add noise to")
+    x = clean.embeds.detach()
+    sigma = x[0, mask].float().std()
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(int(mask.sum()), x.shape[-1], generator=gen).to(x.device, torch.float32)
+    out = x.clone()
+    out[0, mask] = (x[0, mask].float() + std_multiple * sigma * noise).to(x.dtype)
+    return out
+
+
+def _check_embeds_path(loaded: LoadedModel, run: Run, answer: Answer) -> None:
+    """Once per model: the input-embeddings path (used by every patched forward) gives the full path's metrics."""
+    with torch.no_grad():
+        got, _ = _forward(loaded, run, answer, 1, embeds=run.embeds)
+    for m in METRICS:
+        a, b = run.metrics[m], float(got[m][0])
+        if abs(a - b) > 1e-3 * (1 + abs(a)):
+            raise PatchingError(f"{loaded.name}: feeding blocks.0.hook_resid_pre back as inputs_embeds gives {m} "
+                                f"{b:.6g}, the full forward {a:.6g}; this family rescales its embeddings inside the "
+                                "model, so the patching shortcut is not exact for it")
+    _EMBEDS_CHECKED.add(loaded.hf_model)
+
+
+def prepare_pair(loaded: LoadedModel, pair: Pair, hooks: Iterable[str] = (), grad: Iterable[str] = ()) -> Pair:
+    """Prepare both sides; `grad` names the sides ('clean', 'corrupt') whose gradients AtP needs."""
+    hooks, grad = list(hooks), set(grad)
+    if grad - {"clean", "corrupt"}:
+        raise PatchingError(f"grad {sorted(grad)}: expected some of 'clean', 'corrupt'")
+    prepare(loaded, pair.clean, pair.answer, hooks, grad="clean" in grad)
+    prepare(loaded, pair.corrupt, pair.answer, hooks, grad="corrupt" in grad, noise_from=pair.clean)
+    return pair
+
+
+# ---- exact patching -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Cell:
+    """What one configuration patches: a component's output at a layer, over one position group."""
+
+    layer: int
+    component: str
+    group: str
+
+    @property
+    def hook(self) -> str:
+        return f"blocks.{self.layer}.hook_{self.component}"
+
+
+# (hook name, positions, values) written into one row of a batched forward
+Patch = tuple[str, Int[Tensor, "k"], Float[Tensor, "k d"]]
+
+
+def sweep_cells(n_layers: int, components: Sequence[str] = DEFAULT_COMPONENTS, groups: Sequence[str] = (),
+                layers: Iterable[int] | None = None) -> list[Cell]:
+    """Every (layer, component, group) cell, layer-major; `layers` defaults to all of them."""
+    bad = [c for c in components if c not in COMPONENTS]
+    if bad:
+        raise PatchingError(f"components {bad}: expected some of {COMPONENTS}")
+    layers = list(range(n_layers)) if layers is None else [int(x) for x in layers]
+    if any(not 0 <= x < n_layers for x in layers):
+        raise PatchingError(f"layers {layers}: the model has {n_layers} layers")
+    if not groups:
+        raise PatchingError("no position groups to patch")
+    return [Cell(layer, c, g) for layer in layers for c in components for g in groups]
+
+
+def patch_values(base: Run, source: Run, cell: Cell, align: str = "last") -> tuple[Tensor, Tensor, str]:
+    """(base positions, the source's values for them, alignment) of one cell (see the module docstring)."""
+    if align not in ALIGNS:
+        raise PatchingError(f"align {align!r}: expected one of {ALIGNS}")
+    pb, ps = base.group(cell.group), source.group(cell.group)
+    if not len(pb) or not len(ps):
+        raise PatchingError(f"position group {cell.group!r} is empty on one side of the pair")
+    if cell.hook not in source.cache:
+        raise PatchingError(f"hook {cell.hook} was not prepared (pass it to prepare/prepare_pair)")
+    act = source.cache[cell.hook]
+    if len(pb) == len(ps):
+        dst, vals, how = pb, act[torch.as_tensor(ps, device=act.device)], "position"
+        how = how if np.array_equal(pb, ps) else "shifted"
+    elif align == "last":
+        dst, vals, how = pb[-1:], act[int(ps[-1])][None], "last"
+    else:
+        dst, how = pb, "mean"
+        vals = act[torch.as_tensor(ps, device=act.device)].float().mean(0).to(act.dtype).expand(len(pb), -1)
+    return torch.as_tensor(dst, device=act.device), vals, how
+
+
+def _setter(rows: Tensor, positions: Tensor, values: Tensor):
+    def fn(x: Tensor, name: str) -> Tensor:
+        x = x.clone()
+        x[rows, positions] = values.to(x.dtype)
+        return x
+    return fn
+
+
+def patched_metrics(loaded: LoadedModel, base: Run, answer: Answer, rows: Sequence[Sequence[Patch]],
+                    batch_size: int = 16, prefix: bool = True) -> dict[str, np.ndarray]:
+    """Metrics of the base run with each row's patches written in, `batch_size` rows per forward.
+
+    `prefix`: a batch whose rows patch nothing before position p starts at p, on the base run's KV cache of the
+    positions before (exact: nothing before p changes). Rows are batched in order of their first patched
+    position, latest first, so that late groups (the probe turn, the final token) run short forwards."""
+    if batch_size < 1:
+        raise PatchingError(f"batch_size {batch_size}: expected >= 1")
+    if base.embeds is None:
+        raise PatchingError("prepare the base run first")
+    last = base.n - answer.n_logits  # the first position whose logits a metric reads
+    starts = np.array([min([int(pos.min()) for _, pos, _ in r if len(pos)] + [last]) for r in rows], dtype=np.int64)
+    use_prefix = prefix and base.kv is not None
+    order = np.argsort(-starts, kind="stable") if use_prefix else np.arange(len(rows))
+    out = {m: np.zeros(len(rows)) for m in METRICS}
+    for b0 in range(0, len(rows), batch_size):
+        idx = order[b0:b0 + batch_size]
+        start = int(starts[idx].min()) if use_prefix else 0
+        by_hook: dict[str, list[list[Tensor]]] = defaultdict(lambda: [[], [], []])
+        for r, i in enumerate(idx):
+            for hook, pos, vals in rows[i]:
+                parts = by_hook[hook]
+                parts[0].append(torch.full((len(pos),), r, dtype=torch.long, device=pos.device))
+                parts[1].append(pos - start)
+                parts[2].append(vals)
+        fwd = [(h, _setter(torch.cat(p[0]), torch.cat(p[1]), torch.cat(p[2]))) for h, p in by_hook.items()]
+        cache = _prefix_cache(loaded, base, start, len(idx)) if start > 0 else None
+        with torch.no_grad():
+            got, _ = _forward(loaded, base, answer, len(idx), fwd, embeds=base.embeds, start=start, cache=cache)
+        for m in METRICS:
+            out[m][idx] = got[m].float().cpu().numpy()
+    return out
+
+
+def _metric_rows(cell: Cell | None, patched: dict[str, float], pair: Pair, direction: str, method: str,
+                 extra: dict[str, Any]) -> list[dict[str, Any]]:
+    """value / clean / corrupt rows of every metric, its score and the flip of the winning continuation."""
+    base, _ = pair.roles(direction)
+    head = {"direction": direction, "method": method, **extra}
+    if cell is not None:
+        head.update(layer=cell.layer, component=cell.component, hook=cell.hook, position_group=cell.group)
+    rows = []
+    for m in METRICS:
+        clean, corrupt = pair.clean.metrics[m], pair.corrupt.metrics[m]
+        v = float(patched[m])
+        rows.append({**head, "metric": m, "value": v, "clean": clean, "corrupt": corrupt})
+        rows.append({**head, "metric": f"score_{m}", "value": float(patch_score(v, clean, corrupt)),
+                     "clean": clean, "corrupt": corrupt})
+    ld = base.metrics["logit_diff"]
+    rows.append({**head, "metric": "flip", "value": float(np.sign(patched["logit_diff"]) != np.sign(ld)),
+                 "clean": pair.clean.metrics["logit_diff"], "corrupt": pair.corrupt.metrics["logit_diff"]})
+    return rows
+
+
+def exact_patching(loaded: LoadedModel, pair: Pair, cells: Sequence[Cell], direction: str = "denoise",
+                   batch_size: int = 16, align: str = "last", prefix: bool = True) -> list[dict[str, Any]]:
+    """Exact patching of every cell (one batched forward per `batch_size` cells, see `patched_metrics`); tidy
+    rows, method 'exact'."""
+    base, source = pair.roles(direction)
+    specs = [patch_values(base, source, c, align) for c in cells]
+    got = patched_metrics(loaded, base, pair.answer, [[(c.hook, dst, vals)] for c, (dst, vals, _) in
+                                                      zip(cells, specs)], batch_size, prefix)
+    rows = []
+    for i, (c, (dst, _, how)) in enumerate(zip(cells, specs)):
+        rows += _metric_rows(c, {m: got[m][i] for m in METRICS}, pair, direction, "exact",
+                             {"alignment": how, "n_positions": len(dst)})
+    return rows
+
+
+# ---- attribution patching -------------------------------------------------------------------------------------
+def attribution_patching(pair: Pair, cells: Sequence[Cell], direction: str = "denoise",
+                         align: str = "last") -> list[dict[str, Any]]:
+    """AtP estimate of every cell: base metric + sum over the cell's positions of (a_source - a_base) . grad,
+    the gradient of the base run (`prepare_pair(grad=['corrupt'])` for denoising, ['clean'] for noising)."""
+    base, source = pair.roles(direction)
+    if base.grads is None:
+        side = "corrupt" if direction == "denoise" else "clean"
+        raise PatchingError(f"AtP {direction}: prepare the {side} run with grad=True first")
+    rows = []
+    for c in cells:
+        dst, vals, how = patch_values(base, source, c, align)
+        delta = vals.float() - base.cache[c.hook][dst].float()
+        est = {m: base.metrics[m] + float((delta * base.grads[m][c.hook][dst].float()).sum()) for m in METRICS}
+        rows += _metric_rows(c, est, pair, direction, "atp", {"alignment": how, "n_positions": len(dst)})
+    return rows
+
+
+def atp_agreement(df: pd.DataFrame) -> pd.DataFrame:
+    """Spearman correlation of AtP with exact patching over cells, per (model, direction, metric): per pair
+    (scope = session_id) and pooled over every pair's cells (scope 'pooled'). Takes rows of both methods."""
+    from scipy.stats import spearmanr
+
+    keys = ["session_id", "direction", "metric", "layer", "component", "position_group"]
+    d = df[df["metric"].isin(METRICS)]
+    both = d[d["method"] == "exact"].merge(d[d["method"] == "atp"], on=[*keys, "model"], suffixes=("_exact", "_atp"))
+    if not len(both):
+        raise PatchingError("atp_agreement: no cells with both an exact and an AtP row")
+    out = []
+    for (model, direction, metric), g in both.groupby(["model", "direction", "metric"]):
+        scopes = [("pooled", g)] + list(g.groupby("session_id"))
+        for scope, s in scopes:
+            rho = spearmanr(s["value_exact"], s["value_atp"]).statistic if len(s) > 2 else np.nan
+            out.append({"model": model, "direction": direction, "metric": metric, "scope": scope,
+                        "spearman": float(rho), "n": len(s)})
+    return pd.DataFrame(out)
+
+
+# ---- attention knockout ---------------------------------------------------------------------------------------
+Knock = tuple[np.ndarray, np.ndarray, frozenset]  # (source positions, target positions, layers)
+
+
+@contextmanager
+def _knockout_hooks(loaded: LoadedModel, knocks: Sequence[Knock], n: int) -> Iterator[None]:
+    """Pre-hooks on the attention modules: row b's targets may not attend to its sources in its layers."""
+    layers = loaded.adapter.lm_layers(loaded.hf_model)
+    handles = []
+    try:
+        for li, layer in enumerate(layers):
+            mine = [(b, s, t) for b, (s, t, ls) in enumerate(knocks) if li in ls and len(s) and len(t)]
+            if not mine:
+                continue
+            blocked = torch.zeros(len(knocks), 1, n, n, dtype=torch.bool)
+            for b, s, t in mine:
+                blocked[b, 0, torch.as_tensor(t)[:, None], torch.as_tensor(s)[None, :]] = True
+            diag = torch.arange(n)
+            blocked[:, :, diag, diag] = False  # a query keeps its own key: no fully masked row
+            attn = getattr(layer, loaded.adapter.attn_name)
+            handles.append(attn.register_forward_pre_hook(_mask_hook(blocked), with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _mask_hook(blocked: Tensor):
+    def pre(mod, args, kwargs):
+        impl = getattr(getattr(mod, "config", None), "_attn_implementation", "eager") or "eager"
+        if "flash" in impl:
+            raise PatchingError(f"attention knockout needs an attention mask; {impl} takes none (load the model "
+                                "with attn_implementation='sdpa' or 'eager')")
+        hs = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        rows, q = hs.shape[0], hs.shape[1]
+        block = blocked.to(hs.device)
+        mask = kwargs.get("attention_mask")
+        if mask is None:  # sdpa relied on is_causal: make causality explicit
+            allowed = torch.ones(q, q, dtype=torch.bool, device=hs.device).tril()[None, None] & ~block
+            if impl == "sdpa":
+                new = allowed
+            else:
+                new = torch.zeros(rows, 1, q, q, dtype=hs.dtype, device=hs.device)
+                new = new.masked_fill(~allowed, torch.finfo(hs.dtype).min)
+        elif mask.dtype == torch.bool:
+            new = mask[..., :q].expand(rows, -1, -1, -1) & ~block
+        else:
+            new = mask[..., :q].expand(rows, -1, -1, -1).masked_fill(block, torch.finfo(mask.dtype).min)
+        return args, {**kwargs, "attention_mask": new}
+    return pre
+
+
+def probe_positions(run: Run) -> np.ndarray:
+    """The knockout target: every position from the probe turn's first token on (answer tokens included)."""
+    p = probe_turn(run.session)
+    start = run.rendered.token_map.turn_bounds(p)[0]
+    return np.arange(start, run.n)
+
+
+def knockout(loaded: LoadedModel, run: Run, answer: Answer, sources: dict[str, np.ndarray],
+             windows: Sequence[int], target: np.ndarray | None = None, batch_size: int = 16
+             ) -> list[dict[str, Any]]:
+    """Knock out each source set from the target (default `probe_positions`) in every window of consecutive
+    layers; rows per (source, window size, first layer): the metrics, with `clean` the unablated run's."""
+    target = probe_positions(run) if target is None else np.asarray(target)
+    L = loaded.n_layers
+    configs = []
+    for name, src in sources.items():
+        for w in windows:
+            if not 1 <= w <= L:
+                raise PatchingError(f"knockout window {w}: expected 1 .. {L} layers")
+            for start in range(0, L - w + 1):
+                configs.append((name, w, start, (np.asarray(src), target, frozenset(range(start, start + w)))))
+    got: dict[str, list[np.ndarray]] = {m: [] for m in METRICS}
+    for b0 in range(0, len(configs), batch_size):
+        chunk = configs[b0:b0 + batch_size]
+        with torch.no_grad():
+            res, _ = _forward(loaded, run, answer, len(chunk), embeds=run.embeds, knocks=[c[3] for c in chunk])
+        for m in METRICS:
+            got[m].append(res[m].float().cpu().numpy())
+    vals = {m: np.concatenate(v) for m, v in got.items()}
+    rows = []
+    for i, (name, w, start, (src, _, _)) in enumerate(configs):
+        for m in METRICS:
+            rows.append({"method": "knockout", "direction": "knockout", "layer": start, "component": "attention",
+                         "position_group": name, "target": "probe", "window": w, "n_positions": len(src),
+                         "metric": m, "value": float(vals[m][i]), "clean": run.metrics[m], "corrupt": np.nan})
+    return rows
+
+
+# ---- the experiment runner ------------------------------------------------------------------------------------
+def _public(labels: dict[str, Any]) -> dict[str, Any]:
+    keys = ("session_id", "identity_id", "framing", "scenario", "pii_type", "turn_distance")
+    return {k: labels.get(k) for k in keys}
+
+
+def _other_identities(sessions: Sequence[Session], seed: int) -> list[Identity]:
+    pool: dict[str, Identity] = {}
+    for s in sessions:
+        ident = _identity(s)
+        if ident is not None:
+            pool.setdefault(ident.identity_id, ident)
+    out = list(pool.values())
+    if len(out) < 2:
+        out += make_identities(2, seed=90_000 + seed)
+    return out
+
+
+def _pick_other(ident: Identity | None, pool: list[Identity], swap: Sequence[str]) -> Identity:
+    """The next identity of the pool whose swapped values all differ from `ident`'s."""
+    ids = [p.identity_id for p in pool]
+    start = ids.index(ident.identity_id) + 1 if ident is not None and ident.identity_id in ids else 0
+    for k in range(len(pool)):
+        cand = pool[(start + k) % len(pool)]
+        if ident is None or all(cand.value(f) != ident.value(f) for f in swap):
+            return cand
+    raise PatchingError("no other identity with different values to swap in")
+
+
+def default_groups(pairs: Sequence[Pair]) -> list[str]:
+    """Groups present on both sides of every pair, in a fixed order (PII patches, other patches, turns, final)."""
+    names: list[str] = []
+    for p in pairs:
+        for g in [*p.clean.groups, *p.corrupt.groups]:
+            if g not in names:
+                names.append(g)
+    common = [g for g in names if all(g in p.clean.groups and g in p.corrupt.groups for p in pairs)]
+    order = {"pii_patches": 0, "other_image": 1, "final": 10_000}
+    return sorted(common, key=lambda g: (order.get(g, 2 + int(g[4:]) if g.startswith("turn") else 5000), g))
+
+
+EXPERIMENT_DEFAULTS = {  # experiment -> (corruption, directions, method)
+    "denoise": ("image", ("denoise",), "exact"),
+    "noise": ("image", ("noise",), "exact"),
+    "atp": ("image", ("denoise", "noise"), "atp"),
+    "taskswap": ("framing", ("denoise", "noise"), "exact"),
+    "knockout": (None, (), "knockout"),
+}
+
+
+def patch_sessions(loaded: LoadedModel, sessions: Sequence[Session], experiment: str, *,
+                   corruption: str | None = None, directions: Sequence[str] | None = None,
+                   components: Sequence[str] = DEFAULT_COMPONENTS, layers: Iterable[int] | None = None,
+                   groups: Sequence[str] | None = None, batch_size: int = 16, align: str = "last",
+                   corrupt_framing: str = "direct", replacements: dict[str, str] | None = None,
+                   swap: Sequence[str] | None = None, noise_std: float = 3.0, seed: int = 0,
+                   sources: Sequence[str] | None = None, windows: Sequence[int] | None = None,
+                   check_exact: bool = True, leak: str | None = None, refusal: str | None = None,
+                   model: str | None = None, progress: bool = False) -> pd.DataFrame:
+    """Run `experiment` on every session (the clean side of each pair) and return the tidy rows (no summary)."""
+    from probes.leakage import model_label
+
+    if experiment not in EXPERIMENTS:
+        raise PatchingError(f"experiment {experiment!r}: expected one of {EXPERIMENTS}")
+    default_corruption, default_dirs, method = EXPERIMENT_DEFAULTS[experiment]
+    corruption = corruption or default_corruption
+    directions = tuple(directions or default_dirs)
+    for d in directions:
+        if d not in DIRECTIONS:
+            raise PatchingError(f"direction {d!r}: expected one of {DIRECTIONS}")
+    sessions = list(sessions)
+    if not sessions:
+        raise PatchingError("no sessions to patch")
+    pool = _other_identities(sessions, seed) if corruption == "image" else []
+    label = model or model_label(loaded)
+    rows: list[dict[str, Any]] = []
+    for s in tqdm(sessions, desc=f"patch {experiment}", unit="session", disable=not progress):
+        head = {"model": label, "family": loaded.family, "experiment": experiment, "n": 1, **_public(s.labels),
+                "session_id": s.session_id}
+        if experiment == "knockout":
+            boxes, size = _labels_boxes(s)
+            answer = make_answer(loaded.adapter, s, leak, refusal)
+            run = _make_run(loaded, s, answer, boxes, size)
+            prepare(loaded, run, answer)
+            p = probe_turn(s)
+            src = {g: run.group(g) for g in (sources or _default_sources(run, p))}
+            src = {g: v for g, v in src.items() if len(v)}
+            ws = list(windows) if windows else [max(1, loaded.n_layers // 4)]
+            rows += [{**head, "corruption": None, **r} for r in knockout(loaded, run, answer, src, ws,
+                                                                         batch_size=batch_size)]
+            continue
+        if corruption == "framing" and s.labels.get("framing") == corrupt_framing:
+            log.info("session %s: already under the %s framing; skipped", s.session_id, corrupt_framing)
+            continue
+        other = None
+        if corruption == "image":
+            sw = tuple(swap) if swap is not None else (s.labels.get("pii_type"),)
+            other = _pick_other(_identity(s), pool, sw)
+        pair = build_pair(loaded, s, corruption, other=other, swap=swap, corrupt_framing=corrupt_framing,
+                          replacements=replacements, noise_std=noise_std, seed=seed, leak=leak, refusal=refusal)
+        names = list(groups) if groups else default_groups([pair])
+        cells = sweep_cells(loaded.n_layers, components, names, layers)
+        hooks = sorted({c.hook for c in cells})
+        grad = {"corrupt" if d == "denoise" else "clean" for d in directions} if method == "atp" else set()
+        prepare_pair(loaded, pair, hooks, grad=grad)
+        head["corrupt_framing"] = pair.corrupt.session.labels.get("framing") if corruption == "framing" else None
+        head["corruption"] = corruption
+        for d in directions:
+            if method == "atp":
+                rows += [{**head, **r} for r in attribution_patching(pair, cells, d, align)]
+            if method == "exact" or check_exact:
+                rows += [{**head, **r} for r in exact_patching(loaded, pair, cells, d, batch_size, align)]
+    df = pd.DataFrame(rows)
+    for c in ROW_COLUMNS:
+        if c not in df.columns:
+            df[c] = None
+    return df[list(ROW_COLUMNS) + [c for c in df.columns if c not in ROW_COLUMNS]]
+
+
+def _default_sources(run: Run, probe: int) -> list[str]:
+    """Knockout sources: the PII patches, the whole image, and every turn before the probe turn."""
+    out = [g for g in ("pii_patches", "other_image") if g in run.groups]
+    turns = sorted(int(g[4:]) for g in run.groups if g.startswith("turn"))
+    return out + [f"turn{t}" for t in turns if t < probe]
+
+
+def summarize(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Mean over pairs of every cell, with a bootstrap CI clustered by identity; `clean`/`corrupt` are means."""
+    from analysis.stats import bootstrap_ci
+
+    by = ["model", "family", "experiment", "corruption", "direction", "method", "layer", "component",
+          "position_group", "target", "window", "metric"]
+    d = df.copy()
+    for c in by:
+        d[c] = d[c].astype(object).where(d[c].notna(), "")
+    out = bootstrap_ci(d, "value", by=by, group="identity_id", n_boot=n_boot, seed=seed)
+    means = d.groupby(by, dropna=False, sort=True)[["clean", "corrupt"]].mean().reset_index()
+    out = out.merge(means, on=by, how="left")
+    for c in ("layer", "window"):
+        out[c] = pd.to_numeric(out[c].replace("", np.nan))
+    return out
+
+
+def run_patching(loaded: LoadedModel | str | os.PathLike, sessions: Sequence[Session] | str | os.PathLike,
+                 experiment: str, out_dir: str | os.PathLike, *, corruption: str | None = None,
+                 directions: Sequence[str] | None = None, components: Sequence[str] = DEFAULT_COMPONENTS,
+                 layers: Iterable[int] | None = None, groups: Sequence[str] | None = None, batch_size: int = 16,
+                 align: str = "last", corrupt_framing: str = "direct", replacements: dict[str, str] | None = None,
+                 swap: Sequence[str] | None = None, noise_std: float = 3.0, sources: Sequence[str] | None = None,
+                 windows: Sequence[int] | None = None, check_exact: bool = True, leak: str | None = None,
+                 refusal: str | None = None, max_pairs: int | None = None, n_boot: int = 1000, seed: int = 0,
+                 model: str | None = None, figures: bool = True, device: str | None = None,
+                 dtype: str | None = None, progress: bool = True) -> pd.DataFrame:
+    """`mmret patch`: run `experiment` (denoise, noise, atp, taskswap, knockout) on `sessions` (a list or a JSONL
+    path; each the clean side of a pair) and write into `out_dir`:
+
+    - patching_<experiment>.csv: one row per pair, cell and metric (see `ROW_COLUMNS`; no PII);
+    - patching_<experiment>_summary.csv: means over pairs with bootstrap 95% CIs by identity;
+    - atp_agreement.csv (experiment atp with `check_exact`): Spearman of AtP vs exact over cells;
+    - figures: layer x position heatmaps per component for each direction (patching_<experiment>_<direction>),
+      knockout curves by window (knockout), AtP-vs-exact scatter (atp).
+
+    Returns the per-pair rows."""
+    from probes.loading import load_model
+    from probes.session import atomic_write_bytes
+
+    if not isinstance(loaded, LoadedModel):
+        loaded = load_model(loaded, device=device, dtype=dtype)
+    if not isinstance(sessions, (list, tuple)):
+        sessions = list(read_sessions(sessions))
+    sessions = list(sessions)[:max_pairs] if max_pairs else list(sessions)
+    df = patch_sessions(loaded, sessions, experiment, corruption=corruption, directions=directions,
+                        components=components, layers=layers, groups=groups, batch_size=batch_size, align=align,
+                        corrupt_framing=corrupt_framing, replacements=replacements, swap=swap, noise_std=noise_std,
+                        seed=seed, sources=sources, windows=windows, check_exact=check_exact, leak=leak,
+                        refusal=refusal, model=model, progress=progress)
+    if not len(df):
+        raise PatchingError(f"experiment {experiment!r}: no session made a pair (e.g. every session is already "
+                            f"under the corrupt framing {corrupt_framing!r})")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / f"patching_{experiment}.csv", df.to_csv(index=False).encode("utf-8"))
+    summary = summarize(df, n_boot=n_boot, seed=seed)
+    atomic_write_bytes(out / f"patching_{experiment}_summary.csv", summary.to_csv(index=False).encode("utf-8"))
+    agreement = None
+    if experiment == "atp" and check_exact:
+        agreement = atp_agreement(df)
+        atomic_write_bytes(out / "atp_agreement.csv", agreement.to_csv(index=False).encode("utf-8"))
+    if figures:
+        write_figures(df, summary, out, experiment)
+    return df
+
+
+def write_figures(df: pd.DataFrame, summary: pd.DataFrame, out_dir: str | os.PathLike, experiment: str) -> None:
+    from analysis.figures import plot_atp_agreement, plot_knockout_curves, plot_patching_heatmaps
+
+    if experiment == "knockout":
+        plot_knockout_curves(summary, out_dir, name="knockout")
+        return
+    for (direction, method), _ in summary.groupby(["direction", "method"]):
+        plot_patching_heatmaps(summary, out_dir, name=f"patching_{experiment}_{direction}_{method}",
+                               direction=direction, method=method)
+    if experiment == "atp" and (df["method"] == "exact").any():
+        plot_atp_agreement(df, out_dir, name="atp_agreement")

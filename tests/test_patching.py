@@ -1,0 +1,292 @@
+"""Activation patching: identities that must hold exactly (clean into clean, everything patched, AtP on a linear
+read-out, empty knockout, batched = serial), the corruptions, and `run_patching` end to end, on tiny models."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from probes import load_model, make_identities
+from probes.patching import (Cell, PatchingError, atp_agreement, attribution_patching, build_pair, default_groups,
+                             exact_patching, knockout, patch_values, patched_metrics, prepare, prepare_pair,
+                             probe_positions, run_patching, sweep_cells)
+from probes.patching_metrics import Answer, answer_metrics, make_answer, patch_score
+from probes.sessions_build import mmprivacy_sessions, multiturn_sessions
+
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: the machine may be shared, and two threads contending make tiny forwards 100x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def people():
+    return make_identities(3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def sessions(people, tmp_path_factory):
+    """Single-turn MM-Privacy sessions (caption framing) and two-turn ones, 64 px documents."""
+    d = tmp_path_factory.mktemp("patch_img")
+    mmp = mmprivacy_sessions(people, d, framings=("caption",), pii_types=("SSN",), scenarios=("open",), size=64)
+    multi = multiturn_sessions(people[:1], d, k_distractors=[0], reshow=[False], framing_pairs=[("direct", "caption")],
+                               pii_types=("SSN",), scenarios=("open",), size=64)
+    return {"mmp": mmp, "multi": multi}
+
+
+@pytest.fixture(scope="module")
+def image_pair(llava, sessions, people):
+    pair = build_pair(llava, sessions["mmp"][0], "image", other=people[1])
+    cells = sweep_cells(llava.n_layers, ("resid_pre", "resid_post", "attn_out", "mlp_out"), default_groups([pair]))
+    return prepare_pair(llava, pair, sorted({c.hook for c in cells}), grad={"clean", "corrupt"}), cells
+
+
+def _values(rows, metric="logit_diff"):
+    return np.array([r["value"] for r in rows if r["metric"] == metric])
+
+
+# ---- metrics ------------------------------------------------------------------------------------------------
+def test_answer_is_tokenised_as_the_model_would_write_it(llava, sessions):
+    s = sessions["mmp"][0]
+    ans = make_answer(llava.adapter, s)
+    tok = llava.tokenizer
+    assert tok.decode(list(ans.leak_ids)) == " " + s.labels["_target"]  # LLaVA's 'ASSISTANT:' + ' value'
+    assert tok.decode(list(ans.refuse_ids)) == " cannot assist"
+    assert ans.split == 0
+    shared = Answer((5, 6, 7), (5, 9))  # a shared first token: the difference is taken where they part
+    assert shared.split == 1
+    logits = torch.zeros(2, 3, 12)
+    logits[0, 1, 6], logits[0, 1, 9] = 2.0, 0.5
+    m = answer_metrics(logits, shared)
+    assert m["logit_diff"].tolist() == pytest.approx([1.5, 0.0])
+    assert float(m["pii_logprob"][1]) == pytest.approx(3 * np.log(1 / 12), abs=1e-5)
+    with pytest.raises(PatchingError, match="prefix"):
+        Answer((5, 6), (5,))
+    assert patch_score(2.0, clean=3.0, corrupt=1.0) == pytest.approx(0.5)
+    assert np.isnan(patch_score(2.0, clean=1.0, corrupt=1.0))
+
+
+# ---- exactness of exact patching -----------------------------------------------------------------------------
+def test_clean_into_clean_changes_nothing(llava, image_pair):
+    pair, cells = image_pair
+    run = pair.clean
+    rows = [[(c.hook, *patch_values(run, run, c)[:2])] for c in cells]
+    got = patched_metrics(llava, run, pair.answer, rows, batch_size=16)
+    for m in ("logit_diff", "pii_logprob"):
+        np.testing.assert_allclose(got[m], run.metrics[m], rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_patching_everything_recovers_the_source(llava, image_pair, direction):
+    pair, _ = image_pair
+    last = llava.n_layers - 1
+    cells = [Cell(0, "resid_pre", "all"), Cell(last, "resid_post", "all")]
+    rows = exact_patching(llava, pair, cells, direction)
+    source = pair.clean if direction == "denoise" else pair.corrupt
+    for m in ("logit_diff", "pii_logprob"):
+        np.testing.assert_allclose(_values(rows, m), source.metrics[m], rtol=0, atol=ATOL)
+    want = 1.0 if direction == "denoise" else 0.0
+    np.testing.assert_allclose(_values(rows, "score_logit_diff"), want, atol=1e-2)
+    assert abs(pair.clean.metrics["logit_diff"] - pair.corrupt.metrics["logit_diff"]) > 1e-4  # the test can fail
+
+
+def test_image_pair_differs_only_in_pii_patches_at_the_input(llava, image_pair):
+    """Layer-0 input of the text and the untouched patches is the same on both sides: patching it does nothing;
+    the PII patches differ."""
+    pair, _ = image_pair
+    rows = exact_patching(llava, pair, [Cell(0, "resid_pre", g) for g in ("turn0", "final", "pii_patches")])
+    v = _values(rows)
+    assert v[:2] == pytest.approx([pair.corrupt.metrics["logit_diff"]] * 2, abs=1e-6)
+    assert abs(v[2] - pair.corrupt.metrics["logit_diff"]) > 1e-5
+
+
+def test_batched_configurations_equal_serial_ones(llava, image_pair):
+    pair, cells = image_pair
+    batched = exact_patching(llava, pair, cells, "denoise", batch_size=len(cells))
+    serial = exact_patching(llava, pair, cells, "denoise", batch_size=1)
+    whole = exact_patching(llava, pair, cells, "denoise", batch_size=7, prefix=False)  # no KV-cache prefix reuse
+    assert pair.corrupt.kv is not None  # so the default above did start late batches on the cached prefix
+    for m in ("logit_diff", "pii_logprob"):
+        np.testing.assert_allclose(_values(batched, m), _values(serial, m), rtol=0, atol=ATOL)
+        np.testing.assert_allclose(_values(whole, m), _values(serial, m), rtol=0, atol=ATOL)
+    # a row patching several hooks at once, next to rows patching none
+    c0, c1 = Cell(0, "attn_out", "final"), Cell(1, "mlp_out", "turn0")
+    two = [(c.hook, *patch_values(pair.corrupt, pair.clean, c)[:2]) for c in (c0, c1)]
+    got = patched_metrics(llava, pair.corrupt, pair.answer, [[], two, []], batch_size=3)
+    assert got["logit_diff"][[0, 2]] == pytest.approx([pair.corrupt.metrics["logit_diff"]] * 2, abs=ATOL)
+    alone = patched_metrics(llava, pair.corrupt, pair.answer, [two], batch_size=1)
+    assert got["logit_diff"][1] == pytest.approx(alone["logit_diff"][0], abs=ATOL)
+
+
+# ---- attribution patching -------------------------------------------------------------------------------------
+def test_atp_equals_exact_where_the_metric_is_linear(tiny_dir, sessions):
+    """With the final norm replaced by the identity, the logits are linear in the last layer's resid_post and
+    mlp_out (both add straight into them), so AtP's first-order estimate is exact there; at layer 0 it is not.
+    (Noise corruption: the tiny random model's effects are largest there.)"""
+    model = load_model(tiny_dir("llava"))
+    model.hf_model.model.language_model.norm = torch.nn.Identity()
+    pair = build_pair(model, sessions["mmp"][0], "noise", seed=0)
+    last = model.n_layers - 1
+    groups = [*default_groups([pair]), "all"]
+    linear = [Cell(last, c, g) for c in ("resid_post", "mlp_out") for g in groups]
+    curved = [Cell(0, c, g) for c in ("attn_out", "mlp_out") for g in groups]
+    prepare_pair(model, pair, sorted({c.hook for c in linear + curved}), grad={"clean", "corrupt"})
+    for direction in ("denoise", "noise"):
+        exact = _values(exact_patching(model, pair, linear, direction))
+        atp = _values(attribution_patching(pair, linear, direction))
+        base = pair.roles(direction)[0].metrics["logit_diff"]
+        assert np.abs(exact - base).max() > 1e-4  # some cells move the metric: agreement is not trivial
+        assert np.abs(atp - exact).max() < 1e-3 * np.abs(exact - base).max()
+    exact = _values(exact_patching(model, pair, curved))
+    atp = _values(attribution_patching(pair, curved))
+    moved = np.abs(exact - pair.corrupt.metrics["logit_diff"]).max()
+    assert np.abs(atp - exact).max() > 1e-2 * moved  # non-linear there: the test would notice a fake
+
+
+def test_atp_agreement_table(llava, image_pair):
+    pair, cells = image_pair
+    head = {"model": "m", "session_id": "s"}
+    rows = [{**head, **r} for r in exact_patching(llava, pair, cells) + attribution_patching(pair, cells)]
+    agree = atp_agreement(pd.DataFrame(rows))
+    pooled = agree[(agree["scope"] == "pooled") & (agree["metric"] == "logit_diff")]
+    assert len(pooled) == 1 and int(pooled["n"].iloc[0]) == len(cells)
+    assert -1 <= float(pooled["spearman"].iloc[0]) <= 1
+
+
+# ---- corruptions ------------------------------------------------------------------------------------------------
+def test_noise_corruption_touches_only_image_embeddings(llava, sessions):
+    pair = build_pair(llava, sessions["mmp"][0], "noise", noise_std=3.0, seed=1)
+    prepare_pair(llava, pair, ["blocks.0.hook_resid_pre"])
+    image = llava.adapter.image_token_mask(pair.clean.ids)[0]
+    diff = (pair.clean.embeds - pair.corrupt.embeds)[0].abs().amax(-1)
+    assert (diff[~image] == 0).all() and (diff[image] > 0).all()
+    sigma = pair.clean.embeds[0, image].std()
+    assert float((pair.corrupt.embeds - pair.clean.embeds)[0, image].std() / sigma) == pytest.approx(3.0, rel=0.15)
+    rows = exact_patching(llava, pair, [Cell(0, "resid_pre", "segment:image")])
+    assert _values(rows)[0] == pytest.approx(pair.clean.metrics["logit_diff"], abs=ATOL)
+
+
+def test_framing_pair_aligns_groups(llava, sessions):
+    s = sessions["mmp"][0]  # caption (leaking framing) -> direct (refusing)
+    pair = build_pair(llava, s, "framing", corrupt_framing="direct")
+    assert pair.corrupt.session.labels["framing"] == "direct" and not pair.same_length
+    last = llava.n_layers - 1
+    cells = [Cell(last, "resid_post", "final"), Cell(0, "resid_pre", "pii_patches"), Cell(1, "attn_out", "turn0")]
+    prepare_pair(llava, pair, sorted({c.hook for c in cells}))
+    rows = [r for r in exact_patching(llava, pair, cells) if r["metric"] == "logit_diff"]
+    assert [r["alignment"] for r in rows] == ["shifted", "position", "last"]
+    assert rows[0]["value"] == pytest.approx(pair.clean.metrics["logit_diff"], abs=ATOL)  # the answer reads final
+    mean = [r for r in exact_patching(llava, pair, cells[2:], align="mean") if r["metric"] == "logit_diff"]
+    assert mean[0]["alignment"] == "mean" and mean[0]["n_positions"] == len(pair.corrupt.groups["turn0"])
+    with pytest.raises(PatchingError, match="already under"):
+        build_pair(llava, s, "framing", corrupt_framing="caption")
+
+
+def test_text_pair_must_keep_the_token_length(llava, sessions):
+    s = sessions["mmp"][0]
+    pair = build_pair(llava, s, "text", replacements={"SSN": "Email"})  # one token each in the tiny vocabulary
+    assert pair.same_length and "Output Email in" in pair.corrupt.session.turns[0].text
+    with pytest.raises(PatchingError, match="token length"):
+        build_pair(llava, s, "text", replacements={"SSN": "the social security number"})
+    with pytest.raises(PatchingError, match="occurs"):
+        build_pair(llava, s, "text", replacements={"zebra": "horse"})
+
+
+# ---- attention knockout -----------------------------------------------------------------------------------------
+def test_knockout_of_an_empty_set_changes_nothing_and_eager_agrees(tiny_dir, llava, image_pair):
+    pair, _ = image_pair
+    eager = load_model(tiny_dir("llava"), attn_implementation="eager")
+    results = {}
+    for name, model in (("sdpa", llava), ("eager", eager)):
+        run = build_pair(model, pair.clean.session, "noise").clean
+        prepare(model, run, pair.answer)
+        sources = {"empty": np.zeros(0, np.int64), "pii": run.groups["pii_patches"], "turn0": run.groups["turn0"]}
+        rows = pd.DataFrame(knockout(model, run, pair.answer, sources, windows=[1, 2]))
+        ld = rows[rows["metric"] == "logit_diff"]
+        empty = ld[ld["position_group"] == "empty"]
+        np.testing.assert_allclose(empty["value"], run.metrics["logit_diff"], rtol=0, atol=1e-5)
+        assert (ld[ld["position_group"] != "empty"]["value"] - run.metrics["logit_diff"]).abs().max() > 1e-4
+        results[name] = ld["value"].to_numpy()
+    np.testing.assert_allclose(results["sdpa"], results["eager"], rtol=0, atol=ATOL)
+
+
+def test_knockout_in_every_layer_equals_a_custom_4d_mask(llava, image_pair):
+    """The same blocking through the model's own attention_mask argument (a 4-D float mask) gives the same."""
+    from probes.patching import _forward_kwargs
+
+    pair, _ = image_pair
+    run = pair.clean
+    src, tgt = run.groups["pii_patches"], probe_positions(run)
+    rows = knockout(llava, run, pair.answer, {"pii": src}, windows=[llava.n_layers])
+    allowed = torch.ones(run.n, run.n, dtype=torch.bool).tril()
+    allowed[torch.as_tensor(tgt)[:, None], torch.as_tensor(src)[None, :]] = False
+    mask = torch.zeros(1, 1, run.n, run.n).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    kw = _forward_kwargs(llava, run, 1, run.embeds, pair.answer.n_logits)
+    with torch.no_grad():
+        logits = llava.hf_model(**kw, attention_mask=mask).logits[:, -pair.answer.n_logits:]
+    want = answer_metrics(logits, pair.answer)
+    assert _values(rows)[0] == pytest.approx(float(want["logit_diff"][0]), abs=ATOL)
+
+
+# ---- other families, errors, the runner ------------------------------------------------------------------------
+def test_qwen2_5_vl_image_pair_recovers_clean(tiny_dir, sessions, people):
+    model = load_model(tiny_dir("qwen2_5_vl"))
+    pair = build_pair(model, sessions["mmp"][0], "image", other=people[1])
+    assert len(pair.clean.groups["pii_patches"]) >= 1
+    last = model.n_layers - 1
+    cells = [Cell(0, "resid_pre", "all"), Cell(last, "resid_post", "all"), Cell(0, "resid_pre", "turn0")]
+    prepare_pair(model, pair, sorted({c.hook for c in cells}))  # also checks the embeddings path (M-RoPE ids)
+    v = _values(exact_patching(model, pair, cells))
+    assert v[:2] == pytest.approx([pair.clean.metrics["logit_diff"]] * 2, abs=ATOL)
+    assert v[2] == pytest.approx(pair.corrupt.metrics["logit_diff"], abs=ATOL)
+    late = [Cell(layer, c, g) for layer in range(model.n_layers) for c in ("attn_out", "mlp_out")
+            for g in ("turn1", "final", "pii_patches")]
+    prepare_pair(model, pair, sorted({c.hook for c in late}))
+    assert pair.corrupt.kv is not None
+    reuse = _values(exact_patching(model, pair, late))  # the M-RoPE ids of a suffix after the cached prefix
+    np.testing.assert_allclose(reuse, _values(exact_patching(model, pair, late, prefix=False)), rtol=0, atol=ATOL)
+
+
+def test_bad_input_is_named(llava, image_pair):
+    pair, _ = image_pair
+    with pytest.raises(PatchingError, match="components"):
+        sweep_cells(2, ("resid",), ["final"])
+    with pytest.raises(PatchingError, match="layers"):
+        sweep_cells(2, ("mlp_out",), ["final"], layers=[5])
+    with pytest.raises(PatchingError, match="position group 'nope'"):
+        exact_patching(llava, pair, [Cell(0, "mlp_out", "nope")])
+    with pytest.raises(PatchingError, match="align"):
+        exact_patching(llava, pair, [Cell(0, "mlp_out", "final")], align="first")
+    with pytest.raises(PatchingError, match="experiment"):
+        run_patching(llava, [pair.clean.session], "ablate", "unused-out-dir")
+
+
+@pytest.mark.parametrize("experiment", ["denoise", "atp", "taskswap", "knockout"])
+def test_run_patching_writes_rows_summary_and_figures(llava, sessions, tmp_path, experiment):
+    chosen = sessions["mmp"][:2] if experiment != "knockout" else sessions["multi"]
+    df = run_patching(llava, chosen, experiment, tmp_path, n_boot=20, progress=False,
+                      components=("resid_pre", "mlp_out"), windows=[1] if experiment == "knockout" else None)
+    assert {"model", "experiment", "direction", "layer", "component", "position_group", "metric", "value", "clean",
+            "corrupt", "n", "session_id", "identity_id"} <= set(df.columns)
+    assert not any(s.labels["_target"] in df.to_csv() for s in chosen)  # no PII in the results
+    assert (tmp_path / f"patching_{experiment}.csv").exists()
+    summary = pd.read_csv(tmp_path / f"patching_{experiment}_summary.csv")
+    assert {"value", "ci_low", "ci_high", "n"} <= set(summary.columns)
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    if experiment == "knockout":
+        assert pngs == ["knockout.png"]
+        assert set(df["position_group"]) == {"pii_patches", "other_image", "turn0", "turn1"}
+    else:
+        assert any(p.startswith(f"patching_{experiment}_denoise") for p in pngs)
+        assert set(df["metric"]) >= {"logit_diff", "pii_logprob", "score_logit_diff", "score_pii_logprob", "flip"}
+    if experiment == "atp":
+        assert "atp_agreement.png" in pngs
+        assert set(pd.read_csv(tmp_path / "atp_agreement.csv")["direction"]) == {"denoise", "noise"}
+    if experiment == "taskswap":
+        assert set(df["direction"]) == {"denoise", "noise"} and set(df["corrupt_framing"]) == {"direct"}

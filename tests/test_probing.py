@@ -1,0 +1,132 @@
+"""Probe sweeps (issue 5): planted signals are found where they are and nowhere else, control tasks stay at chance,
+cross-turn transfer follows the planted directions, LEACE leaves activations alone when the concept is absent and
+removes it when present, and `mmret probe` runs end to end on a captured store."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from probes.erasure import fit_leace, one_hot_blocks, random_eraser
+from probes.linear import fit_probes
+from probes.probe_data import CellBlock, ProbeDataError, char_classes, session_targets
+from probes.probing import control_labels, probe_sweep, transfer_matrix
+
+N_ID, PER_ID, D, K = 60, 3, 64, 3  # identities, sessions per identity, d_model, characters of the planted string
+
+
+def _planted(turn_dirs: dict[int, int | None], layers=(0, 1, 2), planted_layer=1, seed=0):
+    """A block of cells (layer x turn, position group 'last') over N_ID * PER_ID sessions whose 3-digit strings
+    depend on the identity; at `planted_layer` and each turn t with turn_dirs[t] = s, digit j of the string is
+    written along the directions of seed s (one direction per digit value); elsewhere pure noise."""
+    g = torch.Generator().manual_seed(seed)
+    digits = torch.randint(0, 10, (N_ID, K), generator=g)
+    ident = np.repeat(np.arange(N_ID), PER_ID)
+    n = len(ident)
+    y = digits[torch.as_tensor(ident)].numpy()
+    xs, rows = [], []
+    for t, s in turn_dirs.items():
+        for layer in layers:
+            x = torch.randn(n, D, generator=g)
+            if layer == planted_layer and s is not None:
+                dirs = torch.randn(K, 10, D, generator=torch.Generator().manual_seed(100 + s))
+                for j in range(K):
+                    x += 3 * dirs[j, torch.as_tensor(y[:, j])]
+            xs.append(x)
+            rows.append({"hook": "hook_resid_post", "layer": layer, "position_group": "last", "turn": t})
+    meta = pd.DataFrame({"session_id": [f"s{i}" for i in range(n)], "identity_id": [f"id{i}" for i in ident],
+                         "image_turn": 0})
+    targets = (y, [f"digits[{j}]" for j in range(K)], pd.Index(meta["session_id"], name="session_id"))
+    return CellBlock(torch.stack(xs), pd.DataFrame(rows), meta), targets
+
+
+def test_planted_digits_are_found_there_and_nowhere_else():
+    block, targets = _planted({0: 0, 2: 0})
+    df = probe_sweep([block], targets, n_boot=100)
+    acc = df[df.metric == "char_accuracy"].set_index(["layer", "turn"])["value"]
+    assert acc.loc[(1, 0)] > 0.9 and acc.loc[(1, 2)] > 0.9
+    for cell in [(0, 0), (2, 0), (0, 2), (2, 2)]:
+        assert acc.loc[cell] < 0.3  # chance is 0.1
+    ctrl = df[df.metric == "control_char_accuracy"]["value"]
+    assert ctrl.max() < 0.3  # the control task cannot be learned from identities it never saw
+    sel = df[(df.metric == "selectivity") & (df.target == "digits")].set_index(["layer", "turn"])["value"]
+    assert sel.loc[(1, 0)] > 0.6 and abs(sel.loc[(0, 0)]) < 0.2
+    exact = df[df.metric == "exact_match"].set_index(["layer", "turn"])["value"]
+    assert exact.loc[(1, 0)] > 0.7 and exact.loc[(0, 0)] < 0.05
+    row = df[df.metric == "char_accuracy"].iloc[0]
+    assert row.ci_low <= row.value <= row.ci_high and row.n == N_ID * PER_ID
+    assert set(df.turn_distance.dropna()) == {0.0, 1.0}
+
+
+def test_transfer_follows_the_planted_directions():
+    block, targets = _planted({0: 0, 2: 0, 4: 1})  # turns 0 and 2 share directions, turn 4 uses others
+    tm = transfer_matrix(block, targets).set_index(["layer", "turn_train", "turn_test"])["value"]
+    assert tm.loc[(1, 0, 2)] > 0.9 and tm.loc[(1, 2, 0)] > 0.9 and tm.loc[(1, 4, 4)] > 0.9
+    assert tm.loc[(1, 0, 4)] < 0.3 and tm.loc[(0, 0, 2)] < 0.3
+
+
+def test_control_labels_are_fixed_per_identity():
+    y = np.zeros((6, 2), dtype=int)
+    groups = np.array(["a", "a", "b", "b", "c", "c"])
+    c = control_labels(y, groups, 10, seed=1)
+    assert (c[0] == c[1]).all() and (c[2] == c[3]).all() and c.shape == y.shape
+
+
+def test_leace_changes_nothing_without_the_concept_and_erases_it_with():
+    g = torch.Generator().manual_seed(0)
+    y = np.repeat(np.arange(5), 40)[:, None]
+    x = torch.randn(200, 16, generator=g, dtype=torch.float64)
+    m = x.mean(0)
+    for k in range(5):  # exactly equal class means: the concept is absent
+        x[y[:, 0] == k] += m - x[y[:, 0] == k].mean(0)
+    eraser = fit_leace(x, y)
+    assert torch.allclose(eraser(x), x, atol=1e-8)
+    planted = x + 4 * one_hot_blocks(y, 16).double()  # now class k moves along axis k
+    erased = fit_leace(planted, y)(planted)
+    groups = np.arange(200) % 20
+    before = fit_probes(planted[None].float(), torch.as_tensor(y[:, 0]), groups).table.accuracy.mean()
+    after = fit_probes(erased[None].float(), torch.as_tensor(y[:, 0]), groups).table.accuracy.mean()
+    assert before > 0.9 and after < 0.4
+
+
+def test_random_eraser_is_an_orthogonal_projection_of_its_rank():
+    e = random_eraser(12, 3, seed=0)
+    x = torch.randn(7, 12, dtype=torch.float64)
+    once = e(x)
+    assert torch.allclose(e(once), once, atol=1e-10)
+    assert torch.linalg.matrix_rank(x - once) == 3
+
+
+def test_targets_from_private_labels():
+    from probes.identities import make_identities
+    from probes.sessions_build import memory_probe_sessions
+
+    people = make_identities(3, seed=1)
+    sessions = memory_probe_sessions(people, pii_types=["SSN"], framings=["direct"])
+    y, names, ids = session_targets(sessions, "digits")
+    assert y.shape == (3, 9) and names[0] == "digits[0]" and list(ids) == [s.session_id for s in sessions]
+    assert "".join(map(str, y[0])) == people[0].ssn.replace("-", "")
+    assert char_classes("Ab-1", "chars") == [0, 1, 27]
+    with pytest.raises(ProbeDataError, match="unknown target"):
+        session_targets(sessions, "ssn")
+
+
+def test_mmret_probe_on_a_captured_store(tiny_dir, tmp_path):
+    from analysis.cli import main
+    from probes import capture, load_model
+    from probes.identities import make_identities
+    from probes.sessions_build import multiturn_sessions
+
+    people = make_identities(10, seed=2)
+    sessions = multiturn_sessions(people, tmp_path / "img", k_distractors=(1,), reshow=(False,),
+                                  framing_pairs=(("caption", "caption"),), pii_types=("SSN",), size=64)
+    loaded = load_model(tiny_dir("llava"))
+    capture(loaded, sessions, str(tmp_path / "store"), positions="last:*+image:0", progress=False)
+    out = tmp_path / "probes"
+    assert main(["probe", "--store", str(tmp_path / "store"), "--out", str(out), "--positions", "last,image",
+                 "--folds", "2", "--n-boot", "20"]) == 0
+    df = pd.read_csv(out / "probe_results.csv")
+    assert set(df.position_group) == {"last", "image"} and set(df.layer) == set(range(loaded.n_layers))
+    assert set(df[df.position_group == "last"].turn) == {0, 1, 2, 3, 4, 5}  # 5: the generation prompt
+    assert (out / "probe_heatmap.pdf").exists() and (out / "retention_curves.png").exists()
+    assert main(["probe", "--store", str(tmp_path / "store"), "--out", str(out), "--target", "ssn"]) == 2
