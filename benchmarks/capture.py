@@ -42,6 +42,9 @@ from probes import Session, Turn, build_tiny_model, capture_session, load_model,
 from probes.capture import capture_batch  # noqa: E402
 from probes.families.base import FamilyAdapter  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import timing  # noqa: E402  (benchmarks/timing.py)
+
 SIZE = dict(n_layers=8, d_model=256, image_size=96, patch_size=8, vision_layers=2, d_vision=64, n_heads=8)
 
 
@@ -74,16 +77,7 @@ def median_time(fn, repeats: int) -> float:
 
 
 def interleaved(fns: dict, repeats: int) -> dict[str, float]:
-    """Median time of each function, run round-robin so that machine noise hits all alike."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()  # warm up
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = CLOCK()
-            fn()
-            times[k].append(CLOCK() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return timing.interleaved(fns, repeats, CLOCK)
 
 
 def plain_inputs(adapter: FamilyAdapter, rendered) -> dict:

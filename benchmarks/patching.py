@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -49,29 +47,12 @@ from probes.patching import (atp_agreement, attribution_patching, build_pair, ex
 from probes.patching_metrics import answer_metrics  # noqa: E402
 from probes.sessions_build import mmprivacy_sessions, multiturn_sessions  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import interleaved  # noqa: E402  (benchmarks/timing.py)
+
 SIZE = dict(n_layers=8, d_model=256, image_size=96, patch_size=8, vision_layers=2, d_vision=64, n_heads=8)
 GROUPS = ("pii_patches", "other_image", "turn0", "turn1", "turn2", "final")
 COMPONENTS = ("resid_pre", "attn_out", "mlp_out")
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def interleaved(fns: dict, repeats: int) -> dict[str, float]:
-    """Median wall time of each function, run round-robin so that machine noise hits all alike."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()  # warm up
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            _sync()
-            t0 = time.perf_counter()
-            fn()
-            _sync()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def naive_sweep(loaded, pair, cells) -> None:

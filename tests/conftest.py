@@ -30,6 +30,31 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def family_model(tiny_dir):
+    """family_model(family) -> the loaded tiny model of that family (loaded once per test session)."""
+    from probes import load_model
+
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = load_model(tiny_dir(family))
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for small fits and tiny forwards: on a shared machine two contending threads stall at every
+    barrier (restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
 def llava(tiny_dir):
     from probes import load_model
 

@@ -14,16 +14,9 @@ ATOL = 1e-4
 capture_mod = importlib.import_module("probes.capture")  # `probes.capture` is also the function
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_dir):
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            cache[family] = load_model(tiny_dir(family))
-        return cache[family]
-
-    return get
+@pytest.fixture
+def loaded(family_model):
+    return family_model
 
 
 def three_sessions(family, generate=False):

@@ -11,16 +11,9 @@ from tests.test_capture import full_forward_hidden
 MULTIMODAL = [f for f in FAMILIES if f != "text"]
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_dir):
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            cache[family] = load_model(tiny_dir(family))
-        return cache[family]
-
-    return get
+@pytest.fixture
+def loaded(family_model):
+    return family_model
 
 
 def three_turns(family, generate=False):

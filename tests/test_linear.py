@@ -28,13 +28,7 @@ def sweep(n_cells=4, planted=(1, 3), strength=4.0, seed=0):
     return X, y, groups
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These fits are small: one thread avoids thread-sync stalls on a busy machine (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
