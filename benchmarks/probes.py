@@ -9,7 +9,7 @@ Organism (the shipped default model, held-out identities `make_identities(n, see
                                 turn, document in turn 1 and 3 distractor exchanges, best layer (chance 0.1)
     organism_selectivity        that cell's accuracy - its control-task accuracy
     organism_noimage_digit_acc  the same cell on the same sessions without the image (control)
-    organism_shuffled_digit_acc the same cell when every session shows another identity's document (control)
+    organism_shuffledimage_digit_acc  the same cell when every session shows another identity's document (control)
     organism_randinit_digit_acc the same cell on a random-initialised copy of the model (control)
     organism_memory_digit_acc   memory-set SSN digits from name-only prompts, best layer and position group
     organism_unseen_digit_acc   the same cell for identities that were never planted (control)
@@ -17,6 +17,14 @@ Organism (the shipped default model, held-out identities `make_identities(n, see
                                 SSN digits at the best layer, every position
     random_subspace_asr_drop    the same with a random subspace of LEACE's rank
 Results (tidy CSV) and figures (heatmap, retention curves, transfer matrix) go to --out.
+
+Measured on the shipped checkpoint (n 150, seed 0; 822 s on 2 cores): organism_digit_acc 0.144 (layer 2),
+organism_selectivity 0.005, controls 0.13-0.14 (no image, shuffled image, random init), erasure: no leak to remove
+(organism_asr_no_erasure 0.0, both drops 0.0), organism_memory_digit_acc 0.177 (layer 1, name tokens), unseen 0.162.
+That checkpoint does not read the document under the framed multi-turn prompts (its card), so chance-level context
+probes are the right answer there; for memory, an SSN the model recalls (ASR 0.88) is linearly decodable per digit
+for held-out identities only where the model is about to write that digit, so the per-digit mean over 9 digits at
+one prompt position stays low: probing the teacher-forced answer positions is the next step.
 """
 
 from __future__ import annotations
@@ -107,7 +115,7 @@ def organism(model_dir: Path, n: int, seed: int, out: Path) -> dict[str, float]:
         for control, sessions in (("no_image", [_without_image(s) for s in ctx]), ("shuffled_image", _shuffled(ctx))):
             df, _, _ = _sweep(loaded, sessions, work, control, "last:*", ["last"], control, seed)
             frames.append(df)
-            figs[f"organism_{control.split('_')[0]}_digit_acc"] = float(
+            figs[f"organism_{control.replace('_', '')}_digit_acc"] = float(
                 _cell(df, "char_accuracy", turn=probe_turn, layer=layer)["value"].iloc[0])
         rand_dir = work / "random_init"
         tok = build_tokenizer(cfg["vocab_size"], meta["seed"])
@@ -158,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=str(DEFAULT))
     p.add_argument("--n", type=int, default=150, help="held-out identities for the context probes")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="1 on a shared machine (see benchmarks/probes_fit.py)")
     p.add_argument("--out", default=str(ROOT / "results" / "probes"))
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--skip-organism", action="store_true")

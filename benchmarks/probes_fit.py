@@ -88,13 +88,13 @@ def sklearn_loop(X: torch.Tensor, y: np.ndarray, folds, cells, Cs) -> tuple[floa
     return time.perf_counter() - t0, out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sklearn-cells", type=int, default=16, help="cells the sklearn loop runs on (spread evenly)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cells-per-batch", type=int, default=16)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     X, y, groups, strength = make_sweep()
     n_cells = X.shape[0]
