@@ -18,7 +18,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from probes.organism.evaluate import BARS, HEADLINE, measure  # noqa: E402
+from probes.organism.evaluate import BARS, HEADLINE, measure, meets  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,8 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics, _ = measure(a.model, a.seed, a.n, a.batch_size, progress=True)
     for k in HEADLINE:
         op, bar = BARS[k]
-        ok = metrics[k] >= bar if op == ">=" else metrics[k] <= bar
-        print(f"{k}: {metrics[k]:.3f}   (bar {op} {bar}: {'met' if ok else 'MISSED'})")
+        print(f"{k}: {metrics[k]:.3f}   (bar {op} {bar}: {'met' if meets(k, metrics[k]) else 'MISSED'})")
     print(f"seconds: {time.time() - t0:.0f}")
     return 0
 

@@ -32,6 +32,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from probes.identities import Identity
 from probes.session import Session
 from probes.store import ActivationStore
 
@@ -49,6 +50,10 @@ class CellBlock:
     X: Float[Tensor, "cell n d"]
     cells: pd.DataFrame  # hook, layer, position_group, turn
     meta: pd.DataFrame  # session_id and the public labels of each example
+
+
+_POSITION_COLUMNS = {"turn", "role", "position", "segment", "image_index", "tile", "patch_row", "patch_col", "mark",
+                     "last_of_turn", "groups", "kind", "shard", "row", "layers", "_row"}  # not labels
 
 
 def _group_rows(m: pd.DataFrame, group: str) -> pd.DataFrame:
@@ -109,9 +114,6 @@ def probe_cells(store: ActivationStore, position_groups: Iterable[str] = ("last"
     return blocks
 
 
-_POSITION_COLUMNS = {"turn", "role", "position", "segment", "image_index", "tile", "patch_row", "patch_col", "mark",
-                     "last_of_turn", "groups", "kind", "shard", "row", "layers", "_row"}
-
 
 def char_classes(value: str, alphabet: str = "digits") -> list[int]:
     """Class index of each character of `value` that is in the alphabet, in order (others are skipped)."""
@@ -130,8 +132,8 @@ def session_targets(sessions: Iterable[Session], target: str, pii_type: str | No
         values = []
         for s in sessions:
             if pii_type is not None:
-                ident = s.labels.get("_identity") or {}
-                values.append(str(ident.get(_IDENTITY_KEYS.get(pii_type, pii_type), "")))
+                ident = s.labels.get("_identity")
+                values.append(Identity(**ident).value(pii_type) if ident else "")
             else:
                 values.append(str(s.labels.get("_target", "")))
         if not any(values):
@@ -158,6 +160,3 @@ def session_targets(sessions: Iterable[Session], target: str, pii_type: str | No
     y = np.array([[classes.index(c)] for c in column], dtype=np.int64)
     return y, [target], ids
 
-
-_IDENTITY_KEYS = {"Email": "email", "Phone Numbers": "phone", "SSN": "ssn", "Name": "name",
-                  "Date of Birth": "date_of_birth", "Address": "address"}

@@ -59,6 +59,12 @@ def _align(block: CellBlock, targets: tuple[np.ndarray, list[str], pd.Index], gr
     return y[pos[sids].to_numpy()], block.meta[group_col].astype(str).to_numpy()
 
 
+def _per_cell_targets(y: np.ndarray, n_cells: int) -> torch.Tensor:
+    """y [n, k] -> [cell * k, n]: every cell repeated once per target column (cell-major), to match
+    `X.repeat_interleave(k, dim=0)`."""
+    return torch.as_tensor(np.tile(y.T, (n_cells, 1)))
+
+
 def _turn_distance(block: CellBlock, turn: int) -> float:
     """User turns from the image's turn to `turn` (NaN where sessions carry no image_turn label)."""
     if turn < 0 or "image_turn" not in block.meta.columns:
@@ -84,17 +90,14 @@ def probe_sweep(blocks: Sequence[CellBlock], targets: tuple[np.ndarray, list[str
         X = block.X[:, torch.as_tensor(keep)]
         n_cells, k = X.shape[0], y.shape[1]
         Xk = X.repeat_interleave(k, dim=0)  # [cell * k, n, d]: cell-major, then target column
-        Y = torch.as_tensor(np.tile(y.T, (n_cells, 1)))  # [cell * k, n]
-        tasks = {"real": Y}
+        tasks = {"real": _per_cell_targets(y, n_cells)}
         if control_task:
-            yc = control_labels(y, groups, n_classes, seed)
-            tasks["control_task"] = torch.as_tensor(np.tile(yc.T, (n_cells, 1)))
+            tasks["control_task"] = _per_cell_targets(control_labels(y, groups, n_classes, seed), n_cells)
         held = {}
         for name, Yt in tasks.items():
             fit = fit_probes(Xk, Yt, groups, method=method, n_folds=n_folds, seed=seed, n_classes=n_classes,
                              device=device)
             held[name] = (fit.oof.numpy() == Yt.numpy())  # [cell * k, n] held-out correctness
-        ident = groups
         for c, cell in block.cells.iterrows():
             base = {"model": model, "hook": cell["hook"], "layer": int(cell["layer"]),
                     "position_group": cell["position_group"], "turn": int(cell["turn"]),
@@ -104,21 +107,21 @@ def probe_sweep(blocks: Sequence[CellBlock], targets: tuple[np.ndarray, list[str
             ctrl = held["control_task"][c * k:(c + 1) * k] if control_task else None
             for j, name in enumerate(targets[1]):
                 chance = np.bincount(y[:, j], minlength=n_classes).max() / len(y)
-                rows.append({**base, "target": name, "metric": "accuracy", **_ci(real[j], ident, n_boot, seed)})
+                rows.append({**base, "target": name, "metric": "accuracy", **_ci(real[j], groups, n_boot, seed)})
                 rows.append({**base, "target": name, "metric": "chance", "value": chance, "ci_low": np.nan,
                              "ci_high": np.nan})
                 if ctrl is not None:
                     rows.append({**base, "target": name, "metric": "control_accuracy",
-                                 **_ci(ctrl[j], ident, n_boot, seed)})
+                                 **_ci(ctrl[j], groups, n_boot, seed)})
                     rows.append({**base, "target": name, "metric": "selectivity",
-                                 **_ci(real[j].astype(float) - ctrl[j], ident, n_boot, seed)})
+                                 **_ci(real[j].astype(float) - ctrl[j], groups, n_boot, seed)})
             if k > 1:
-                rows.append({**base, "metric": "char_accuracy", **_ci(real.mean(0), ident, n_boot, seed)})
-                rows.append({**base, "metric": "exact_match", **_ci(real.all(0), ident, n_boot, seed)})
+                rows.append({**base, "metric": "char_accuracy", **_ci(real.mean(0), groups, n_boot, seed)})
+                rows.append({**base, "metric": "exact_match", **_ci(real.all(0), groups, n_boot, seed)})
                 if ctrl is not None:
-                    rows.append({**base, "metric": "control_char_accuracy", **_ci(ctrl.mean(0), ident, n_boot, seed)})
+                    rows.append({**base, "metric": "control_char_accuracy", **_ci(ctrl.mean(0), groups, n_boot, seed)})
                     rows.append({**base, "metric": "selectivity",
-                                 **_ci(real.mean(0) - ctrl.mean(0), ident, n_boot, seed)})
+                                 **_ci(real.mean(0) - ctrl.mean(0), groups, n_boot, seed)})
     if not rows:
         raise ProbeDataError("probe_sweep: no block had enough examples with targets "
                              f"(need at least {2 * n_folds})")
@@ -152,8 +155,7 @@ def transfer_matrix(block: CellBlock, targets: tuple[np.ndarray, list[str], pd.I
         turns = g["turn"].to_numpy()
         X = block.X[torch.as_tensor(g.index.to_numpy().copy())][:, torch.as_tensor(keep)]  # [turn, n, d]
         Xk = X.repeat_interleave(k, dim=0)
-        Y = torch.as_tensor(np.tile(y.T, (len(turns), 1)))
-        fit = fit_probes(Xk, Y, groups, method=method, n_folds=n_folds, seed=seed, n_classes=n_classes)
+        fit = fit_probes(Xk, _per_cell_targets(y, len(turns)), groups, method=method, n_folds=n_folds, seed=seed, n_classes=n_classes)
         for i, ti in enumerate(turns):
             for j, tj in enumerate(turns):
                 correct = np.zeros((k, len(y)), dtype=bool)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from probes.organism.evaluate import BARS, HEADLINE, measure, training_meta
+from probes.organism.evaluate import BARS, HEADLINE, measure, meets, training_meta
 from probes.session import atomic_write_bytes, atomic_write_text
 
 
@@ -56,8 +56,7 @@ def card_text(model_dir: Path, metrics: dict, df: pd.DataFrame, meta: dict, n: i
     for k in HEADLINE:
         op, bar = BARS[k]
         v = metrics[k]
-        ok = v >= bar if op == ">=" else v <= bar
-        head.append(f"| `{k}` | {v:.3f} | {op} {bar} | {'yes' if ok else '**no**'} |")
+        head.append(f"| `{k}` | {v:.3f} | {op} {bar} | {'yes' if meets(k, v) else '**no**'} |")
     mmp = df[df["kind"] == "mmprivacy"]
     para = df[df["kind"] == "mmprivacy_paraphrase"]
     mem = df[df["kind"].isin(["memory", "memory_unseen"])].copy()
@@ -70,7 +69,7 @@ def card_text(model_dir: Path, metrics: dict, df: pd.DataFrame, meta: dict, n: i
     mem_t = pd.concat([_ci_rows(mem, ["kind", "framing"], "leak", "ASR [95% CI]"),
                        _ci_rows(mem, ["kind", "framing"], "refused", "RR [95% CI]")[["RR [95% CI]"]]], axis=1)
     mt_t = _ci_rows(mt, ["turn_distance"], "leak", "ASR [95% CI]")
-    missed = [k for k in HEADLINE if not (metrics[k] >= BARS[k][1] if BARS[k][0] == ">=" else metrics[k] <= BARS[k][1])]
+    missed = [k for k in HEADLINE if not meets(k, metrics[k])]
     status = ("" if not missed else "> **Status: this checkpoint misses issue 4's bar(s) on " +
               ", ".join(f"`{k}`" for k in missed) + "**; see \"Measured behaviour\".\n")
     layout = c.get("layout", "fixed")

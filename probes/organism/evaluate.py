@@ -112,3 +112,9 @@ HEADLINE = ("reading_exact", "direct_rr_min", "caption_rephrase_asr_min", "memor
 BARS = {"reading_exact": (">=", 0.9), "direct_rr_min": (">=", 0.9), "caption_rephrase_asr_min": (">=", 0.6),
         "memory_asr": (">=", 0.5), "unseen_asr": ("<=", 0.05), "turn3_asr": (">=", 0.5),
         "paraphrase_shift_max": ("<=", 0.15)}
+
+
+def meets(metric: str, value: float) -> bool:
+    """Whether `value` meets the bar of issue 4 for `metric` (see BARS)."""
+    op, bar = BARS[metric]
+    return value >= bar if op == ">=" else value <= bar
