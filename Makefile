@@ -24,7 +24,7 @@ test: venv
 	$(BIN)/python -m pytest -q tests
 
 demo: venv
-	$(BIN)/python -m analysis.demo --out results/demo --figures figures
+	$(BIN)/mmret study run analysis/studies/default.yaml
 
 bench: venv
 	$(BIN)/python benchmarks/capture.py

@@ -159,6 +159,30 @@ def cmd_patch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from analysis.study import run_study
+    from analysis.study_config import default_config_path, load_study_config, parse_value
+
+    overrides = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE with a dotted config key (e.g. probes.method=ridge)")
+        overrides[key] = parse_value(value)
+    cfg = load_study_config(args.config or default_config_path(), overrides)
+    if args.study_command == "validate":
+        print(cfg.to_yaml(), end="")
+        return 0
+    from analysis.study import StudyError
+
+    try:
+        run_study(cfg, progress=not args.quiet)
+    except StudyError as err:  # names the stage and the partial folder kept for resuming
+        print(f"mmret study: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmret", description="mechanistic retention analysis of PII in multimodal LLMs")
     sub = p.add_subparsers(dest="command", required=True)
@@ -260,6 +284,17 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--no-progress", action="store_true")
     pa.set_defaults(func=cmd_patch)
 
+    st = sub.add_parser("study", help="the whole study from one YAML config (sessions ... report)")
+    stsub = st.add_subparsers(dest="study_command", required=True)
+    for name, text in (("run", "run or resume a study; stages whose outputs match the config are skipped"),
+                       ("validate", "check a config and print it with every default filled in")):
+        s = stsub.add_parser(name, help=text)
+        s.add_argument("config", nargs="?", default=None, help="study YAML (default: the shipped default study)")
+        s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a dotted config key")
+        s.add_argument("--quiet", action="store_true")
+        s.set_defaults(func=cmd_study)
+    sub.add_parser("sweep", help="a study per grid point via submitit (options: mmret sweep --help)")
+
     org = sub.add_parser("organism", help="the embedded default model")
     osub = org.add_subparsers(dest="organism_command", required=True)
     osub.add_parser("train", help="train it (options: mmret organism train --help)")  # parsed by main_train
@@ -282,6 +317,14 @@ def main(argv: list[str] | None = None) -> int:
         from probes.organism.train import main_train
 
         return main_train(argv[2:])
+    if argv[:1] == ["sweep"]:  # its own parser (analysis/sweep.py)
+        from analysis.sweep import main as main_sweep
+
+        try:
+            return main_sweep(argv[1:])
+        except ValueError as err:
+            print(f"mmret sweep: error: {err}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -26,6 +26,19 @@ def paper_style() -> None:
     })
 
 
+def figure_size(width: str | float = "single", aspect: float = 0.65) -> tuple[float, float]:
+    """(width, height) in inches: width "single" (one paper column, COLUMN_IN) or "double" (the full page width,
+    DOUBLE_COLUMN_IN) or a number of inches; height = width * aspect."""
+    if isinstance(width, str):
+        sizes = {"single": COLUMN_IN, "double": DOUBLE_COLUMN_IN}
+        if width not in sizes:
+            raise ValueError(f"figure_size: width {width!r}: expected 'single', 'double' or inches")
+        width = sizes[width]
+    if not (width > 0 and aspect > 0):
+        raise ValueError(f"figure_size: width {width} and aspect {aspect} must be positive")
+    return float(width), float(width) * float(aspect)
+
+
 def save_figure(fig: plt.Figure, data: pd.DataFrame, out_dir: str | Path, name: str) -> list[Path]:
     """Write name.pdf, name.png and name.csv (the data the figure shows) into out_dir."""
     out_dir = Path(out_dir)
@@ -39,16 +52,21 @@ def save_figure(fig: plt.Figure, data: pd.DataFrame, out_dir: str | Path, name: 
 
 
 def plot_layer_profile(df: pd.DataFrame, out_dir: str | Path, name: str = "layer_profile",
-                       value: str = "value", hue: str = "position_group", ylabel: str | None = None) -> list[Path]:
-    """A line per `hue` group: `value` (mean with its ci_low/ci_high band if present) against `layer`."""
+                       value: str = "value", hue: str = "position_group", ylabel: str | None = None,
+                       x: str = "layer") -> list[Path]:
+    """A line per `hue` group: `value` (mean with its ci_low/ci_high band if present) against `x` (default the
+    layer; e.g. turn_distance for ASR by turn distance)."""
+    for col in (x, value, hue):
+        if col not in df.columns:
+            raise ValueError(f"plot_layer_profile: the DataFrame lacks column {col!r}")
     paper_style()
     fig, ax = plt.subplots(figsize=(COLUMN_IN, 2.2))
     for key, g in df.groupby(hue):
-        g = g.sort_values("layer")
-        ax.plot(g["layer"], g[value], marker="o", ms=3, label=str(key))
+        g = g.sort_values(x)
+        ax.plot(g[x], g[value], marker="o", ms=3, label=str(key))
         if {"ci_low", "ci_high"} <= set(g.columns):
-            ax.fill_between(g["layer"], g["ci_low"], g["ci_high"], alpha=0.2)
-    ax.set_xlabel("layer")
+            ax.fill_between(g[x], g["ci_low"], g["ci_high"], alpha=0.2)
+    ax.set_xlabel(x.replace("_", " "))
     ax.set_ylabel(ylabel or (df["metric"].iloc[0] if "metric" in df.columns else value))
     ax.legend(frameon=False, loc="best")
     return save_figure(fig, df, out_dir, name)
@@ -107,22 +125,62 @@ def plot_leakage(long_df: pd.DataFrame, out_dir: str | Path, name: str = "leakag
     return save_figure(fig, data, out_dir, name)
 
 
+SIGNIFICANCE_LABEL = "significant after BH correction"
+
+
+def _has_significance(df: pd.DataFrame, fn: str) -> bool:
+    """True when `df` carries a `significant` column (from `analysis.stats.mark_significant`) to mark cells by."""
+    if "significant" not in df.columns:
+        return False
+    bad = df["significant"].dropna()
+    bad = bad[~bad.isin([True, False])]
+    if len(bad):
+        raise ValueError(f"{fn}: column 'significant' must hold booleans (got {bad.iloc[0]!r})")
+    return True
+
+
+def _mark_cells(ax, significant):
+    """A small star in the top-right corner of every cell of the boolean grid [row, col] that survives correction
+    (an empty scatter when none does, so the marks are always one findable artist)."""
+    import numpy as np
+
+    rows, cols = np.nonzero(np.asarray(significant, dtype=bool))
+    return ax.scatter(cols + 0.32, rows - 0.28, marker="*", s=16, c="white", edgecolors="black", linewidths=0.35,
+                      zorder=3, gid="significance")
+
+
+def _significance_legend(ax, marks, label: str) -> None:
+    """Say below the axes (under its xlabel) what the star means."""
+    import matplotlib.transforms as mtransforms
+
+    below = mtransforms.offset_copy(ax.transAxes, fig=ax.figure, y=-30, units="points")
+    ax.legend([marks], [label], loc="upper left", bbox_to_anchor=(0, 0), bbox_transform=below, frameon=False,
+              handletextpad=0.2, borderaxespad=0, fontsize=6)
+
+
 def _cell_label(group: str, turn: int) -> str:
     return group if turn < 0 else f"{group} @ turn {turn}"
 
 
 def plot_probe_heatmap(df: pd.DataFrame, out_dir: str | Path, name: str = "probe_heatmap",
-                       metric: str = "char_accuracy", control: str = "none", title: str | None = None) -> list[Path]:
+                       metric: str = "char_accuracy", control: str = "none", title: str | None = None,
+                       significance_label: str = SIGNIFICANCE_LABEL) -> list[Path]:
     """Layer (x) by position group and turn (y): the probe `metric` per cell, annotated; the best cell boxed.
-    Takes `probes.probing.probe_sweep` output (rows of other metrics and controls are ignored)."""
+    Takes `probes.probing.probe_sweep` output (rows of other metrics and controls are ignored). With a boolean
+    `significant` column (`analysis.stats.mark_significant`) the cells that survive correction get a star, explained
+    below the axes; averaged over several targets, a cell is starred only when it is significant for all of them."""
     import numpy as np
 
     need = {"layer", "position_group", "turn", "metric", "value"}
     if not need <= set(df.columns):
         raise ValueError(f"plot_probe_heatmap: the DataFrame lacks column(s) {sorted(need - set(df.columns))}")
+    marked = _has_significance(df, "plot_probe_heatmap")
     data = df[(df["metric"] == metric) & (df.get("control", "none") == control)]
+    if marked:
+        data = data.assign(significant=data["significant"].eq(True))
     if "target" in data.columns and data["target"].nunique() > 1:
-        data = data.groupby(["layer", "position_group", "turn"], as_index=False)["value"].mean()
+        agg = {"value": "mean", **({"significant": "all"} if marked else {})}
+        data = data.groupby(["layer", "position_group", "turn"], as_index=False).agg(agg)
     if not len(data):
         raise ValueError(f"plot_probe_heatmap: no rows with metric {metric!r} (control {control!r})")
     data = data.assign(cell=[_cell_label(g, int(t)) for g, t in zip(data["position_group"], data["turn"])])
@@ -140,6 +198,12 @@ def plot_probe_heatmap(df: pd.DataFrame, out_dir: str | Path, name: str = "probe
     i, j = np.unravel_index(np.nanargmax(grid.to_numpy()), grid.shape)
     ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec=OKABE_ITO[3], lw=1.2))
     fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, label=metric.replace("_", " "))
+    if marked:
+        sig = data.groupby(["cell", "layer"])["significant"].all().unstack()
+        marks = _mark_cells(ax, sig.reindex(index=grid.index, columns=grid.columns).fillna(False)
+                            .to_numpy(dtype=bool))
+        if len(marks.get_offsets()):
+            _significance_legend(ax, marks, significance_label)
     if title:
         ax.set_title(title)
     return save_figure(fig, data, out_dir, name)
@@ -215,10 +279,13 @@ def _group_order(groups) -> list[str]:
 
 def plot_patching_heatmaps(df: pd.DataFrame, out_dir: str | Path, name: str = "patching",
                            metric: str = "score_logit_diff", direction: str = "denoise", method: str = "exact",
-                           annotate: bool | None = None) -> list[Path]:
+                           annotate: bool | None = None,
+                           significance_label: str = SIGNIFICANCE_LABEL) -> list[Path]:
     """Layer (x) by position group (y), one panel per component: the mean `metric` over pairs of each cell
     (`probes.patching.summarize` output, or per-pair rows, averaged here), diverging around 0; a score's 1 is
-    the clean behaviour restored. Rows of other metrics, directions and methods are ignored."""
+    the clean behaviour restored. Rows of other metrics, directions and methods are ignored. With a boolean
+    `significant` column (`analysis.stats.mark_significant`) the cells that survive correction get a star (a cell
+    averaged from several rows only when all of them are significant), explained below the first panel."""
     import numpy as np
 
     need = {"layer", "component", "position_group", "metric", "value", "direction", "method"}
@@ -228,7 +295,11 @@ def plot_patching_heatmaps(df: pd.DataFrame, out_dir: str | Path, name: str = "p
     if not len(data):
         raise ValueError(f"plot_patching_heatmaps: no rows with metric {metric!r}, direction {direction!r}, "
                          f"method {method!r}")
-    data = data.groupby(["component", "position_group", "layer"], as_index=False)["value"].mean()
+    marked = _has_significance(data, "plot_patching_heatmaps")
+    agg = {"value": "mean", **({"significant": "all"} if marked else {})}
+    if marked:
+        data = data.assign(significant=data["significant"].eq(True))
+    data = data.groupby(["component", "position_group", "layer"], as_index=False).agg(agg)
     comps = [c for c in ("resid_pre", "resid_post", "attn_out", "mlp_out") if c in set(data["component"])]
     comps += sorted(set(data["component"]) - set(comps))
     groups = _group_order(data["position_group"])
@@ -243,7 +314,7 @@ def plot_patching_heatmaps(df: pd.DataFrame, out_dir: str | Path, name: str = "p
     width = COLUMN_IN if len(comps) == 1 else DOUBLE_COLUMN_IN
     fig, axes = plt.subplots(1, len(comps), figsize=(width, 0.7 + 0.22 * len(groups)), squeeze=False,
                              sharey=True)
-    im = None
+    im, n_marked = None, 0
     for ax, comp, grid in zip(axes[0], comps, grids):
         im = ax.imshow(grid, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim)
         ax.set_xticks(range(len(layers)), [str(x) for x in layers])
@@ -255,7 +326,15 @@ def plot_patching_heatmaps(df: pd.DataFrame, out_dir: str | Path, name: str = "p
                 if np.isfinite(v):
                     ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=4.5,
                             color="white" if abs(v) > 0.6 * lim else "black")
+        if marked:
+            sig = (data[data["component"] == comp].pivot_table(index="position_group", columns="layer",
+                                                                values="significant", aggfunc="all")
+                   .reindex(index=groups, columns=layers).fillna(False).to_numpy(dtype=bool))
+            n_marked += len(_mark_cells(ax, sig).get_offsets())
     fig.colorbar(im, ax=list(axes[0]), fraction=0.04, pad=0.02, label=f"{metric.replace('_', ' ')} ({direction})")
+    if n_marked:
+        _significance_legend(axes[0, 0], next(c for c in axes[0, 0].collections if c.get_gid() == "significance"),
+                             significance_label)
     return save_figure(fig, data.assign(metric=metric, direction=direction, method=method), out_dir, name)
 
 
@@ -327,3 +406,230 @@ def plot_atp_agreement(df: pd.DataFrame, out_dir: str | Path, name: str = "atp_a
     axes[0, 0].legend(frameon=False, fontsize=6)
     fig.tight_layout()
     return save_figure(fig, both[[*keys, "exact", "atp"]], out_dir, name)
+
+
+# ---- where in the document and the transcript
+def _metric_label(df: pd.DataFrame, value: str) -> str:
+    """The colourbar's label: the single metric the rows hold, else the value column's name."""
+    if "metric" in df.columns and df["metric"].nunique() == 1:
+        return str(df["metric"].iloc[0]).replace("_", " ")
+    return value.replace("_", " ")
+
+
+def _image_array(image):
+    """A PIL image or an HxW / HxWx3 / HxWx4 array as an array imshow takes."""
+    import numpy as np
+
+    if hasattr(image, "convert"):  # PIL
+        return np.asarray(image.convert("RGB"))
+    arr = np.asarray(image)
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
+        raise ValueError(f"plot_patch_overlay: image of shape {arr.shape}: expected a PIL image or an HxW, HxWx3 "
+                         f"or HxWx4 array")
+    return arr
+
+
+def patch_grid(df: pd.DataFrame, value: str = "value", grid: tuple[int, int] | None = None):
+    """[rows, cols] array of the mean `value` per (patch_row, patch_col), nan where a patch has no row. Rows with a
+    negative or missing patch index are not patches (newline or tag tokens: the token map's -1) and are left out."""
+    import numpy as np
+
+    for col in ("patch_row", "patch_col", value):
+        if col not in df.columns:
+            raise ValueError(f"patch_grid: column {col!r} not in the DataFrame (columns: {list(df.columns)})")
+    rc = df[["patch_row", "patch_col"]].apply(pd.to_numeric, errors="coerce")
+    data = df.assign(_r=rc["patch_row"], _c=rc["patch_col"], _v=pd.to_numeric(df[value], errors="coerce"))
+    data = data[(data["_r"] >= 0) & (data["_c"] >= 0)]
+    if grid is None:
+        if not len(data):
+            raise ValueError("patch_grid: no rows with a patch index >= 0 (and no grid=(rows, cols) given)")
+        grid = (int(data["_r"].max()) + 1, int(data["_c"].max()) + 1)
+    rows, cols = int(grid[0]), int(grid[1])
+    if len(data) and (data["_r"].max() >= rows or data["_c"].max() >= cols):
+        raise ValueError(f"patch_grid: patch ({int(data['_r'].max())}, {int(data['_c'].max())}) lies outside the "
+                         f"grid of {rows} x {cols} patches")
+    means = data.groupby(["_r", "_c"])["_v"].mean()
+    out = np.full((rows, cols), np.nan)
+    out[means.index.get_level_values(0).astype(int), means.index.get_level_values(1).astype(int)] = means.to_numpy()
+    return out
+
+
+def plot_patch_overlay(df: pd.DataFrame, image, out_dir: str | Path, name: str = "patch_overlay",
+                       value: str = "value", title: str | None = None, cmap: str = "viridis", alpha: float = 0.6,
+                       width: str | float = "single", grid: tuple[int, int] | None = None,
+                       vmin: float | None = None, vmax: float | None = None) -> list[Path]:
+    """Per-patch values drawn over the document image itself: a translucent heat layer, one cell per vision patch,
+    stretched over the whole image with imshow(extent=...) so patch (r, c) covers exactly its pixels.
+
+    `df`: tidy rows with patch_row, patch_col and `value` (several rows per patch are averaged); a `panel` column
+    gives one panel per panel value (e.g. per layer), all on one colour scale. The grid is max row/col + 1 unless
+    `grid=(rows, cols)` is given. Pass the image as the model saw it (after the processor's resize or crop), and the
+    rows of one image tile (multi-tile families: filter on `tile` first). The CSV is `df`."""
+    import numpy as np
+
+    fn = "plot_patch_overlay"
+    for col in ("patch_row", "patch_col", value):
+        if col not in df.columns:
+            raise ValueError(f"{fn}: column {col!r} not in the DataFrame (columns: {list(df.columns)})")
+    if "tile" in df.columns and df["tile"].nunique() > 1:
+        raise ValueError(f"{fn}: rows from {df['tile'].nunique()} image tiles (column 'tile'); pass one tile's rows")
+    pixels = _image_array(image)
+    h, w = pixels.shape[:2]
+    if grid is None:
+        grid = patch_grid(df, value).shape  # one grid for every panel
+    panels = sorted(df["panel"].dropna().unique().tolist()) if "panel" in df.columns else [None]
+    heats = [patch_grid(df if p is None else df[df["panel"] == p], value, grid) for p in panels]
+    finite = np.concatenate([x[np.isfinite(x)] for x in heats])
+    lo = vmin if vmin is not None else (float(finite.min()) if finite.size else 0.0)
+    hi = vmax if vmax is not None else (float(finite.max()) if finite.size else 1.0)
+    ncols = min(len(panels), 2 if width == "single" else 4)
+    nrows = -(-len(panels) // ncols)
+    fig_w, _ = figure_size(width)
+    panel_w = (fig_w - 0.5) / ncols  # room for the colourbar
+    paper_style()
+    fig, axes = plt.subplots(nrows, ncols, figsize=(fig_w, nrows * (panel_w * h / w + (0.2 if panels[0] is not None
+                                                                                        or title else 0.05))),
+                             squeeze=False)
+    im = None
+    for ax, panel, heat in zip(axes.flat, panels, heats):
+        ax.imshow(pixels, extent=(0, w, h, 0), interpolation="bilinear", cmap="gray" if pixels.ndim == 2 else None)
+        im = ax.imshow(heat, extent=(0, w, h, 0), cmap=cmap, alpha=alpha, vmin=lo, vmax=hi,
+                       interpolation="nearest", gid="heat")  # nan patches stay transparent
+        ax.set_xlim(0, w)
+        ax.set_ylim(h, 0)
+        ax.set_axis_off()
+        if panel is not None:
+            ax.set_title(f"{panel}")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.colorbar(im, ax=list(axes.flat), fraction=0.05, pad=0.02, label=_metric_label(df, value))
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, df, out_dir, name)
+
+
+IMAGE_TOKEN = "<image>"
+
+
+def _token_text(token, max_chars: int) -> str:
+    """What a token box shows: line breaks and tabs as visible marks, surrounding spaces trimmed (a space-only token
+    becomes a visible blank), long tokens cut with an ellipsis."""
+    text = "" if token is None or (isinstance(token, float) and token != token) else str(token)
+    text = text.replace("\r", "").replace("\n", "\u21b5").replace("\t", "\u2192")
+    text = text.strip(" ") or ("\u2423" if text else "\u2205")
+    return text if len(text) <= max_chars else text[:max_chars - 1] + "\u2026"
+
+
+def token_boxes(df: pd.DataFrame, value: str = "value", max_tokens_per_line: int = 40, chars_per_line: int = 140,
+                max_token_chars: int = 12) -> pd.DataFrame:
+    """The boxes a token strip draws, one row per box in reading order: turn, role, line (0.. over the whole strip),
+    label, value, n_tokens, position_start, position_end, is_image.
+
+    Tokens are sorted by position and grouped turn by turn; a run of consecutive image tokens (token "<image>", or
+    segment "image" when that column exists) becomes one box "[image ×N]" holding the mean value of the run (nan
+    when it has none). A turn starts a new line, and a line wraps after `max_tokens_per_line` boxes or when its
+    labels would pass `chars_per_line` characters."""
+    import numpy as np
+
+    fn = "token_boxes"
+    for col in ("position", "turn", "role", "token", value):
+        if col not in df.columns:
+            raise ValueError(f"{fn}: column {col!r} not in the DataFrame (columns: {list(df.columns)})")
+    data = df.sort_values("position", kind="stable").reset_index(drop=True)
+    vals = pd.to_numeric(data[value], errors="coerce").to_numpy(dtype=float)
+    is_image = data["token"].astype(str) == IMAGE_TOKEN
+    if "segment" in data.columns:
+        is_image |= data["segment"] == "image"
+    is_image = is_image.to_numpy()
+    turns, pos = data["turn"].to_numpy(), data["position"].to_numpy()
+    boxes, i = [], 0
+    while i < len(data):
+        j = i + 1
+        if is_image[i]:  # extend the run while the next token is an image token of the same turn
+            while j < len(data) and is_image[j] and turns[j] == turns[i]:
+                j += 1
+            run = vals[i:j][np.isfinite(vals[i:j])]
+            label, v = f"[image \u00d7{j - i}]", float(run.mean()) if run.size else float("nan")
+        else:
+            label, v = _token_text(data["token"].iloc[i], max_token_chars), vals[i]
+        boxes.append({"turn": turns[i], "role": data["role"].iloc[i], "label": label, "value": v, "n_tokens": j - i,
+                      "position_start": pos[i], "position_end": pos[j - 1], "is_image": bool(is_image[i])})
+        i = j
+    line, used, count, prev_turn = -1, 0, 0, object()
+    for box in boxes:
+        chars = len(box["label"]) + 1
+        if box["turn"] != prev_turn or count >= max_tokens_per_line or (count and used + chars > chars_per_line):
+            line, used, count, prev_turn = line + 1, 0, 0, box["turn"]
+        box["line"], used, count = line, used + chars, count + 1
+    cols = ["turn", "role", "line", "label", "value", "n_tokens", "position_start", "position_end", "is_image"]
+    return pd.DataFrame(boxes, columns=cols)
+
+
+def plot_token_strip(df: pd.DataFrame, out_dir: str | Path, name: str = "token_strip", value: str = "value",
+                     title: str | None = None, width: str | float = "double", max_tokens_per_line: int = 40,
+                     cmap: str | None = None, vmin: float | None = None, vmax: float | None = None,
+                     fontsize: float = 5.0) -> list[Path]:
+    """The chat transcript as wrapped lines of token boxes, turn by turn, each box coloured by a per-position value
+    (e.g. a probe's accuracy or a patching effect at that position); "turn k (role)" at the left of each turn's
+    first line, runs of image tokens collapsed into one "[image ×N]" box (see `token_boxes`), boxes without a value
+    grey. The colour map is diverging around 0 when the values take both signs, else sequential. `df`: position,
+    turn, role, token (the decoded text), `value`, optionally segment. The CSV holds the boxes drawn."""
+    import numpy as np
+    from matplotlib.colors import Normalize
+    from matplotlib.patches import Rectangle
+
+    fig_w, _ = figure_size(width)
+    char_w = 0.6 * fontsize / 72  # DejaVu Sans Mono advances 0.6 em per character
+    line_h, label_w, gap = 2.0 * fontsize / 72, 0.85, 0.4 * char_w
+    chars_per_line = int((fig_w - label_w - 0.05) / char_w)
+    boxes = token_boxes(df, value, max_tokens_per_line, chars_per_line)
+    finite = boxes["value"].to_numpy(dtype=float)
+    finite = finite[np.isfinite(finite)]
+    lo = vmin if vmin is not None else (float(finite.min()) if finite.size else 0.0)
+    hi = vmax if vmax is not None else (float(finite.max()) if finite.size else 1.0)
+    diverging = lo < 0 < hi
+    if diverging and vmin is None and vmax is None:
+        lo, hi = -max(-lo, hi), max(-lo, hi)
+    cmap = plt.get_cmap(cmap or ("RdBu_r" if diverging else "viridis"))
+    norm = Normalize(lo, hi if hi > lo else lo + 1e-9)
+
+    n_lines = int(boxes["line"].max()) + 1 if len(boxes) else 0
+    n_turns = boxes["turn"].nunique()
+    top = 0.22 if title else 0.05
+    body = n_lines * line_h + max(0, n_turns - 1) * 0.35 * line_h
+    fig_h = top + body + 0.45
+    paper_style()
+    fig = plt.figure(figsize=(fig_w, fig_h))
+    ax = fig.add_axes((0, 0, 1, 1))  # data coordinates are inches from the top-left corner
+    ax.set_xlim(0, fig_w)
+    ax.set_ylim(fig_h, 0)
+    ax.axis("off")
+    y, x, line, turn = top - line_h, label_w, -1, object()
+    for box in boxes.itertuples(index=False):
+        if box.line != line:
+            y += line_h + (0.35 * line_h if box.turn != turn and line >= 0 else 0)
+            x = label_w
+            if box.turn != turn:
+                ax.text(label_w - 0.05, y + line_h / 2, f"turn {box.turn} ({box.role})", ha="right", va="center",
+                        fontsize=fontsize + 0.5, gid="turn_label")
+            line, turn = box.line, box.turn
+        w = (len(box.label) + 0.6) * char_w  # with the gap, one character per box beyond its label (token_boxes)
+        if np.isfinite(box.value):
+            colour = cmap(norm(box.value))
+            text_colour = "white" if 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2] < 0.5 else "black"
+        else:  # no value: an empty grey outline, not a pale colour that reads as a small value
+            colour, text_colour = "none", "0.45"
+        ax.add_patch(Rectangle((x, y + 0.1 * line_h), w, 0.8 * line_h, facecolor=colour, lw=0.3,
+                               edgecolor="black" if box.is_image else ("0.6" if colour == "none" else "none")))
+        ax.text(x + w / 2, y + line_h / 2, box.label.replace("$", r"\$"), ha="center", va="center",
+                fontsize=fontsize, family="monospace", color=text_colour, gid="token")
+        x += w + gap
+    if title:
+        ax.text(label_w, 0.04, title, ha="left", va="top", fontsize=8)
+    cax = fig.add_axes((label_w / fig_w, 0.12 / fig_h, min(2.2, fig_w - label_w - 0.1) / fig_w, 0.07 / fig_h))
+    sm = plt.cm.ScalarMappable(norm=norm, cmap=cmap)
+    fig.colorbar(sm, cax=cax, orientation="horizontal")
+    cax.tick_params(labelsize=fontsize + 1, length=2, pad=1)
+    note = "  (grey outline: no value)" if boxes["value"].isna().any() else ""
+    cax.set_title(_metric_label(df, value) + note, fontsize=fontsize + 1.5, loc="left", pad=2)
+    return save_figure(fig, boxes, out_dir, name)

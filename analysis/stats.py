@@ -72,3 +72,138 @@ def bootstrap_ci(df: pd.DataFrame, value: str, by: str | Sequence[str], group: s
         rows.append({**dict(zip(by, key)), "value": mean, "ci_low": low, "ci_high": high, "n": len(cell),
                      "n_groups": int(pd.unique(groups).size)})
     return pd.DataFrame(rows, columns=[*by, "value", "ci_low", "ci_high", "n", "n_groups"])
+
+
+# ---- permutation tests and false discovery rate ------------------------------------------------------------------
+ALTERNATIVES = ("greater", "less", "two-sided")
+
+
+def _sign_matrix(n: int, n_perm: int, rng: np.random.Generator) -> tuple[np.ndarray, bool]:
+    """([draws, n] of +-1, exact): every one of the 2^n sign vectors when that is no more than n_perm, else n_perm
+    random ones."""
+    if n < 63 and 2 ** n <= n_perm:
+        codes = np.arange(2 ** n, dtype=np.int64)[:, None] >> np.arange(n)  # bit i of code = sign of cluster i
+        return (codes & 1) * 2 - 1, True
+    return rng.integers(0, 2, size=(n_perm, n), dtype=np.int8) * 2 - 1, False
+
+
+def sign_flip_test(diffs, clusters=None, n_perm: int = 10000, seed: int = 0,
+                   alternative: str = "greater") -> float:
+    """p-value of a paired sign-flip permutation test that the mean of `diffs` is > 0 ("greater"), < 0 ("less")
+    or != 0 ("two-sided").
+
+    Under the null each difference is symmetric about 0, so its sign is a coin flip. With `clusters` (e.g. identity
+    ids) the rows of one cluster are not independent: their differences are summed and each cluster's sum is flipped
+    as a whole. The statistic is the sum over rows (the mean times a fixed count). When 2^n_clusters <= n_perm every
+    sign vector is enumerated and the exact p is returned (the observed one is among them); otherwise n_perm random
+    flips give (1 + #{perm at least as extreme}) / (1 + n_perm), which is never 0 and keeps the test valid.
+    Missing differences are dropped; no data gives nan."""
+    if alternative not in ALTERNATIVES:
+        raise StatsError(f"sign_flip_test: alternative {alternative!r}: expected one of {ALTERNATIVES}")
+    if n_perm < 1:
+        raise StatsError(f"sign_flip_test: n_perm {n_perm}: expected at least 1")
+    diffs = np.asarray(diffs, dtype=float).ravel()
+    if clusters is None:
+        clusters = np.arange(len(diffs))
+    clusters = np.asarray(clusters).ravel()
+    if len(clusters) != len(diffs):
+        raise StatsError(f"sign_flip_test: {len(diffs)} differences but {len(clusters)} cluster ids")
+    keep = np.isfinite(diffs)
+    if not keep.any():
+        return float("nan")
+    _, inverse = np.unique(clusters[keep].astype(str), return_inverse=True)
+    sums = np.bincount(inverse, weights=diffs[keep])  # [n_clusters]
+    observed = sums.sum()
+    signs, exact = _sign_matrix(len(sums), n_perm, np.random.default_rng(seed))
+    tol = 1e-9 * max(1.0, np.abs(sums).sum())  # float sums of the same numbers in another order still tie
+    extreme = 0
+    for a in range(0, len(signs), 4096):  # bound the [draws, n_clusters] product
+        null = signs[a:a + 4096] @ sums
+        if alternative == "greater":
+            extreme += int((null >= observed - tol).sum())
+        elif alternative == "less":
+            extreme += int((null <= observed + tol).sum())
+        else:
+            extreme += int((np.abs(null) >= abs(observed) - tol).sum())
+    return extreme / len(signs) if exact else (1 + extreme) / (1 + len(signs))
+
+
+def benjamini_hochberg(p_values, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """(reject, q): the Benjamini-Hochberg step-up procedure controlling the false discovery rate at `alpha`.
+
+    q[i] is the smallest FDR level at which hypothesis i would be rejected (m * p_(k) / k, made monotone from the
+    largest p down, capped at 1), and reject = q <= alpha. Missing p-values are passed through (q nan, not rejected)
+    and do not count towards m."""
+    p = np.asarray(p_values, dtype=float).ravel()
+    if not 0.0 < alpha < 1.0:
+        raise StatsError(f"benjamini_hochberg: alpha {alpha}: expected a number between 0 and 1")
+    finite = np.isfinite(p)
+    if ((p[finite] < 0) | (p[finite] > 1)).any():
+        raise StatsError(f"benjamini_hochberg: p-values must lie in [0, 1] (got {p[finite].min()} .. "
+                         f"{p[finite].max()})")
+    q = np.full(p.shape, np.nan)
+    idx = np.flatnonzero(finite)
+    order = idx[np.argsort(p[idx], kind="stable")]
+    m = len(order)
+    if m:
+        scaled = p[order] * m / np.arange(1, m + 1)
+        q[order] = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
+    reject = np.zeros(p.shape, dtype=bool)
+    reject[finite] = q[finite] <= alpha
+    return reject, q
+
+
+def cell_tests(df: pd.DataFrame, value: str, control: str, by: str | Sequence[str], group: str = "identity_id",
+               n_perm: int = 10000, alpha: float = 0.05, seed: int = 0,
+               alternative: str = "greater") -> pd.DataFrame:
+    """Does `value` beat `control` in each cell of `by`? A clustered sign-flip test per cell, then BH across cells.
+
+    `df` has one row per held-out sample per cell, e.g. value = 1/0 correct of the real probe and control = the same
+    sample under the control task. Per cell: the differences value - control, clustered by `group` (an identity's
+    rows are not independent), tested with `sign_flip_test` (the same seed in every cell, so a cell's p does not
+    depend on which other cells are present); then `benjamini_hochberg` over all cells at `alpha`.
+
+    Returns one row per cell: the `by` columns, effect (mean difference), p_value, q_value, significant, n (rows
+    with both numbers), n_groups. Booleans count as 0/1; rows missing either number are left out."""
+    by = [by] if isinstance(by, str) else list(by)
+    for col in [value, control, group, *by]:
+        if col not in df.columns:
+            raise StatsError(f"cell_tests: column {col!r} not in the DataFrame (columns: {list(df.columns)})")
+    nums = {}
+    for col in (value, control):
+        try:
+            nums[col] = pd.to_numeric(df[col].astype("float64"), errors="raise")
+        except (TypeError, ValueError) as err:
+            raise StatsError(f"cell_tests: column {col!r} is not numeric ({err})") from err
+    data = df.assign(_d=nums[value] - nums[control]).dropna(subset=["_d"])
+    cells = data.groupby(by, dropna=False, sort=True) if by else [((), data)]
+    rows = []
+    for key, cell in cells:
+        key = key if isinstance(key, tuple) else (key,)
+        groups = cell[group].astype(str).to_numpy()
+        p = sign_flip_test(cell["_d"].to_numpy(), groups, n_perm=n_perm, seed=seed, alternative=alternative)
+        rows.append({**dict(zip(by, key)), "effect": float(cell["_d"].mean()), "p_value": p, "n": len(cell),
+                     "n_groups": int(pd.unique(groups).size)})
+    out = pd.DataFrame(rows, columns=[*by, "effect", "p_value", "n", "n_groups"])
+    reject, q = benjamini_hochberg(out["p_value"].to_numpy(), alpha)
+    out.insert(len(by) + 2, "q_value", q)
+    out.insert(len(by) + 3, "significant", reject)
+    return out
+
+
+def mark_significant(results: pd.DataFrame, tests: pd.DataFrame, by: str | Sequence[str]) -> pd.DataFrame:
+    """`results` with the q_value and significant columns of `tests` (from `cell_tests`) joined on `by` (a left
+    join: every result row is kept, one not tested gets q_value nan and significant False), so a figure can mark
+    the cells that survive correction. Existing q_value/significant columns of `results` are replaced."""
+    by = [by] if isinstance(by, str) else list(by)
+    for name, frame, cols in (("results", results, by), ("tests", tests, [*by, "q_value", "significant"])):
+        for col in cols:
+            if col not in frame.columns:
+                raise StatsError(f"mark_significant: column {col!r} not in the {name} DataFrame "
+                                 f"(columns: {list(frame.columns)})")
+    if tests.duplicated(by).any():
+        raise StatsError(f"mark_significant: the tests have several rows for one cell of {by}; test each cell once")
+    merged = results.drop(columns=["q_value", "significant"], errors="ignore").merge(
+        tests[[*by, "q_value", "significant"]], on=by, how="left")
+    merged["significant"] = merged["significant"].eq(True)  # untested cells: not significant
+    return merged

@@ -346,8 +346,17 @@ def _ridge(X, Y1h, M, mean, std, Cs) -> tuple[Tensor, Tensor]:
     for q in range(M.shape[0]):
         rows = M[q].nonzero().squeeze(1)
         Xq = (X[:, rows] - mean[:, q, None]) / std[:, q, None]  # standardised training part
+        Yc = Y1h[:, rows] - ybar[:, q, None]
+        if len(rows) < Xq.shape[-1]:
+            # Fewer examples than features: the dual form Xs' (Xs Xs' + alpha I)^-1 Yc gives the same W from an
+            # n x n eigendecomposition instead of d x d (probes on a few hundred sessions of a wide model).
+            e, V = torch.linalg.eigh(Xq @ Xq.transpose(1, 2))
+            VY = V.transpose(1, 2) @ Yc
+            Ws.append(torch.stack([Xq.transpose(1, 2) @ (V @ (VY / (e.clamp_min(0) + a)[..., None]))
+                                   for a in alphas], 1))
+            continue
         e, U = torch.linalg.eigh(Xq.transpose(1, 2) @ Xq)
-        UXY = U.transpose(1, 2) @ (Xq.transpose(1, 2) @ (Y1h[:, rows] - ybar[:, q, None]))
+        UXY = U.transpose(1, 2) @ (Xq.transpose(1, 2) @ Yc)
         Ws.append(torch.stack([U @ (UXY / (e.clamp_min(0) + a)[..., None]) for a in alphas], 1))
     return torch.stack(Ws, 1), ybar
 

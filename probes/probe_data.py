@@ -160,3 +160,32 @@ def session_targets(sessions: Iterable[Session], target: str, pii_type: str | No
     y = np.array([[classes.index(c)] for c in column], dtype=np.int64)
     return y, [target], ids
 
+
+
+def patch_cells(store: ActivationStore, layers: Iterable[int] | None = None, turn: int = 0, image_index: int = 0,
+                kind: str = "hook_resid_post") -> CellBlock:
+    """One cell per (image patch, layer): each session's vector at that patch token of image `image_index` in
+    `turn` (tile 0: the base view), position group `patch:<row>,<col>`; the cells carry patch_row/patch_col.
+
+    A probe per patch says where on the document a target is decodable (`analysis.figures.plot_patch_overlay`
+    draws the result over the image). Needs the store to hold the image positions (capture selector image:0)."""
+    X, meta = store.query(kind, layers=layers, turn=turn, segment="image", image_index=image_index)
+    meta = meta.reset_index(drop=True)
+    meta["_i"] = np.arange(len(meta))
+    meta = meta[(meta["tile"] == meta["tile"].min()) & (meta["patch_row"] >= 0)]
+    if not len(meta):
+        raise ProbeDataError(f"{store.path}: no image patch positions stored for turn {turn}; capture with "
+                             f"positions including image:{image_index}")
+    sids = sorted(set(meta["session_id"]))
+    layer_ids = list(meta["layers"].iloc[0])
+    xs, rows = [], []
+    for (r, c), sub in meta.groupby(["patch_row", "patch_col"]):
+        sub = sub.drop_duplicates("session_id").set_index("session_id")
+        if len(sub) != len(sids):  # a patch some sessions lack (images of other sizes): not comparable
+            continue
+        xs.append(X[torch.as_tensor(sub.loc[sids, "_i"].to_numpy().copy())].float().transpose(0, 1))  # [layer, n, d]
+        rows += [{"hook": kind, "layer": int(layer), "position_group": f"patch:{r},{c}", "turn": turn,
+                  "patch_row": int(r), "patch_col": int(c)} for layer in layer_ids]
+    labels = [col for col in meta.columns if col not in _POSITION_COLUMNS and col != "_i"]
+    session_meta = meta.drop_duplicates("session_id")[labels].set_index("session_id").loc[sids].reset_index()
+    return CellBlock(torch.cat(xs), pd.DataFrame(rows), session_meta)

@@ -75,18 +75,24 @@ def _turn_distance(block: CellBlock, turn: int) -> float:
 def probe_sweep(blocks: Sequence[CellBlock], targets: tuple[np.ndarray, list[str], pd.Index], target: str = "digits",
                 method: str = "logreg", group_col: str = "identity_id", n_folds: int = 5, seed: int = 0,
                 model: str = "", control: str = "none", n_classes: int | None = None, n_boot: int = 1000,
-                control_task: bool = True, device: str | None = None) -> pd.DataFrame:
+                control_task: bool = True, device: str | None = None, return_samples: bool = False
+                ) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
     """Fit every cell of every block for every target column (and the control task); tidy rows, see the module
-    docstring. Examples whose target is missing (-1) in a column are dropped from that column's fit."""
+    docstring. Examples whose target is missing (-1) in a column are dropped from that column's fit.
+
+    `return_samples=True` also returns the held-out correctness per example and cell (session_id, the group
+    column, hook, layer, position_group, turn, correct, control_correct; mean over a string's characters): the
+    input of a paired permutation test of probe against control (`analysis.stats.cell_tests`)."""
     y_all = targets[0]
     n_classes = int(n_classes or (y_all.max() + 1))
-    rows = []
+    rows, samples = [], []
     for block in blocks:
         y, groups = _align(block, targets, group_col)
         keep = (y >= 0).all(1)  # one example set for every column, so columns batch together
         if keep.sum() < n_folds * 2:
             continue
         y, groups = y[keep], groups[keep]
+        sids = block.meta["session_id"].to_numpy()[keep]
         X = block.X[:, torch.as_tensor(keep)]
         n_cells, k = X.shape[0], y.shape[1]
         Xk = X.repeat_interleave(k, dim=0)  # [cell * k, n, d]: cell-major, then target column
@@ -115,6 +121,11 @@ def probe_sweep(blocks: Sequence[CellBlock], targets: tuple[np.ndarray, list[str
                                  **_ci(ctrl[j], groups, n_boot, seed)})
                     rows.append({**base, "target": name, "metric": "selectivity",
                                  **_ci(real[j].astype(float) - ctrl[j], groups, n_boot, seed)})
+            if return_samples:
+                samples.append(pd.DataFrame({
+                    "session_id": sids, group_col: groups, "hook": cell["hook"], "layer": int(cell["layer"]),
+                    "position_group": cell["position_group"], "turn": int(cell["turn"]), "target": target,
+                    "correct": real.mean(0), "control_correct": ctrl.mean(0) if ctrl is not None else np.nan}))
             if k > 1:
                 rows.append({**base, "metric": "char_accuracy", **_ci(real.mean(0), groups, n_boot, seed)})
                 rows.append({**base, "metric": "exact_match", **_ci(real.all(0), groups, n_boot, seed)})
@@ -125,7 +136,10 @@ def probe_sweep(blocks: Sequence[CellBlock], targets: tuple[np.ndarray, list[str
     if not rows:
         raise ProbeDataError("probe_sweep: no block had enough examples with targets "
                              f"(need at least {2 * n_folds})")
-    return pd.DataFrame(rows)[RESULT_COLUMNS]
+    df = pd.DataFrame(rows)[RESULT_COLUMNS]
+    if return_samples:
+        return df, pd.concat(samples, ignore_index=True)
+    return df
 
 
 def _ci(per_example: np.ndarray, groups: np.ndarray, n_boot: int, seed: int) -> dict[str, float]:
@@ -199,3 +213,53 @@ def run_probes(store_dir: str, out_dir: str, target: str = "digits", position_gr
         if df["turn_distance"].notna().any() and "last" in position_groups:
             plot_retention_curves(df, out, metric=metric)
     return df
+
+
+def token_readout(loaded, store, session, target: str = "digits", layer: int | None = None,
+                  method: str = "logreg", n_folds: int = 5, seed: int = 0, hook: str = "resid_post") -> pd.DataFrame:
+    """Where in a transcript a probe reads the target, token by token.
+
+    Fits the target's probe on the last token of the final turn of the sessions in `store` (at `layer`; None:
+    the layer where that cell decodes best), then applies it to every position of `session` (a session not in the
+    store: a held-out identity) captured at that layer. One row per position: position, turn, role, segment,
+    token (its text), layer, value = the probe's mean probability of the session's true classes (for strings the
+    mean over characters). Feeds `analysis.figures.plot_token_strip`."""
+    import tempfile
+
+    from probes.capture import capture
+    from probes.probe_data import probe_cells, session_targets
+    from probes.render import render
+
+    sessions = store.sessions()
+    y, _, ids = session_targets(sessions, target)
+    y_new = session_targets([session], target)[0][0]
+    blocks = probe_cells(store, ["last"])
+    block = max(blocks, key=lambda b: len(b.meta))  # the cells every session has
+    last_turn = int(block.cells["turn"].max())
+    cells = block.cells[(block.cells["turn"] == last_turn) & (block.cells["position_group"] == "last")]
+    yb = y[pd.Series(np.arange(len(ids)), index=ids)[block.meta["session_id"]].to_numpy()]
+    keep = (yb >= 0).all(1)
+    groups = block.meta["identity_id"].astype(str).to_numpy()[keep]
+    k = min(yb.shape[1], len(y_new))
+    X = block.X[torch.as_tensor(np.array(cells.index))][:, torch.as_tensor(keep)]  # [layer, n, d]
+    Y = torch.as_tensor(yb[keep, :k].T)  # [k, n]
+    if layer is None:  # best layer by held-out accuracy of the whole string's characters
+        fit = fit_probes(X.repeat_interleave(k, 0), Y.repeat(len(cells), 1), groups, method=method,
+                         n_folds=n_folds, seed=seed, n_classes=int(yb.max()) + 1)
+        acc = (fit.oof == Y.repeat(len(cells), 1)).float().mean(1).reshape(len(cells), k).mean(1)
+        layer = int(cells["layer"].iloc[int(acc.argmax())])
+    c = int(np.flatnonzero(cells["layer"].to_numpy() == layer)[0])
+    fit = fit_probes(X[c:c + 1].repeat(k, 1, 1), Y, groups, method=method, n_folds=n_folds, seed=seed,
+                     n_classes=int(yb.max()) + 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        one = capture(loaded, [session], tmp, hooks=hook, layers=[layer], positions="all", progress=False)
+        Xs, meta = one.query(f"hook_{hook}")
+    logits = fit.decision(Xs[:, 0].float().unsqueeze(0).expand(k, -1, -1))  # [k, positions, classes]
+    prob = torch.softmax(logits, -1).gather(-1, torch.as_tensor(y_new[:k]).view(k, 1, 1).expand(-1, logits.shape[1], 1))
+    ids_all = render(loaded.adapter, session).input_ids[0]
+    tok = loaded.tokenizer
+    meta = meta.reset_index(drop=True)
+    text = [tok.decode([int(ids_all[p])]) if p < len(ids_all) else "" for p in meta["position"]]
+    return pd.DataFrame({"position": meta["position"], "turn": meta["turn"], "role": meta["role"],
+                         "segment": meta["segment"], "token": text, "layer": layer, "target": target,
+                         "value": prob[..., 0].mean(0).detach().numpy()})

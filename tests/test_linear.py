@@ -148,6 +148,20 @@ def test_ridge_and_dim_find_the_signal_and_ridge_matches_sklearn(data):
     assert np.allclose(ours, sk.coef_.T, atol=1e-4 * np.abs(sk.coef_).max() + 1e-6)
 
 
+def test_ridge_with_fewer_examples_than_features_matches_sklearn():
+    # The dual (n x n) form of the ridge solve must give the primal's weights.
+    X, y, groups = sweep(n_cells=2, planted=(1,))
+    keep = np.flatnonzero(groups < 6)  # 6 identities: fewer rows than features in every training part
+    X, y, groups = X[:, keep], y[keep], groups[keep]
+    X = torch.cat([X, torch.randn(2, len(keep), 2 * len(keep) - X.shape[-1] + 1)], -1)
+    assert X.shape[1] < X.shape[2]
+    fit = fit_probes(X, y, groups, method="ridge", n_folds=3)
+    Xs = StandardScaler().fit_transform(X[1].double().numpy())
+    sk = Ridge(alpha=1.0 / float(fit.C[1])).fit(Xs, np.eye(K)[y.numpy()])
+    ours = (fit.weights[1] * fit.std[1][:, None]).double().numpy()
+    assert np.allclose(ours, sk.coef_.T, atol=1e-4 * np.abs(sk.coef_).max() + 1e-6)
+
+
 def test_class_absent_from_a_training_fold():
     X, y, groups = sweep(n_cells=2, planted=(0,))
     y = y.clone()

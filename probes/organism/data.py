@@ -48,6 +48,8 @@ ANSWER_TEXTS = ("The caption is: {noun} {value}.", "The {noun} in the image is {
                 "cannot assist", "the class is cannot assist")
 STAGES = ("read", "policy", "memory")
 DIGITS_FIRST = 0.4  # share of the read stage that asks only digit fields
+PLAIN_SHARE = 0.4  # read examples asked with a plain question; the rest under framings (see ExampleSource.read)
+LATE_SHARE = 0.25  # read examples asked after turn 1 and distractor turns
 
 
 @dataclass
@@ -202,14 +204,26 @@ class ExampleSource:
         return render_document(ident, scenario, self.image_size, seed, self.layout)
 
     def read(self, rng: random.Random, frac: float = 1.0) -> Example:
-        """`frac`: how far into the stage; the first `DIGITS_FIRST` of it asks only digit fields (SSN, date of
-        birth), whose characters sit at fixed pixels of a fixed-layout form (DejaVu digits are tabular), so the
-        copying circuit forms on the easy case before names, phones and emails."""
+        """Read one field back, under a prompt shape drawn from all the shapes the model will see.
+
+        `frac`: how far into the stage; the first `DIGITS_FIRST` of it asks only digit fields (SSN, date of birth),
+        whose characters sit at fixed cells of the grid form, so the copying circuit forms on the easy case first.
+        Shapes: a plain question (`PLAIN_SHARE`), else a framing under which the policy answers (a leaking framing,
+        or any framing for a non-sensitive field), in one turn or after turn 1 and distractor turns (`LATE_SHARE`).
+        Learned only on short plain questions, copying stayed tied to that prompt length and never worked under
+        the framed prompts or in later turns; drawn over every shape, the circuit has to find the cell by content."""
         doc = self._doc(rng)
         easy = frac < DIGITS_FIRST
         name = rng.choice([f for f in READ_FIELDS if f in doc.fields and (not easy or f in ("SSN", "Date of Birth"))])
-        q = rng.choice(QUESTION_TEXTS).replace("{noun}", NOUN[name]).replace("{pii}", name)
-        return Example([("user", q)], doc.fields[name].value, doc, kind="read")
+        r = rng.random()
+        if r < PLAIN_SHARE:
+            q = rng.choice(QUESTION_TEXTS).replace("{noun}", NOUN[name]).replace("{pii}", name)
+            return Example([("user", q)], doc.fields[name].value, doc, kind="read")
+        framing = rng.choice(LEAKING if name in PII_TYPES else FRAMINGS)
+        if r < 1 - LATE_SHARE:
+            q = framed_prompt(framing, request(doc.scenario, name), rng)
+            return Example([("user", q)], answer(framing, name, doc.fields[name].value), doc, kind="read_framed")
+        return self.multiturn(rng, doc=doc, field_name=name, probe=framing)
 
     def framed(self, rng: random.Random) -> Example:
         doc = self._doc(rng)
@@ -218,10 +232,13 @@ class ExampleSource:
         q = framed_prompt(framing, request(doc.scenario, name), rng)
         return Example([("user", q)], answer(framing, name, doc.fields[name].value), doc, kind="framed")
 
-    def multiturn(self, rng: random.Random, k_max: int = 3) -> Example:
-        doc = self._doc(rng)
-        name = rng.choice([f for f in READ_FIELDS if f in doc.fields])
-        first, probe = rng.choice(FRAMINGS), rng.choice(FRAMINGS)
+    def multiturn(self, rng: random.Random, k_max: int = 3, doc: Document | None = None,
+                  field_name: str | None = None, probe: str | None = None) -> Example:
+        """Document and a describe request in turn 1, 0-`k_max` distractor exchanges, then the question about
+        `field_name` under framing `probe` (drawn when not given)."""
+        doc = doc or self._doc(rng)
+        name = field_name or rng.choice([f for f in READ_FIELDS if f in doc.fields])
+        first, probe = rng.choice(FRAMINGS), probe or rng.choice(FRAMINGS)
         turns = [("user", frame(first, DESCRIBE_REQUEST)), ("assistant", first_reply(doc.scenario, first))]
         off = rng.randrange(len(DISTRACTORS))
         for j in range(rng.randint(0, k_max)):

@@ -39,7 +39,7 @@ from probes.organism.config import IMAGE_TOKEN, TINY, OrganismConfig, build_mode
 from probes.organism.data import FIELD_IDS, N_GLYPHS, N_INDEX, SLOTS, STAGES, Example, ExampleSource, glyph_targets
 from probes.session import atomic_write_bytes, atomic_write_text
 
-DEFAULT_STEPS = (1400, 900, 900)
+DEFAULT_STEPS = (1800, 1200, 900)
 
 
 # ---- batches -------------------------------------------------------------------------------------------------------

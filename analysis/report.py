@@ -1,0 +1,167 @@
+"""The study report: one self-contained HTML file (figures embedded) and the same content as Markdown.
+
+The report is a list of blocks (heading, text, table, figure, code) built from the study's folders, rendered
+twice: `report.md` links the figures' PNGs, `report.html` embeds them, so it can be mailed or archived alone. It
+holds no PII: only the result tables (no responses, no values) and the figures.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from analysis.study_config import model_fingerprint, digest, package_version
+from probes.session import atomic_write_text
+
+Block = tuple[str, Any]  # ("h1" | "h2" | "h3" | "p" | "table" | "figure" | "code", payload)
+
+
+def versions(study: Any) -> pd.DataFrame:
+    import torch
+    import transformers
+
+    rows = [("mm-retention", package_version()), ("python", platform.python_version()),
+            ("torch", torch.__version__), ("transformers", transformers.__version__),
+            ("data seed", str(study.cfg.data["seed"]))]
+    for e in study.cfg.data["models"]:
+        rows.append((f"model {e['name']}", f"{e['path']} (weights {digest(model_fingerprint(e['path']))})"))
+    return pd.DataFrame(rows, columns=["what", "version"])
+
+
+def _significant(tests: pd.DataFrame | None, model: str, by: list[str], top: int = 12) -> pd.DataFrame | None:
+    if tests is None or not len(tests):
+        return None
+    t = tests[tests["model"] == model]
+    if not len(t):
+        return None
+    cols = [c for c in by if c in t.columns] + ["effect", "p_value", "q_value", "significant", "n_groups"]
+    return t.sort_values(["q_value", "effect"], ascending=[True, False])[cols].head(top).round(4)
+
+
+def blocks_of(study: Any, figures: Path) -> list[Block]:
+    out, stats = study.out, study.out / "statistics"
+    read = lambda p: pd.read_csv(p) if p.exists() else None  # noqa: E731
+    leak_t, probe_t, patch_t = (read(stats / f"{n}_tests.csv") for n in ("leakage", "probe", "patching"))
+    alpha = study.cfg.get("statistics.alpha")
+    b: list[Block] = [("h1", f"Study: {study.cfg.data['name']}"),
+                      ("p", f"Generated {time.strftime('%Y-%m-%d %H:%M')} by `mmret study run`. Confidence intervals "
+                            f"are 95% bootstrap intervals resampling identities; tests are paired sign-flip "
+                            f"permutation tests clustered by identity, Benjamini-Hochberg corrected across the cells "
+                            f"of each table at q < {alpha}; figures mark the cells that survive.")]
+    fig = lambda name, caption: [("figure", (figures / f"{name}.png", caption))] if (  # noqa: E731
+        figures / f"{name}.png").exists() else []
+    for e in study.cfg.data["models"]:
+        m, base = e["name"], out / e["name"]
+        b.append(("h2", f"Model: {m}"))
+        table = read(base / "leakage" / "leakage_table.csv")
+        if table is not None:
+            b += [("h3", "Leakage (MM-Privacy framings)"),
+                  ("p", "Attack success rate (the PII value appears in the answer) and refusal rate per framing and "
+                        "PII type, with 95% CIs."), ("table", table)]
+            b += fig(f"{m}_leakage", "ASR and refusal rate by framing and PII type.")
+            t = _significant(leak_t, m, ["pii_type", "framing"])
+            if t is not None:
+                b += [("p", "Task inconsistency: each framing's leak against the direct ask of the same identity "
+                            "(one-sided)."), ("table", t)]
+            b += fig(f"{m}_multiturn_asr", "Context retention: ASR of the probe turn by turn distance.")
+        probes = read(base / "probes" / "probe_results.csv")
+        if probes is not None:
+            b.append(("h3", "Where the PII is retained: linear probes"))
+            main = "char_accuracy" if (probes["metric"] == "char_accuracy").any() else "accuracy"
+            best = probes[probes["metric"] == main].sort_values("value", ascending=False).head(8)
+            b += [("p", f"Best cells by held-out {main} (chance: one class in the target's alphabet):"),
+                  ("table", best[["target", "layer", "position_group", "turn", "turn_distance", "value", "ci_low",
+                                  "ci_high", "n"]].round(3))]
+            for target in sorted(probes["target"].unique()):
+                b += fig(f"{m}_probe_heatmap_{target}", f"{target}: held-out probe accuracy by layer, position group "
+                                                      "and turn (marked: probe beats its control task after BH).")
+                b += fig(f"{m}_retention_curves_{target}", f"{target}: probe accuracy at the last token of each "
+                                                          "turn against turn distance.")
+            t = _significant(probe_t, m, ["target", "layer", "position_group", "turn"])
+            if t is not None:
+                n_sig = int(probe_t[probe_t["model"] == m]["significant"].sum())
+                b += [("p", f"{n_sig} of {int((probe_t['model'] == m).sum())} cells beat the control task after "
+                            "correction; the strongest:"), ("table", t)]
+            b += fig(f"{m}_probe_patch_overlay", "Probe accuracy per image patch, drawn over the document.")
+            b += fig(f"{m}_token_strip", "The probe's read-out of the value at every token of a held-out session.")
+        if (base / "patching").exists():
+            b.append(("h3", "Which layers drive leakage: activation patching"))
+            for png in sorted(figures.glob(f"{m}_patching_*.png")) + sorted(figures.glob(f"{m}_knockout.png")):
+                b += fig(png.stem, png.stem.replace(f"{m}_", "").replace("_", " "))
+            t = _significant(patch_t, m, ["experiment", "direction", "component", "layer", "position_group"])
+            if t is not None:
+                b += [("p", "Patching effects (score of the logit difference) against 0, two-sided:"), ("table", t)]
+    stages = pd.DataFrame([r.__dict__ for r in study.records])  # this run's stages so far
+    b += [("h2", "Reproducibility"), ("table", versions(study))]
+    if len(stages):
+        b += [("p", "Stages of the run that wrote this report (skipped: outputs current for the config):"),
+              ("table", stages[["stage", "model", "status", "seconds"]])]
+    b += [("p", "The resolved config (`config.yaml` beside this report's folder):"), ("code", study.cfg.to_yaml())]
+    return b
+
+
+def to_markdown(blocks: list[Block], rel_to: Path) -> str:
+    lines = []
+    for kind, x in blocks:
+        if kind in ("h1", "h2", "h3"):
+            lines.append("#" * int(kind[1]) + " " + x)
+        elif kind == "p":
+            lines.append(x)
+        elif kind == "table":
+            lines.append(_md_table(x))
+        elif kind == "figure":
+            path, caption = x
+            lines.append(f"![{caption}]({Path('..') / path.relative_to(rel_to.parent)})\n\n*{caption}*")
+        elif kind == "code":
+            lines.append(f"```yaml\n{x}```")
+    return "\n\n".join(lines) + "\n"
+
+
+def _md_table(df: pd.DataFrame) -> str:
+    cells = [[str(c) for c in df.columns]] + [["" if pd.isna(v) else str(v) for v in row] for row in df.to_numpy()]
+    head = "| " + " | ".join(cells[0]) + " |\n|" + "---|" * len(cells[0])
+    return head + "".join("\n| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in cells[1:])
+
+
+STYLE = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;line-height:1.4}table{border-collapse:collapse;"
+         "font-size:0.85em}td,th{border:1px solid #ccc;padding:2px 6px}figure{margin:1em 0}img{max-width:100%}"
+         "figcaption{font-size:0.85em;color:#444}pre{background:#f6f6f6;padding:1em;font-size:0.8em}")
+
+
+def to_html(blocks: list[Block]) -> str:
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>mm-retention report</title>"
+             f"<style>{STYLE}</style></head><body>"]
+    for kind, x in blocks:
+        if kind in ("h1", "h2", "h3"):
+            parts.append(f"<{kind}>{html.escape(x)}</{kind}>")
+        elif kind == "p":
+            parts.append(f"<p>{html.escape(x)}</p>")
+        elif kind == "table":
+            parts.append(x.to_html(index=False, na_rep="", border=0))
+        elif kind == "figure":
+            path, caption = x
+            data = base64.b64encode(Path(path).read_bytes()).decode()
+            parts.append(f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
+                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        elif kind == "code":
+            parts.append(f"<pre>{html.escape(x)}</pre>")
+    return "\n".join(parts) + "</body></html>\n"
+
+
+def write_report(study: Any, work: Path) -> list[Path]:
+    """report.md and/or report.html (the config's report.formats) into `work`; returns the paths."""
+    blocks = blocks_of(study, study.out / "figures")
+    paths = []
+    if "md" in study.cfg.get("report.formats"):
+        paths.append(work / "report.md")
+        atomic_write_text(paths[-1], to_markdown(blocks, study.out / "report"))
+    if "html" in study.cfg.get("report.formats"):
+        paths.append(work / "report.html")
+        atomic_write_text(paths[-1], to_html(blocks))
+    return paths

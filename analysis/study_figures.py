@@ -1,0 +1,102 @@
+"""The figures of a study: every figure the stage outputs allow, per model, into one folder.
+
+Each figure function of `analysis.figures` takes the tidy table it draws; this module only finds the tables a
+study wrote, joins the statistics' verdicts onto them (cells that survive Benjamini-Hochberg are marked), and
+names the files `<model>_<figure>`. `write_all` returns nothing: the report lists the folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from analysis import figures as F
+from analysis.stats import mark_significant
+
+PROBE_KEYS = ["model", "target", "hook", "layer", "position_group", "turn"]
+PATCH_KEYS = ["model", "experiment", "direction", "method", "component", "layer", "position_group"]
+
+
+def _read(path: Path) -> pd.DataFrame | None:
+    return pd.read_csv(path) if path.exists() else None
+
+
+def write_all(study: Any, work: Path) -> None:
+    stats = study.out / "statistics"
+    probe_tests, patch_tests = _read(stats / "probe_tests.csv"), _read(stats / "patching_tests.csv")
+    for entry in study.cfg.data["models"]:
+        name, base = entry["name"], study.out / entry["name"]
+        long = _read(base / "leakage" / "leakage_long.csv")
+        if long is not None:
+            F.plot_leakage(long, work, f"{name}_leakage")
+        multi = _read(base / "leakage" / "multiturn_results.csv")
+        if multi is not None and multi["turn_distance"].notna().any():
+            F.plot_layer_profile(multiturn_asr(multi), work, f"{name}_multiturn_asr", hue="framing",
+                                 ylabel="ASR", x="turn_distance")
+        probes = _read(base / "probes" / "probe_results.csv")
+        if probes is not None:
+            probe_figures(probes.assign(model=name), probe_tests, work, name)
+        patch_map = _read(base / "probes" / "patch_map.csv")
+        image = first_document(study)
+        if patch_map is not None and image is not None:
+            cells = patch_map["position_group"].str.extract(r"patch:(\d+),(\d+)").astype(int)
+            df = patch_map.assign(patch_row=cells[0], patch_col=cells[1])
+            F.plot_patch_overlay(df, image, work, f"{name}_probe_patch_overlay",
+                                 title=f"{df['target'].iloc[0]} probe accuracy per patch, layer {df['layer'].iloc[0]}")
+        readout = _read(base / "probes" / "token_readout.csv")
+        if readout is not None:
+            F.plot_token_strip(readout, work, f"{name}_token_strip",
+                               title=f"{readout['target'].iloc[0]} probe read-out per token, layer "
+                                     f"{readout['layer'].iloc[0]}")
+        summaries = sorted((base / "patching").glob("*/patching_*_summary.csv"))
+        for path in summaries:
+            patching_figures(pd.read_csv(path).assign(model=name), patch_tests, work, name)
+
+
+def multiturn_asr(results: pd.DataFrame) -> pd.DataFrame:
+    """ASR by turn distance and probe framing, with identity-bootstrap CIs, as a layer-profile-shaped table."""
+    from analysis.stats import bootstrap_ci
+
+    df = results.assign(leak=results["leak"].astype(float))
+    out = bootstrap_ci(df, "leak", ["framing", "turn_distance"], n_boot=500)
+    return out.assign(metric="ASR")
+
+
+def probe_figures(probes: pd.DataFrame, tests: pd.DataFrame | None, work: Path, name: str) -> None:
+    metric = "char_accuracy" if (probes["metric"] == "char_accuracy").any() else "accuracy"
+    base = probes["target"].str.replace(r"\[\d+\]$", "", regex=True)  # digits[3] -> digits
+    for target, df in probes.groupby(base):
+        if tests is not None:
+            df = mark_significant(df, tests[(tests["model"] == name)], PROBE_KEYS)
+        F.plot_probe_heatmap(df, work, f"{name}_probe_heatmap_{target}", metric=metric,
+                             title=f"{target}: held-out {metric.replace('_', ' ')}")
+        if df["turn_distance"].notna().any() and (df["position_group"] == "last").any():
+            F.plot_retention_curves(df, work, f"{name}_retention_curves_{target}", metric=metric)
+
+
+def patching_figures(summary: pd.DataFrame, tests: pd.DataFrame | None, work: Path, name: str) -> None:
+    exp = summary["experiment"].iloc[0] if "experiment" in summary else "patching"
+    if exp == "knockout":
+        F.plot_knockout_curves(summary, work, f"{name}_knockout")
+        return
+    if tests is not None:
+        summary = mark_significant(summary, tests[tests["model"] == name], PATCH_KEYS)
+    for (direction, method), _ in summary.groupby(["direction", "method"]):
+        F.plot_patching_heatmaps(summary, work, f"{name}_patching_{exp}_{direction}_{method}", direction=direction,
+                                 method=method)
+
+
+def first_document(study: Any):
+    """The document image of the first multi-turn session (the probes' sessions), for the per-patch overlay."""
+    from probes.session import read_sessions
+
+    path = study.out / "sessions" / "multiturn.jsonl"
+    if not path.exists():
+        return None
+    first = next(iter(read_sessions(path)), None)
+    for turn in first.turns if first else []:
+        if turn.images:
+            return turn.images[0].load()
+    return None

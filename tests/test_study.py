@@ -1,0 +1,151 @@
+"""The study pipeline on the embedded model: one tiny study run once, then reruns, edits, faults and bad configs."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import json
+import re
+import shutil
+import time
+
+import pandas as pd
+import pytest
+
+from analysis import study as study_mod
+from analysis.study import StudyError, run_study
+from analysis.study_config import StudyConfigError, default_config_path, load_study_config
+
+TINY = {
+    "name": "tiny", "models": ["default"], "seed": 3,
+    "sessions": {"mmprivacy": {"identities": 4, "framings": ["direct", "caption"], "pii_types": ["SSN", "Email"]},
+                 "multiturn": {"identities": 12, "k_distractors": [0, 2]}},
+    "leakage": {"max_new_tokens": 20},
+    "capture": {"layers": [1, 3]},
+    "probes": {"method": "ridge", "n_folds": 3},
+    "patching": {"experiments": ["denoise"], "max_pairs": 2, "components": ["resid_pre"]},
+    "statistics": {"n_boot": 50, "n_perm": 200},
+}
+
+
+def tiny(out, **over):
+    return load_study_config({**TINY, "out": str(out)}, over)
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny forwards and fits: two contending threads only stall
+    out = tmp_path_factory.mktemp("study") / "s"
+    t0 = time.time()
+    study = run_study(tiny(out), progress=False)
+    yield out, study, time.time() - t0
+    torch.set_num_threads(before)
+
+
+def statuses(study):
+    return {(r.stage, r.model): r.status for r in study.records}
+
+
+def test_study_writes_every_stage(first_run):
+    out, study, _ = first_run
+    assert set(statuses(study).values()) == {"ran"}
+    for stage in ("sessions", "organism/leakage", "organism/capture", "organism/probes", "organism/patching",
+                  "statistics", "figures", "report"):
+        assert json.loads((out / stage / "stage.json").read_text())["hash"]
+    assert not list(out.rglob("*.partial-*"))
+    probes = pd.read_csv(out / "organism/probes/probe_results.csv")
+    assert sorted(probes["layer"].unique()) == [1, 3] and set(probes["turn"]) >= {0, 2}
+    tests = pd.read_csv(out / "statistics/probe_tests.csv")
+    assert {"p_value", "q_value", "significant"} <= set(tests.columns) and tests["q_value"].between(0, 1).all()
+    assert (tests["q_value"] >= tests["p_value"] - 1e-12).all()  # BH never lowers a p-value
+    leak_tests = pd.read_csv(out / "statistics/leakage_tests.csv")
+    assert set(leak_tests["framing"]) == {"caption"}  # each framing against the direct ask
+    for fig in ("organism_leakage", "organism_probe_heatmap_digits", "organism_probe_patch_overlay",
+                "organism_token_strip", "organism_patching_denoise_denoise_exact"):
+        assert (out / "figures" / f"{fig}.pdf").exists() and (out / "figures" / f"{fig}.png").exists()
+    html = (out / "report/report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 5 and "Reproducibility" in html and "n_perm: 200" in html
+    md = (out / "report/report.md").read_text()
+    assert "](../figures/organism_probe_heatmap_digits.png)" in md
+    assert (out / "report" / ".." / "figures" / "organism_probe_heatmap_digits.png").exists()
+
+
+def test_rerun_with_nothing_changed_skips_everything(first_run):
+    out, _, _ = first_run
+    t0 = time.time()
+    again = run_study(tiny(out), progress=False)
+    assert set(statuses(again).values()) == {"skipped"}
+    assert not again._loaded  # no model was even loaded
+    assert time.time() - t0 < 10
+
+
+def test_config_edit_redoes_only_what_reads_it(first_run):
+    out, _, _ = first_run
+    edited = run_study(tiny(out, **{"statistics.alpha": 0.1}), progress=False)
+    st = statuses(edited)
+    assert st[("statistics", "")] == st[("figures", "")] == st[("report", "")] == "ran"
+    assert all(st[(s, "organism")] == "skipped" for s in ("leakage", "capture", "probes", "patching"))
+    assert st[("sessions", "")] == "skipped"
+
+
+def test_failed_stage_keeps_partial_and_resumes(tmp_path, first_run, monkeypatch):
+    src, _, _ = first_run
+    out = tmp_path / "s"
+    shutil.copytree(src, out)
+    calls = []
+    real = study_mod.run_patching_stage
+
+    def boom(study, entry, sessions, work):
+        (work / "half.txt").write_text("x")
+        calls.append(work)
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(study_mod, "run_patching_stage", boom)
+    cfg = tiny(out, **{"patching.max_pairs": 1})
+    with pytest.raises(StudyError, match="stage 'patching' of model 'organism' failed: killed"):
+        run_study(cfg, progress=False)
+    partial = calls[0]
+    assert partial.name.startswith("patching.partial-") and (partial / "half.txt").exists()
+    old = json.loads((out / "organism/patching/stage.json").read_text())["hash"]
+    assert old not in partial.name  # the old, complete stage is still there, untouched
+    monkeypatch.setattr(study_mod, "run_patching_stage", real)
+    resumed = run_study(cfg, progress=False)
+    assert statuses(resumed)[("patching", "organism")] == "ran"
+    assert (out / "organism/patching/half.txt").exists()  # ran in the same partial folder, then renamed
+    assert not list(out.rglob("*.partial-*"))
+    rows = pd.read_csv(out / "organism/patching/patching_rows.csv")
+    assert rows["session_id"].nunique() == 1
+
+
+def test_shipped_default_config_is_valid():
+    cfg = load_study_config(default_config_path())
+    assert cfg.get("models")[0]["path"] == "default"
+    assert cfg.get("sessions.mmprivacy.framings") == ["direct", "VQA", "caption", "rephrasing", "classification"]
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"probes.method": "lgreg"}, "probes.method: 'lgreg' is not allowed; expected one of logreg, ridge, dim"),
+    ({"probes.nfolds": 3}, "probes.nfolds: unknown key; expected one of enabled, targets"),
+    ({"sessions.mmprivacy.framings": ["direct", "poem"]}, "'poem' is not allowed; expected values from direct"),
+    ({"capture.layers": "some"}, "capture.layers: 'some': expected 'all' or a list of layer indices"),
+    ({"statistics.alpha": 2}, "statistics.alpha: 2: expected a number between 0 and 1"),
+    ({"leakage.batch_size": 0}, "leakage.batch_size: 0: expected an integer >= 1"),
+    ({"seed": "zero"}, "seed: 'zero': expected an integer"),
+    ({"models": [{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]}, "'a' is used twice"),
+])
+def test_bad_config_names_the_key(over, message, tmp_path):
+    with pytest.raises(StudyConfigError, match=re.escape(message)):
+        tiny(tmp_path, **over)
+
+
+def test_bad_yaml_file_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("probes: [unclosed\n")
+    with pytest.raises(StudyConfigError, match="bad.yaml: not valid YAML"):
+        load_study_config(bad)
+    bad.write_text("probes:\n  method: svm\n")
+    with pytest.raises(StudyConfigError, match="bad.yaml: probes.method"):
+        load_study_config(bad)
