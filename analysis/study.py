@@ -320,35 +320,24 @@ def run_study(config: str | os.PathLike | StudyConfig | dict | None = None, over
     sessions = study.stage("sessions", "", out / "sessions", h_sess, lambda w: build_sessions(cfg, w))
     reads: list[str] = []
     for entry in cfg.data["models"]:
-        base, fp = out / entry["name"], {"model": entry, "weights": model_fingerprint(entry["path"])}
-        if cfg.get("leakage.enabled"):
-            h = stage_hash(cfg, "leakage", [h_sess], fp)
-            study.stage("leakage", entry["name"], base / "leakage", h,
-                        lambda w, e=entry: run_leakage_stage(study, e, sessions, w))
-            reads.append(h)
-        else:
-            study.skip("leakage", entry["name"])
-        if cfg.get("capture.enabled"):
-            h_cap = stage_hash(cfg, "capture", [h_sess], fp)
-            cap = study.stage("capture", entry["name"], base / "capture", h_cap,
-                              lambda w, e=entry: run_capture_stage(study, e, sessions, w))
-            if cfg.get("probes.enabled"):
-                h = stage_hash(cfg, "probes", [h_cap])
-                study.stage("probes", entry["name"], base / "probes", h,
-                            lambda w, e=entry, c=cap: run_probes_stage(study, e, c, w))
-                reads.append(h)
-            else:
-                study.skip("probes", entry["name"])
-        else:
-            study.skip("capture", entry["name"])
-            study.skip("probes", entry["name"])
-        if cfg.get("patching.enabled"):
-            h = stage_hash(cfg, "patching", [h_sess], fp)
-            study.stage("patching", entry["name"], base / "patching", h,
-                        lambda w, e=entry: run_patching_stage(study, e, sessions, w))
-            reads.append(h)
-        else:
-            study.skip("patching", entry["name"])
+        fp = {"model": entry, "weights": model_fingerprint(entry["path"])}
+
+        def model_stage(name: str, upstream: list[str], fn: Callable[[Path], None], extra: Any = fp) -> str | None:
+            """Run (or skip) one per-model stage; returns its hash, None when disabled."""
+            if not cfg.get(f"{name}.enabled") or None in upstream:
+                study.skip(name, entry["name"])
+                return None
+            h = stage_hash(cfg, name, upstream, extra)
+            study.stage(name, entry["name"], out / entry["name"] / name, h, fn)
+            return h
+
+        # (each stage runs at once, inside this iteration: the lambdas may read `entry` directly)
+        cap_dir = out / entry["name"] / "capture"
+        h_leak = model_stage("leakage", [h_sess], lambda w: run_leakage_stage(study, entry, sessions, w))
+        h_cap = model_stage("capture", [h_sess], lambda w: run_capture_stage(study, entry, sessions, w))
+        h_probe = model_stage("probes", [h_cap], lambda w: run_probes_stage(study, entry, cap_dir, w), extra=None)
+        h_patch = model_stage("patching", [h_sess], lambda w: run_patching_stage(study, entry, sessions, w))
+        reads += [h for h in (h_leak, h_probe, h_patch) if h is not None]
     h_stats = stage_hash(cfg, "statistics", reads)
     study.stage("statistics", "", out / "statistics", h_stats, lambda w: run_statistics_stage(study, w))
     h_fig = stage_hash(cfg, "figures", [h_stats, *reads])

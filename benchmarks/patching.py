@@ -159,7 +159,7 @@ def organism_figures(model_dir: str | os.PathLike, out_dir: str | os.PathLike, n
                      experiments=("denoise", "noise", "atp", "taskswap", "knockout"), batch_size: int = 16,
                      n_boot: int = 1000) -> dict[str, pd.DataFrame]:
     """Every patching experiment on the organism at `model_dir`, each into `out_dir/<experiment>/` (CSV rows,
-    summary, figures); returns the per-pair rows by experiment."""
+    summary, figures), then issue 6's headline figures (`organism_headlines`); returns the rows by experiment."""
     loaded = load_model(model_dir)
     out: dict[str, pd.DataFrame] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -169,7 +169,35 @@ def organism_figures(model_dir: str | os.PathLike, out_dir: str | os.PathLike, n
             out[exp] = run_patching(loaded, sessions, exp, Path(out_dir) / exp, batch_size=batch_size,
                                     n_boot=n_boot, seed=seed, progress=True)
             print(f"{exp}: {len(out[exp])} rows -> {Path(out_dir) / exp}")
+        if {"atp", "taskswap"} <= set(out):
+            organism_headlines(loaded, out, mmp, Path(out_dir))
     return out
+
+
+def organism_headlines(loaded, rows: dict[str, pd.DataFrame], sessions, out_dir: Path) -> None:
+    """organism_atp_spearman (AtP vs exact over cells, denoising, logit difference, pooled over pairs);
+    organism_taskswap_max_effect (the largest mean normalised score of one task-swap cell, leaking framing
+    patched into the refusing one) and the cell; organism_generation_asr_shift (greedy answers of the refusing
+    framing with that cell's layer patched at the same positions, every component there: patched - unpatched ASR)."""
+    from probes.patching import Cell, asr_shift, atp_agreement, generation_check
+
+    agree = atp_agreement(rows["atp"])
+    pooled = agree[(agree["scope"] == "pooled") & (agree["direction"] == "denoise")
+                   & (agree["metric"] == "logit_diff")]
+    print(f"organism_atp_spearman: {float(pooled['spearman'].iloc[0]):.3f}")
+    swap = rows["taskswap"]
+    swap = swap[(swap["direction"] == "denoise") & (swap["metric"] == "score_logit_diff")]
+    cells = swap.groupby(["layer", "component", "position_group"])["value"].mean().sort_values()
+    (layer, component, group), best = cells.index[-1], float(cells.iloc[-1])
+    print(f"organism_taskswap_max_effect: {best:.3f}  # layer {layer} {component} at {group}")
+    # That cell alone, patched while the refusing framing's prompt is read; the answer is then generated freely.
+    check = generation_check(loaded, sessions, [Cell(int(layer), component, group)], progress=False)
+    check.to_csv(out_dir / "generation_check.csv", index=False)
+    asr, rr = check.groupby("condition")["leak"].mean(), check.groupby("condition")["refused"].mean()
+    print(f"organism_generation_asr_shift: {asr_shift(check):.3f}  # refusing framing ASR "
+          f"{asr.get('unpatched', float('nan')):.2f} -> {asr.get('patched', float('nan')):.2f}")
+    print(f"organism_generation_rr_shift: {rr.get('patched', float('nan')) - rr.get('unpatched', float('nan')):.3f}"
+          f"  # refusal rate {rr.get('unpatched', float('nan')):.2f} -> {rr.get('patched', float('nan')):.2f}")
 
 
 if __name__ == "__main__":

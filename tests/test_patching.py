@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from probes import load_model, make_identities
-from probes.patching import (Cell, PatchingError, atp_agreement, attribution_patching, build_pair, default_groups,
-                             exact_patching, knockout, patch_values, patched_metrics, prepare, prepare_pair,
-                             probe_positions, run_patching, sweep_cells)
+from probes.patching import (Cell, PatchingError, asr_shift, atp_agreement, attribution_patching, build_pair,
+                             default_groups, exact_patching, generation_check, knockout, patch_values,
+                             patched_generation, patched_metrics, prepare, prepare_pair, probe_positions,
+                             run_patching, sweep_cells)
 from probes.patching_metrics import Answer, answer_metrics, make_answer, patch_score
 from probes.sessions_build import mmprivacy_sessions, multiturn_sessions
 
@@ -180,6 +181,25 @@ def test_framing_pair_aligns_groups(llava, sessions):
     assert mean[0]["alignment"] == "mean" and mean[0]["n_positions"] == len(pair.corrupt.groups["turn0"])
     with pytest.raises(PatchingError, match="already under"):
         build_pair(llava, s, "framing", corrupt_framing="caption")
+
+
+def test_patched_generation_writes_what_the_patched_input_would(llava, image_pair, sessions):
+    from probes.leakage import generate_batch
+
+    pair, _ = image_pair
+    said = {k: generate_batch(llava, [r.session], max_new_tokens=8, batch_size=1, progress=False)[0]
+            for k, r in (("clean", pair.clean), ("corrupt", pair.corrupt))}
+    # The whole prompt's input embeddings patched: the corrupt run becomes the clean one and says what it says.
+    assert patched_generation(llava, pair, [Cell(0, "resid_pre", "all")], max_new_tokens=8) == said["clean"]
+    assert patched_generation(llava, pair, [], max_new_tokens=8) == said["corrupt"]
+    assert patched_generation(llava, pair, [Cell(0, "resid_pre", "all")], direction="noise",
+                              max_new_tokens=8) == said["corrupt"]
+    check = generation_check(llava, sessions["mmp"][:2], [Cell(llava.n_layers - 1, "resid_post", "final")],
+                             max_new_tokens=8, progress=False)
+    assert len(check) == 4 and set(check["condition"]) == {"patched", "unpatched"}
+    assert set(check["framing"]) == {"direct"}  # the refusing side is the one generated
+    assert asr_shift(check) == pytest.approx(check[check.condition == "patched"]["leak"].mean()
+                                             - check[check.condition == "unpatched"]["leak"].mean())
 
 
 def test_text_pair_must_keep_the_token_length(llava, sessions):
