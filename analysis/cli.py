@@ -125,13 +125,13 @@ def cmd_leak(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from probes.probing import run_probes
+    from probes.probing import main_metric, run_probes
 
     df = run_probes(args.store, args.out, target=args.target, position_groups=_csv(args.positions),
                     turns=[int(t) for t in _csv(args.turns)] if args.turns else None, layers=_layers(args.layers),
                     method=args.method, pii_type=args.pii_type, group_col=args.group_by, n_folds=args.folds,
                     seed=args.seed, control=args.control, n_boot=args.n_boot)
-    metric = "char_accuracy" if (df["metric"] == "char_accuracy").any() else "accuracy"
+    metric = main_metric(df)
     best = df[df["metric"] == metric].sort_values("value").iloc[-1]
     print(f"{df[['layer', 'position_group', 'turn']].drop_duplicates().shape[0]} cells; best {metric} "
           f"{best['value']:.3f} at layer {best['layer']}, {best['position_group']}, turn {best['turn']}; "

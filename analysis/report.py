@@ -16,7 +16,8 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.study_config import model_fingerprint, digest, package_version
+from analysis.study_config import digest, model_fingerprint, package_version
+from probes.probing import main_metric
 from probes.session import atomic_write_text
 
 Block = tuple[str, Any]  # ("h1" | "h2" | "h3" | "p" | "table" | "figure" | "code", payload)
@@ -73,7 +74,7 @@ def blocks_of(study: Any, figures: Path) -> list[Block]:
         probes = read(base / "probes" / "probe_results.csv")
         if probes is not None:
             b.append(("h3", "Where the PII is retained: linear probes"))
-            main = "char_accuracy" if (probes["metric"] == "char_accuracy").any() else "accuracy"
+            main = main_metric(probes)
             best = probes[probes["metric"] == main].sort_values("value", ascending=False).head(8)
             b += [("p", f"Best cells by held-out {main} (chance: one class in the target's alphabet):"),
                   ("table", best[["target", "layer", "position_group", "turn", "turn_distance", "value", "ci_low",

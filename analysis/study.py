@@ -27,6 +27,7 @@ import pandas as pd
 
 from analysis.study_config import (StudyConfig, default_config_path, load_study_config, model_fingerprint,
                                    package_version, stage_hash)
+from probes.probing import main_metric
 from probes.session import atomic_write_bytes, atomic_write_text
 
 MAIN_PATCH_METRIC = "score_logit_diff"  # 1 = the clean answer's logit difference restored, 0 = the corrupt one's
@@ -50,7 +51,6 @@ class Study:
     cfg: StudyConfig
     progress: bool = True
     records: list[StageRecord] = field(default_factory=list)
-    hashes: dict[tuple[str, str], str] = field(default_factory=dict)
     _loaded: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -72,7 +72,6 @@ class Study:
 
     def stage(self, name: str, model: str, folder: Path, h: str, fn: Callable[[Path], None]) -> Path:
         """Run `fn(work_folder)` unless `folder` is current for hash `h`; see the module docstring."""
-        self.hashes[(name, model)] = h
         done = folder / "stage.json"
         if done.exists() and json.loads(done.read_text()).get("hash") == h:
             self.records.append(StageRecord(name, model, "skipped", 0.0, str(folder)))
@@ -183,23 +182,33 @@ def run_probes_stage(study: Study, entry: dict[str, Any], capture_dir: Path, wor
         samples.append(s)
         # Per-patch map at the layer where the image positions decode the target best: drawn over the document.
         # Closed-form ridge probes: 144 patches x characters fit in seconds where logreg takes minutes.
-        main = "char_accuracy" if (df["metric"] == "char_accuracy").any() else "accuracy"
-        image = df[(df["position_group"] == "image") & (df["metric"] == main)]
-        if len(image):
-            layer = int(image.sort_values("value").iloc[-1]["layer"])
+        layer = best_layer(df, "image")
+        if layer is not None:
             per_patch = probe_sweep([patch_cells(store, layers=[layer], turn=0)], targets, target=target,
                                     method="ridge", n_folds=c["n_folds"], seed=seed, model=entry["name"],
                                     n_boot=0, control_task=False)
-            maps.append(per_patch[per_patch["metric"] == main])
+            maps.append(per_patch[per_patch["metric"] == main_metric(df)])
     pd.concat(results, ignore_index=True).to_csv(work / "probe_results.csv", index=False)
     pd.concat(samples, ignore_index=True).to_csv(work / "probe_samples.csv", index=False)
     if maps:
         pd.concat(maps, ignore_index=True).to_csv(work / "patch_map.csv", index=False)
     if c["targets"][0] in ("digits", "chars"):
-        write_token_readout(study, entry, store, c["targets"][0], work)
+        # The read-out's probe sits where the sweep found the final turn's last token decodes best: that fit is
+        # already done, so the read-out does not search the layers again (None: no 'last' cells; it searches).
+        write_token_readout(study, entry, store, c["targets"][0], best_layer(results[0], "last", final_turn=True),
+                            work)
 
 
-def write_token_readout(study: Study, entry: dict[str, Any], store, target: str, work: Path) -> None:
+def best_layer(df: pd.DataFrame, group: str, final_turn: bool = False) -> int | None:
+    """The layer whose `group` cells (of the last turn only, with `final_turn`) score best on the main metric."""
+    cells = df[(df["position_group"] == group) & (df["metric"] == main_metric(df))]
+    if final_turn:
+        cells = cells[cells["turn"] == cells["turn"].max()]
+    return int(cells.sort_values("value").iloc[-1]["layer"]) if len(cells) else None
+
+
+def write_token_readout(study: Study, entry: dict[str, Any], store, target: str, layer: int | None,
+                        work: Path) -> None:
     """Token-by-token read-out of the target's probe on a held-out identity's session (never in the store)."""
     from probes.identities import make_identities
     from probes.probing import token_readout
@@ -211,7 +220,7 @@ def write_token_readout(study: Study, entry: dict[str, Any], store, target: str,
                                   k_distractors=mt["k_distractors"][-1:], reshow=mt["reshow"][:1],
                                   framing_pairs=[tuple(mt["framing_pairs"][0])], pii_types=mt["pii_types"][:1],
                                   seed=seed, design="cycle", **document_spec(study.cfg))[0]
-    readout = token_readout(study.model(entry), store, held_out, target, method=c["method"],
+    readout = token_readout(study.model(entry), store, held_out, target, layer=layer, method=c["method"],
                             n_folds=c["n_folds"], seed=seed)
     readout.to_csv(work / "token_readout.csv", index=False)
 

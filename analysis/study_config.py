@@ -146,17 +146,17 @@ def _check_value(source: str, key: str, value: Any, default: Any) -> Any:
             value = [value]  # a single value where a list is expected
         if not isinstance(value, list) or not value:
             raise _fail(source, key, f"{value!r}: expected a non-empty list")
+        flat = value
         if key == "sessions.multiturn.framing_pairs":
             for pair in value:
                 if not (isinstance(pair, list) and len(pair) == 2):
                     raise _fail(source, key, f"{pair!r}: expected a pair [turn-1 framing, probe framing]")
             flat = [f for pair in value for f in pair]
-        else:
-            flat = value
-        kind = type(default[0]) if default else None
-        for v in flat if key != "sessions.multiturn.framing_pairs" else []:
-            if kind is not None and not isinstance(v, kind) or isinstance(v, bool) and kind is int:
-                raise _fail(source, key, f"{v!r}: expected a list of {kind.__name__}")
+        elif default:  # the elements' type is the default's first element's
+            kind = type(default[0])
+            for v in flat:
+                if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+                    raise _fail(source, key, f"{v!r}: expected a list of {kind.__name__}")
         if key == "probes.targets":
             bad = [v for v in value if v not in ("digits", "chars", "identity") and not v.startswith("label:")]
             if bad:

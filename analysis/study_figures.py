@@ -14,6 +14,7 @@ import pandas as pd
 
 from analysis import figures as F
 from analysis.stats import mark_significant
+from probes.probing import main_metric
 
 PROBE_KEYS = ["model", "target", "hook", "layer", "position_group", "turn"]
 PATCH_KEYS = ["model", "experiment", "direction", "method", "component", "layer", "position_group"]
@@ -26,6 +27,7 @@ def _read(path: Path) -> pd.DataFrame | None:
 def write_all(study: Any, work: Path) -> None:
     stats = study.out / "statistics"
     probe_tests, patch_tests = _read(stats / "probe_tests.csv"), _read(stats / "patching_tests.csv")
+    image = first_document(study)  # every model saw the same sessions
     for entry in study.cfg.data["models"]:
         name, base = entry["name"], study.out / entry["name"]
         long = _read(base / "leakage" / "leakage_long.csv")
@@ -39,7 +41,6 @@ def write_all(study: Any, work: Path) -> None:
         if probes is not None:
             probe_figures(probes.assign(model=name), probe_tests, work, name)
         patch_map = _read(base / "probes" / "patch_map.csv")
-        image = first_document(study)
         if patch_map is not None and image is not None:
             cells = patch_map["position_group"].str.extract(r"patch:(\d+),(\d+)").astype(int)
             df = patch_map.assign(patch_row=cells[0], patch_col=cells[1])
@@ -65,7 +66,7 @@ def multiturn_asr(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def probe_figures(probes: pd.DataFrame, tests: pd.DataFrame | None, work: Path, name: str) -> None:
-    metric = "char_accuracy" if (probes["metric"] == "char_accuracy").any() else "accuracy"
+    metric = main_metric(probes)
     base = probes["target"].str.replace(r"\[\d+\]$", "", regex=True)  # digits[3] -> digits
     for target, df in probes.groupby(base):
         if tests is not None:

@@ -142,6 +142,11 @@ def probe_sweep(blocks: Sequence[CellBlock], targets: tuple[np.ndarray, list[str
     return df
 
 
+def main_metric(df: pd.DataFrame) -> str:
+    """The headline metric of a `probe_sweep` table: per-character accuracy for strings, else accuracy."""
+    return "char_accuracy" if (df["metric"] == "char_accuracy").any() else "accuracy"
+
+
 def _ci(per_example: np.ndarray, groups: np.ndarray, n_boot: int, seed: int) -> dict[str, float]:
     v = np.asarray(per_example, dtype=float)
     mean, lo, hi = cluster_bootstrap(v, groups, n_boot=n_boot, rng=np.random.default_rng(seed))
@@ -208,7 +213,7 @@ def run_probes(store_dir: str, out_dir: str, target: str = "digits", position_gr
     if figures:
         from analysis.figures import plot_probe_heatmap, plot_retention_curves
 
-        metric = "char_accuracy" if (df["metric"] == "char_accuracy").any() else "accuracy"
+        metric = main_metric(df)
         plot_probe_heatmap(df, out, metric=metric)
         if df["turn_distance"].notna().any() and "last" in position_groups:
             plot_retention_curves(df, out, metric=metric)
