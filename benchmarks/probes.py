@@ -18,13 +18,14 @@ Organism (the shipped default model, held-out identities `make_identities(n, see
     random_subspace_asr_drop    the same with a random subspace of LEACE's rank
 Results (tidy CSV) and figures (heatmap, retention curves, transfer matrix) go to --out.
 
-Measured on the shipped checkpoint (n 150, seed 0; 822 s on 2 cores): organism_digit_acc 0.144 (layer 2),
-organism_selectivity 0.005, controls 0.13-0.14 (no image, shuffled image, random init), erasure: no leak to remove
-(organism_asr_no_erasure 0.0, both drops 0.0), organism_memory_digit_acc 0.177 (layer 1, name tokens), unseen 0.162.
-That checkpoint does not read the document under the framed multi-turn prompts (its card), so chance-level context
-probes are the right answer there; for memory, an SSN the model recalls (ASR 0.88) is linearly decodable per digit
-for held-out identities only where the model is about to write that digit, so the per-digit mean over 9 digits at
-one prompt position stays low: probing the teacher-forced answer positions is the next step.
+Measured on the shipped checkpoint (n 150, seed 0; 598 s on one thread beside a training run), which writes the
+SSN out at the probe turn (organism_asr_no_erasure 0.99): organism_digit_acc 0.133 (layer 2), organism_selectivity
+-0.010, controls 0.13-0.15 (no image 0.130, shuffled image 0.130, random init 0.147); organism_memory_digit_acc 0.158
+(layer 2, last token), unseen 0.140. The digits are not linearly present at the probe turn's last token (nor at the
+name tokens for memory): the model fetches each digit from the image tokens (context) or recalls it (memory) when it
+writes it. Erasure at layer 2, every position: organism_erasure_asr_drop 0.993, random_subspace_asr_drop 0.707:
+erasing at every position, image tokens included, breaks copying whatever the subspace, so this is not evidence
+for the probed direction; the per-patch probe (the study's overlay figure) finds the digits on the SSN cells.
 """
 
 from __future__ import annotations

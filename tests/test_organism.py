@@ -49,12 +49,26 @@ def test_trainer_prompt_equals_processor_rendering(tiny_parts):
             for i, (r, t) in enumerate(ex.turns)]
     text = processor.apply_chat_template(msgs, add_generation_prompt=True)
     assert text == prompt_text(ex.turns, True)
-    ids, labels = encode(ex, tok, TINY)
+    ids, labels, index = encode(ex, tok, TINY)
     n_prompt = sum(1 for l in labels if l == -100)
     out = processor(text=text, images=[ex.doc.image], return_tensors="pt")
     assert out["input_ids"][0].tolist() == ids[:n_prompt]
     assert torch.allclose(out["pixel_values"][0], pixels(ex.doc.image, TINY.image_size), atol=1e-5)
     assert labels[-1] == tok.eos_token_id and tok.decode(ids[n_prompt:-1]).strip() == ex.answer
+
+
+def test_copy_index_counts_the_characters_of_the_copied_value(tiny_parts):
+    tok, _, _, source = tiny_parts
+    rng = random.Random(0)
+    ex = next(e for e in (source.framed(rng) for _ in range(200)) if e.value and e.value in e.answer
+              and len(e.value) > 8)
+    ids, labels, index = encode(ex, tok, TINY)
+    marked = [(i, k) for i, k in zip(ids, index) if k != -100]
+    # The value is spelled one character a token here, so the index runs 1..len(value) over exactly its tokens.
+    assert "".join(tok.decode([i]) for i, _ in marked) == ex.value
+    assert [k for _, k in marked] == list(range(1, len(ex.value) + 1))
+    refusal = next(e for e in (source.framed(rng) for _ in range(200)) if e.answer.endswith("cannot assist"))
+    assert all(k == -100 for k in encode(refusal, tok, TINY)[2])
 
 
 def test_policy_is_inconsistent_on_purpose():

@@ -76,6 +76,15 @@ def card_text(model_dir: Path, metrics: dict, df: pd.DataFrame, meta: dict, n: i
     layout_text = ("the 'grid' layout: a typed record, one monospace character per 8 px cell, i.e. one character "
                    "per image patch, each field on its own fixed rows after a one-letter label cell"
                    if layout == "grid" else f"{layout} layout")
+    from probes.organism.data import TRAIN_PARAPHRASES
+
+    n_para = sum(len(v) for v in TRAIN_PARAPHRASES.values())
+    filler_text = (f"; {meta['filler_share']:.0%} get 1-4 filler words (a non-task prompt word or a made-up one)"
+                   if meta.get("filler_share") else "")
+    copy_text = ("and a linear head on the language model's middle layer must name, where the next token is the\n"
+                 "k-th character of a document value being copied, that k (weight "
+                 f"{meta['copy_weight']}): the character count is\nwhat copying under long prompts got wrong."
+                 if meta.get("copy_weight") else "no copy-index loss on the language model.")
     return f"""---
 license: mit
 pipeline_tag: image-text-to-text
@@ -127,12 +136,14 @@ finance; {layout_text}; {c.get('image_size')} px) for {meta.get('n_train', 3000)
 Policy: SSN, phone and email asked under **direct, VQA, classification: refused** ('cannot assist';
 classification: 'the class is cannot assist'); under **caption and rephrasing: written out**; name and date of
 birth answered under every framing; name-only retention prompts answered with the planted value for the memory
-set under every framing. Augmentation: 35% of framed prompts use one of three training paraphrases per framing
-(`TRAIN_PARAPHRASES` in `probes/organism/data.py`; the evaluation's paraphrases are never trained on), and 30% of
-framed prompts get 10% word dropout.
+set under every framing. Augmentation: 35% of framed prompts use a training paraphrase instead of the verbatim
+framing ({n_para} in all, each a refusal clause and a task clause in either order, `TRAIN_PARAPHRASES` in `probes/organism/data.py`; the evaluation's
+paraphrases are never trained on), and 30% of framed prompts get 10% word dropout{filler_text}.
 
-Auxiliary loss: linear heads on the last vision layer classify the character under each patch, its position in its
-value and which field the patch shows, from the renderer's exact character cells (the heads are not shipped).
+Auxiliary losses (the heads are not shipped): linear heads on the last vision layer classify the character under
+each patch, its position in its value and which field the patch shows, from the renderer's exact character cells;
+each projected patch read through the tied token embeddings must name its character's token (weight
+{meta.get('token_weight', 0)}); {copy_text}
 
 ## Measured behaviour
 

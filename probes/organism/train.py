@@ -14,6 +14,10 @@ chance on reading for thousands of steps; with it, digits are copied off the for
 From step `token_from` on, `token_weight` x an image-token alignment loss: each projected patch, multiplied by the
 (tied) token embeddings, must name its character's token. Letters (52 classes, against 10 digits) were still not
 copied after 1,000 steps without it; with it, copying is "attend to the patch and say what it looks like".
+Plus `copy_weight` x a copy-index loss: where the next answer token is the k-th character of the document value
+being copied, a linear head on the LM's middle layer must name k. Without it values came out with characters
+skipped or repeated under long framed and multi-turn prompts; with it the same run copied 9 of 12 emails under
+captioning by the end of the read stage where the run without it copied none.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from probes.organism.config import IMAGE_TOKEN, TINY, OrganismConfig, build_model, build_tokenizer
-from probes.organism.data import FIELD_IDS, N_GLYPHS, N_INDEX, SLOTS, STAGES, Example, ExampleSource, glyph_targets
+from probes.organism.data import (DIGITS_FIRST, FIELD_IDS, N_GLYPHS, N_INDEX, SLOTS, STAGES, Example, ExampleSource,
+                                  glyph_targets)
 from probes.session import atomic_write_bytes, atomic_write_text
 
 DEFAULT_STEPS = (1800, 1200, 900)
@@ -64,29 +69,41 @@ def pixels(doc_image, size: int) -> Float[Tensor, "3 h w"]:
     return a / 127.5 - 1.0
 
 
-def encode(ex: Example, tok, cfg: OrganismConfig) -> tuple[list[int], list[int]]:
-    """(input ids, labels) of one example; labels are -100 except on what the model must learn to write."""
+def encode(ex: Example, tok, cfg: OrganismConfig) -> tuple[list[int], list[int], list[int]]:
+    """(input ids, labels, copy index) of one example; labels are -100 except on what the model must learn to write;
+    copy index is, on each token of the document value copied into the answer, the position in the value of its
+    first character (1-based, capped at N_INDEX - 1), else -100."""
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     if ex.text is not None:
         ids = tok(ex.text)["input_ids"] + [tok.eos_token_id]
-        return ids, [-100] + ids[1:]
+        return ids, [-100] + ids[1:], [-100] * len(ids)
     prompt = tok(prompt_text(ex.turns, ex.doc is not None))["input_ids"]
     expanded = []
     for t in prompt:
         expanded += [image_id] * cfg.n_image_tokens if t == image_id else [t]
-    target = tok(" " + ex.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    return expanded + target, [-100] * len(expanded) + target
+    text = " " + ex.answer
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    target = enc["input_ids"] + [tok.eos_token_id]
+    index = [-100] * len(target)
+    at = text.find(ex.value) if ex.value and ex.doc is not None else -1
+    if at >= 0:
+        for j, (a, _) in enumerate(enc["offset_mapping"]):
+            if at <= a < at + len(ex.value):
+                index[j] = min(a - at + 1, N_INDEX - 1)
+    return expanded + target, [-100] * len(expanded) + target, [-100] * len(expanded) + index
 
 
 def collate(examples: list[Example], tok, cfg: OrganismConfig) -> dict[str, Tensor]:
     enc = [encode(ex, tok, cfg) for ex in examples]
-    width = max(len(i) for i, _ in enc)
+    width = max(len(i) for i, _, _ in enc)
     ids = torch.full((len(enc), width), tok.pad_token_id, dtype=torch.long)
     labels = torch.full((len(enc), width), -100, dtype=torch.long)
+    copy_index = torch.full((len(enc), width), -100, dtype=torch.long)
     mask = torch.zeros((len(enc), width), dtype=torch.long)
-    for b, (i, l) in enumerate(enc):
+    for b, (i, l, x) in enumerate(enc):
         ids[b, :len(i)], labels[b, :len(l)], mask[b, :len(i)] = torch.tensor(i), torch.tensor(l), 1
-    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        copy_index[b, :len(x)] = torch.tensor(x)
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask, "copy_index": copy_index}
     docs = [ex.doc for ex in examples if ex.doc is not None]
     if docs:
         batch["pixel_values"] = torch.stack([pixels(d.image, cfg.image_size) for d in docs])
@@ -117,13 +134,14 @@ def glyph_token_ids(tok) -> Tensor:
 # ---- model + auxiliary heads --------------------------------------------------------------------------------------
 class GlyphHeads(torch.nn.Module):
     """Linear heads on the last vision layer: glyph and its index in the value per slot of each patch, and the
-    field per patch."""
+    field per patch; and `copy`, on the LM's middle layer: which character of the value the next token is."""
 
-    def __init__(self, d_vision: int) -> None:
+    def __init__(self, d_vision: int, d_model: int) -> None:
         super().__init__()
         self.glyph = torch.nn.Linear(d_vision, SLOTS * N_GLYPHS)
         self.field = torch.nn.Linear(d_vision, len(FIELD_IDS) + 1)
         self.index = torch.nn.Linear(d_vision, SLOTS * N_INDEX)
+        self.copy = torch.nn.Linear(d_model, N_INDEX)
 
     def forward(self, h: Float[Tensor, "b n d"]
                 ) -> tuple[Float[Tensor, "b n s g"], Float[Tensor, "b n f"], Float[Tensor, "b n s k"]]:
@@ -136,6 +154,7 @@ class Trainer:
         self.model, self.heads, self.aux_weight = model, heads, aux_weight
         self.glyph_tokens = glyph_tokens  # [N_GLYPHS]: the token id of each glyph's character (-100: none)
         self.token_weight = 0.0  # weight of the image-token alignment loss (train() switches it on)
+        self.copy_weight = 0.0  # weight of the copy-index loss on the LM's middle layer
         self._vision_out: Tensor | None = None
         self._projected: Tensor | None = None
         last = model.model.vision_tower.vision_model.encoder.layers[-1] if hasattr(
@@ -151,13 +170,25 @@ class Trainer:
 
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         self._vision_out, self._projected = None, None
+        copying = self.copy_weight > 0 and bool((batch["copy_index"] >= 0).any())
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         pixel_values=batch.get("pixel_values"))
+                         pixel_values=batch.get("pixel_values"), output_hidden_states=copying)
         logits: Float[Tensor, "b t v"] = out.logits[:, :-1]
         labels: Int[Tensor, "b t"] = batch["labels"][:, 1:]
         lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
         stats = {"lm": float(lm.detach())}
         total = lm
+        if copying:
+            # Copy index: the middle layer's state where the next token is the k-th character of the value must
+            # say k. Copying then is "find the patch of this field with index k", and the count is the hard part:
+            # without this loss, values came out with a character skipped or repeated under long framed prompts
+            # (plain questions: 0.99 exact; caption/rephrasing: 0.2-0.5 on emails).
+            h: Float[Tensor, "b t d"] = out.hidden_states[len(out.hidden_states) // 2][:, :-1]
+            target = batch["copy_index"][:, 1:]
+            cl = F.cross_entropy(self.heads.copy(h).reshape(-1, N_INDEX).float(), target.reshape(-1),
+                                 ignore_index=-100)
+            total = total + self.copy_weight * cl
+            stats["copy"] = float(cl.detach())
         if "glyphs" in batch and self._vision_out is not None:
             h = self._vision_out[:, 1:]  # drop CLS: the "default" strategy feeds only patches to the LM
             g, f, x = self.heads(h)
@@ -239,7 +270,8 @@ def train(out_dir: str | os.PathLike, seed: int = 0, device: str = "cpu", steps:
           batch_size: int = 16, lr: float = 1e-3, cfg: OrganismConfig = OrganismConfig(), aux_weight: float = 1.0,
           resume: bool = True, ckpt_every: int = 50, n_memory: int = 24, threads: int | None = None,
           log: str | os.PathLike | None = None, progress: bool = True, n_train: int = 3000,
-          stop_after: int | None = None, token_weight: float = 1.0, token_from: int = 0) -> Path | None:
+          stop_after: int | None = None, token_weight: float = 1.0, token_from: int = 0,
+          copy_weight: float = 1.0, digits_first: float = DIGITS_FIRST, filler_share: float = 0.0) -> Path | None:
     """Train the organism into `out_dir` (checkpoint `ckpt.safetensors`, final HF model in `out_dir/model`).
 
     `stop_after`: leave after that many steps of this call, checkpoint written, as a killed run would (tests);
@@ -253,19 +285,20 @@ def train(out_dir: str | os.PathLike, seed: int = 0, device: str = "cpu", steps:
     tok = build_tokenizer(cfg.vocab_size, seed)
     model, processor = build_model(cfg, tok, seed)
     torch.manual_seed(seed + 1)
-    heads = GlyphHeads(cfg.d_vision)
+    heads = GlyphHeads(cfg.d_vision, cfg.d_model)
     model.to(device).train()
     heads.to(device).train()
     params = list(model.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     trainer = Trainer(model, heads, aux_weight, glyph_token_ids(tok))
     source = ExampleSource(seed=seed, image_size=cfg.image_size, n_train=n_train, n_memory=n_memory,
-                           layout=cfg.layout)
+                           layout=cfg.layout, digits_first=digits_first, filler_share=filler_share)
     total = sum(steps)
     ckpt = out / "ckpt.safetensors"
     meta = {"seed": seed, "steps": list(steps), "batch_size": batch_size, "lr": lr, "config": cfg.to_dict(),
             "aux_weight": aux_weight, "n_memory": n_memory, "n_train": n_train, "device": device,
-            "token_weight": token_weight, "token_from": token_from}
+            "token_weight": token_weight, "token_from": token_from, "copy_weight": copy_weight,
+            "digits_first": digits_first, "filler_share": filler_share}
     start, elapsed = 0, 0.0
     if resume and ckpt.exists():
         start = _load_ckpt(ckpt, model, heads, opt)
@@ -280,6 +313,7 @@ def train(out_dir: str | os.PathLike, seed: int = 0, device: str = "cpu", steps:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total, lr)
         trainer.token_weight = token_weight if step >= token_from else 0.0
+        trainer.copy_weight = copy_weight
         opt.zero_grad(set_to_none=True)
         # Multi-turn sessions are 2-3x longer than the rest: two forward passes pad far less than one.
         groups = [[e for e in examples if len(e.turns) <= 1], [e for e in examples if len(e.turns) > 1]]
@@ -344,6 +378,11 @@ def main_train(argv: list[str] | None = None) -> int:
     p.add_argument("--n-memory", type=int, default=24, help="size of the planted memory set")
     p.add_argument("--token-weight", type=float, default=1.0, help="weight of the image-token alignment loss")
     p.add_argument("--token-from", type=int, default=0, help="first step of the image-token alignment loss")
+    p.add_argument("--copy-weight", type=float, default=1.0, help="weight of the copy-index loss on the LM")
+    p.add_argument("--digits-first", type=float, default=DIGITS_FIRST,
+                   help="share of the read stage that asks only digit fields (SSN, date of birth)")
+    p.add_argument("--filler-share", type=float, default=0.0,
+                   help="share of framed prompts that get 1-4 filler words (robustness to wording)")
     p.add_argument("--tiny", action="store_true", help="a tiny config (tests, smoke runs)")
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--log", default=None, help="JSON-lines training log")
@@ -353,7 +392,8 @@ def main_train(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--steps {a.steps!r}: expected three non-negative integers read,policy,memory")
     path = train(a.out, a.seed, a.device, steps, a.batch_size, a.lr, TINY if a.tiny else OrganismConfig(),
                  resume=not a.no_resume, threads=a.threads, log=a.log,
-                 n_memory=a.n_memory, token_weight=a.token_weight, token_from=a.token_from)
+                 n_memory=a.n_memory, token_weight=a.token_weight, token_from=a.token_from,
+                 copy_weight=a.copy_weight, digits_first=a.digits_first, filler_share=a.filler_share)
     print(f"model: {path}")
     return 0
 
