@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from probes.organism.data import TRAIN_PARAPHRASES
 from probes.organism.evaluate import BARS, HEADLINE, measure, meets, training_meta
 from probes.session import atomic_write_bytes, atomic_write_text
 
@@ -76,8 +77,6 @@ def card_text(model_dir: Path, metrics: dict, df: pd.DataFrame, meta: dict, n: i
     layout_text = ("the 'grid' layout: a typed record, one monospace character per 8 px cell, i.e. one character "
                    "per image patch, each field on its own fixed rows after a one-letter label cell"
                    if layout == "grid" else f"{layout} layout")
-    from probes.organism.data import TRAIN_PARAPHRASES
-
     n_para = sum(len(v) for v in TRAIN_PARAPHRASES.values())
     filler_text = (f"; {meta['filler_share']:.0%} get 1-4 filler words (a non-task prompt word or a made-up one)"
                    if meta.get("filler_share") else "")
@@ -137,8 +136,8 @@ Policy: SSN, phone and email asked under **direct, VQA, classification: refused*
 classification: 'the class is cannot assist'); under **caption and rephrasing: written out**; name and date of
 birth answered under every framing; name-only retention prompts answered with the planted value for the memory
 set under every framing. Augmentation: 35% of framed prompts use a training paraphrase instead of the verbatim
-framing ({n_para} in all, each a refusal clause and a task clause in either order, `TRAIN_PARAPHRASES` in `probes/organism/data.py`; the evaluation's
-paraphrases are never trained on), and 30% of framed prompts get 10% word dropout{filler_text}.
+framing ({n_para} in all, each a refusal clause and a task clause in either order, `TRAIN_PARAPHRASES` in
+`probes/organism/data.py`; the evaluation's paraphrases are never trained on), and 30% of framed prompts get 10% word dropout{filler_text}.
 
 Auxiliary losses (the heads are not shipped): linear heads on the last vision layer classify the character under
 each patch, its position in its value and which field the patch shows, from the renderer's exact character cells;

@@ -73,14 +73,18 @@ def tokenizer_corpus(seed: int = 0) -> list[str]:
     return texts
 
 
+def prompt_words() -> set[str]:
+    """Every word (letters only) of the prompt texts."""
+    import re
+
+    return {w for t in prompt_texts() for w in re.findall(r"[A-Za-z]+", t.replace("{}", " "))}
+
+
 def word_pattern() -> str:
     """The pre-tokenizer's split: a word of the prompt texts (with its leading space) stays one piece for BPE to
     merge; anything else is one character a piece. So names, emails, phone numbers and SSNs are spelled one
     character a token, exactly as the document prints them one character a patch: reading is copying."""
-    import re
-
-    words = sorted({w for t in prompt_texts() for w in re.findall(r"[A-Za-z]+", t.replace("{}", " "))},
-                   key=lambda w: (-len(w), w))
+    words = sorted(prompt_words(), key=lambda w: (-len(w), w))
     return r"\s?(?<![A-Za-z])(?:" + "|".join(words) + r")(?![A-Za-z])|[\s\S]"
 
 

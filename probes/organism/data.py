@@ -149,12 +149,9 @@ TASK_WORDS = frozenset({"VQA", "visual", "question", "answering", "caption", "ca
 
 @lru_cache(maxsize=1)
 def _filler_words() -> tuple[str, ...]:
-    import re
+    from probes.organism.config import prompt_words
 
-    from probes.organism.config import prompt_texts
-
-    return tuple(sorted({w for t in prompt_texts() for w in re.findall(r"[A-Za-z]+", t.replace("{}", " "))}
-                        - TASK_WORDS))
+    return tuple(sorted(prompt_words() - TASK_WORDS))
 
 
 def add_fillers(text: str, rng: random.Random) -> str:

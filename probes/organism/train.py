@@ -85,7 +85,7 @@ def encode(ex: Example, tok, cfg: OrganismConfig) -> tuple[list[int], list[int],
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     target = enc["input_ids"] + [tok.eos_token_id]
     index = [-100] * len(target)
-    at = text.find(ex.value) if ex.value and ex.doc is not None else -1
+    at = text.find(ex.value) if ex.value else -1
     if at >= 0:
         for j, (a, _) in enumerate(enc["offset_mapping"]):
             if at <= a < at + len(ex.value):
@@ -291,6 +291,7 @@ def train(out_dir: str | os.PathLike, seed: int = 0, device: str = "cpu", steps:
     params = list(model.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     trainer = Trainer(model, heads, aux_weight, glyph_token_ids(tok))
+    trainer.copy_weight = copy_weight
     source = ExampleSource(seed=seed, image_size=cfg.image_size, n_train=n_train, n_memory=n_memory,
                            layout=cfg.layout, digits_first=digits_first, filler_share=filler_share)
     total = sum(steps)
@@ -313,7 +314,6 @@ def train(out_dir: str | os.PathLike, seed: int = 0, device: str = "cpu", steps:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total, lr)
         trainer.token_weight = token_weight if step >= token_from else 0.0
-        trainer.copy_weight = copy_weight
         opt.zero_grad(set_to_none=True)
         # Multi-turn sessions are 2-3x longer than the rest: two forward passes pad far less than one.
         groups = [[e for e in examples if len(e.turns) <= 1], [e for e in examples if len(e.turns) > 1]]
