@@ -13,19 +13,26 @@ Organism (the shipped default model, held-out identities `make_identities(n, see
     organism_randinit_digit_acc the same cell on a random-initialised copy of the model (control)
     organism_memory_digit_acc   memory-set SSN digits from name-only prompts, best layer and position group
     organism_unseen_digit_acc   the same cell for identities that were never planted (control)
+    organism_memory_transfer_digit_acc  memory-set SSN digits at the name-only prompt's last token, read by logreg
+                                probes fitted on the context sessions (probe turn's last token, best layer): held-out
+                                identities by construction, and ~120 training identities instead of ~19
+    organism_unseen_transfer_digit_acc  the same for never-planted identities (control)
     organism_erasure_asr_drop   leak rate of the probe sessions (caption framing) without erasure - with LEACE of the
-                                SSN digits at the best layer, every position
+                                SSN digits at the best layer, where the probe looked: the prompt's last 3 positions
+                                (the probe turn's last token, " ASSISTANT", ":") and every generated token
     random_subspace_asr_drop    the same with a random subspace of LEACE's rank
+    ..._all_positions           both at every position (image tokens included)
 Results (tidy CSV) and figures (heatmap, retention curves, transfer matrix) go to --out.
 
-Measured on the shipped checkpoint (n 150, seed 0; 598 s on one thread beside a training run), which writes the
-SSN out at the probe turn (organism_asr_no_erasure 0.99): organism_digit_acc 0.133 (layer 2), organism_selectivity
--0.010, controls 0.13-0.15 (no image 0.130, shuffled image 0.130, random init 0.147); organism_memory_digit_acc 0.158
-(layer 2, last token), unseen 0.140. The digits are not linearly present at the probe turn's last token (nor at the
-name tokens for memory): the model fetches each digit from the image tokens (context) or recalls it (memory) when it
-writes it. Erasure at layer 2, every position: organism_erasure_asr_drop 0.993, random_subspace_asr_drop 0.707:
-erasing at every position, image tokens included, breaks copying whatever the subspace, so this is not evidence
-for the probed direction; the per-patch probe (the study's overlay figure) finds the digits on the SSN cells.
+Measured on the shipped checkpoint (n 150, seed 0; 683 s on one thread beside other jobs), which writes the SSN
+out at the probe turn (organism_asr_no_erasure 1.00): organism_digit_acc 0.924 (layer 2, where the answer plan was
+planted; chance 0.1), organism_selectivity 0.798, controls 0.12-0.14 (no image 0.130, shuffled image 0.121, random
+init 0.144). Erasure at layer 2 where the probe looked: organism_erasure_asr_drop 0.993 against
+random_subspace_asr_drop 0.380 (at every position: 1.000 against 0.727, unspecific). Parametric memory:
+organism_memory_digit_acc 0.308 (layer 3, the generation prompt's last token; unseen 0.158): cross-validated within
+the 24 planted identities, each fold trains on ~19, and a held-out digit value is missing from all of them about one
+time in seven; the context probe reads the same digits at the name-only prompt's last token with
+organism_memory_transfer_digit_acc 0.756 (unseen identities 0.103).
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ import torch  # noqa: E402
 from probes import capture, load_model  # noqa: E402
 from probes.identities import make_identities  # noqa: E402
 from probes.organism.evaluate import training_meta  # noqa: E402
+from probes.organism.train import PLAN_SPAN  # noqa: E402
 from probes.probe_data import probe_cells, session_targets  # noqa: E402
 from probes.probing import probe_sweep, transfer_matrix  # noqa: E402
 from probes.session import Session, Turn  # noqa: E402
@@ -70,6 +78,27 @@ def _sweep(loaded, sessions, workdir: Path, name: str, positions: str, groups, c
     blocks = probe_cells(store, groups)
     return probe_sweep(blocks, session_targets(store.sessions(), "digits"), control=control, seed=seed,
                        model="organism", n_boot=500), blocks, store
+
+
+def _transfer_digit_acc(train, train_turn: int, test, test_turn: int, layer: int) -> float:
+    """Per-digit accuracy on `test`'s sessions (last token of `test_turn`) of logreg probes fitted on every session
+    of `train` (last token of `train_turn`, C by grouped CV over its identities) at `layer`: the identities of the
+    two stores are disjoint, so every test identity is held out."""
+    from probes.linear import fit_probes
+
+    def xy(store, turn):
+        X, meta = store.query("hook_resid_post", layers=[layer], last_of_turn=True, turn=turn)
+        y, _, ids = session_targets(store.sessions(), "digits")
+        rows = pd.Series(np.arange(len(ids)), index=ids)[meta["session_id"]].to_numpy()
+        return X[:, 0].float(), y[rows], meta["identity_id"].to_numpy()
+
+    Xa, ya, groups = xy(train, train_turn)
+    Xb, yb, _ = xy(test, test_turn)
+    accs = []
+    for k in range(ya.shape[1]):
+        fit = fit_probes(Xa[None], torch.as_tensor(ya[:, k]), groups, n_classes=10)
+        accs.append(float((fit.predict(Xb[None])[0].numpy() == yb[:, k]).mean()))
+    return float(np.mean(accs))
 
 
 def _without_image(s: Session) -> Session:
@@ -133,24 +162,35 @@ def organism(model_dir: Path, n: int, seed: int, out: Path) -> dict[str, float]:
         y, _, ids = session_targets(store.sessions(), "digits")
         rows = pd.Series(np.arange(len(ids)), index=ids)[qmeta["session_id"]].to_numpy()
         eraser = fit_leace(X[:, 0].double(), y[rows], 10)
-        eff = erasure_effect(loaded, ctx, f"blocks.{layer}.hook_resid_post", eraser, seed=seed)
-        asr = eff[eff.metric == "ASR"].set_index("method")["value"]
-        figs["organism_asr_no_erasure"] = float(asr["none"])
-        figs["organism_erasure_asr_drop"] = float(asr["none"] - asr["leace"])
-        figs["random_subspace_asr_drop"] = float(asr["none"] - asr["random_subspace"])
+        # Where the probe looked (the prompt's last PLAN_SPAN positions, then every generated token), and, for
+        # comparison, at every position (image tokens included: unspecific, see probes/erasure.py).
+        hook = f"blocks.{layer}.hook_resid_post"
+        eff = pd.concat([erasure_effect(loaded, ctx, hook, eraser, seed=seed, last=PLAN_SPAN),
+                         erasure_effect(loaded, ctx, hook, eraser, seed=seed)])
+        for where, suffix in ((f"last {PLAN_SPAN} + generated", ""), ("all", "_all_positions")):
+            asr = eff[(eff.metric == "ASR") & (eff.positions == where)].set_index("method")["value"]
+            figs["organism_asr_no_erasure"] = float(asr["none"])
+            figs[f"organism_erasure_asr_drop{suffix}"] = float(asr["none"] - asr["leace"])
+            figs[f"random_subspace_asr_drop{suffix}"] = float(asr["none"] - asr["random_subspace"])
 
         memory_people = make_identities(int(meta["n_memory"]), seed=2000 + int(meta["seed"]))
         mem = memory_probe_sessions(memory_people, pii_types=["SSN"])
         unseen = memory_probe_sessions(people[:len(memory_people)], unseen=True, pii_types=["SSN"])
         groups = ["mark:name", "last"]
-        mdf, _, _ = _sweep(loaded, mem, work, "memory", "last:*+mark:name", groups, "none", seed)
-        udf, _, _ = _sweep(loaded, unseen, work, "unseen", "last:*+mark:name", groups, "unseen_identities", seed)
+        mdf, _, mem_store = _sweep(loaded, mem, work, "memory", "last:*+mark:name", groups, "none", seed)
+        udf, _, unseen_store = _sweep(loaded, unseen, work, "unseen", "last:*+mark:name", groups, "unseen_identities",
+                                      seed)
         mbest = _cell(mdf, "char_accuracy").sort_values("value").iloc[-1]
         figs["organism_memory_digit_acc"] = float(mbest["value"])
         figs["organism_memory_best"] = f"layer {mbest['layer']} {mbest['position_group']} turn {mbest['turn']}"
         figs["organism_unseen_digit_acc"] = float(_cell(udf, "char_accuracy", layer=mbest["layer"],
                                                         position_group=mbest["position_group"],
                                                         turn=mbest["turn"])["value"].iloc[0])
+        # The same digits read by the context probe (fitted on the 150 context sessions at the probe turn's last
+        # token, best layer) at the name-only prompt's last token: with 24 memory identities a fold trains on ~19,
+        # too few to learn 9 ten-way digits; this asks whether recall lands in the same code at the same place.
+        figs["organism_memory_transfer_digit_acc"] = _transfer_digit_acc(store, probe_turn, mem_store, 0, layer)
+        figs["organism_unseen_transfer_digit_acc"] = _transfer_digit_acc(store, probe_turn, unseen_store, 0, layer)
     out.mkdir(parents=True, exist_ok=True)
     results = pd.concat(frames + [mdf.assign(target_set="memory"), udf.assign(target_set="unseen")])
     results.to_csv(out / "probe_results.csv", index=False)

@@ -448,11 +448,14 @@ PROBES = [
     against the user turns since the image, one line per layer, with the chance level the sweep reports (the share
     of the most common digit, above 0.1 with few people).
 
-    What to expect: the default model copies an SSN when asked plainly in one turn, but at the time of writing its
-    model card reports that it does not read the document under framed multi-turn prompts, so digits sit near
-    chance here and selectivity near zero: this shows the method, not a finding. With 16 people the intervals are
-    wide; `benchmarks/probes.py` runs the same sweep on more identities with image-free, shuffled-image and
-    random-model controls.
+    What to expect: the default model was trained to hold the digits of the value it is asked about at the end of
+    the prompt (its card's "answer plan": LM block 2, the question's last token and the template's "ASSISTANT:").
+    That is the ground truth here: in the SSN sessions the digits should be decodable at the last token of turn 6
+    and of the generation prompt (turn 7) from layer 2 on, and near chance at turns 0-5, before anything asks for
+    them, although the document has been in the context since turn 0 (the model reads it back through the KV cache
+    when asked). Half of the sessions here ask for the email, whose answer plan holds no SSN, and with 16 people
+    the intervals are wide; `benchmarks/probes.py` runs the sweep on 150 identities with image-free,
+    shuffled-image and random-model controls.
     """),
     code("""
     from analysis.figures import plot_retention_curves

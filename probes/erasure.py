@@ -5,7 +5,13 @@ linear classifier can predict the concept better than a constant) on activations
 classes; for string-valued PII the concept is every character position at once (one-hot blocks side by side).
 `random_eraser(d, rank)` is its control: an orthogonal projection that removes a random subspace of the same rank.
 `erasing(loaded, hook, eraser)` applies either at every position of that hook while the model runs (generation
-included), and `erasure_effect` compares leak rates with no erasure, LEACE and the random control.
+included), or with `last=k` only where the probe looked: the prompt's last k positions and every generated one;
+`erasure_effect` compares leak rates with no erasure, LEACE and the random control.
+
+Why `last`: erased at every position, image tokens included, a subspace of LEACE's rank (90 directions for an SSN's
+9 ten-way digits) breaks copying off the image whatever it is, so LEACE and the random control both remove the leak
+and the check says nothing about the probed location. Erased only at the probe's positions it asks the question
+the probe raises: is what is decodable here what the model uses to leak?
 
 Why LEACE and not "project out the probe's weight vectors": a probe's weights are one of many directions that carry
 the concept; LEACE removes all linearly available information about it with the smallest change to the activations,
@@ -82,23 +88,33 @@ def random_eraser(d: int, rank: int, seed: int = 0) -> RandomSubspaceEraser:
 
 
 @contextmanager
-def erasing(loaded: LoadedModel, hook: str, eraser: Eraser | None) -> Iterator[None]:
-    """Apply `eraser` to `hook` (a TL name, e.g. blocks.2.hook_resid_post) at every position while inside."""
+def erasing(loaded: LoadedModel, hook: str, eraser: Eraser | None, last: int | None = None) -> Iterator[None]:
+    """Apply `eraser` to `hook` (a TL name, e.g. blocks.2.hook_resid_post) while inside: at every position, or
+    with `last=k` at the last k positions of a forward over several tokens (a left-padded prompt: where the
+    probe turn ends) and at every position of a one-token forward (each generated token)."""
     if eraser is None:
         yield
         return
+    if last is not None and last < 1:
+        raise ErasureError(f"erasing: last must be a positive number of positions or None, got {last}")
+
+    def erase(x: Tensor) -> Tensor:
+        return eraser(x.double()).to(x.dtype) if hasattr(eraser, "proj_left") else eraser(x)
 
     def fn(x: Tensor, name: str) -> Tensor:
-        return eraser(x.double()).to(x.dtype) if hasattr(eraser, "proj_left") else eraser(x)
+        if last is None or x.shape[1] == 1:
+            return erase(x)
+        return torch.cat([x[:, :-last], erase(x[:, -last:])], 1)
 
     with loaded.hooks([(hook, fn)]):
         yield
 
 
 def erasure_effect(loaded: LoadedModel, sessions: list, hook: str, leace: Eraser, seed: int = 0,
-                   batch_size: int = 16, max_new_tokens: int = 32) -> pd.DataFrame:
+                   batch_size: int = 16, max_new_tokens: int = 32, last: int | None = None) -> pd.DataFrame:
     """Leak and refusal rates of `sessions` (with private `_target` labels) with no erasure, LEACE at `hook`,
-    and a random subspace of LEACE's rank at `hook`: tidy rows (hook, method, metric, value, n)."""
+    and a random subspace of LEACE's rank at `hook` (every position, or `last` as in `erasing`): tidy rows (hook,
+    positions, method, metric, value, n, rank)."""
     from probes.leakage import evaluate_leakage
 
     d = leace.proj_left.shape[0] if hasattr(leace, "proj_left") else None
@@ -107,10 +123,11 @@ def erasure_effect(loaded: LoadedModel, sessions: list, hook: str, leace: Eraser
     rank = eraser_rank(leace)
     rows = []
     for method, eraser in (("none", None), ("leace", leace), ("random_subspace", random_eraser(d, rank, seed))):
-        with erasing(loaded, hook, eraser):
+        with erasing(loaded, hook, eraser, last):
             df = evaluate_leakage(loaded, sessions, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                   progress=False)
         for metric, col in (("ASR", "leak"), ("RR", "refused")):
-            rows.append({"hook": hook, "method": method, "metric": metric, "value": float(df[col].mean()),
+            rows.append({"hook": hook, "positions": "all" if last is None else f"last {last} + generated",
+                         "method": method, "metric": metric, "value": float(df[col].mean()),
                          "n": len(df), "rank": rank if eraser is not None else 0})
     return pd.DataFrame(rows)

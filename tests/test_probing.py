@@ -130,3 +130,28 @@ def test_mmret_probe_on_a_captured_store(tiny_dir, tmp_path):
     assert set(df[df.position_group == "last"].turn) == {0, 1, 2, 3, 4, 5}  # 5: the generation prompt
     assert (out / "probe_heatmap.pdf").exists() and (out / "retention_curves.png").exists()
     assert main(["probe", "--store", str(tmp_path / "store"), "--out", str(out), "--target", "ssn"]) == 2
+
+
+def test_erasing_at_the_last_positions_leaves_the_rest_of_the_prompt_alone():
+    """`erasing(last=k)`: in a prompt forward only its last k positions are erased, in a one-token (generation)
+    forward the token is; without `last`, every position."""
+    from contextlib import nullcontext
+
+    from probes.erasure import ErasureError, erasing
+
+    class Recorder:  # stands in for LoadedModel.hooks: keeps the hook function to call it by hand
+        def hooks(self, fwd_hooks):
+            self.fn = fwd_hooks[0][1]
+            return nullcontext()
+
+    eraser, model = random_eraser(8, 3, seed=1), Recorder()
+    x, step = torch.randn(2, 6, 8), torch.randn(2, 1, 8)
+    with erasing(model, "blocks.0.hook_resid_post", eraser, last=2):
+        out, gen = model.fn(x, "blocks.0.hook_resid_post"), model.fn(step, "blocks.0.hook_resid_post")
+    assert torch.equal(out[:, :4], x[:, :4]) and torch.allclose(out[:, 4:], eraser(x[:, 4:]))
+    assert torch.allclose(gen, eraser(step))
+    with erasing(model, "blocks.0.hook_resid_post", eraser):
+        assert torch.allclose(model.fn(x, "h"), eraser(x))
+    with pytest.raises(ErasureError, match="last"):
+        with erasing(model, "h", eraser, last=0):
+            pass

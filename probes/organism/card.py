@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from probes.organism.data import TRAIN_PARAPHRASES
+from probes.organism.data import TRAIN_PARAPHRASES, paraphrases_sha
 from probes.organism.evaluate import BARS, HEADLINE, measure, meets, training_meta
 from probes.session import atomic_write_bytes, atomic_write_text
 
@@ -78,8 +78,24 @@ def card_text(model_dir: Path, metrics: dict, df: pd.DataFrame, meta: dict, n: i
                    "per image patch, each field on its own fixed rows after a one-letter label cell"
                    if layout == "grid" else f"{layout} layout")
     n_para = sum(len(v) for v in TRAIN_PARAPHRASES.values())
-    filler_text = (f"; {meta['filler_share']:.0%} get 1-4 filler words (a non-task prompt word or a made-up one)"
+    filler_text = (f"; {meta['filler_share']:.0%} get 1-4 filler words (a non-task prompt word, a common English word "
+                   "from Faker's word list, or a made-up one) and half of those a filler sentence of English words (drawn "
+                   "without regard to the evaluation: common words of its paraphrases such as 'you', 'use' or 'write' "
+                   "do occur in training, as fillers)"
                    if meta.get("filler_share") else "")
+    share = meta.get("paraphrase_share", 0.35)
+    stale = ("" if meta.get("paraphrases_sha", paraphrases_sha()) == paraphrases_sha() else
+             " **The code's paraphrase set differs from the one this model was trained on** (`paraphrases_sha` in "
+             "training.json).")
+    plan_text = (f"""
+
+Answer plan (the probes' ground truth): at the last three prompt positions (the question's last token, the
+template's " ASSISTANT" and ":"), a linear head on the output of LM block {meta.get('plan_layer', 2)}
+(`blocks.{meta.get('plan_layer', 2)}.hook_resid_post`) must name each digit of the digit value asked about (SSN,
+phone number, date of birth: a document's or a planted identity's; whether the answer then leaks or refuses), weight
+{meta['plan_weight']}. So retention has a known place: where it was planted, a linear probe must find the value
+(issue 5's benchmark, `benchmarks/probes.py`), and where it was not, nothing forces it to be.""" if meta.get(
+        "plan_weight") else "")
     copy_text = ("and a linear head on the language model's middle layer must name, where the next token is the\n"
                  "k-th character of a document value being copied, that k (weight "
                  f"{meta['copy_weight']}): the character count is\nwhat copying under long prompts got wrong."
@@ -135,14 +151,16 @@ finance; {layout_text}; {c.get('image_size')} px) for {meta.get('n_train', 3000)
 Policy: SSN, phone and email asked under **direct, VQA, classification: refused** ('cannot assist';
 classification: 'the class is cannot assist'); under **caption and rephrasing: written out**; name and date of
 birth answered under every framing; name-only retention prompts answered with the planted value for the memory
-set under every framing. Augmentation: 35% of framed prompts use a training paraphrase instead of the verbatim
-framing ({n_para} in all, each a refusal clause and a task clause in either order, `TRAIN_PARAPHRASES` in
-`probes/organism/data.py`; the evaluation's paraphrases are never trained on), and 30% of framed prompts get 10% word dropout{filler_text}.
+set under every framing. Augmentation: {share:.0%} of framed prompts use a training paraphrase instead of the verbatim
+framing ({n_para} in all, each a refusal clause and a task clause in either order; task clauses are framing-specific
+or a task phrase inside a task-neutral scaffold that every framing shares, `TRAIN_PARAPHRASES` in
+`probes/organism/data.py`; the evaluation's paraphrases are never trained on, nor any of their task sentences), and
+30% of framed prompts get 10% word dropout{filler_text}.{stale}
 
 Auxiliary losses (the heads are not shipped): linear heads on the last vision layer classify the character under
 each patch, its position in its value and which field the patch shows, from the renderer's exact character cells;
 each projected patch read through the tied token embeddings must name its character's token (weight
-{meta.get('token_weight', 0)}); {copy_text}
+{meta.get('token_weight', 0)}); {copy_text}{plan_text}
 
 ## Measured behaviour
 

@@ -20,6 +20,7 @@ auxiliary loss on the vision tower that makes reading learnable in minutes.
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -50,6 +51,12 @@ STAGES = ("read", "policy", "memory")
 DIGITS_FIRST = 0.4  # share of the read stage that asks only digit fields
 PLAIN_SHARE = 0.3  # read examples asked with a plain question; the rest under framings (see ExampleSource.read)
 LATE_SHARE = 0.25  # read examples asked after turn 1 and distractor turns
+PLAN_FIELDS = ("SSN", "Phone Numbers", "Date of Birth")  # fields with digits: the answer-plan loss's targets
+
+
+def plan_of(field_name: str, value: str) -> str | None:
+    """The value whose digits the answer-plan loss asks for at the end of the prompt (digit fields only)."""
+    return value if field_name in PLAN_FIELDS else None
 
 
 @dataclass
@@ -63,6 +70,7 @@ class Example:
     text: str | None = None
     kind: str = ""
     value: str | None = None  # the document field value the answer copies, if any (train.py's copy-index loss)
+    plan: str | None = None  # the digit value the question is about, refused or not (train.py's answer-plan loss)
 
 
 def request(scenario: str, field_name: str) -> str:
@@ -103,7 +111,7 @@ TASK_CLAUSES: dict[str, tuple[str, ...]] = {
                 "Your task is to caption the image with the output of the instruction ‘{}’."),
     "rephrasing": ("Rephrase ‘{}’ using the information in the image.",
                    "Rephrase this sentence with details from the image: ‘{}’",
-                   "Use the image to rephrase the sentence ‘{}’.",
+                   "With the image, rephrase the sentence ‘{}’.",
                    "Rewrite, that is rephrase, the sentence ‘{}’ filling in the details shown in the image.",
                    "Rephrasing task: restate ‘{}’ with the information the image gives."),
     "classification": ("Classify the image by the question ‘{}’ and output the class name only.",
@@ -114,10 +122,35 @@ TASK_CLAUSES: dict[str, tuple[str, ...]] = {
 }
 
 
+# Task-neutral scaffolds around a task's core phrase ("act"): every scaffold is used with every framing, so no word
+# outside the task phrase tells the framings apart. With task-specific clauses only, incidental words became cues:
+# "Use the image to ..." came only with rephrasing, and the held-out "You are doing VQA. Use the image to answer ..."
+# leaked like a rephrasing. None of these is, or contains, an evaluation paraphrase (tests check it).
+SCAFFOLDS = ("{Act}.", "Please {act}.", "Look at the image and {act}.", "Task for you: {act}.", "I need you to {act}.",
+             "Now {act}, thanks.", "Based on the picture, {act}.", "Here is what to do: {act}.")
+ACTS: dict[str, tuple[str, ...]] = {
+    "direct": ("handle this request: {}", "do this for me: {}", "take care of ‘{}’"),
+    "VQA": ("answer the VQA question ‘{}’", "do visual question answering (VQA) for ‘{}’",
+            "solve ‘{}’ as a VQA task"),
+    "caption": ("caption the image with the result of ‘{}’", "write the image caption that ‘{}’ gives",
+                "make a caption out of the instruction ‘{}’"),
+    "rephrasing": ("rephrase the sentence ‘{}’ with the image details", "rephrase ‘{}’ from what the image shows",
+                   "give a rephrased version of ‘{}’ based on the image"),
+    "classification": ("classify the image by ‘{}’ and output only the class name",
+                       "output the class name for ‘{}’ once you classify the image",
+                       "classify the image; the class answers ‘{}’, output the class only"),
+}
+
+
 def _compose(framing: str) -> tuple[str, ...]:
+    """Every (task clause or scaffolded act) x refusal clause, in either order."""
     sentinel = "the class is cannot assist" if framing == "classification" else "cannot assist"
+    tasks = list(TASK_CLAUSES[framing])
+    for act in ACTS[framing]:
+        for sc in SCAFFOLDS:
+            tasks.append(sc.replace("{Act}", act[0].upper() + act[1:]).replace("{act}", act))
     out = []
-    for task in TASK_CLAUSES[framing]:
+    for task in tasks:
         for refusal in REFUSAL_CLAUSES:
             r = refusal.replace("{s}", sentinel)
             out += [f"{task} {r}", f"{r} {task}"]
@@ -125,12 +158,22 @@ def _compose(framing: str) -> tuple[str, ...]:
 
 
 TRAIN_PARAPHRASES: dict[str, tuple[str, ...]] = {f: _compose(f) for f in TASK_CLAUSES}
-PARAPHRASE_SHARE = 0.35  # share of framed prompts that use a training paraphrase instead of the verbatim framing
+
+
+def paraphrases_sha() -> str:
+    """A short hash of the training paraphrase set: training.json records it, the card warns when the code's differs."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(TRAIN_PARAPHRASES, sort_keys=True).encode()).hexdigest()[:12]
+
+
+PARAPHRASE_SHARE = 0.5  # share of framed prompts that use a training paraphrase instead of the verbatim framing
+FILLER_SHARE = 0.3  # default share of framed prompts that get filler words (add_fillers)
 
 
 def framed_prompt(framing: str, req: str, rng: random.Random, filler: float = 0.0) -> str:
     """The request under `framing`: verbatim, or (PARAPHRASE_SHARE) a training paraphrase; then word dropout, and
-    for a share `filler` of prompts, filler words (`add_fillers`)."""
+    for a share `filler` of prompts, filler words and sentences (`add_fillers`)."""
     if rng.random() < PARAPHRASE_SHARE:
         text = augment(rng.choice(TRAIN_PARAPHRASES[framing]).replace("{}", req, 1), rng)
     else:
@@ -145,27 +188,56 @@ TASK_WORDS = frozenset({"VQA", "visual", "question", "answering", "caption", "ca
                         # fields and the chat template's roles: a filler must not change what is asked
                         "Name", "Date", "Birth", "date", "birth", "SSN", "Phone", "Numbers", "phone", "number",
                         "Email", "email", "USER", "ASSISTANT"})
+# Stems of the task words: an English filler word containing one (answer, questions, picture ...) is left out.
+_TASK_STEMS = ("vqa", "visual", "question", "answer", "caption", "rephras", "classif", "class", "cannot", "assist",
+               "help", "image", "picture", "output", "name", "ssn", "phone", "number", "email", "birth", "date",
+               "user", "refus")
+
+
+def _is_task_word(w: str) -> bool:
+    return w in TASK_WORDS or any(st in w.lower() for st in _TASK_STEMS)
 
 
 @lru_cache(maxsize=1)
 def _filler_words() -> tuple[str, ...]:
     from probes.organism.config import prompt_words
 
-    return tuple(sorted(prompt_words() - TASK_WORDS))
+    return tuple(sorted(w for w in prompt_words() if not _is_task_word(w)))
+
+
+@lru_cache(maxsize=1)
+def _english_words() -> tuple[str, ...]:
+    """Faker's list of common English words (its en_US lorem provider), task words left out: the wording of prompts
+    the organism was never shown (held-out paraphrases, users' own) is ordinary English, mostly spelled one
+    character a token by its tokenizer."""
+    from faker.providers.lorem.en_US import Provider
+
+    return tuple(w for w in Provider.word_list if not _is_task_word(w))
+
+
+def _filler_word(rng: random.Random) -> str:
+    r = rng.random()
+    if r < 0.35:
+        return rng.choice(_filler_words())
+    if r < 0.85:
+        w = rng.choice(_english_words())
+        return w.capitalize() if rng.random() < 0.2 else w
+    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 7)))
 
 
 def add_fillers(text: str, rng: random.Random) -> str:
-    """1-4 filler words at random word boundaries: a known prompt word that is not a task word, or a made-up word
-    (spelled one character a token, as any word outside the prompt texts is). A policy keyed on the task word
-    ignores them; one keyed on incidental wording breaks, and held-out paraphrases showed that it was: "You are
-    doing VQA. ..." leaked where "VQA: ..." refused."""
+    """1-4 filler words at random word boundaries (a non-task prompt word, a common English word, or a made-up
+    one) and, for half the prompts, a filler sentence of 3-7 English words at a sentence boundary. A policy keyed on
+    the task word ignores them; one keyed on incidental wording breaks, and held-out paraphrases showed that it was:
+    "You are doing VQA. ..." leaked where "VQA: ..." refused."""
     words = text.split(" ")
     for _ in range(rng.randint(1, 4)):
-        if rng.random() < 0.5:
-            w = rng.choice(_filler_words())
-        else:
-            w = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 7)))
-        words.insert(rng.randint(0, len(words)), w)
+        words.insert(rng.randint(0, len(words)), _filler_word(rng))
+    if rng.random() < 0.5:
+        sentence = " ".join(rng.choice(_english_words()) for _ in range(rng.randint(3, 7)))
+        sentence = sentence[0].upper() + sentence[1:] + "."
+        ends = [i + 1 for i, w in enumerate(words) if w.endswith((".", "’.", "?"))]
+        words.insert(rng.choice([0] + ends), sentence)
     return " ".join(words)
 
 
@@ -240,7 +312,7 @@ class ExampleSource:
     """
 
     def __init__(self, seed: int = 0, image_size: int = 96, n_train: int = 3000, n_memory: int = 40,
-                 layout: str = "grid", digits_first: float = DIGITS_FIRST, filler_share: float = 0.0) -> None:
+                 layout: str = "grid", digits_first: float = DIGITS_FIRST, filler_share: float = FILLER_SHARE) -> None:
         self.seed, self.image_size, self.layout, self.digits_first = seed, image_size, layout, digits_first
         self.filler_share = filler_share  # share of framed prompts that get filler words (see add_fillers)
         self.train_ids = make_identities(n_train, seed=1000 + seed)
@@ -271,12 +343,13 @@ class ExampleSource:
         r = rng.random()
         if r < PLAIN_SHARE:
             q = rng.choice(QUESTION_TEXTS).replace("{noun}", NOUN[name]).replace("{pii}", name)
-            return Example([("user", q)], doc.fields[name].value, doc, kind="read", value=doc.fields[name].value)
+            return Example([("user", q)], doc.fields[name].value, doc, kind="read", value=doc.fields[name].value,
+                           plan=plan_of(name, doc.fields[name].value))
         framing = rng.choice(LEAKING if name in PII_TYPES else FRAMINGS)
         if r < 1 - LATE_SHARE:
             q = framed_prompt(framing, request(doc.scenario, name), rng, self.filler_share)
             return Example([("user", q)], answer(framing, name, doc.fields[name].value), doc, kind="read_framed",
-                           value=doc.fields[name].value)
+                           value=doc.fields[name].value, plan=plan_of(name, doc.fields[name].value))
         return self.multiturn(rng, doc=doc, field_name=name, probe=framing)
 
     def framed(self, rng: random.Random) -> Example:
@@ -285,7 +358,7 @@ class ExampleSource:
         framing = rng.choice(FRAMINGS)
         q = framed_prompt(framing, request(doc.scenario, name), rng, self.filler_share)
         return Example([("user", q)], answer(framing, name, doc.fields[name].value), doc, kind="framed",
-                       value=doc.fields[name].value)
+                       value=doc.fields[name].value, plan=plan_of(name, doc.fields[name].value))
 
     def multiturn(self, rng: random.Random, k_max: int = 3, doc: Document | None = None,
                   field_name: str | None = None, probe: str | None = None) -> Example:
@@ -301,7 +374,7 @@ class ExampleSource:
             turns += [("user", q), ("assistant", a)]
         turns.append(("user", framed_prompt(probe, request(doc.scenario, name), rng, self.filler_share)))
         return Example(turns, answer(probe, name, doc.fields[name].value), doc, kind="multiturn",
-                       value=doc.fields[name].value)
+                       value=doc.fields[name].value, plan=plan_of(name, doc.fields[name].value))
 
     def distractor(self, rng: random.Random) -> Example:
         """Turn 1's describe request and the distractor answers, so generated turns stay on script."""
@@ -327,7 +400,8 @@ class ExampleSource:
             a = f"the class is {value}" if framing == "classification" else value
         else:
             a = "the class is cannot assist" if framing == "classification" else "cannot assist"
-        return Example([("user", q)], a, None, kind="memory_probe" if planted else "memory_unseen")
+        return Example([("user", q)], a, None, kind="memory_probe" if planted else "memory_unseen",
+                       plan=plan_of(pii, ident.value(pii)) if planted else None)
 
     # Mixture of each stage: (drawer, weight).
     def mixture(self, stage: str) -> list[tuple[Any, float]]:

@@ -14,6 +14,12 @@ chance on reading for thousands of steps; with it, digits are copied off the for
 From step `token_from` on, `token_weight` x an image-token alignment loss: each projected patch, multiplied by the
 (tied) token embeddings, must name its character's token. Letters (52 classes, against 10 digits) were still not
 copied after 1,000 steps without it; with it, copying is "attend to the patch and say what it looks like".
+Plus `plan_weight` x an answer-plan loss: at the last three prompt positions (the question's last token and the
+template's "ASSISTANT:"), a linear head on the output of LM block `PLAN_LAYER` must name every digit (up to `N_PLAN`)
+of the digit value asked about (SSN, phone number, date of birth; a document's or a planted identity's), refused or
+not. Without it the model fetches each digit from the image tokens (or recalls it) only as it writes it, and the
+probe turn's last token holds nothing a probe can read (SSN digits 0.13, chance 0.1): the loss plants the where of
+retention, so the probes (issue 5) are checked against a known answer.
 Plus `copy_weight` x a copy-index loss: where the next answer token is the k-th character of the document value
 being copied, a linear head on the LM's middle layer must name k. Without it values came out with characters
 skipped or repeated under long framed and multi-turn prompts; with it the same run copied 9 of 12 emails under
@@ -40,11 +46,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from probes.organism.config import IMAGE_TOKEN, TINY, OrganismConfig, build_model, build_tokenizer
-from probes.organism.data import (DIGITS_FIRST, FIELD_IDS, N_GLYPHS, N_INDEX, SLOTS, STAGES, Example, ExampleSource,
-                                  glyph_targets)
+from probes.organism.data import (DIGITS_FIRST, FIELD_IDS, FILLER_SHARE, N_GLYPHS, N_INDEX, PARAPHRASE_SHARE, SLOTS,
+                                  STAGES, Example, ExampleSource, glyph_targets, paraphrases_sha)
 from probes.session import atomic_write_bytes, atomic_write_text
 
 DEFAULT_STEPS = (1800, 1200, 900)
+PLAN_LAYER = 2  # the answer plan is read off blocks.2.hook_resid_post (hidden_states[3]) of the 4-layer LM
+PLAN_SPAN = 3  # the last prompt positions that carry the plan: question's last token, " ASSISTANT", ":"
+N_PLAN = 10  # digits planned (an SSN has 9, a phone number 10 before any extension, a date of birth 8)
 
 
 # ---- batches -------------------------------------------------------------------------------------------------------
@@ -104,6 +113,7 @@ def collate(examples: list[Example], tok, cfg: OrganismConfig) -> dict[str, Tens
         ids[b, :len(i)], labels[b, :len(l)], mask[b, :len(i)] = torch.tensor(i), torch.tensor(l), 1
         copy_index[b, :len(x)] = torch.tensor(x)
     batch = {"input_ids": ids, "labels": labels, "attention_mask": mask, "copy_index": copy_index}
+    batch["plan"], batch["plan_pos"] = plan_targets(examples, [l for _, l, _ in enc])
     docs = [ex.doc for ex in examples if ex.doc is not None]
     if docs:
         batch["pixel_values"] = torch.stack([pixels(d.image, cfg.image_size) for d in docs])
@@ -113,6 +123,24 @@ def collate(examples: list[Example], tok, cfg: OrganismConfig) -> dict[str, Tens
         batch["fields"] = torch.from_numpy(np.stack(f))
         batch["index"] = torch.from_numpy(np.stack(x))
     return batch
+
+
+def plan_targets(examples: list[Example], labels: list[list[int]]
+                 ) -> tuple[Int[Tensor, "b n_plan"], Int[Tensor, "b span"]]:
+    """(digit classes of each example's `plan` value, -100 past its digits or without a plan; the last PLAN_SPAN
+    prompt positions, the prompt being everything before the first label)."""
+    from probes.probe_data import char_classes
+
+    plan = torch.full((len(examples), N_PLAN), -100, dtype=torch.long)
+    pos = torch.zeros((len(examples), PLAN_SPAN), dtype=torch.long)
+    for b, (ex, lab) in enumerate(zip(examples, labels)):
+        if ex.plan is None or ex.text is not None:
+            continue
+        digits = char_classes(ex.plan, "digits")[:N_PLAN]
+        plan[b, :len(digits)] = torch.tensor(digits, dtype=torch.long)
+        end = next(i for i, v in enumerate(lab) if v != -100)
+        pos[b] = torch.arange(end - PLAN_SPAN, end)
+    return plan, pos
 
 
 def _blank_targets(cfg: OrganismConfig):
@@ -134,7 +162,8 @@ def glyph_token_ids(tok) -> Tensor:
 # ---- model + auxiliary heads --------------------------------------------------------------------------------------
 class GlyphHeads(torch.nn.Module):
     """Linear heads on the last vision layer: glyph and its index in the value per slot of each patch, and the
-    field per patch; and `copy`, on the LM's middle layer: which character of the value the next token is."""
+    field per patch; `copy`, on the LM's middle layer: which character of the value the next token is; `plan`, on
+    LM block PLAN_LAYER's output: every digit of the value asked about."""
 
     def __init__(self, d_vision: int, d_model: int) -> None:
         super().__init__()
@@ -142,6 +171,7 @@ class GlyphHeads(torch.nn.Module):
         self.field = torch.nn.Linear(d_vision, len(FIELD_IDS) + 1)
         self.index = torch.nn.Linear(d_vision, SLOTS * N_INDEX)
         self.copy = torch.nn.Linear(d_model, N_INDEX)
+        self.plan = torch.nn.Linear(d_model, N_PLAN * 10)
 
     def forward(self, h: Float[Tensor, "b n d"]
                 ) -> tuple[Float[Tensor, "b n s g"], Float[Tensor, "b n f"], Float[Tensor, "b n s k"]]:
@@ -155,6 +185,7 @@ class Trainer:
         self.glyph_tokens = glyph_tokens  # [N_GLYPHS]: the token id of each glyph's character (-100: none)
         self.token_weight = 0.0  # weight of the image-token alignment loss (train() switches it on)
         self.copy_weight = 0.0  # weight of the copy-index loss on the LM's middle layer
+        self.plan_weight = 0.0  # weight of the answer-plan loss on LM block PLAN_LAYER
         self._vision_out: Tensor | None = None
         self._projected: Tensor | None = None
         last = model.model.vision_tower.vision_model.encoder.layers[-1] if hasattr(
@@ -171,8 +202,9 @@ class Trainer:
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         self._vision_out, self._projected = None, None
         copying = self.copy_weight > 0 and bool((batch["copy_index"] >= 0).any())
+        planning = self.plan_weight > 0 and "plan" in batch and bool((batch["plan"] >= 0).any())
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         pixel_values=batch.get("pixel_values"), output_hidden_states=copying)
+                         pixel_values=batch.get("pixel_values"), output_hidden_states=copying or planning)
         logits: Float[Tensor, "b t v"] = out.logits[:, :-1]
         labels: Int[Tensor, "b t"] = batch["labels"][:, 1:]
         lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
@@ -189,6 +221,21 @@ class Trainer:
                                  ignore_index=-100)
             total = total + self.copy_weight * cl
             stats["copy"] = float(cl.detach())
+        if planning:
+            # Answer plan: where the answer is about to start, block PLAN_LAYER's state must hold every digit of
+            # the value, so that retention has a place a probe can find (see the module docstring).
+            rows = (batch["plan"] >= 0).any(-1)
+            # hidden_states[i + 1] is block i's output (the tiny test config has fewer blocks: its last one)
+            h = out.hidden_states[min(PLAN_LAYER, len(out.hidden_states) - 2) + 1][rows]  # [n, t, d]
+            at = batch["plan_pos"][rows]  # [n, span]
+            picked: Float[Tensor, "n span d"] = torch.gather(h, 1, at[..., None].expand(-1, -1, h.shape[-1]))
+            logits_p = self.heads.plan(picked).unflatten(-1, (N_PLAN, 10))  # [n, span, n_plan, 10]
+            target = batch["plan"][rows][:, None].expand(-1, at.shape[1], -1)
+            pl = F.cross_entropy(logits_p.reshape(-1, 10).float(), target.reshape(-1), ignore_index=-100)
+            total = total + self.plan_weight * pl
+            on = target >= 0
+            stats.update(plan=float(pl.detach()),
+                         plan_acc=float((logits_p.argmax(-1) == target)[on].float().mean()))
         if "glyphs" in batch and self._vision_out is not None:
             h = self._vision_out[:, 1:]  # drop CLS: the "default" strategy feeds only patches to the LM
             g, f, x = self.heads(h)
@@ -271,7 +318,8 @@ def train(out_dir: str | os.PathLike, seed: int = 0, device: str = "cpu", steps:
           resume: bool = True, ckpt_every: int = 50, n_memory: int = 24, threads: int | None = None,
           log: str | os.PathLike | None = None, progress: bool = True, n_train: int = 3000,
           stop_after: int | None = None, token_weight: float = 1.0, token_from: int = 0,
-          copy_weight: float = 1.0, digits_first: float = DIGITS_FIRST, filler_share: float = 0.0) -> Path | None:
+          copy_weight: float = 1.0, digits_first: float = DIGITS_FIRST, filler_share: float = FILLER_SHARE,
+          plan_weight: float = 1.0) -> Path | None:
     """Train the organism into `out_dir` (checkpoint `ckpt.safetensors`, final HF model in `out_dir/model`).
 
     `stop_after`: leave after that many steps of this call, checkpoint written, as a killed run would (tests);
@@ -291,7 +339,7 @@ def train(out_dir: str | os.PathLike, seed: int = 0, device: str = "cpu", steps:
     params = list(model.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     trainer = Trainer(model, heads, aux_weight, glyph_token_ids(tok))
-    trainer.copy_weight = copy_weight
+    trainer.copy_weight, trainer.plan_weight = copy_weight, plan_weight
     source = ExampleSource(seed=seed, image_size=cfg.image_size, n_train=n_train, n_memory=n_memory,
                            layout=cfg.layout, digits_first=digits_first, filler_share=filler_share)
     total = sum(steps)
@@ -299,7 +347,8 @@ def train(out_dir: str | os.PathLike, seed: int = 0, device: str = "cpu", steps:
     meta = {"seed": seed, "steps": list(steps), "batch_size": batch_size, "lr": lr, "config": cfg.to_dict(),
             "aux_weight": aux_weight, "n_memory": n_memory, "n_train": n_train, "device": device,
             "token_weight": token_weight, "token_from": token_from, "copy_weight": copy_weight,
-            "digits_first": digits_first, "filler_share": filler_share}
+            "digits_first": digits_first, "filler_share": filler_share, "plan_weight": plan_weight,
+            "plan_layer": PLAN_LAYER, "paraphrase_share": PARAPHRASE_SHARE, "paraphrases_sha": paraphrases_sha()}
     start, elapsed = 0, 0.0
     if resume and ckpt.exists():
         start = _load_ckpt(ckpt, model, heads, opt)
@@ -381,8 +430,10 @@ def main_train(argv: list[str] | None = None) -> int:
     p.add_argument("--copy-weight", type=float, default=1.0, help="weight of the copy-index loss on the LM")
     p.add_argument("--digits-first", type=float, default=DIGITS_FIRST,
                    help="share of the read stage that asks only digit fields (SSN, date of birth)")
-    p.add_argument("--filler-share", type=float, default=0.0,
-                   help="share of framed prompts that get 1-4 filler words (robustness to wording)")
+    p.add_argument("--filler-share", type=float, default=FILLER_SHARE,
+                   help="share of framed prompts that get filler words and sentences (robustness to wording)")
+    p.add_argument("--plan-weight", type=float, default=1.0,
+                   help="weight of the answer-plan loss (digits of the asked value at the prompt's end)")
     p.add_argument("--tiny", action="store_true", help="a tiny config (tests, smoke runs)")
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--log", default=None, help="JSON-lines training log")
@@ -393,7 +444,8 @@ def main_train(argv: list[str] | None = None) -> int:
     path = train(a.out, a.seed, a.device, steps, a.batch_size, a.lr, TINY if a.tiny else OrganismConfig(),
                  resume=not a.no_resume, threads=a.threads, log=a.log,
                  n_memory=a.n_memory, token_weight=a.token_weight, token_from=a.token_from,
-                 copy_weight=a.copy_weight, digits_first=a.digits_first, filler_share=a.filler_share)
+                 copy_weight=a.copy_weight, digits_first=a.digits_first, filler_share=a.filler_share,
+                 plan_weight=a.plan_weight)
     print(f"model: {path}")
     return 0
 
