@@ -80,24 +80,26 @@ def _sweep(loaded, sessions, workdir: Path, name: str, positions: str, groups, c
                        model="organism", n_boot=500), blocks, store
 
 
+def _last_token_digits(store, turn: int, layer: int):
+    """(X [n, d] at the last token of `turn` at `layer`, SSN digit targets [n, 9], identity ids [n]) of a store."""
+    X, meta = store.query("hook_resid_post", layers=[layer], last_of_turn=True, turn=turn)
+    y, _, ids = session_targets(store.sessions(), "digits")
+    rows = pd.Series(np.arange(len(ids)), index=ids)[meta["session_id"]].to_numpy()
+    return X[:, 0], y[rows], meta["identity_id"].to_numpy()
+
+
 def _transfer_digit_acc(train, train_turn: int, test, test_turn: int, layer: int) -> float:
     """Per-digit accuracy on `test`'s sessions (last token of `test_turn`) of logreg probes fitted on every session
     of `train` (last token of `train_turn`, C by grouped CV over its identities) at `layer`: the identities of the
     two stores are disjoint, so every test identity is held out."""
     from probes.linear import fit_probes
 
-    def xy(store, turn):
-        X, meta = store.query("hook_resid_post", layers=[layer], last_of_turn=True, turn=turn)
-        y, _, ids = session_targets(store.sessions(), "digits")
-        rows = pd.Series(np.arange(len(ids)), index=ids)[meta["session_id"]].to_numpy()
-        return X[:, 0].float(), y[rows], meta["identity_id"].to_numpy()
-
-    Xa, ya, groups = xy(train, train_turn)
-    Xb, yb, _ = xy(test, test_turn)
+    Xa, ya, groups = _last_token_digits(train, train_turn, layer)
+    Xb, yb, _ = _last_token_digits(test, test_turn, layer)
     accs = []
     for k in range(ya.shape[1]):
-        fit = fit_probes(Xa[None], torch.as_tensor(ya[:, k]), groups, n_classes=10)
-        accs.append(float((fit.predict(Xb[None])[0].numpy() == yb[:, k]).mean()))
+        fit = fit_probes(Xa.float()[None], torch.as_tensor(ya[:, k]), groups, n_classes=10)
+        accs.append(float((fit.predict(Xb.float()[None])[0].numpy() == yb[:, k]).mean()))
     return float(np.mean(accs))
 
 
@@ -158,20 +160,20 @@ def organism(model_dir: Path, n: int, seed: int, out: Path) -> dict[str, float]:
         block = next(b for b in blocks if (b.cells["position_group"] == "last").any())
         tm = transfer_matrix(block, session_targets(store.sessions(), "digits"), model="organism")
         # Erasure: LEACE of the SSN digits, fitted on the probe turn's last token at the best layer.
-        X, qmeta = store.query("hook_resid_post", layers=[layer], last_of_turn=True, turn=probe_turn)
-        y, _, ids = session_targets(store.sessions(), "digits")
-        rows = pd.Series(np.arange(len(ids)), index=ids)[qmeta["session_id"]].to_numpy()
-        eraser = fit_leace(X[:, 0].double(), y[rows], 10)
+        X, y, _ = _last_token_digits(store, probe_turn, layer)
+        eraser = fit_leace(X.double(), y, 10)
         # Where the probe looked (the prompt's last PLAN_SPAN positions, then every generated token), and, for
         # comparison, at every position (image tokens included: unspecific, see probes/erasure.py).
         hook = f"blocks.{layer}.hook_resid_post"
-        eff = pd.concat([erasure_effect(loaded, ctx, hook, eraser, seed=seed, last=PLAN_SPAN),
-                         erasure_effect(loaded, ctx, hook, eraser, seed=seed)])
-        for where, suffix in ((f"last {PLAN_SPAN} + generated", ""), ("all", "_all_positions")):
-            asr = eff[(eff.metric == "ASR") & (eff.positions == where)].set_index("method")["value"]
-            figs["organism_asr_no_erasure"] = float(asr["none"])
+        effects = []
+        for last, suffix in ((PLAN_SPAN, ""), (None, "_all_positions")):
+            eff = erasure_effect(loaded, ctx, hook, eraser, seed=seed, last=last)
+            asr = eff[eff.metric == "ASR"].set_index("method")["value"]
             figs[f"organism_erasure_asr_drop{suffix}"] = float(asr["none"] - asr["leace"])
             figs[f"random_subspace_asr_drop{suffix}"] = float(asr["none"] - asr["random_subspace"])
+            effects.append(eff)
+        figs["organism_asr_no_erasure"] = float(asr["none"])
+        eff = pd.concat(effects)
 
         memory_people = make_identities(int(meta["n_memory"]), seed=2000 + int(meta["seed"]))
         mem = memory_probe_sessions(memory_people, pii_types=["SSN"])

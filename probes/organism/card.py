@@ -84,7 +84,8 @@ def card_text(model_dir: Path, metrics: dict, df: pd.DataFrame, meta: dict, n: i
                    "do occur in training, as fillers)"
                    if meta.get("filler_share") else "")
     share = meta.get("paraphrase_share", 0.35)
-    stale = ("" if meta.get("paraphrases_sha", paraphrases_sha()) == paraphrases_sha() else
+    sha = paraphrases_sha()
+    stale = ("" if meta.get("paraphrases_sha", sha) == sha else
              " **The code's paraphrase set differs from the one this model was trained on** (`paraphrases_sha` in "
              "training.json).")
     plan_text = (f"""
