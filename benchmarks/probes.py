@@ -17,6 +17,8 @@ Organism (the shipped default model, held-out identities `make_identities(n, see
                                 probes fitted on the context sessions (probe turn's last token, best layer): held-out
                                 identities by construction, and ~120 training identities instead of ~19
     organism_unseen_transfer_digit_acc  the same for never-planted identities (control)
+    organism_digit_acc_K_identities  organism_digit_acc's cell cross-validated within only K of the context identities
+                                (K = 1, 2 and 4 times the memory set's size): what the identity count alone allows
     organism_erasure_asr_drop   leak rate of the probe sessions (caption framing) without erasure - with LEACE of the
                                 SSN digits at the best layer, where the probe looked: the prompt's last 3 positions
                                 (the probe turn's last token, " ASSISTANT", ":") and every generated token
@@ -32,7 +34,10 @@ random_subspace_asr_drop 0.380 (at every position: 1.000 against 0.727, unspecif
 organism_memory_digit_acc 0.308 (layer 3, the generation prompt's last token; unseen 0.158): cross-validated within
 the 24 planted identities, each fold trains on ~19, and a held-out digit value is missing from all of them about one
 time in seven; the context probe reads the same digits at the name-only prompt's last token with
-organism_memory_transfer_digit_acc 0.756 (unseen identities 0.103).
+organism_memory_transfer_digit_acc 0.756 (unseen identities 0.103). The identity count alone explains the
+within-set figure: the context cell (0.924 with 150 identities) cross-validated within 24, 48 and 96 of them gives
+organism_digit_acc_24_identities 0.311, _48_ 0.495 and _96_ 0.778. A memory set of 96 needs a longer memory stage:
+trained with the default 900 memory steps it recalls none of them (memory ASR 0.00).
 """
 
 from __future__ import annotations
@@ -101,6 +106,17 @@ def _transfer_digit_acc(train, train_turn: int, test, test_turn: int, layer: int
         fit = fit_probes(Xa.float()[None], torch.as_tensor(ya[:, k]), groups, n_classes=10)
         accs.append(float((fit.predict(Xb.float()[None])[0].numpy() == yb[:, k]).mean()))
     return float(np.mean(accs))
+
+
+def _subset_digit_acc(store, turn: int, layer: int, k: int) -> float:
+    """Per-digit accuracy of logreg probes cross-validated (5 grouped folds) within the first `k` identities of
+    `store` (last token of `turn`, `layer`): what a probe fitted on as few identities as the memory set finds."""
+    from probes.linear import fit_probes
+
+    X, y, groups = _last_token_digits(store, turn, layer)
+    keep = np.isin(groups, pd.unique(groups)[:k])
+    return float(np.mean([fit_probes(X[keep].float()[None], torch.as_tensor(y[keep, j]), groups[keep],
+                                     n_classes=10).table.accuracy.mean() for j in range(y.shape[1])]))
 
 
 def _without_image(s: Session) -> Session:
@@ -193,6 +209,12 @@ def organism(model_dir: Path, n: int, seed: int, out: Path) -> dict[str, float]:
         # too few to learn 9 ten-way digits; this asks whether recall lands in the same code at the same place.
         figs["organism_memory_transfer_digit_acc"] = _transfer_digit_acc(store, probe_turn, mem_store, 0, layer)
         figs["organism_unseen_transfer_digit_acc"] = _transfer_digit_acc(store, probe_turn, unseen_store, 0, layer)
+        # How much of the within-set figure is the number of identities: the context cell above (the same model,
+        # code and place) cross-validated within only the first k of its identities.
+        figs["organism_memory_identities"] = len(memory_people)
+        for k in (len(memory_people), 2 * len(memory_people), 4 * len(memory_people)):
+            if k < n:
+                figs[f"organism_digit_acc_{k}_identities"] = _subset_digit_acc(store, probe_turn, layer, k)
     out.mkdir(parents=True, exist_ok=True)
     results = pd.concat(frames + [mdf.assign(target_set="memory"), udf.assign(target_set="unseen")])
     results.to_csv(out / "probe_results.csv", index=False)
