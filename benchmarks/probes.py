@@ -94,30 +94,29 @@ def _last_token_digits(store, turn: int, layer: int):
     return X[:, 0], y[rows], meta["identity_id"].to_numpy()
 
 
+def _digit_fits(X, y, groups):
+    """Logreg probes of every digit at once: the digits are the cells of one batched fit (C by grouped CV)."""
+    from probes.linear import fit_probes
+
+    return fit_probes(X.float()[None].expand(y.shape[1], -1, -1), torch.as_tensor(y.T), groups, n_classes=10)
+
+
 def _transfer_digit_acc(train, train_turn: int, test, test_turn: int, layer: int) -> float:
     """Per-digit accuracy on `test`'s sessions (last token of `test_turn`) of logreg probes fitted on every session
     of `train` (last token of `train_turn`, C by grouped CV over its identities) at `layer`: the identities of the
     two stores are disjoint, so every test identity is held out."""
-    from probes.linear import fit_probes
-
     Xa, ya, groups = _last_token_digits(train, train_turn, layer)
     Xb, yb, _ = _last_token_digits(test, test_turn, layer)
-    accs = []
-    for k in range(ya.shape[1]):
-        fit = fit_probes(Xa.float()[None], torch.as_tensor(ya[:, k]), groups, n_classes=10)
-        accs.append(float((fit.predict(Xb.float()[None])[0].numpy() == yb[:, k]).mean()))
-    return float(np.mean(accs))
+    pred = _digit_fits(Xa, ya, groups).predict(Xb.float()[None].expand(ya.shape[1], -1, -1)).numpy()
+    return float((pred == yb.T).mean())
 
 
 def _subset_digit_acc(store, turn: int, layer: int, k: int) -> float:
     """Per-digit accuracy of logreg probes cross-validated (5 grouped folds) within the first `k` identities of
     `store` (last token of `turn`, `layer`): what a probe fitted on as few identities as the memory set finds."""
-    from probes.linear import fit_probes
-
     X, y, groups = _last_token_digits(store, turn, layer)
     keep = np.isin(groups, pd.unique(groups)[:k])
-    return float(np.mean([fit_probes(X[keep].float()[None], torch.as_tensor(y[keep, j]), groups[keep],
-                                     n_classes=10).table.accuracy.mean() for j in range(y.shape[1])]))
+    return float(_digit_fits(X[keep], y[keep], groups[keep]).table.accuracy.mean())
 
 
 def _without_image(s: Session) -> Session:
