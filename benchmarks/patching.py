@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--device", default=None, help="e.g. cuda (default: CPU)")
     ap.add_argument("--organism", default=None, help="a trained model directory: write its patching figures")
     ap.add_argument("--out", default="results/patching_organism", help="output directory for --organism")
-    ap.add_argument("--n", type=int, default=8, help="identities for --organism")
+    ap.add_argument("--n", type=int, default=24, help="identities (= pairs) for --organism")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.organism:
@@ -155,7 +155,7 @@ def organism_sessions(model_dir: str | os.PathLike, image_dir: str | os.PathLike
     return mmp, multi
 
 
-def organism_figures(model_dir: str | os.PathLike, out_dir: str | os.PathLike, n: int = 8, seed: int = 0,
+def organism_figures(model_dir: str | os.PathLike, out_dir: str | os.PathLike, n: int = 24, seed: int = 0,
                      experiments=("denoise", "noise", "atp", "taskswap", "knockout"), batch_size: int = 16,
                      n_boot: int = 1000) -> dict[str, pd.DataFrame]:
     """Every patching experiment on the organism at `model_dir`, each into `out_dir/<experiment>/` (CSV rows,
@@ -190,6 +190,20 @@ def organism_headlines(loaded, rows: dict[str, pd.DataFrame], sessions, out_dir:
     cells = swap.groupby(["layer", "component", "position_group"])["value"].mean().sort_values()
     (layer, component, group), best = cells.index[-1], float(cells.iloc[-1])
     print(f"organism_taskswap_max_effect: {best:.3f}  # layer {layer} {component} at {group}")
+    # The same map read two more ways. Pooled: one ratio of summed changes per cell, which a pair whose clean and
+    # corrupt runs nearly agree (a span of a fraction of a logit) cannot blow up as it does a mean of ratios.
+    # Back: the refusing framing patched into the leaking one (noising), effect = 1 - score.
+    ld = rows["taskswap"][(rows["taskswap"]["direction"] == "denoise") & (rows["taskswap"]["metric"] == "logit_diff")]
+    sums = ld.assign(num=ld["value"] - ld["corrupt"], den=ld["clean"] - ld["corrupt"]).groupby(
+        ["layer", "component", "position_group"])[["num", "den"]].sum()
+    ratio = (sums["num"] / sums["den"]).sort_values()
+    print(f"organism_taskswap_max_effect_pooled: {float(ratio.iloc[-1]):.3f}  # layer {ratio.index[-1][0]} "
+          f"{ratio.index[-1][1]} at {ratio.index[-1][2]}")
+    back = rows["taskswap"][(rows["taskswap"]["direction"] == "noise")
+                            & (rows["taskswap"]["metric"] == "score_logit_diff")]
+    back = (1 - back.groupby(["layer", "component", "position_group"])["value"].mean()).sort_values()
+    print(f"organism_taskswap_max_effect_back: {float(back.iloc[-1]):.3f}  # layer {back.index[-1][0]} "
+          f"{back.index[-1][1]} at {back.index[-1][2]}")
     # That cell alone, patched while the refusing framing's prompt is read; the answer is then generated freely.
     check = generation_check(loaded, sessions, [Cell(int(layer), component, group)], progress=False)
     check.to_csv(out_dir / "generation_check.csv", index=False)
