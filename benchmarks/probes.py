@@ -26,19 +26,16 @@ Organism (the shipped default model, held-out identities `make_identities(n, see
     ..._all_positions           both at every position (image tokens included)
 Results (tidy CSV) and figures (heatmap, retention curves, transfer matrix) go to --out.
 
-Measured on the shipped checkpoint (n 150, seed 0; 683 s on one thread beside other jobs), which writes the SSN
-out at the probe turn (organism_asr_no_erasure 1.00): organism_digit_acc 0.924 (layer 2, where the answer plan was
-planted; chance 0.1), organism_selectivity 0.798, controls 0.12-0.14 (no image 0.130, shuffled image 0.121, random
-init 0.144). Erasure at layer 2 where the probe looked: organism_erasure_asr_drop 0.993 against
-random_subspace_asr_drop 0.380 (at every position: 1.000 against 0.727, unspecific). Parametric memory:
-organism_memory_digit_acc 0.308 (layer 3, the generation prompt's last token; unseen 0.158): cross-validated within
-the 24 planted identities, each fold trains on ~19, and a held-out digit value is missing from all of them about one
-time in seven; the context probe reads the same digits at the name-only prompt's last token with
-organism_memory_transfer_digit_acc 0.756 (unseen identities 0.103). The identity count alone explains the
-within-set figure: the context cell (0.924 with 150 identities) cross-validated within 24, 48 and 96 of them gives
-organism_digit_acc_24_identities 0.311, _48_ 0.495 and _96_ 0.778. A memory set of 96 needs a longer memory stage:
-trained with the default 900 memory steps a model recalls none of them (memory ASR 0.00); with 3000 it recalls 0.85
-and the within-set probe reads 0.65 (layer 2, last token; not the shipped model, see the README's status).
+Measured on the shipped checkpoint (n 150, seed 0, --threads 2; 471 s), which writes the SSN out at the probe turn
+(organism_asr_no_erasure 0.993): organism_digit_acc 0.916 (layer 2, where the answer plan was planted; chance 0.1),
+organism_selectivity 0.787, controls 0.13-0.14 (no image 0.129, shuffled image 0.126, random init 0.144). Erasure
+at layer 2 where the probe looked: organism_erasure_asr_drop 0.993 against random_subspace_asr_drop 0.320 (at every
+position: 0.993 against 0.620). Parametric memory, within the 96 planted identities: organism_memory_digit_acc
+0.652 (layer 2, the name-only prompt's last token; unseen 0.118); the context probe reads the same digits there
+with organism_memory_transfer_digit_acc 0.747 (unseen identities 0.110); organism_digit_acc_96_identities 0.753.
+Why 96 planted identities: a within-set probe's folds train on 4/5 of the memory set, and the identity count alone
+caps it. On the earlier 24-identity model the memory cell read 0.308, and the context cell cross-validated within
+24, 48 and 96 of its identities read 0.311, 0.495 and 0.778 (organism_digit_acc_K_identities).
 """
 
 from __future__ import annotations
