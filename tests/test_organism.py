@@ -280,8 +280,10 @@ def test_trainer_adds_the_plan_loss_only_where_a_value_is_asked(tiny_parts):
 def test_default_model_keeps_the_asked_ssn_where_it_was_planted(tmp_path):
     """Ground truth for the probes (issue 5): the shipped model was trained to hold the digits of the value it is
     asked about at the prompt's end (train.py's answer plan, block PLAN_LAYER). After 3 distractor turns a ridge
-    probe on held-out identities reads the SSN there, well above chance, and far better than at the last
-    distractor question, where nothing has asked for it (what is left there fades from turn 1 on; not planted)."""
+    probe on held-out identities reads the SSN there, well above chance and well above the control task (each
+    identity a fixed random label), and the prompt's final token before block 0 (the same token in every session)
+    holds nothing. What the distractor turns keep is a finding, not planted, so it is not asserted here: the
+    24-identity model let it fade, the 96-identity one keeps it (README, issue 5)."""
     from probes import capture
     from probes.identities import make_identities
     from probes.loading import load_model
@@ -295,10 +297,13 @@ def test_default_model_keeps_the_asked_ssn_where_it_was_planted(tmp_path):
                                   reshow=(False,), framing_pairs=(("caption", "caption"),), pii_types=("SSN",),
                                   size=96, layout="grid")
     probe_turn = int(sessions[0].labels["probe_turn"])
-    store = capture(loaded, sessions, str(tmp_path / "store"), positions=f"last:{probe_turn}+last:{probe_turn - 2}",
-                    layers=[PLAN_LAYER], progress=False)
-    df = probe_sweep(probe_cells(store, ["last"]), session_targets(store.sessions(), "digits"), method="ridge",
-                     n_boot=20, model="organism")
-    acc = df[df.metric == "char_accuracy"].set_index("turn")["value"]
-    assert acc[probe_turn] >= 0.4, acc.to_dict()  # chance 0.1
-    assert acc[probe_turn] - acc[probe_turn - 2] >= 0.2, acc.to_dict()
+    store = capture(loaded, sessions, str(tmp_path / "store"), positions=f"last:{probe_turn}", progress=False,
+                    hooks=["blocks.0.hook_resid_pre", f"blocks.{PLAN_LAYER}.hook_resid_post"])
+    blocks = probe_cells(store, ["last"]) + probe_cells(store, ["last"], kind="hook_resid_pre")
+    df = probe_sweep(blocks, session_targets(store.sessions(), "digits"), method="ridge", n_boot=20, model="organism")
+    df = df[(df.turn == probe_turn) & (df.target == "digits")]
+    at = df.set_index(["hook", "layer", "metric"])["value"]
+    plan, embed = ("hook_resid_post", PLAN_LAYER), ("hook_resid_pre", 0)
+    assert at[(*plan, "char_accuracy")] >= 0.4, at.to_dict()  # chance 0.1
+    assert at[(*plan, "selectivity")] >= 0.2, at.to_dict()
+    assert at[(*embed, "char_accuracy")] <= 0.2, at.to_dict()
