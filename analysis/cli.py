@@ -5,7 +5,7 @@
     mmret sessions build --kind mmprivacy|multiturn|memory --out S.jsonl [--n 20] [--seed 0]
     mmret sessions load-mmprivacy DIR --out S.jsonl [--part direct|memory] [--framings caption,direct]
     mmret leak --model M --sessions S.jsonl --out DIR
-    mmret probe --store DIR --target digits --out DIR [--positions last,image,final] [--method logreg]
+    mmret probe --store DIR --target digits --out DIR [--positions last,image,final] [--method logreg] [--mdl]
     mmret patch --model M --sessions S.jsonl --experiment denoise|noise|atp|taskswap|knockout --out DIR
     mmret organism train --out RUN [--seed 0] [--device cuda]
     mmret tiny --family llava --out DIR          (a tiny random-initialised checkpoint, for trying things out)
@@ -130,7 +130,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     df = run_probes(args.store, args.out, target=args.target, position_groups=_csv(args.positions),
                     turns=[int(t) for t in _csv(args.turns)] if args.turns else None, layers=_layers(args.layers),
                     method=args.method, pii_type=args.pii_type, group_col=args.group_by, n_folds=args.folds,
-                    seed=args.seed, control=args.control, n_boot=args.n_boot)
+                    seed=args.seed, control=args.control, n_boot=args.n_boot, mdl=args.mdl)
     metric = main_metric(df)
     best = df[df["metric"] == metric].sort_values("value").iloc[-1]
     print(f"{df[['layer', 'position_group', 'turn']].drop_duplicates().shape[0]} cells; best {metric} "
@@ -261,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--control", default="none", help="name of this store's control condition in the results")
     pr.add_argument("--n-boot", type=int, default=1000)
+    pr.add_argument("--mdl", action="store_true", help="also the online code (MDL): codelength and compression")
     pr.set_defaults(func=cmd_probe)
 
     pa = sub.add_parser("patch", help="activation patching: exact, attribution, task swap, attention knockout")

@@ -17,6 +17,11 @@ Organism (the shipped default model, held-out identities `make_identities(n, see
                                 probes fitted on the context sessions (probe turn's last token, best layer): held-out
                                 identities by construction, and ~120 training identities instead of ~19
     organism_unseen_transfer_digit_acc  the same for never-planted identities (control)
+    organism_compression        online code (MDL, probes.mdl) of the 9 digits at organism_digit_acc's cell: uniform
+                                code / online code (1 = nothing learnt); organism_control_compression: the
+                                control task's labels at the same cell
+    organism_memory_compression the same at the name-only prompt's last token (memory set; best memory layer), and
+                                organism_memory_control_compression
     organism_digit_acc_K_identities  organism_digit_acc's cell cross-validated within only K of the context identities
                                 (K = 1, 2 and 4 times the memory set's size): what the identity count alone allows
     organism_erasure_asr_drop   leak rate of the probe sessions (caption framing) without erasure - with LEACE of the
@@ -33,6 +38,8 @@ at layer 2 where the probe looked: organism_erasure_asr_drop 0.993 against rando
 position: 0.993 against 0.620). Parametric memory, within the 96 planted identities: organism_memory_digit_acc
 0.652 (layer 2, the name-only prompt's last token; unseen 0.118); the context probe reads the same digits there
 with organism_memory_transfer_digit_acc 0.747 (unseen identities 0.110); organism_digit_acc_96_identities 0.753.
+Online code (MDL): organism_compression 1.752 against organism_control_compression 0.957; at the memory cell
+organism_memory_compression 1.161 against 0.914 (96 identities: the online code pays for its small first blocks).
 Why 96 planted identities: a within-set probe's folds train on 4/5 of the memory set, and the identity count alone
 caps it. On the earlier 24-identity model the memory cell read 0.308, and the context cell cross-validated within
 24, 48 and 96 of its identities read 0.311, 0.495 and 0.778 (organism_digit_acc_K_identities).
@@ -62,7 +69,7 @@ from probes.identities import make_identities  # noqa: E402
 from probes.organism.evaluate import training_meta  # noqa: E402
 from probes.organism.train import PLAN_SPAN  # noqa: E402
 from probes.probe_data import probe_cells, session_targets  # noqa: E402
-from probes.probing import probe_sweep, transfer_matrix  # noqa: E402
+from probes.probing import control_labels, probe_sweep, transfer_matrix  # noqa: E402
 from probes.session import Session, Turn  # noqa: E402
 from probes.sessions_build import memory_probe_sessions, multiturn_sessions  # noqa: E402
 
@@ -96,6 +103,19 @@ def _digit_fits(X, y, groups):
     from probes.linear import fit_probes
 
     return fit_probes(X.float()[None].expand(y.shape[1], -1, -1), torch.as_tensor(y.T), groups, n_classes=10)
+
+
+def _digit_compression(X, y, groups, seed: int) -> tuple[float, float]:
+    """Online code (MDL) of the 9 SSN digits at one cell, the digits as the cells of one batched call: compression
+    (uniform code / online code, summed over the digits) of the real digits and of the control task's labels."""
+    from probes.mdl import online_codelength
+
+    out = []
+    for labels in (y, control_labels(y, groups, 10, seed)):
+        code = online_codelength(X.float()[None].expand(y.shape[1], -1, -1), torch.as_tensor(labels.T), groups,
+                                 n_classes=10, seed=seed)
+        out.append(float(code["uniform_bits"].sum() / code["online_bits"].sum()))
+    return out[0], out[1]
 
 
 def _transfer_digit_acc(train, train_turn: int, test, test_turn: int, layer: int) -> float:
@@ -156,6 +176,8 @@ def organism(model_dir: Path, n: int, seed: int, out: Path) -> dict[str, float]:
         figs["organism_best_layer"] = layer
         sel = _cell(real, "selectivity", position_group="last", turn=probe_turn, layer=layer, target="digits")
         figs["organism_selectivity"] = float(sel["value"].iloc[0])
+        X, y, ids = _last_token_digits(store, probe_turn, layer)
+        figs["organism_compression"], figs["organism_control_compression"] = _digit_compression(X, y, ids, seed)
         frames = [real]
         for control, sessions in (("no_image", [_without_image(s) for s in ctx]), ("shuffled_image", _shuffled(ctx))):
             df, _, _ = _sweep(loaded, sessions, work, control, "last:*", ["last"], control, seed)
@@ -205,6 +227,9 @@ def organism(model_dir: Path, n: int, seed: int, out: Path) -> dict[str, float]:
         # token, best layer) at the name-only prompt's last token: with 24 memory identities a fold trains on ~19,
         # too few to learn 9 ten-way digits; this asks whether recall lands in the same code at the same place.
         figs["organism_memory_transfer_digit_acc"] = _transfer_digit_acc(store, probe_turn, mem_store, 0, layer)
+        X, y, ids = _last_token_digits(mem_store, 0, int(mbest["layer"]))  # the name-only prompt's last token
+        figs["organism_memory_compression"], figs["organism_memory_control_compression"] = _digit_compression(
+            X, y, ids, seed)
         figs["organism_unseen_transfer_digit_acc"] = _transfer_digit_acc(store, probe_turn, unseen_store, 0, layer)
         # How much of the within-set figure is the number of identities: the context cell above (the same model,
         # code and place) cross-validated within only the first k of its identities.

@@ -450,12 +450,14 @@ PROBES = [
 
     What to expect: the default model was trained to hold the digits of the value it is asked about at the end of
     the prompt (its card's "answer plan": LM block 2, the question's last token and the template's "ASSISTANT:").
-    That is the ground truth here: in the SSN sessions the digits should be decodable at the last token of turn 6
-    and of the generation prompt (turn 7) from layer 2 on, and near chance at turns 0-5, before anything asks for
-    them, although the document has been in the context since turn 0 (the model reads it back through the KV cache
-    when asked). Half of the sessions here ask for the email, whose answer plan holds no SSN, and with 16 people
-    the intervals are wide; `benchmarks/probes.py` runs the sweep on 150 identities with image-free,
-    shuffled-image and random-model controls.
+    That is the ground truth, but here only half of the sessions ask for the SSN at turn 6: the other half ask for
+    the email, whose plan holds no SSN, so at turns 6 and 7 the digits are readable in half the sessions at most.
+    What was not planted is what this model does at the end of every user turn since the document (turns 0, 2 and
+    4: the neutral request and the two distractor questions): at layers 1-3 it keeps the SSN digits there, above
+    the chance level, while the assistant replies' last tokens (turns 1, 3, 5) and layer 0 hold next to nothing.
+    With 16 people the intervals are wide and chance (the share of the most common digit) is well above 0.1;
+    `benchmarks/probes.py` runs the sweep on 150 identities, every session asking for the SSN, with image-free,
+    shuffled-image and random-model controls (0.92 per digit at the probe turn, layer 2).
     """),
     code("""
     from analysis.figures import plot_retention_curves

@@ -251,14 +251,8 @@ def _fit_chunk(X: Float[Tensor, "c n d"], Y: Int[Tensor, "c n"], K: int, train_m
     train_masks [fold + 1, n]: the folds' training parts and, last, all examples ('problem' q indexes these)."""
     c, n, d = X.shape
     F = train_masks.shape[0] - 1
-    centre = X.mean(1)  # fold statistics of centred data are numerically safe even for large-mean features
-    X = X - centre[:, None]
-    M = train_masks.to(X.dtype)  # [q, n]
+    X, centre, M, mean, std = _standardisation(X, train_masks)
     n_q = M.sum(1)
-    mean = torch.einsum("qn,cnd->cqd", M, X) / n_q[:, None]
-    var = torch.einsum("qn,cnd->cqd", M, X * X) / n_q[:, None] - mean**2
-    std = var.clamp_min(0).sqrt()
-    std = torch.where(std > 1e-6 * std.amax(-1, keepdim=True).clamp_min(1e-12), std, torch.ones_like(std))  # constant
     Y1h = torch.nn.functional.one_hot(Y, K).to(X.dtype)  # [c, n, K]
     class_ok = torch.einsum("qn,cnk->cqk", M, Y1h) > 0  # [c, q, K]: classes present in each training part
     test_masks = torch.stack([fold_of == f for f in range(F)])
@@ -301,6 +295,20 @@ def _fit_chunk(X: Float[Tensor, "c n d"], Y: Int[Tensor, "c n"], K: int, train_m
             "bias": br[:, 0] - torch.einsum("cd,cdk->ck", centre, Wr[:, 0]),
             "mean": mean[:, F] + centre, "std": std[:, F], "oof": oof, "fold_weights": Wfr,
             "fold_bias": bfr - torch.einsum("cd,cfdk->cfk", centre, Wfr)}
+
+
+def _standardisation(X: Float[Tensor, "c n d"], train_masks: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """X centred per cell, the centre [c, d], the training masks as weights M [q, n], and each training part's
+    feature mean and std [c, q, d] of the centred data (a constant feature gets std 1)."""
+    centre = X.mean(1)  # fold statistics of centred data are numerically safe even for large-mean features
+    X = X - centre[:, None]
+    M = train_masks.to(X.dtype)  # [q, n]
+    n_q = M.sum(1)
+    mean = torch.einsum("qn,cnd->cqd", M, X) / n_q[:, None]
+    var = torch.einsum("qn,cnd->cqd", M, X * X) / n_q[:, None] - mean**2
+    std = var.clamp_min(0).sqrt()
+    std = torch.where(std > 1e-6 * std.amax(-1, keepdim=True).clamp_min(1e-12), std, torch.ones_like(std))  # constant
+    return X, centre, M, mean, std
 
 
 def _best(acc: Float[Tensor, "c fold C"]) -> Int[Tensor, "c"]:

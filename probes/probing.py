@@ -13,7 +13,8 @@ mean per-character accuracy and the whole-string exact match of the held-out pre
 Rows (the shared result vocabulary): model, hook, layer, position_group, turn, turn_distance, target, probe,
 control, metric, value, ci_low, ci_high, n. Metrics: accuracy, chance, control_accuracy, selectivity (per target
 column and, for strings, `char_accuracy` and `exact_match` over all columns); CIs are 95% bootstrap intervals over
-identities of the held-out correctness.
+identities of the held-out correctness. With `mdl=True` also the online code (Voita & Titov 2020, `probes.mdl`):
+`online_codelength` (bits), `compression` and `control_compression` (uniform code / online code; no CI).
 
 Other controls (the same probe on sessions without the image, with shuffled images, or on a random-initialised
 copy of the model) are other stores: run the sweep on each with `control=` set, and concatenate.
@@ -30,6 +31,7 @@ import torch
 
 from analysis.stats import cluster_bootstrap
 from probes.linear import fit_probes, grouped_folds
+from probes.mdl import online_codelength
 from probes.probe_data import CellBlock, ProbeDataError
 
 RESULT_COLUMNS = ["model", "hook", "layer", "position_group", "turn", "turn_distance", "target", "probe", "control",
@@ -75,14 +77,18 @@ def _turn_distance(block: CellBlock, turn: int) -> float:
 def probe_sweep(blocks: Sequence[CellBlock], targets: tuple[np.ndarray, list[str], pd.Index], target: str = "digits",
                 method: str = "logreg", group_col: str = "identity_id", n_folds: int = 5, seed: int = 0,
                 model: str = "", control: str = "none", n_classes: int | None = None, n_boot: int = 1000,
-                control_task: bool = True, device: str | None = None, return_samples: bool = False
-                ) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
+                control_task: bool = True, device: str | None = None, return_samples: bool = False,
+                mdl: bool = False) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
     """Fit every cell of every block for every target column (and the control task); tidy rows, see the module
     docstring. Examples whose target is missing (-1) in a column are dropped from that column's fit.
 
     `return_samples=True` also returns the held-out correctness per example and cell (session_id, the group
     column, hook, layer, position_group, turn, correct, control_correct; mean over a string's characters): the
-    input of a paired permutation test of probe against control (`analysis.stats.cell_tests`)."""
+    input of a paired permutation test of probe against control (`analysis.stats.cell_tests`).
+
+    `mdl=True` adds the online code of every cell and target column (`probes.mdl.online_codelength`, logistic
+    probes whatever `method` is): metrics `online_codelength` (bits) and `compression`, and `control_compression`
+    for the control task; for strings also summed over the characters."""
     y_all = targets[0]
     n_classes = int(n_classes or (y_all.max() + 1))
     rows, samples = [], []
@@ -99,11 +105,13 @@ def probe_sweep(blocks: Sequence[CellBlock], targets: tuple[np.ndarray, list[str
         tasks = {"real": _per_cell_targets(y, n_cells)}
         if control_task:
             tasks["control_task"] = _per_cell_targets(control_labels(y, groups, n_classes, seed), n_cells)
-        held = {}
+        held, code = {}, {}
         for name, Yt in tasks.items():
             fit = fit_probes(Xk, Yt, groups, method=method, n_folds=n_folds, seed=seed, n_classes=n_classes,
                              device=device)
             held[name] = (fit.oof.numpy() == Yt.numpy())  # [cell * k, n] held-out correctness
+            if mdl:
+                code[name] = online_codelength(Xk, Yt, groups, seed=seed, n_classes=n_classes, device=device)
         for c, cell in block.cells.iterrows():
             base = {"model": model, "hook": cell["hook"], "layer": int(cell["layer"]),
                     "position_group": cell["position_group"], "turn": int(cell["turn"]),
@@ -121,6 +129,9 @@ def probe_sweep(blocks: Sequence[CellBlock], targets: tuple[np.ndarray, list[str
                                  **_ci(ctrl[j], groups, n_boot, seed)})
                     rows.append({**base, "target": name, "metric": "selectivity",
                                  **_ci(real[j].astype(float) - ctrl[j], groups, n_boot, seed)})
+            for name, metric in (("real", "compression"), ("control_task", "control_compression")):
+                if name in code:
+                    rows += _code_rows(base, code[name].iloc[c * k:(c + 1) * k], targets[1], target, metric)
             if return_samples:
                 samples.append(pd.DataFrame({
                     "session_id": sids, group_col: groups, "hook": cell["hook"], "layer": int(cell["layer"]),
@@ -140,6 +151,20 @@ def probe_sweep(blocks: Sequence[CellBlock], targets: tuple[np.ndarray, list[str
     if return_samples:
         return df, pd.concat(samples, ignore_index=True)
     return df
+
+
+def _code_rows(base: dict, code: pd.DataFrame, names: list[str], target: str, metric: str) -> list[dict]:
+    """Rows of one cell's online code (one per target column, and summed over a string's characters)."""
+    bits, uniform = code["online_bits"].to_numpy(), code["uniform_bits"].to_numpy()
+    parts = list(zip(names, bits, uniform)) + ([(target, bits.sum(), uniform.sum())] if len(names) > 1 else [])
+    rows = []
+    for name, b, u in parts:
+        if metric == "compression":
+            rows.append({**base, "target": name, "metric": "online_codelength", "value": float(b), "ci_low": np.nan,
+                         "ci_high": np.nan})
+        rows.append({**base, "target": name, "metric": metric, "value": float(u / b), "ci_low": np.nan,
+                     "ci_high": np.nan})
+    return rows
 
 
 def main_metric(df: pd.DataFrame) -> str:
@@ -192,7 +217,7 @@ def transfer_matrix(block: CellBlock, targets: tuple[np.ndarray, list[str], pd.I
 def run_probes(store_dir: str, out_dir: str, target: str = "digits", position_groups: Sequence[str] = ("last",),
                turns: Sequence[int] | None = None, layers: Sequence[int] | None = None, method: str = "logreg",
                pii_type: str | None = None, group_col: str = "identity_id", n_folds: int = 5, seed: int = 0,
-               control: str = "none", n_boot: int = 1000, figures: bool = True) -> pd.DataFrame:
+               control: str = "none", n_boot: int = 1000, figures: bool = True, mdl: bool = False) -> pd.DataFrame:
     """`mmret probe`: sweep every cell of the store at `store_dir` for `target`, write probe_results.csv (and
     .parquet) and, with `figures`, the layer x position heatmap and the retention curves beside it."""
     from pathlib import Path
@@ -206,7 +231,7 @@ def run_probes(store_dir: str, out_dir: str, target: str = "digits", position_gr
     targets = session_targets(sessions, target, pii_type)
     blocks = probe_cells(store, position_groups, turns, layers)
     df = probe_sweep(blocks, targets, target=target, method=method, group_col=group_col, n_folds=n_folds, seed=seed,
-                     model=str(store.spec.get("model", "")), control=control, n_boot=n_boot)
+                     model=str(store.spec.get("model", "")), control=control, n_boot=n_boot, mdl=mdl)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "probe_results.csv", df.to_csv(index=False).encode())

@@ -58,6 +58,17 @@ def test_planted_digits_are_found_there_and_nowhere_else():
     assert set(df.turn_distance.dropna()) == {0.0, 1.0}
 
 
+def test_probe_sweep_reports_the_code_beside_accuracy():
+    block, targets = _planted({0: 0}, layers=(0, 1))
+    df = probe_sweep([block], targets, n_boot=20, mdl=True)
+    at = df[df.target == "digits"].set_index(["layer", "metric"])["value"]
+    assert at[(1, "compression")] > 1.3 > at[(1, "control_compression")]
+    assert at[(0, "compression")] < 1.05
+    per_digit = df[(df.metric == "online_codelength") & (df.layer == 1) & (df.target != "digits")]["value"]
+    assert len(per_digit) == 3 and np.isclose(per_digit.sum(), at[(1, "online_codelength")])
+    assert "compression" not in set(probe_sweep([block], targets, n_boot=20).metric)
+
+
 def test_transfer_follows_the_planted_directions():
     block, targets = _planted({0: 0, 2: 0, 4: 1})  # turns 0 and 2 share directions, turn 4 uses others
     tm = transfer_matrix(block, targets).set_index(["layer", "turn_train", "turn_test"])["value"]
@@ -130,6 +141,10 @@ def test_mmret_probe_on_a_captured_store(tiny_dir, tmp_path):
     assert set(df[df.position_group == "last"].turn) == {0, 1, 2, 3, 4, 5}  # 5: the generation prompt
     assert (out / "probe_heatmap.pdf").exists() and (out / "retention_curves.png").exists()
     assert main(["probe", "--store", str(tmp_path / "store"), "--out", str(out), "--target", "ssn"]) == 2
+    assert main(["probe", "--store", str(tmp_path / "store"), "--out", str(out), "--positions", "last", "--layers",
+                 "0", "--folds", "2", "--n-boot", "20", "--mdl"]) == 0
+    code = pd.read_csv(out / "probe_results.csv").query("metric == 'compression'")
+    assert len(code) and (code.value > 0).all() and set(code.layer) == {0}
 
 
 def test_erasing_at_the_last_positions_leaves_the_rest_of_the_prompt_alone():
