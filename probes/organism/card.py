@@ -52,7 +52,9 @@ def _benchmark_table(df: pd.DataFrame) -> str:
 def _paused(meta: dict) -> str:
     """Time the run spent stopped (SIGSTOP) is wall time but not training time; say so beside the wall time."""
     paused = float(meta.get("paused_seconds", 0))
-    return f" ({paused / 60:.1f} min of it paused, so {(meta['train_seconds'] - paused) / 60:.1f} min training)" if paused else ""
+    if not paused:
+        return ""
+    return f" ({paused / 60:.1f} min of it paused, so {(meta['train_seconds'] - paused) / 60:.1f} min training)"
 
 
 def card_text(model_dir: Path, metrics: dict, df: pd.DataFrame, meta: dict, n: int, seed: int) -> str:
@@ -141,8 +143,8 @@ Do not use it for anything but research on these methods.
 `mmret organism train --out RUN --seed {meta.get('seed')}` (`probes/organism/train.py`), reproducible from the
 seed (step t draws its batch from `Random(f"{{seed}}/{{t}}")`; a killed run resumes from its safetensors checkpoint
 to the same weights). Device: **{meta.get('device')}** ({meta.get('torch_threads', '?')} torch thread(s)); wall time
-**{meta.get('train_seconds', 0) / 60:.1f} min**{_paused(meta)}; batch {meta.get('batch_size')}, AdamW lr {meta.get('lr')}
-(warm-up 100 steps, cosine to 10% over the last 20%), auxiliary weight {meta.get('aux_weight')}.
+**{meta.get('train_seconds', 0) / 60:.1f} min**{_paused(meta)}; batch {meta.get('batch_size')}, AdamW lr
+{meta.get('lr')} (warm-up 100 steps, cosine to 10% over the last 20%), auxiliary weight {meta.get('aux_weight')}.
 {("**Note:** " + meta["note"]) if meta.get("note") else ""}
 
 Data: documents rendered by `probes.documents.render_document` (4 scenarios: open, hiring, verification,
