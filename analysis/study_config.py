@@ -48,7 +48,7 @@ DEFAULTS: dict[str, Any] = {
     "capture": {"enabled": True, "hooks": "resid_post", "layers": "all", "positions": "last:*+image:0",
                 "batch_size": 8},
     "probes": {"enabled": True, "targets": ["digits"], "position_groups": ["last", "image"], "method": "logreg",
-               "n_folds": 5},
+               "n_folds": 5, "mdl": False},
     "patching": {"enabled": True, "experiments": ["denoise", "taskswap"], "framings": ["caption"],
                  "components": list(DEFAULT_COMPONENTS), "max_pairs": 8, "batch_size": 16},
     "statistics": {"alpha": 0.05, "n_boot": 500, "n_perm": 2000},

@@ -22,7 +22,7 @@ TINY = {
                  "multiturn": {"identities": 12, "k_distractors": [0, 2]}},
     "leakage": {"max_new_tokens": 20},
     "capture": {"layers": [1, 3]},
-    "probes": {"method": "ridge", "n_folds": 3},
+    "probes": {"method": "ridge", "n_folds": 3, "mdl": True},
     "patching": {"experiments": ["denoise"], "max_pairs": 2, "components": ["resid_pre"]},
     "statistics": {"n_boot": 50, "n_perm": 200},
 }
@@ -58,6 +58,8 @@ def test_study_writes_every_stage(first_run):
     assert not list(out.rglob("*.partial-*"))
     probes = pd.read_csv(out / "organism/probes/probe_results.csv")
     assert sorted(probes["layer"].unique()) == [1, 3] and set(probes["turn"]) >= {0, 2}
+    code = probes[probes["metric"].isin(["compression", "control_compression"])]  # probes.mdl: true
+    assert len(code) and (code["value"] > 0).all() and set(code["layer"]) == {1, 3}
     tests = pd.read_csv(out / "statistics/probe_tests.csv")
     assert {"p_value", "q_value", "significant"} <= set(tests.columns) and tests["q_value"].between(0, 1).all()
     assert (tests["q_value"] >= tests["p_value"] - 1e-12).all()  # BH never lowers a p-value
@@ -134,6 +136,7 @@ def test_shipped_default_config_is_valid():
     ({"statistics.alpha": 2}, "statistics.alpha: 2: expected a number between 0 and 1"),
     ({"leakage.batch_size": 0}, "leakage.batch_size: 0: expected an integer >= 1"),
     ({"seed": "zero"}, "seed: 'zero': expected an integer"),
+    ({"probes.mdl": "yes"}, "probes.mdl: 'yes': expected true or false"),
     ({"models": [{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]}, "'a' is used twice"),
 ])
 def test_bad_config_names_the_key(over, message, tmp_path):
