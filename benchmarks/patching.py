@@ -185,25 +185,25 @@ def organism_headlines(loaded, rows: dict[str, pd.DataFrame], sessions, out_dir:
     pooled = agree[(agree["scope"] == "pooled") & (agree["direction"] == "denoise")
                    & (agree["metric"] == "logit_diff")]
     print(f"organism_atp_spearman: {float(pooled['spearman'].iloc[0]):.3f}")
-    swap = rows["taskswap"]
-    swap = swap[(swap["direction"] == "denoise") & (swap["metric"] == "score_logit_diff")]
-    cells = swap.groupby(["layer", "component", "position_group"])["value"].mean().sort_values()
-    (layer, component, group), best = cells.index[-1], float(cells.iloc[-1])
-    print(f"organism_taskswap_max_effect: {best:.3f}  # layer {layer} {component} at {group}")
+    swap, cell = rows["taskswap"], ["layer", "component", "position_group"]
+
+    def per_cell(direction: str, metric: str):
+        return swap[(swap["direction"] == direction) & (swap["metric"] == metric)].groupby(cell)
+
+    def top(name: str, by_cell: pd.Series):  # print the largest cell's value; return that cell
+        (layer, component, group), best = by_cell.idxmax(), float(by_cell.max())
+        print(f"{name}: {best:.3f}  # layer {layer} {component} at {group}")
+        return layer, component, group
+
+    layer, component, group = top("organism_taskswap_max_effect",
+                                  per_cell("denoise", "score_logit_diff")["value"].mean())
     # The same map read two more ways. Pooled: one ratio of summed changes per cell, which a pair whose clean and
     # corrupt runs nearly agree (a span of a fraction of a logit) cannot blow up as it does a mean of ratios.
     # Back: the refusing framing patched into the leaking one (noising), effect = 1 - score.
-    ld = rows["taskswap"][(rows["taskswap"]["direction"] == "denoise") & (rows["taskswap"]["metric"] == "logit_diff")]
-    sums = ld.assign(num=ld["value"] - ld["corrupt"], den=ld["clean"] - ld["corrupt"]).groupby(
-        ["layer", "component", "position_group"])[["num", "den"]].sum()
-    ratio = (sums["num"] / sums["den"]).sort_values()
-    print(f"organism_taskswap_max_effect_pooled: {float(ratio.iloc[-1]):.3f}  # layer {ratio.index[-1][0]} "
-          f"{ratio.index[-1][1]} at {ratio.index[-1][2]}")
-    back = rows["taskswap"][(rows["taskswap"]["direction"] == "noise")
-                            & (rows["taskswap"]["metric"] == "score_logit_diff")]
-    back = (1 - back.groupby(["layer", "component", "position_group"])["value"].mean()).sort_values()
-    print(f"organism_taskswap_max_effect_back: {float(back.iloc[-1]):.3f}  # layer {back.index[-1][0]} "
-          f"{back.index[-1][1]} at {back.index[-1][2]}")
+    ld = swap.assign(num=swap["value"] - swap["corrupt"], den=swap["clean"] - swap["corrupt"])
+    sums = ld[(ld["direction"] == "denoise") & (ld["metric"] == "logit_diff")].groupby(cell)[["num", "den"]].sum()
+    top("organism_taskswap_max_effect_pooled", sums["num"] / sums["den"])
+    top("organism_taskswap_max_effect_back", 1 - per_cell("noise", "score_logit_diff")["value"].mean())
     # That cell alone, patched while the refusing framing's prompt is read; the answer is then generated freely.
     check = generation_check(loaded, sessions, [Cell(int(layer), component, group)], progress=False)
     check.to_csv(out_dir / "generation_check.csv", index=False)

@@ -98,11 +98,16 @@ def _last_token_digits(store, turn: int, layer: int):
     return X[:, 0], y[rows], meta["identity_id"].to_numpy()
 
 
+def _per_digit(X, k: int):
+    """X [n, d] as k cells [k, n, d] (a view): the 9 digits of an SSN become the cells of one batched call."""
+    return X.float()[None].expand(k, -1, -1)
+
+
 def _digit_fits(X, y, groups):
     """Logreg probes of every digit at once: the digits are the cells of one batched fit (C by grouped CV)."""
     from probes.linear import fit_probes
 
-    return fit_probes(X.float()[None].expand(y.shape[1], -1, -1), torch.as_tensor(y.T), groups, n_classes=10)
+    return fit_probes(_per_digit(X, y.shape[1]), torch.as_tensor(y.T), groups, n_classes=10)
 
 
 def _digit_compression(X, y, groups, seed: int) -> tuple[float, float]:
@@ -112,8 +117,8 @@ def _digit_compression(X, y, groups, seed: int) -> tuple[float, float]:
 
     out = []
     for labels in (y, control_labels(y, groups, 10, seed)):
-        code = online_codelength(X.float()[None].expand(y.shape[1], -1, -1), torch.as_tensor(labels.T), groups,
-                                 n_classes=10, seed=seed)
+        code = online_codelength(_per_digit(X, y.shape[1]), torch.as_tensor(labels.T), groups, n_classes=10,
+                                 seed=seed)
         out.append(float(code["uniform_bits"].sum() / code["online_bits"].sum()))
     return out[0], out[1]
 
@@ -124,7 +129,7 @@ def _transfer_digit_acc(train, train_turn: int, test, test_turn: int, layer: int
     two stores are disjoint, so every test identity is held out."""
     Xa, ya, groups = _last_token_digits(train, train_turn, layer)
     Xb, yb, _ = _last_token_digits(test, test_turn, layer)
-    pred = _digit_fits(Xa, ya, groups).predict(Xb.float()[None].expand(ya.shape[1], -1, -1)).numpy()
+    pred = _digit_fits(Xa, ya, groups).predict(_per_digit(Xb, ya.shape[1])).numpy()
     return float((pred == yb.T).mean())
 
 
@@ -176,7 +181,7 @@ def organism(model_dir: Path, n: int, seed: int, out: Path) -> dict[str, float]:
         figs["organism_best_layer"] = layer
         sel = _cell(real, "selectivity", position_group="last", turn=probe_turn, layer=layer, target="digits")
         figs["organism_selectivity"] = float(sel["value"].iloc[0])
-        X, y, ids = _last_token_digits(store, probe_turn, layer)
+        X, y, ids = _last_token_digits(store, probe_turn, layer)  # the best cell: MDL here, LEACE fitted here below
         figs["organism_compression"], figs["organism_control_compression"] = _digit_compression(X, y, ids, seed)
         frames = [real]
         for control, sessions in (("no_image", [_without_image(s) for s in ctx]), ("shuffled_image", _shuffled(ctx))):
@@ -195,7 +200,6 @@ def organism(model_dir: Path, n: int, seed: int, out: Path) -> dict[str, float]:
         block = next(b for b in blocks if (b.cells["position_group"] == "last").any())
         tm = transfer_matrix(block, session_targets(store.sessions(), "digits"), model="organism")
         # Erasure: LEACE of the SSN digits, fitted on the probe turn's last token at the best layer.
-        X, y, _ = _last_token_digits(store, probe_turn, layer)
         eraser = fit_leace(X.double(), y, 10)
         # Where the probe looked (the prompt's last PLAN_SPAN positions, then every generated token), and, for
         # comparison, at every position (image tokens included: unspecific, see probes/erasure.py).

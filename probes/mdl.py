@@ -79,7 +79,6 @@ def online_codelength(X: Float[Tensor, "cell n d"], y: Int[Tensor, "n"] | Int[Te
     order, ends = block_order(groups, fractions, seed)
     device = torch.device(device) if device is not None else X.device
     idx = torch.as_tensor(order)
-    X, Y = X[:, idx], Y[:, idx]
     pos = torch.arange(len(order), device=device)
     prefixes = torch.stack([pos < int(e) for e in ends[:-1]])  # [block - 1, n]: what encodes the next block
     grid = np.unique(Cs)
@@ -87,7 +86,8 @@ def online_codelength(X: Float[Tensor, "cell n d"], y: Int[Tensor, "n"] | Int[Te
     totals = []
     for lo in range(0, n_cells, cells_per_batch):
         hi = lo + cells_per_batch
-        totals.append(_total_bits(X[lo:hi].to(device=device, dtype=torch.float32), Y[lo:hi].to(device), K,
+        # block order chunk by chunk: X may be a repeated view of one cell (a string's characters), never copied whole
+        totals.append(_total_bits(X[lo:hi, idx].to(device=device, dtype=torch.float32), Y[lo:hi, idx].to(device), K,
                                   prefixes, ends, grid, None if select else at[lo:hi], tol, max_iter))
     total = torch.cat(totals).cpu().numpy()  # [cell, C] bits of the whole code at each C of `grid`
     if select:
