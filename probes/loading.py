@@ -27,6 +27,36 @@ class ModelLoadError(ValueError):
     pass
 
 
+def _torchvision_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torchvision") is not None
+
+
+def boot_bridge(name: str, hf_model: torch.nn.Module, tokenizer: Any, **kw: Any) -> Any:
+    """`TransformerBridge.boot_transformers` around an HF model already loaded, without installing anything.
+
+    transformer-lens 4.3's boot loads the model's AutoProcessor, and when that fails (LLaVA-OneVision's needs
+    torchvision) it runs `pip install torchvision` into the running environment. On these machines that swaps the
+    CPU torch for a CUDA build mid-run (a 2 GB venv becomes 6.6 GB, and later subprocesses import another torch);
+    on a cluster it edits a shared environment. Here the boot only asks whether torchvision is importable.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    try:
+        from transformer_lens.model_bridge.sources.transformers import helpers
+    except ImportError:  # another transformer-lens layout: nothing to switch off
+        helpers = None
+    installer = getattr(helpers, "_ensure_torchvision", None)
+    if installer is not None:
+        helpers._ensure_torchvision = _torchvision_importable
+    try:
+        return TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer, **kw)
+    finally:
+        if installer is not None:
+            helpers._ensure_torchvision = installer
+
+
 @dataclass
 class LoadedModel:
     name: str
@@ -72,13 +102,9 @@ class LoadedModel:
     def bridge(self) -> Any:
         """The transformer-lens TransformerBridge around this model (built once, on first use)."""
         if self._bridge is None:
-            from transformer_lens.model_bridge import TransformerBridge
-
             try:
-                self._bridge = TransformerBridge.boot_transformers(
-                    self.name, hf_model=self.hf_model, tokenizer=self.tokenizer, device=str(self.device),
-                    dtype=self.dtype,
-                )
+                self._bridge = boot_bridge(self.name, self.hf_model, self.tokenizer, device=str(self.device),
+                                           dtype=self.dtype)
             except ImportError as err:  # TL's Qwen2.5-VL adapter needs torchvision (no CPU build here)
                 raise ModelLoadError(
                     f"transformer-lens cannot wrap this {self.family} model here ({err}); use backend='torch', "

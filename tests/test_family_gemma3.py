@@ -247,8 +247,6 @@ def test_torch_hooks(loaded):
 def test_bridge_matches_torch_hooks(tiny_path):
     """transformer-lens' TransformerBridge wraps Gemma3ForConditionalGeneration (its gemma3_multimodal adapter);
     its resid_post equals the torch backend's on the same forward (token types and pixels passed through)."""
-    from transformer_lens.model_bridge import TransformerBridge
-
     loaded = load_model(tiny_path)  # its own copy: the bridge rewraps the HF model in place
     rendered = render(loaded.adapter, _session())
     ids = rendered.input_ids
@@ -257,7 +255,7 @@ def test_bridge_matches_torch_hooks(tiny_path):
     with torch.no_grad(), loaded.hooks([(f"blocks.{i}.hook_resid_post", lambda x, n: torch_out.__setitem__(n, x.clone()))
                                         for i in range(loaded.n_layers)]):
         loaded.hf_model(input_ids=ids, **kw)
-    bridge = TransformerBridge.boot_transformers(str(tiny_path), hf_model=loaded.hf_model, tokenizer=loaded.tokenizer)
+    bridge = loaded.bridge
     bridge_out = {}
     with torch.no_grad(), bridge.hooks(fwd_hooks=[
             (name, lambda x, hook, name=name: bridge_out.__setitem__(name, x.clone())) for name in torch_out]):

@@ -184,15 +184,13 @@ def test_torch_hooks(loaded):
 
 
 def test_bridge_matches_torch_backend(path):
-    from transformer_lens.model_bridge import TransformerBridge
-
     loaded = load_model(path, attn_implementation="eager")  # its own copy: the bridge rewraps the model in place
     r = render(loaded.adapter, session())
     inputs = loaded.adapter.image_inputs(r.images)
     got = {}
     with torch.no_grad(), loaded.hooks([("blocks.0.hook_resid_post", lambda x, n: got.__setitem__("torch", x))]):
         loaded.hf_model(input_ids=r.input_ids, **inputs)
-    bridge = TransformerBridge.boot_transformers(str(path), hf_model=loaded.hf_model, tokenizer=loaded.tokenizer)
+    bridge = loaded.bridge
     with torch.no_grad():
         _, cache = bridge.run_with_cache(r.input_ids, pixel_values=inputs["pixel_values"],
                                          pixel_attention_mask=inputs["pixel_attention_mask"],

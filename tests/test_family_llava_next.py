@@ -155,14 +155,12 @@ def test_torch_hook_names_and_vision_hook(loaded, rendered):
 def test_bridge_matches_torch_hooks(loaded, rendered):
     """The transformer-lens bridge wraps LLaVA-NeXT; its resid_post equals the torch backend's (on a second copy
     of the model: the bridge rewraps the HF model in place)."""
-    from transformer_lens.model_bridge import TransformerBridge
-
     other = load_model(loaded.name)
     ids, images = rendered.input_ids, other.adapter.image_inputs(rendered.images)
     got = {}
     with other.hooks([("blocks.0.hook_resid_post", lambda x, n: got.setdefault("torch", x.clone()))]), torch.no_grad():
         other.hf_model(input_ids=ids, **images)
-    bridge = TransformerBridge.boot_transformers(other.name, hf_model=other.hf_model, tokenizer=other.tokenizer)
+    bridge = other.bridge
     with bridge.hooks(fwd_hooks=[("blocks.0.hook_resid_post", lambda x, hook: got.setdefault("bridge", x.clone()))]), \
             torch.no_grad():
         bridge(ids, **images)

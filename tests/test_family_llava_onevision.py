@@ -181,17 +181,21 @@ def test_torch_hook_names_and_vision_hook(loaded, rendered):
     assert seen["vision_projector.hook_out"] == (4, N * N, loaded.d_model)
 
 
-def test_bridge_matches_torch_hooks(loaded, rendered):
+def test_bridge_matches_torch_hooks_and_installs_nothing(loaded, rendered, monkeypatch):
     """The transformer-lens bridge wraps LLaVA-OneVision; its resid_post equals the torch backend's (on a second copy
-    of the model: the bridge rewraps the HF model in place)."""
-    from transformer_lens.model_bridge import TransformerBridge
+    of the model: the bridge rewraps the HF model in place). Booting it runs no installer: TL 4.3 would
+    `pip install torchvision` here, because OneVision's AutoProcessor needs it (see `probes.loading.boot_bridge`)."""
+    import subprocess
 
+    ran = []
+    monkeypatch.setattr(subprocess, "check_call", lambda *args, **kw: ran.append(args[0]) or 0)
     other = load_model(loaded.name)
     ids, images = rendered.input_ids, other.adapter.image_inputs(rendered.images)
     got = {}
     with other.hooks([("blocks.0.hook_resid_post", lambda x, n: got.setdefault("torch", x.clone()))]), torch.no_grad():
         other.hf_model(input_ids=ids, **images)
-    bridge = TransformerBridge.boot_transformers(other.name, hf_model=other.hf_model, tokenizer=other.tokenizer)
+    bridge = other.bridge
+    assert ran == []
     with bridge.hooks(fwd_hooks=[("blocks.0.hook_resid_post", lambda x, hook: got.setdefault("bridge", x.clone()))]), \
             torch.no_grad():
         bridge(ids, **images)

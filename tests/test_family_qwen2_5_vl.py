@@ -177,8 +177,6 @@ def test_bridge_matches_torch_hooks_or_falls_back(tmp_path_factory, rendered):
     """With torchvision, the transformer-lens bridge wraps Qwen2.5-VL and its resid_post equals the torch backend's
     (fresh model: the bridge rewraps the HF model in place). Without torchvision (these CPU machines), TL's Qwen
     adapter refuses to load: then asking for the bridge gives a clear error and the torch backend is the path."""
-    from transformer_lens.model_bridge import TransformerBridge
-
     loaded = load_model(build_tiny_model("qwen2_5_vl", tmp_path_factory.mktemp("qwen2_5_vl_bridge")))
     model, adapter = loaded.hf_model, loaded.adapter
     ids = rendered.input_ids
@@ -193,7 +191,7 @@ def test_bridge_matches_torch_hooks_or_falls_back(tmp_path_factory, rendered):
         with pytest.raises(ModelLoadError, match="torchvision.*backend='torch'"):
             loaded.bridge
         return
-    bridge = TransformerBridge.boot_transformers(loaded.name, hf_model=model, tokenizer=loaded.tokenizer)
+    bridge = loaded.bridge
     with bridge.hooks(fwd_hooks=[("blocks.0.hook_resid_post", lambda x, hook: got.setdefault("bridge", x.clone()))]), \
             torch.no_grad():
         bridge(ids, position_ids=pos, **images)
