@@ -28,9 +28,12 @@ def _layers(text: str | None) -> list[int] | None:
     for part in text.split(","):
         a, _, b = part.partition("-")
         try:
-            out += list(range(int(a), int(b) + 1)) if b else [int(a)]
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(f"--layers {text!r}: expected e.g. 0-3,6") from err
+            layers = list(range(int(a), int(b) + 1)) if b else [int(a)]
+        except ValueError:
+            layers = []
+        if not layers or layers[0] < 0:  # a ValueError: main prints it as an error, not a traceback
+            raise ValueError(f"--layers {text!r}: expected layer numbers and ranges, e.g. 0-3,6")
+        out += layers
     return out
 
 

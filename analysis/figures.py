@@ -5,6 +5,7 @@ Style: colour-blind-safe palette (Okabe-Ito), sized for a single paper column (3
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib
@@ -40,14 +41,21 @@ def figure_size(width: str | float = "single", aspect: float = 0.65) -> tuple[fl
 
 
 def save_figure(fig: plt.Figure, data: pd.DataFrame, out_dir: str | Path, name: str) -> list[Path]:
-    """Write name.pdf, name.png and name.csv (the data the figure shows) into out_dir."""
+    """Write name.pdf, name.png and name.csv (the data the figure shows) into out_dir, each whole or not at all
+    (rendered in memory, then written to a temp file and renamed); the figure is closed either way."""
+    from probes.session import atomic_write_bytes  # here: `import probes` loads transformers, plots need none of it
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{name}.pdf", out_dir / f"{name}.png", out_dir / f"{name}.csv"]
-    fig.savefig(paths[0])
-    fig.savefig(paths[1], dpi=200)
-    data.to_csv(paths[2], index=False)
-    plt.close(fig)
+    try:
+        for path, dpi in ((paths[0], "figure"), (paths[1], 200)):
+            buf = io.BytesIO()
+            fig.savefig(buf, format=path.suffix[1:], dpi=dpi)
+            atomic_write_bytes(path, buf.getvalue())
+        atomic_write_bytes(paths[2], data.to_csv(index=False).encode())
+    finally:
+        plt.close(fig)
     return paths
 
 

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from analysis.study_config import (StudyConfig, default_config_path, load_study_config, model_fingerprint,
+from analysis.study_config import (StudyConfig, default_config_path, load_study_config, marker_hash, model_fingerprint,
                                    package_version, stage_hash)
 from probes.probing import main_metric
 from probes.session import atomic_write_bytes, atomic_write_text
@@ -73,7 +73,7 @@ class Study:
     def stage(self, name: str, model: str, folder: Path, h: str, fn: Callable[[Path], None]) -> Path:
         """Run `fn(work_folder)` unless `folder` is current for hash `h`; see the module docstring."""
         done = folder / "stage.json"
-        if done.exists() and json.loads(done.read_text()).get("hash") == h:
+        if marker_hash(done) == h:
             self.records.append(StageRecord(name, model, "skipped", 0.0, str(folder)))
             return folder
         partial = folder.with_name(f"{folder.name}.partial-{h}")
@@ -188,10 +188,10 @@ def run_probes_stage(study: Study, entry: dict[str, Any], capture_dir: Path, wor
                                     method="ridge", n_folds=c["n_folds"], seed=seed, model=entry["name"],
                                     n_boot=0, control_task=False)
             maps.append(per_patch[per_patch["metric"] == main_metric(df)])
-    pd.concat(results, ignore_index=True).to_csv(work / "probe_results.csv", index=False)
-    pd.concat(samples, ignore_index=True).to_csv(work / "probe_samples.csv", index=False)
+    atomic_write_bytes(work / "probe_results.csv", pd.concat(results, ignore_index=True).to_csv(index=False).encode())
+    atomic_write_bytes(work / "probe_samples.csv", pd.concat(samples, ignore_index=True).to_csv(index=False).encode())
     if maps:
-        pd.concat(maps, ignore_index=True).to_csv(work / "patch_map.csv", index=False)
+        atomic_write_bytes(work / "patch_map.csv", pd.concat(maps, ignore_index=True).to_csv(index=False).encode())
     if c["targets"][0] in ("digits", "chars"):
         # The read-out's probe sits where the sweep found the final turn's last token decodes best: that fit is
         # already done, so the read-out does not search the layers again (None: no 'last' cells; it searches).
@@ -222,7 +222,7 @@ def write_token_readout(study: Study, entry: dict[str, Any], store, target: str,
                                   seed=seed, design="cycle", **document_spec(study.cfg))[0]
     readout = token_readout(study.model(entry), store, held_out, target, layer=layer, method=c["method"],
                             n_folds=c["n_folds"], seed=seed)
-    readout.to_csv(work / "token_readout.csv", index=False)
+    atomic_write_bytes(work / "token_readout.csv", readout.to_csv(index=False).encode())
 
 
 def run_patching_stage(study: Study, entry: dict[str, Any], sessions: Path, work: Path) -> None:
@@ -239,7 +239,7 @@ def run_patching_stage(study: Study, entry: dict[str, Any], sessions: Path, work
                           n_boot=study.cfg.get("statistics.n_boot"), seed=seed, model=entry["name"],
                           progress=study.progress)
         rows.append(df)
-    pd.concat(rows, ignore_index=True).to_csv(work / "patching_rows.csv", index=False)
+    atomic_write_bytes(work / "patching_rows.csv", pd.concat(rows, ignore_index=True).to_csv(index=False).encode())
 
 
 def run_statistics_stage(study: Study, work: Path) -> None:
@@ -271,7 +271,7 @@ def run_statistics_stage(study: Study, work: Path) -> None:
                                         alternative="two-sided", **kw))
     for name, parts in (("leakage_tests", leak), ("probe_tests", probe), ("patching_tests", patch)):
         if parts:
-            pd.concat(parts, ignore_index=True).to_csv(work / f"{name}.csv", index=False)
+            atomic_write_bytes(work / f"{name}.csv", pd.concat(parts, ignore_index=True).to_csv(index=False).encode())
 
 
 def leakage_tests(results: pd.DataFrame, **kw) -> pd.DataFrame:

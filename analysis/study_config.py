@@ -266,17 +266,38 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+HASHED_WEIGHTS_MAX_BYTES = 256 * 2**20  # files up to this size are fingerprinted by content, larger ones by mtime
+
+
 def model_fingerprint(path: str) -> dict[str, Any]:
-    """What identifies a model's weights without reading them: its config and the names and sizes of its weight
-    files (a retrained model in the same folder changes them), or the HF id when not a local folder."""
+    """What identifies a model's weights: its config and, per weight/JSON file, its name, size and either the
+    sha256 of its content (files up to HASHED_WEIGHTS_MAX_BYTES: the embedded default, tiny models) or, for a real
+    checkpoint's multi-GB shards, their modification time (reading them would cost minutes). A model retrained in
+    the same folder changes it either way (same shapes give the same sizes, so sizes alone would not); the HF id
+    when not a local folder."""
     from probes.organism import DEFAULT_MODEL
 
     p = Path(DEFAULT_MODEL if path == "default" else path)
     if not p.is_dir():
         return {"id": path}
-    files = sorted(f for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".json"))
+    files = []
+    for f in sorted(f for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".json")):
+        st = f.stat()
+        if st.st_size <= HASHED_WEIGHTS_MAX_BYTES:
+            files.append((f.name, st.st_size, hashlib.sha256(f.read_bytes()).hexdigest()))
+        else:
+            files.append((f.name, st.st_size, st.st_mtime_ns))
     return {"id": path, "config": (p / "config.json").read_text() if (p / "config.json").exists() else "",
-            "files": [(f.name, f.stat().st_size) for f in files]}
+            "files": files}
+
+
+def marker_hash(path: Path) -> str | None:
+    """The hash a done-marker (stage.json, sweep_done.json) records; None when it is missing or unreadable (the work
+    is then done again rather than trusted)."""
+    try:
+        return json.loads(Path(path).read_text()).get("hash")
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
 
 
 def stage_hash(cfg: StudyConfig, stage: str, upstream: Iterable[str] = (), extra: Any = None) -> str:

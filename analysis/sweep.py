@@ -28,7 +28,7 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.study_config import StudyConfigError, digest, load_study_config, parse_value
+from analysis.study_config import StudyConfigError, digest, load_study_config, marker_hash, parse_value
 from probes.session import atomic_write_bytes, atomic_write_text
 
 # Tidy tables a study writes (relative to a model's folder, or to the study for statistics), merged across jobs.
@@ -111,8 +111,7 @@ def run_job(config: dict[str, Any], job_hash: str) -> str:
 
 
 def is_done(job: Job) -> bool:
-    marker = Path(job.config["out"]) / "sweep_done.json"
-    return marker.exists() and json.loads(marker.read_text()).get("hash") == job.hash
+    return marker_hash(Path(job.config["out"]) / "sweep_done.json") == job.hash
 
 
 def executor(folder: Path, kind: str, partition: str | None = None, gpus: int = 0, time_min: int = 60,

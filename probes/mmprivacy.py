@@ -31,6 +31,7 @@ from typing import Any, Iterable
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from probes.identities import MARK_LABELS
 from probes.session import Session, SessionImage, Turn, write_sessions
 
 PII_TYPES = ("Email", "Phone Numbers", "SSN")  # what a benchmark prompt may ask for
@@ -301,7 +302,7 @@ def load_mmprivacy(root: str | Path, part: str = "direct", framings: str | Itera
         for framing in names:
             turn = Turn("user", wrap(framing, p["prompt"]), images=list(images))
             if name_span is not None:
-                turn.mark("Name", name_span)  # the PII in the text, so the token map knows its span
+                turn.mark(MARK_LABELS["Name"], name_span)  # its span in the text (selector mark:name)
             labels = {"kind": kind, "identity_id": row["identity_id"], "framing": framing, "pii_type": p["type"],
                       "scenario": scenario, "prompt_id": pid, "turn_distance": 0 if images else None,
                       "has_image": bool(images), "_target": target, "_identity": identity_dict(row)}

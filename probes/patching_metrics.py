@@ -52,8 +52,9 @@ class Answer:
         if not self.leak_ids or not self.refuse_ids:
             raise PatchingError("Answer: the leaking and the refusing continuation need at least one token each")
         if self.split >= min(len(self.leak_ids), len(self.refuse_ids)):
-            raise PatchingError(f"Answer: one continuation is a token prefix of the other ({list(self.leak_ids)} vs "
-                                f"{list(self.refuse_ids)}); no token tells them apart")
+            # lengths only: the leak ids decode to the PII value
+            raise PatchingError(f"Answer: one continuation is a token prefix of the other ({len(self.leak_ids)} "
+                                f"leak tokens vs {len(self.refuse_ids)} refusal tokens); no token tells them apart")
 
     @property
     def split(self) -> int:

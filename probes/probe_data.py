@@ -63,7 +63,7 @@ def _group_rows(m: pd.DataFrame, group: str) -> pd.DataFrame:
     if group == "image":
         return m[m["segment"] == "image"]
     if group.startswith("mark:"):
-        return m[m["mark"].astype(str).str.split(",").map(lambda ms: group[5:] in ms)]
+        return m[m["mark"].astype(str).str.split("|").map(lambda ms: group[5:] in ms)]  # render joins with "|"
     if group == "final":
         last = m.loc[m.groupby("session_id")["position"].idxmax()].copy()
         last["turn"] = -1

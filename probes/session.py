@@ -179,10 +179,13 @@ class Session:
                 )
             except SessionError as err:
                 raise SessionError(f"{where}: turns[{i}]: {err}") from err
-            except (KeyError, TypeError, AttributeError) as err:
+            except (KeyError, TypeError, AttributeError, ValueError) as err:  # ValueError: int("a") in a mark
                 raise SessionError(f"{where}: turns[{i}]: malformed turn ({err!r})") from err
+        labels = obj.get("labels", {})
+        if not isinstance(labels, dict):
+            raise SessionError(f"{where}: field 'labels' must be an object, got {type(labels).__name__}")
         try:
-            return cls(session_id=str(obj["session_id"]), turns=turns, labels=dict(obj.get("labels", {})))
+            return cls(session_id=str(obj["session_id"]), turns=turns, labels=dict(labels))
         except SessionError as err:
             raise SessionError(f"{where}: {err}") from err
 

@@ -63,6 +63,16 @@ class SessionActivations:
     rows: dict[str, pd.DataFrame]  # hook kind -> one row per position (token map columns + groups)
 
 
+def _read_spec(meta: Path) -> dict[str, Any]:
+    try:
+        spec = json.loads(meta.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StoreError(f"{meta}: not valid JSON ({err}); expected the store's settings") from err
+    if not isinstance(spec, dict):
+        raise StoreError(f"{meta}: expected a JSON object of the store's settings, got {type(spec).__name__}")
+    return spec
+
+
 class ActivationStore:
     """A folder of captured activations; see the module docstring for the layout."""
 
@@ -75,7 +85,7 @@ class ActivationStore:
             spec = {"format": FORMAT, **spec}
             self.shards.mkdir(parents=True, exist_ok=True)
             if meta.exists():
-                old = json.loads(meta.read_text())
+                old = _read_spec(meta)
                 diff = {k for k in set(old) | set(spec) if old.get(k) != spec.get(k)}
                 if diff:
                     raise StoreError(
@@ -84,12 +94,14 @@ class ActivationStore:
                     )
             else:
                 atomic_write_text(meta, json.dumps(spec, indent=2, sort_keys=True))
+            # Temp files left by a killed writer are never finished files. Only a writer clears them: a reader
+            # (mmret inspect during a capture) would delete the live writer's file before its rename.
+            for tmp in self.shards.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
         elif not meta.exists():
             raise StoreError(f"{self.path}: not an activation store (no store.json)")
-        self.spec: dict[str, Any] = json.loads(meta.read_text())
+        self.spec: dict[str, Any] = _read_spec(meta)
         self._manifest: pd.DataFrame | None = None
-        for tmp in self.shards.glob(".*.tmp"):  # left by a killed writer: never a finished file
-            tmp.unlink(missing_ok=True)
 
     # ---- writing -----------------------------------------------------------------------------------------
     def done(self, session_id: str) -> bool:

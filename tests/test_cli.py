@@ -38,6 +38,8 @@ def test_bad_input_is_an_error_message_not_a_traceback(tmp_path, capsys):
     assert main(["capture", "--model", str(tmp_path), "--sessions", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "bad.jsonl:1: session 'a' has no turns" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing half-written
+    assert main(["probe", "--store", str(tmp_path), "--out", str(tmp_path / "p"), "--layers", "a-b"]) == 2
+    assert "--layers 'a-b': expected layer numbers and ranges" in capsys.readouterr().err
 
 
 def test_patch_command(tiny_dir, tmp_path):

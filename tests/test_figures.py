@@ -38,6 +38,33 @@ def test_figure_size():
         figure_size("triple")
 
 
+def test_save_figure_writes_whole_files_or_none(tmp_path, monkeypatch):
+    """Each file is rendered in memory and renamed into place: a save that fails leaves no file of that name and no
+    temp file, and the figure is closed either way."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    data = pd.DataFrame({"x": [0, 1], "y": [1, 0]})
+    wrote_all(figures.save_figure(fig, data, tmp_path, "ok"), "ok")
+    assert pd.read_csv(tmp_path / "ok.csv").equals(data) and not plt.get_fignums()
+
+    fig, ax = plt.subplots()
+    real = fig.savefig
+
+    def png_fails(buf, format, **kw):
+        if format == "png":
+            buf.write(b"half a png")
+            raise OSError("disk full")
+        return real(buf, format=format, **kw)
+
+    monkeypatch.setattr(fig, "savefig", png_fails)
+    with pytest.raises(OSError, match="disk full"):
+        figures.save_figure(fig, data, tmp_path, "broken")
+    assert sorted(p.name for p in tmp_path.iterdir() if "broken" in p.name) == ["broken.pdf"]
+    assert not plt.get_fignums()
+
+
 # ---- significance marks -------------------------------------------------------------------------------------------
 def marks(fig):
     return [c for ax in fig.axes for c in ax.collections if c.get_gid() == "significance"]

@@ -126,7 +126,7 @@ def test_memory_part_joins_by_name():
     assert s2.turns[0].images == [] and s2.labels["has_image"] is False
     assert by_id(r, 3).labels["_target"] == "ohaddad@example.net"
     mark = s2.turns[0].marks[0]
-    assert mark.label == "Name" and s2.turns[0].text[mark.start:mark.end] == "Peter Vanceworth"
+    assert mark.label == "name" and s2.turns[0].text[mark.start:mark.end] == "Peter Vanceworth"
     # the unnamed index column of this table is ignored
     assert "Peter Vance" in r.identities.Name.tolist() and len(r.identities) == 5
 
@@ -242,7 +242,7 @@ def test_renders_through_tiny_llava(llava):
     assert (tm.segment == "image").sum() > 0 and (tm.image_index == 0).any()
     m = load(part="memory")
     tm = render(llava.adapter, by_id(m, 2)).token_map.df  # text-only retention prompt, name marked
-    assert (tm.segment == "image").sum() == 0 and (tm["mark"] == "Name").sum() > 0
+    assert (tm.segment == "image").sum() == 0 and (tm["mark"] == "name").sum() > 0
 
 
 def test_name_shared_by_two_memory_rows_is_reported_not_guessed(copy):

@@ -122,6 +122,17 @@ def test_targets_from_private_labels():
         session_targets(sessions, "ssn")
 
 
+def test_mark_groups_find_tokens_that_carry_two_marks():
+    """A token inside two marked spans carries both labels joined by '|' (as `render` writes them): mark:<label>
+    cells must find it under either label."""
+    from probes.probe_data import _group_rows
+
+    m = pd.DataFrame({"session_id": "s0", "position": [3, 4, 5, 6], "turn": 0,
+                      "mark": ["ssn", "ssn|value", "value", ""], "groups": "mark:ssn"})
+    assert _group_rows(m, "mark:ssn").position.tolist() == [3, 4]
+    assert _group_rows(m, "mark:value").position.tolist() == [4, 5]
+
+
 def test_mmret_probe_on_a_captured_store(tiny_dir, tmp_path):
     from analysis.cli import main
     from probes import capture, load_model

@@ -36,6 +36,13 @@ def test_malformed_jsonl_line_is_named(tmp_path, doc_image_path):
     path.write_text(json.dumps({"session_id": "x", "turns": [{"role": "robot", "text": "hi"}]}) + "\n")
     with pytest.raises(SessionError, match=r"s\.jsonl:1: turns\[0\]: turn role 'robot'"):
         list(read_sessions(path))
+    mark = {"label": "ssn", "start": "a", "end": 3}
+    path.write_text(json.dumps({"session_id": "x", "turns": [{"role": "user", "text": "hi", "marks": [mark]}]}) + "\n")
+    with pytest.raises(SessionError, match=r"s\.jsonl:1: turns\[0\]: malformed turn"):
+        list(read_sessions(path))
+    path.write_text(json.dumps({"session_id": "x", "turns": [{"role": "user", "text": "hi"}], "labels": None}) + "\n")
+    with pytest.raises(SessionError, match=r"s\.jsonl:1: field 'labels' must be an object, got NoneType"):
+        list(read_sessions(path))
 
 
 def test_missing_changed_and_corrupt_images_are_named(tmp_path, doc_image_path):

@@ -122,6 +122,36 @@ def test_failed_stage_keeps_partial_and_resumes(tmp_path, first_run, monkeypatch
     assert rows["session_id"].nunique() == 1
 
 
+def test_fingerprint_sees_weights_retrained_in_place(tmp_path, monkeypatch):
+    """Same shapes give the same file sizes: the fingerprint reads the content (small files) or the modification
+    time (large shards)."""
+    from analysis import study_config
+
+    (tmp_path / "config.json").write_text("{}")
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"a" * 100)
+    before = study_config.model_fingerprint(str(tmp_path))
+    weights.write_bytes(b"b" * 100)
+    assert study_config.model_fingerprint(str(tmp_path)) != before
+    monkeypatch.setattr(study_config, "HASHED_WEIGHTS_MAX_BYTES", 10)
+    os.utime(weights, ns=(10**18, 10**18))
+    big = study_config.model_fingerprint(str(tmp_path))
+    os.utime(weights, ns=(2 * 10**18, 2 * 10**18))
+    assert study_config.model_fingerprint(str(tmp_path)) != big
+
+
+def test_unreadable_done_marker_means_not_done(tmp_path):
+    from analysis.study_config import marker_hash
+
+    marker = tmp_path / "stage.json"
+    assert marker_hash(marker) is None
+    marker.write_text('{"hash": "abc"}')
+    assert marker_hash(marker) == "abc"
+    for broken in ("{", "[1]", "\udcff"):
+        marker.write_text(broken, errors="surrogateescape")
+        assert marker_hash(marker) is None
+
+
 def test_shipped_default_config_is_valid():
     cfg = load_study_config(default_config_path())
     assert cfg.get("models")[0]["path"] == "default"
