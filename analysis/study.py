@@ -140,17 +140,22 @@ def build_sessions(cfg: StudyConfig, work: Path) -> None:
 
 
 def run_leakage_stage(study: Study, entry: dict[str, Any], sessions: Path, work: Path) -> None:
-    from probes.leakage import evaluate_leakage, run_leakage
+    from probes.leakage import evaluate_in_parts, parts_folder, run_leakage
     from probes.session import read_sessions
 
     c, loaded = study.cfg.section("leakage"), study.model(entry)
     run_leakage(loaded, sessions / "mmprivacy.jsonl", work, max_new_tokens=c["max_new_tokens"],
                 batch_size=c["batch_size"], n_boot=study.cfg.get("statistics.n_boot"), seed=study.cfg.data["seed"],
                 model=entry["name"], progress=study.progress)
-    # Context retention: the multi-turn sessions' probe turn, scored the same way (ASR by turn distance).
-    multi = evaluate_leakage(loaded, read_sessions(sessions / "multiturn.jsonl"), c["max_new_tokens"],
-                             c["batch_size"], model=entry["name"], progress=study.progress)
+    # Context retention: the multi-turn sessions' probe turn, scored the same way (ASR by turn distance); in parts
+    # too, so that a killed stage resumes in its partial folder.
+    multi_jsonl = sessions / "multiturn.jsonl"
+    kw = dict(max_new_tokens=c["max_new_tokens"], model=entry["name"])
+    parts = parts_folder(work, multi_jsonl, loaded, batch_size=c["batch_size"], **kw)
+    multi = evaluate_in_parts(loaded, list(read_sessions(multi_jsonl)), parts, batch_size=c["batch_size"],
+                              progress=study.progress, **kw)
     atomic_write_bytes(work / "multiturn_results.csv", multi.to_csv(index=False).encode())
+    shutil.rmtree(parts)
 
 
 def run_capture_stage(study: Study, entry: dict[str, Any], sessions: Path, work: Path) -> None:

@@ -16,8 +16,11 @@ label "_target" (the PII value its probe turn asks for).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -361,6 +364,41 @@ def evaluate_leakage(loaded: LoadedModel, sessions: Iterable[Session], max_new_t
                            refusal_patterns=refusal_patterns, keep_responses=keep_responses)
 
 
+def parts_folder(out_dir: str | os.PathLike, sessions_jsonl: str | os.PathLike, loaded: LoadedModel,
+                 **settings: Any) -> Path:
+    """Where `evaluate_in_parts` keeps the finished parts of one evaluation: named by a hash of the sessions file,
+    the model and the settings, so a rerun with anything changed starts afresh (and clears the old parts)."""
+    h = hashlib.sha256(Path(sessions_jsonl).read_bytes())
+    h.update(json.dumps({"model": loaded.name, **settings}, sort_keys=True, default=str).encode())
+    stem = Path(sessions_jsonl).stem
+    folder = Path(out_dir) / f".leakage-parts-{stem}-{h.hexdigest()[:16]}"
+    for stale in Path(out_dir).glob(f".leakage-parts-{stem}-*"):
+        if stale != folder:
+            shutil.rmtree(stale)
+    return folder
+
+
+def evaluate_in_parts(loaded: LoadedModel, sessions: Sequence[Session], parts: Path, batch_size: int = 8,
+                      progress: bool = True, **kw: Any) -> pd.DataFrame:
+    """`evaluate_leakage` that can be resumed: sessions go in parts of generate_batch's window (batch_size * 16
+    sessions, so the batches and the answers are those of one call), and each part's rows are saved in `parts`
+    as it finishes. Started again after a kill, it generates only the parts not yet saved. The saved rows are the
+    result rows (no PII unless keep_responses). The caller removes `parts` once it has written what it makes of
+    the rows (a kill before that then costs nothing)."""
+    parts.mkdir(parents=True, exist_ok=True)
+    size = batch_size * 16
+    frames = []
+    with tqdm(total=len(sessions), desc="leakage", unit="session", disable=not progress) as bar:
+        for i, p0 in enumerate(range(0, len(sessions), size)):
+            part = parts / f"{i:06d}.parquet"
+            if not part.exists():
+                rows = evaluate_leakage(loaded, sessions[p0:p0 + size], batch_size=batch_size, progress=False, **kw)
+                atomic_write_bytes(part, rows.to_parquet(index=False))
+            frames.append(pd.read_parquet(part))  # read back either way: a resumed table has the same dtypes
+            bar.update(len(frames[-1]))
+    return pd.concat(frames, ignore_index=True)
+
+
 def run_leakage(model_path_or_loaded: str | os.PathLike | LoadedModel, sessions_jsonl: str | os.PathLike,
                 out_dir: str | os.PathLike, max_new_tokens: int = 32, batch_size: int = 8,
                 refusal_patterns: Sequence[str] | None = None, keep_responses: bool = False, n_boot: int = 1000,
@@ -368,7 +406,9 @@ def run_leakage(model_path_or_loaded: str | os.PathLike | LoadedModel, sessions_
                 progress: bool = True) -> pd.DataFrame:
     """`mmret leak`: evaluate a model on a sessions file and write into `out_dir`: results.csv/.parquet (one row
     per response), leakage_long.csv, leakage_table.csv/.tex (the benchmark layout with bootstrap 95% CIs by
-    identity) and leakage.pdf/.png/.csv (the figure). Returns the results DataFrame."""
+    identity) and leakage.pdf/.png/.csv (the figure). Returns the results DataFrame. Resumable: a killed run
+    started again with the same sessions, model and settings generates only what it had not finished
+    (`evaluate_in_parts`)."""
     from analysis.figures import plot_leakage
     from analysis.tables import leakage_long, write_leakage_table
     from probes.loading import load_model
@@ -384,14 +424,16 @@ def run_leakage(model_path_or_loaded: str | os.PathLike | LoadedModel, sessions_
     loaded = model_path_or_loaded
     if not isinstance(loaded, LoadedModel):
         loaded = load_model(loaded, device=device, dtype=dtype)
-    df = evaluate_leakage(loaded, sessions, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                          refusal_patterns=refusal_patterns, keep_responses=keep_responses, model=model,
-                          progress=progress)
+    settings = dict(max_new_tokens=max_new_tokens, refusal_patterns=refusal_patterns, keep_responses=keep_responses,
+                    model=model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    parts = parts_folder(out, sessions_jsonl, loaded, batch_size=batch_size, **settings)
+    df = evaluate_in_parts(loaded, sessions, parts, batch_size=batch_size, progress=progress, **settings)
     atomic_write_bytes(out / "results.csv", df.to_csv(index=False).encode("utf-8"))
     atomic_write_bytes(out / "results.parquet", df.to_parquet(index=False))
     long = leakage_long(df, n_boot=n_boot, seed=seed)
     write_leakage_table(long, out)
     plot_leakage(long, out)
+    shutil.rmtree(parts)
     return df

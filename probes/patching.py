@@ -58,8 +58,11 @@ and `run_patching`, which writes CSVs and figures for `mmret patch`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import shutil
 import weakref
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
@@ -79,7 +82,7 @@ from probes.identities import Identity, make_identities
 from probes.loading import LoadedModel
 from probes.patching_metrics import (METRICS, Answer, PatchingError, answer_metrics, make_answer, patch_score)
 from probes.render import RenderedSession, render
-from probes.session import Session, SessionImage, Turn, read_sessions
+from probes.session import Session, SessionImage, Turn, atomic_write_bytes, read_sessions
 from probes.sessions_build import FRAMINGS, disclosure_request, frame, mark_values
 
 log = logging.getLogger(__name__)
@@ -805,8 +808,12 @@ def patch_sessions(loaded: LoadedModel, sessions: Sequence[Session], experiment:
                    swap: Sequence[str] | None = None, noise_std: float = 3.0, seed: int = 0,
                    sources: Sequence[str] | None = None, windows: Sequence[int] | None = None,
                    check_exact: bool = True, leak: str | None = None, refusal: str | None = None,
-                   model: str | None = None, progress: bool = False) -> pd.DataFrame:
-    """Run `experiment` on every session (the clean side of each pair) and return the tidy rows (no summary)."""
+                   model: str | None = None, progress: bool = False,
+                   parts: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Run `experiment` on every session (the clean side of each pair) and return the tidy rows (no summary).
+    `parts`: a folder where each session's rows are kept as it finishes, so that a killed run started again with
+    the same folder patches only the sessions it had not finished (the caller names the folder by its settings,
+    as `run_patching` does)."""
     from probes.leakage import model_label
 
     if experiment not in EXPERIMENTS:
@@ -822,8 +829,8 @@ def patch_sessions(loaded: LoadedModel, sessions: Sequence[Session], experiment:
         raise PatchingError("no sessions to patch")
     pool = _other_identities(sessions, seed) if corruption == "image" else []
     label = model or model_label(loaded)
-    rows: list[dict[str, Any]] = []
-    for s in tqdm(sessions, desc=f"patch {experiment}", unit="session", disable=not progress):
+
+    def rows_of(s: Session) -> list[dict[str, Any]]:
         head = {"model": label, "family": loaded.family, "experiment": experiment, "n": 1, **_public(s.labels),
                 "session_id": s.session_id}
         if experiment == "knockout":
@@ -835,12 +842,11 @@ def patch_sessions(loaded: LoadedModel, sessions: Sequence[Session], experiment:
             src = {g: run.group(g) for g in (sources or _default_sources(run, p))}
             src = {g: v for g, v in src.items() if len(v)}
             ws = list(windows) if windows else [max(1, loaded.n_layers // 4)]
-            rows += [{**head, "corruption": None, **r} for r in knockout(loaded, run, answer, src, ws,
-                                                                         batch_size=batch_size)]
-            continue
+            return [{**head, "corruption": None, **r} for r in knockout(loaded, run, answer, src, ws,
+                                                                        batch_size=batch_size)]
         if corruption == "framing" and s.labels.get("framing") == corrupt_framing:
             log.info("session %s: already under the %s framing; skipped", s.session_id, corrupt_framing)
-            continue
+            return []
         other = None
         if corruption == "image":
             sw = tuple(swap) if swap is not None else (s.labels.get("pii_type"),)
@@ -854,12 +860,29 @@ def patch_sessions(loaded: LoadedModel, sessions: Sequence[Session], experiment:
         prepare_pair(loaded, pair, hooks, grad=grad)
         head["corrupt_framing"] = pair.corrupt.session.labels.get("framing") if corruption == "framing" else None
         head["corruption"] = corruption
+        rows = []
         for d in directions:
             if method == "atp":
                 rows += [{**head, **r} for r in attribution_patching(pair, cells, d, align)]
             if method == "exact" or check_exact:
                 rows += [{**head, **r} for r in exact_patching(loaded, pair, cells, d, batch_size, align)]
-    df = pd.DataFrame(rows)
+        return rows
+
+    # With `parts`, each session's rows are saved as it finishes and a rerun reads them back instead of patching
+    # again (a killed run resumes); the table is then made from what was saved, resumed or not.
+    parts = Path(parts) if parts is not None else None
+    if parts is not None:
+        parts.mkdir(parents=True, exist_ok=True)
+    frames: list[pd.DataFrame] = []
+    for i, s in enumerate(tqdm(sessions, desc=f"patch {experiment}", unit="session", disable=not progress)):
+        if parts is None:
+            frames.append(pd.DataFrame(rows_of(s)))
+            continue
+        part = parts / f"{i:06d}.parquet"
+        if not part.exists():
+            atomic_write_bytes(part, pd.DataFrame(rows_of(s)).to_parquet(index=False))
+        frames.append(pd.read_parquet(part))
+    df = pd.concat([f for f in frames if len(f)] or [pd.DataFrame()], ignore_index=True)
     for c in ROW_COLUMNS:
         if c not in df.columns:
             df[c] = None
@@ -909,25 +932,37 @@ def run_patching(loaded: LoadedModel | str | os.PathLike, sessions: Sequence[Ses
     - figures: layer x position heatmaps per component for each direction (patching_<experiment>_<direction>),
       knockout curves by window (knockout), AtP-vs-exact scatter (atp).
 
+    Resumable: each session's rows are kept as it finishes, and a killed run started again with the same sessions
+    and settings patches only the rest.
+
     Returns the per-pair rows."""
     from probes.loading import load_model
-    from probes.session import atomic_write_bytes
 
     if not isinstance(loaded, LoadedModel):
         loaded = load_model(loaded, device=device, dtype=dtype)
     if not isinstance(sessions, (list, tuple)):
         sessions = list(read_sessions(sessions))
     sessions = list(sessions)[:max_pairs] if max_pairs else list(sessions)
-    df = patch_sessions(loaded, sessions, experiment, corruption=corruption, directions=directions,
-                        components=components, layers=layers, groups=groups, batch_size=batch_size, align=align,
-                        corrupt_framing=corrupt_framing, replacements=replacements, swap=swap, noise_std=noise_std,
-                        seed=seed, sources=sources, windows=windows, check_exact=check_exact, leak=leak,
-                        refusal=refusal, model=model, progress=progress)
-    if not len(df):
-        raise PatchingError(f"experiment {experiment!r}: no session made a pair (e.g. every session is already "
-                            f"under the corrupt framing {corrupt_framing!r})")
+    settings = dict(corruption=corruption, directions=directions, components=components, layers=layers,
+                    groups=groups, batch_size=batch_size, align=align, corrupt_framing=corrupt_framing,
+                    replacements=replacements, swap=swap, noise_std=noise_std, seed=seed, sources=sources,
+                    windows=windows, check_exact=check_exact, leak=leak, refusal=refusal, model=model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # Finished sessions are kept under a name that hashes everything the rows depend on: a killed run started
+    # again resumes, and a run with anything changed starts afresh (and clears the old parts).
+    key = hashlib.sha256(json.dumps({"model": loaded.name, "experiment": experiment, **settings,
+                                     "sessions": [s.to_json() for s in sessions]}, sort_keys=True,
+                                    default=str).encode()).hexdigest()[:16]
+    parts = out / f".patching-parts-{experiment}-{key}"
+    for stale in out.glob(f".patching-parts-{experiment}-*"):
+        if stale != parts:
+            shutil.rmtree(stale)
+    df = patch_sessions(loaded, sessions, experiment, progress=progress, parts=parts, **settings)
+    if not len(df):
+        shutil.rmtree(parts)
+        raise PatchingError(f"experiment {experiment!r}: no session made a pair (e.g. every session is already "
+                            f"under the corrupt framing {corrupt_framing!r})")
     atomic_write_bytes(out / f"patching_{experiment}.csv", df.to_csv(index=False).encode("utf-8"))
     summary = summarize(df, n_boot=n_boot, seed=seed)
     atomic_write_bytes(out / f"patching_{experiment}_summary.csv", summary.to_csv(index=False).encode("utf-8"))
@@ -937,6 +972,7 @@ def run_patching(loaded: LoadedModel | str | os.PathLike, sessions: Sequence[Ses
         atomic_write_bytes(out / "atp_agreement.csv", agreement.to_csv(index=False).encode("utf-8"))
     if figures:
         write_figures(df, summary, out, experiment)
+    shutil.rmtree(parts)
     return df
 
 

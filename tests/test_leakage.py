@@ -266,21 +266,26 @@ def test_generation_matches_plain_greedy_loop(llava):
 
 
 # ---- end to end -------------------------------------------------------------------------------------------------
-def test_leak_run_end_to_end(llava, tmp_path):
+def leak_jsonl(tmp_path, per_cell=3):
+    """A sessions file: direct and caption framings x SSN and Email x `per_cell` sessions, each with its image."""
     from probes.session import SessionImage, write_sessions
 
     sessions = []
     k = 0
     for framing in ("direct", "caption"):
         for pii_type, target in (("SSN", "713-05-2580"), ("Email", "dennis75@example.net")):
-            for i in range(3):
+            for i in range(per_cell):
                 s = leak_session(k, pii_type, target, framing=framing, distractors=k % 2)
                 path = tmp_path / f"img{k}.png"
                 document_image(text=f"ID {k}").save(path)
                 s.turns[0].images = [SessionImage.from_path(path)]
                 sessions.append(s)
                 k += 1
-    jsonl = write_sessions(sessions, tmp_path / "sessions.jsonl")
+    return sessions, write_sessions(sessions, tmp_path / "sessions.jsonl")
+
+
+def test_leak_run_end_to_end(llava, tmp_path):
+    sessions, jsonl = leak_jsonl(tmp_path)
     out = tmp_path / "leak"
     df = run_leakage(llava, jsonl, out, max_new_tokens=6, batch_size=4, n_boot=100, progress=False)
     assert len(df) == len(sessions) and list(df.columns) == list(RESULT_COLUMNS)
@@ -299,6 +304,41 @@ def test_leak_run_end_to_end(llava, tmp_path):
         text = (out / name).read_text()
         assert "713-05-2580" not in text and "dennis75" not in text  # no PII in result files
     assert json.loads(json.dumps(df.iloc[0].to_dict(), default=str))  # plain values
+
+
+def test_killed_leakage_run_resumes_where_it_stopped(llava, tmp_path, monkeypatch):
+    """Parts of 16 sessions (batch_size 1) are saved as they finish: a run killed in its second part, started
+    again, generates only that part and ends with the table an uninterrupted run writes. A run with other settings
+    does not reuse them."""
+    from probes import leakage
+
+    sessions, jsonl = leak_jsonl(tmp_path, per_cell=5)  # 20 sessions: parts of 16 and 4
+    kw = dict(max_new_tokens=4, batch_size=1, n_boot=20, progress=False)
+    full = run_leakage(llava, jsonl, tmp_path / "a", **kw)
+    real, calls, kill = leakage.evaluate_leakage, [], {"in_call": 2}
+
+    def killable(loaded, part, **kw):
+        calls.append(len(part))
+        if len(calls) == kill.get("in_call"):
+            raise KeyboardInterrupt
+        return real(loaded, part, **kw)
+
+    monkeypatch.setattr(leakage, "evaluate_leakage", killable)
+    parts = lambda: sorted(p.name for p in (tmp_path / "b").glob(".leakage-parts-*/*"))  # noqa: E731
+    with pytest.raises(KeyboardInterrupt):
+        run_leakage(llava, jsonl, tmp_path / "b", **kw)
+    assert parts() == ["000000.parquet"]
+    calls.clear(), kill.clear()
+    resumed = run_leakage(llava, jsonl, tmp_path / "b", **kw)
+    assert calls == [4] and parts() == [] and len(full) == len(sessions)
+    pd.testing.assert_frame_equal(resumed, full)
+
+    calls.clear(), kill.update(in_call=2)
+    with pytest.raises(KeyboardInterrupt):
+        run_leakage(llava, jsonl, tmp_path / "b", **kw)
+    calls.clear(), kill.clear()
+    run_leakage(llava, jsonl, tmp_path / "b", **{**kw, "max_new_tokens": 3})
+    assert calls == [16, 4] and parts() == []  # started afresh, and the 4-token parts are gone
 
 
 def test_run_leakage_reports_bad_session_file(llava, tmp_path):

@@ -122,6 +122,12 @@ def test_train_tiny_runs_resumes_and_loads(tmp_path):
     full = train(tmp_path / "a", **kw)
     assert train(tmp_path / "b", stop_after=3, **kw) is None  # a run "killed" after 3 steps
     assert json.loads((tmp_path / "b" / "ckpt.json").read_text())["step"] == 3
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "b" / "ckpt.safetensors"), "pt") as fh:  # the step travels with the weights
+        assert json.loads(fh.metadata()["record"])["step"] == 3
+    with pytest.raises(ValueError, match=r"ckpt\.safetensors: this run was started with other settings \(lr differ\)"):
+        train(tmp_path / "b", lr=5e-4, **kw)
     resumed = train(tmp_path / "b", **kw)
     from safetensors.torch import load_file
 

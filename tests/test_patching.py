@@ -305,3 +305,30 @@ def test_run_patching_writes_rows_summary_and_figures(llava, sessions, tmp_path,
         assert set(pd.read_csv(tmp_path / "atp_agreement.csv")["direction"]) == {"denoise", "noise"}
     if experiment == "taskswap":
         assert set(df["direction"]) == {"denoise", "noise"} and set(df["corrupt_framing"]) == {"direct"}
+
+
+def test_killed_patching_run_resumes_where_it_stopped(llava, sessions, tmp_path, monkeypatch):
+    """Each session's rows are kept as it finishes: a run killed in its second session, started again, patches only
+    the sessions left and returns the rows of an uninterrupted run; the kept parts are gone at the end."""
+    from probes import patching
+
+    chosen = sessions["mmp"][:3]
+    kw = dict(n_boot=20, progress=False, components=("resid_pre",), figures=False)
+    full = run_patching(llava, chosen, "denoise", tmp_path / "a", **kw)
+    real, calls, kill = patching.build_pair, [], [True]
+
+    def killable(loaded, session, *args, **kwargs):
+        calls.append(session.session_id)
+        if kill and len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(loaded, session, *args, **kwargs)
+
+    monkeypatch.setattr(patching, "build_pair", killable)
+    with pytest.raises(KeyboardInterrupt):
+        run_patching(llava, chosen, "denoise", tmp_path / "b", **kw)
+    assert [p.name for p in (tmp_path / "b").glob(".patching-parts-denoise-*/*")] == ["000000.parquet"]
+    calls.clear(), kill.clear()
+    resumed = run_patching(llava, chosen, "denoise", tmp_path / "b", **kw)
+    assert calls == [s.session_id for s in chosen[1:]]
+    pd.testing.assert_frame_equal(resumed, full)
+    assert not list((tmp_path / "b").glob(".patching-parts-*"))

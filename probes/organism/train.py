@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -272,13 +273,19 @@ def _save_ckpt(path: Path, model, heads, opt, step: int, meta: dict[str, Any]) -
                     v.detach().cpu().contiguous()
     # Tied weights appear twice in the state dict; safetensors refuses shared storage, so copy.
     tensors = {k: v.clone() for k, v in tensors.items()}
+    # The step and settings travel inside the weights file, so the two can never disagree after a kill.
+    record = {"step": step, **meta}
     tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp))
+    save_file(tensors, str(tmp), metadata={"record": json.dumps(record)})
     os.replace(tmp, path)
-    atomic_write_text(path.with_suffix(".json"), json.dumps({"step": step, **meta}, indent=1))
+    atomic_write_text(path.with_suffix(".json"), json.dumps(record, indent=1))  # a copy to read
 
 
-def _load_ckpt(path: Path, model, heads, opt) -> int:
+def _load_ckpt(path: Path, model, heads, opt) -> dict[str, Any]:
+    """Load a checkpoint into model, heads and opt; returns its record (step, settings, train_seconds)."""
+    with safe_open(str(path), "pt") as fh:
+        stored = (fh.metadata() or {}).get("record")
+    record = json.loads(stored) if stored else json.loads(path.with_suffix(".json").read_text())  # older runs
     t = load_file(str(path))
     model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
     heads.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("heads.")})
@@ -290,7 +297,7 @@ def _load_ckpt(path: Path, model, heads, opt) -> int:
             state.setdefault(int(i), {})[name] = v.reshape(()) if name == "step" else v
     sd["state"] = state
     opt.load_state_dict(sd)
-    return json.loads(path.with_suffix(".json").read_text())["step"]
+    return record
 
 
 def lr_at(step: int, total: int, lr: float, warmup: int = 100) -> float:
@@ -352,51 +359,56 @@ def train(out_dir: str | os.PathLike, seed: int = 0, device: str = "cpu", steps:
             "plan_layer": PLAN_LAYER, "paraphrase_share": PARAPHRASE_SHARE, "paraphrases_sha": paraphrases_sha()}
     start, elapsed = 0, 0.0
     if resume and ckpt.exists():
-        start = _load_ckpt(ckpt, model, heads, opt)
-        elapsed = json.loads(ckpt.with_suffix(".json").read_text()).get("train_seconds", 0.0)
+        record = _load_ckpt(ckpt, model, heads, opt)
+        # Resuming under other settings would train a model that no single run makes; the device may change.
+        differ = sorted(k for k, v in json.loads(json.dumps(meta)).items() if k != "device" and record.get(k) != v)
+        if differ:
+            raise ValueError(f"{ckpt}: this run was started with other settings ({', '.join(differ)} differ); "
+                             "resume with the same ones, or train into a new --out (or pass --no-resume)")
+        start, elapsed = record["step"], record.get("train_seconds", 0.0)
     logf = open(log, "a") if log else None
     bar = tqdm(range(start, total), initial=start, total=total, disable=not progress, desc="organism")
-    t0 = time.time()
-    for step in bar:
-        stage, frac = stage_of(step, steps)
-        rng = random.Random(f"{seed}/{step}")
-        examples = [source.draw(stage, rng, frac) for _ in range(batch_size)]
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, total, lr)
-        trainer.token_weight = token_weight if step >= token_from else 0.0
-        opt.zero_grad(set_to_none=True)
-        # Multi-turn sessions are 2-3x longer than the rest: two forward passes pad far less than one.
-        groups = [[e for e in examples if len(e.turns) <= 1], [e for e in examples if len(e.turns) > 1]]
-        stats: dict[str, float] = {}
-        for group in (g for g in groups if g):
-            batch = {k: v.to(device) for k, v in collate(group, tok, cfg).items()}
-            loss, st = trainer.loss(batch)
-            (loss * len(group) / len(examples)).backward()
-            for k, v in st.items():
-                stats[k] = stats.get(k, 0.0) + v * len(group) / len(examples)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        bar.set_postfix(stage=stage, **{k: f"{v:.3f}" for k, v in stats.items()})
-        if logf and (step % 10 == 0 or step == total - 1):
-            logf.write(json.dumps({"step": step, "stage": stage, "t": round(elapsed + time.time() - t0, 1),
-                                   **{k: round(v, 4) for k, v in stats.items()}}) + "\n")
-            logf.flush()
-        if (step + 1) % ckpt_every == 0 or step == total - 1:
-            _save_ckpt(ckpt, model, heads, opt, step + 1, {**meta, "train_seconds": elapsed + time.time() - t0})
-        if stop_after is not None and step + 1 - start >= stop_after:
-            _save_ckpt(ckpt, model, heads, opt, step + 1, {**meta, "train_seconds": elapsed + time.time() - t0})
-            bar.close()
-            if logf:
-                logf.close()
-            return None
-    train_seconds = elapsed + time.time() - t0
-    model.eval()
-    final = save_tiny(model.cpu(), processor, out / "model")
-    atomic_write_text(final / "training.json", json.dumps({**meta, "train_seconds": round(train_seconds, 1),
-                                                          "torch_threads": torch.get_num_threads()}, indent=1))
-    if logf:
-        logf.close()
-    return final
+    try:
+        t0 = time.time()
+        for step in bar:
+            stage, frac = stage_of(step, steps)
+            rng = random.Random(f"{seed}/{step}")
+            examples = [source.draw(stage, rng, frac) for _ in range(batch_size)]
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, total, lr)
+            trainer.token_weight = token_weight if step >= token_from else 0.0
+            opt.zero_grad(set_to_none=True)
+            # Multi-turn sessions are 2-3x longer than the rest: two forward passes pad far less than one.
+            groups = [[e for e in examples if len(e.turns) <= 1], [e for e in examples if len(e.turns) > 1]]
+            stats: dict[str, float] = {}
+            for group in (g for g in groups if g):
+                batch = {k: v.to(device) for k, v in collate(group, tok, cfg).items()}
+                loss, st = trainer.loss(batch)
+                (loss * len(group) / len(examples)).backward()
+                for k, v in st.items():
+                    stats[k] = stats.get(k, 0.0) + v * len(group) / len(examples)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            bar.set_postfix(stage=stage, **{k: f"{v:.3f}" for k, v in stats.items()})
+            if logf and (step % 10 == 0 or step == total - 1):
+                logf.write(json.dumps({"step": step, "stage": stage, "t": round(elapsed + time.time() - t0, 1),
+                                       **{k: round(v, 4) for k, v in stats.items()}}) + "\n")
+                logf.flush()
+            if (step + 1) % ckpt_every == 0 or step == total - 1:
+                _save_ckpt(ckpt, model, heads, opt, step + 1, {**meta, "train_seconds": elapsed + time.time() - t0})
+            if stop_after is not None and step + 1 - start >= stop_after:
+                _save_ckpt(ckpt, model, heads, opt, step + 1, {**meta, "train_seconds": elapsed + time.time() - t0})
+                return None
+        train_seconds = elapsed + time.time() - t0
+        model.eval()
+        final = save_tiny(model.cpu(), processor, out / "model")
+        atomic_write_text(final / "training.json", json.dumps({**meta, "train_seconds": round(train_seconds, 1),
+                                                              "torch_threads": torch.get_num_threads()}, indent=1))
+        return final
+    finally:  # the bar and the log are closed however the run ends
+        bar.close()
+        if logf:
+            logf.close()
 
 
 def export_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
@@ -442,11 +454,14 @@ def main_train(argv: list[str] | None = None) -> int:
     steps = tuple(int(s) for s in a.steps.split(","))
     if len(steps) != 3 or min(steps) < 0:
         raise SystemExit(f"--steps {a.steps!r}: expected three non-negative integers read,policy,memory")
-    path = train(a.out, a.seed, a.device, steps, a.batch_size, a.lr, TINY if a.tiny else OrganismConfig(),
-                 resume=not a.no_resume, threads=a.threads, log=a.log,
-                 n_memory=a.n_memory, token_weight=a.token_weight, token_from=a.token_from,
-                 copy_weight=a.copy_weight, digits_first=a.digits_first, filler_share=a.filler_share,
-                 plan_weight=a.plan_weight)
+    try:
+        path = train(a.out, a.seed, a.device, steps, a.batch_size, a.lr, TINY if a.tiny else OrganismConfig(),
+                     resume=not a.no_resume, threads=a.threads, log=a.log,
+                     n_memory=a.n_memory, token_weight=a.token_weight, token_from=a.token_from,
+                     copy_weight=a.copy_weight, digits_first=a.digits_first, filler_share=a.filler_share,
+                     plan_weight=a.plan_weight)
+    except ValueError as err:  # a resume under other settings: a message, not a traceback
+        raise SystemExit(f"mmret organism train: error: {err}") from err
     print(f"model: {path}")
     return 0
 
