@@ -73,6 +73,9 @@ def _read_spec(meta: Path) -> dict[str, Any]:
     return spec
 
 
+SHARDS_KEY = b"mmret_shards"  # schema metadata of manifest.parquet: the shards it consolidates
+
+
 class ActivationStore:
     """A folder of captured activations; see the module docstring for the layout."""
 
@@ -150,15 +153,15 @@ class ActivationStore:
         names = {p.stem for p in parts}
         cons = self.path / "manifest.parquet"
         df = None
-        if cons.exists():
+        # The consolidated file records the shards it was made from (a session whose selectors picked no
+        # position has a shard but no rows, so the rows alone cannot say).
+        if cons.exists() and _shards_of(cons) == names:
             df = pd.read_parquet(cons)
-            if set(df["shard"].unique()) != names:
-                df = None
         if df is None:
             frames = [pd.read_parquet(p) for p in parts]
             df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=BASE_COLUMNS)
             if frames:
-                atomic_write_bytes(cons, _parquet_bytes(df))
+                atomic_write_bytes(cons, _parquet_bytes(df, shards=names))
         self._manifest = df
         return df
 
@@ -257,9 +260,24 @@ def _scalar(value: Any) -> Any:
     return value if isinstance(value, (str, int, float, bool)) or value is None else json.dumps(value)
 
 
-def _parquet_bytes(df: pd.DataFrame) -> bytes:
+def _parquet_bytes(df: pd.DataFrame, shards: set[str] | None = None) -> bytes:
+    """Parquet of df; `shards` (for the consolidated manifest) is kept in the file's schema metadata."""
     import io
 
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    if shards is not None:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                               SHARDS_KEY: json.dumps(sorted(shards)).encode()})
     buf = io.BytesIO()
-    df.to_parquet(buf, index=False)
+    pq.write_table(table, buf)
     return buf.getvalue()
+
+
+def _shards_of(cons: Path) -> set[str] | None:
+    import pyarrow.parquet as pq
+
+    stored = (pq.read_schema(cons).metadata or {}).get(SHARDS_KEY)
+    return set(json.loads(stored)) if stored is not None else None

@@ -8,6 +8,9 @@ downloaded. Used by the tests, the benchmarks and the demo; `build_tiny_model(fa
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -55,16 +58,28 @@ def build_tokenizer(special_tokens: list[str], *, bos: str = "<s>", eos: str = "
 
 
 def save_tiny(model: torch.nn.Module, processor: Any, path: str | Path) -> Path:
-    """Save a tiny model and its processor as an ordinary HF model directory."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
-    if getattr(processor, "video_processor", "absent") is None:  # built without torchvision
-        from probes.processors import save_without_video
+    """Save a tiny model and its processor as an ordinary HF model directory.
 
-        save_without_video(processor, path)
-    else:
-        processor.save_pretrained(path)
+    Everything is written into a temp folder beside `path` first, then moved in file by file with config.json
+    last (an old config.json goes first): a save killed at any point leaves no folder that loads as a checkpoint
+    with parts missing. Other files already in `path` (a model card, say) stay."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if getattr(processor, "video_processor", "absent") is None:  # built without torchvision
+            from probes.processors import save_without_video
+
+            save_without_video(processor, tmp)
+        else:
+            processor.save_pretrained(tmp)
+        path.mkdir(exist_ok=True)
+        (path / "config.json").unlink(missing_ok=True)
+        for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
+            os.replace(f, path / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

@@ -30,3 +30,31 @@ def test_bad_model_folders_are_named(tmp_path):
         load_model(tmp_path)
     with pytest.raises(ModelLoadError, match="backend 'jax'"):
         load_model(tmp_path, backend="jax")
+
+
+def test_a_killed_checkpoint_save_leaves_nothing_half_written(tmp_path, monkeypatch):
+    """save_tiny writes beside the folder and moves the files in, config.json last: a save that dies while writing
+    leaves no new folder, an old checkpoint as it was, and no temp folders; rewriting a checkpoint keeps the files
+    it does not write (a model card)."""
+    from safetensors.torch import load_file
+    from transformers import PreTrainedTokenizerFast
+
+    from probes.tiny import build_tiny_model
+
+    path = build_tiny_model("llava", tmp_path / "m")
+    (path / "README.md").write_text("card")
+    build_tiny_model("llava", path, seed=1)
+    assert (path / "README.md").read_text() == "card"
+    weights = load_file(str(path / "model.safetensors"))
+
+    def dies(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", dies)
+    for target in (path, tmp_path / "new"):
+        with pytest.raises(KeyboardInterrupt):
+            build_tiny_model("llava", target, seed=2)
+    after = load_file(str(path / "model.safetensors"))
+    assert all((after[k] == weights[k]).all() for k in weights)  # the old checkpoint, untouched
+    assert load_model(path).family == "llava"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]

@@ -69,6 +69,19 @@ def test_a_session_without_its_manifest_is_not_finished(llava, tmp_path):
         ActivationStore(tmp_path / "st")
 
 
+def test_consolidated_manifest_stays_current_with_a_session_that_kept_no_position(llava, tmp_path):
+    """A session whose selectors pick nothing has a shard but no manifest rows: the consolidated manifest records
+    its shards, so reopening reads it instead of every shard again."""
+    sessions = make_sessions(tmp_path, 2)
+    sessions[1].turns[0].marks.clear()  # mark:ssn picks nothing in s01
+    store = capture(llava, sessions, tmp_path / "st", positions="mark:ssn", progress=False)
+    assert store.done("s01") and set(store.manifest["session_id"]) == {"s00"}
+    cons = tmp_path / "st" / "manifest.parquet"
+    first = cons.stat().st_mtime_ns
+    assert len(ActivationStore(tmp_path / "st").manifest) == len(store.manifest)
+    assert cons.stat().st_mtime_ns == first  # read, not rebuilt
+
+
 SCRIPT = textwrap.dedent("""
     import os, sys, time
     os.environ["HF_HUB_OFFLINE"] = "1"
