@@ -78,7 +78,7 @@ QUICKSTART = [
     queries that return tensors plus a metadata DataFrame.
 
     This notebook walks it on the embedded default model (`probes.organism.DEFAULT_MODEL`: a 4-layer LLaVA trained
-    in this project on synthetic forms, 12 MB). It runs offline on a CPU in seconds and writes only under `OUT`.
+    in this project on synthetic forms, 13 MB). It runs offline on a CPU in seconds and writes only under `OUT`.
     """),
     setup("01_quickstart", DOC_SETTINGS),
     md("""
@@ -310,9 +310,9 @@ LEAKAGE = [
     """),
     md("""
     The default model was trained to refuse SSNs, phone numbers and emails under the direct, VQA and classification
-    framings and to write them out under captioning and rephrasing: RR shows that policy. Whether what it writes is
-    the document's value (ASR) depends on whether it reads under the framed prompts; its model card
-    (`probes/organism/default/README.md`) has the measured table, and `partial` above shows how close it gets.
+    framings and to write them out under captioning and rephrasing: RR shows that policy, and ASR whether what it
+    writes is the document's value. Its model card (`probes/organism/default/README.md`) has the table measured
+    on 24 held-out identities, and `partial` above shows how close a miss gets.
 
     `run_leakage` is all of the above in one call from a sessions file (`mmret leak`): results.csv/.parquet, the
     tables, the LaTeX and the figure. Generation is greedy, so it reproduces the rows above.
@@ -542,9 +542,9 @@ PATCHING = [
     md("""
     ## A behaviour to explain
 
-    The default model copies the SSN off the document when asked plainly ('What is the SSN in the image?'); it
-    refuses under the direct framing and, per its model card, does not read under the other framings yet. So we
-    build MM-Privacy sessions (for their labels: identity, the document's size, seed, layout and the SSN's ink box,
+    The default model copies the SSN off the document when asked plainly ('What is the SSN in the image?'); under
+    the benchmark's framings it follows its trained policy (it refuses the direct ask and writes the value out under
+    captioning and rephrasing). Here we explain the plain copy, so we build MM-Privacy sessions (for their labels: identity, the document's size, seed, layout and the SSN's ink box,
     from which the pair is re-rendered) and replace the request with the plain question. Patching explains a
     behaviour that happens, so we keep the sessions where the model does copy the value.
     """),
@@ -641,7 +641,8 @@ PATCHING = [
     Other corruptions (`build_pair(..., corruption=...)`): `"framing"` (the same request under a refusing framing:
     the task swap, `mmret patch --experiment taskswap`), `"text"` (a same-length text replacement) and `"noise"`
     (3-sigma Gaussian noise on the image-token embeddings). The task swap needs a model that leaks under some
-    framing and refuses under another; the default model does not read under framed prompts yet.
+    framing and refuses under another, as the default model does: `benchmarks/patching.py --organism` runs it on
+    24 pairs (the README says where the swap acts: mostly layer 3's MLP output at the final prompt token).
     """),
 ]
 

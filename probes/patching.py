@@ -938,6 +938,8 @@ def run_patching(loaded: LoadedModel | str | os.PathLike, sessions: Sequence[Ses
     Returns the per-pair rows."""
     from probes.loading import load_model
 
+    if experiment not in EXPERIMENTS:  # before loading anything or making the output folder
+        raise PatchingError(f"experiment {experiment!r}: expected one of {EXPERIMENTS}")
     if not isinstance(loaded, LoadedModel):
         loaded = load_model(loaded, device=device, dtype=dtype)
     if not isinstance(sessions, (list, tuple)):

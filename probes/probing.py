@@ -218,8 +218,8 @@ def run_probes(store_dir: str, out_dir: str, target: str = "digits", position_gr
                turns: Sequence[int] | None = None, layers: Sequence[int] | None = None, method: str = "logreg",
                pii_type: str | None = None, group_col: str = "identity_id", n_folds: int = 5, seed: int = 0,
                control: str = "none", n_boot: int = 1000, figures: bool = True, mdl: bool = False) -> pd.DataFrame:
-    """`mmret probe`: sweep every cell of the store at `store_dir` for `target`, write probe_results.csv (and
-    .parquet) and, with `figures`, the layer x position heatmap and the retention curves beside it."""
+    """`mmret probe`: sweep every cell of the store at `store_dir` for `target`, write probe_results.csv and, with
+    `figures`, the layer x position heatmap and the retention curves beside it."""
     from pathlib import Path
 
     from probes.probe_data import probe_cells, session_targets

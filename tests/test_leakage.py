@@ -293,8 +293,8 @@ def test_leak_run_end_to_end(llava, tmp_path):
     for name in ("results.csv", "results.parquet", "leakage_long.csv", "leakage_table.csv", "leakage_table.tex",
                  "leakage.pdf", "leakage.png", "leakage.csv"):
         assert (out / name).stat().st_size > 0, name
-    back = pd.read_parquet(out / "results.parquet")
-    assert len(back) == len(df)
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "results.parquet"), df)
+    assert pd.read_csv(out / "results.csv")["session_id"].tolist() == df["session_id"].tolist()
     table = pd.read_csv(out / "leakage_table.csv")
     assert len(table) == 2 and list(table["framing"]) == ["direct", "caption"]
     assert {"Email ASR", "Email RR", "SSN ASR", "SSN RR"} <= set(table.columns)
@@ -303,7 +303,6 @@ def test_leak_run_end_to_end(llava, tmp_path):
     for name in ("results.csv", "leakage_long.csv", "leakage_table.csv", "leakage.csv"):
         text = (out / name).read_text()
         assert "713-05-2580" not in text and "dennis75" not in text  # no PII in result files
-    assert json.loads(json.dumps(df.iloc[0].to_dict(), default=str))  # plain values
 
 
 def test_killed_leakage_run_resumes_where_it_stopped(llava, tmp_path, monkeypatch):

@@ -153,6 +153,15 @@ def test_atp_agreement_table(llava, image_pair):
     pooled = agree[(agree["scope"] == "pooled") & (agree["metric"] == "logit_diff")]
     assert len(pooled) == 1 and int(pooled["n"].iloc[0]) == len(cells)
     assert -1 <= float(pooled["spearman"].iloc[0]) <= 1
+    # Rows of known agreement: AtP a monotone function of exact in pair s1, reversed in pair s2, over 5 cells.
+    exact = np.array([0.1, 0.5, -0.2, 0.9, 0.3])
+    made = [{"model": "m", "session_id": sid, "direction": "denoise", "metric": "logit_diff", "layer": i,
+             "component": "mlp_out", "position_group": "final", "method": method, "value": value}
+            for sid, atp in (("s1", 2 * exact + 1), ("s2", -exact))
+            for method, values in (("exact", exact), ("atp", atp)) for i, value in enumerate(values)]
+    known = atp_agreement(pd.DataFrame(made)).set_index("scope")
+    assert known.loc["s1", "spearman"] == pytest.approx(1.0) and known.loc["s2", "spearman"] == pytest.approx(-1.0)
+    assert known.loc["pooled", "n"] == 10 and known.loc["s1", "n"] == 5
 
 
 # ---- corruptions ------------------------------------------------------------------------------------------------
@@ -201,6 +210,9 @@ def test_patched_generation_writes_what_the_patched_input_would(llava, image_pai
     assert set(check["framing"]) == {"direct"}  # the refusing side is the one generated
     assert asr_shift(check) == pytest.approx(check[check.condition == "patched"]["leak"].mean()
                                              - check[check.condition == "unpatched"]["leak"].mean())
+    made = pd.DataFrame({"condition": ["patched"] * 4 + ["unpatched"] * 4,
+                         "leak": [True, True, True, False, True, False, False, False]})
+    assert asr_shift(made) == pytest.approx(0.5)  # patched ASR 0.75 - unpatched 0.25
 
 
 def test_text_pair_must_keep_the_token_length(llava, sessions):
@@ -268,7 +280,7 @@ def test_qwen2_5_vl_image_pair_recovers_clean(tiny_dir, sessions, people):
     np.testing.assert_allclose(reuse, _values(exact_patching(model, pair, late, prefix=False)), rtol=0, atol=ATOL)
 
 
-def test_bad_input_is_named(llava, image_pair):
+def test_bad_input_is_named(llava, image_pair, tmp_path):
     pair, _ = image_pair
     with pytest.raises(PatchingError, match="components"):
         sweep_cells(2, ("resid",), ["final"])
@@ -278,8 +290,9 @@ def test_bad_input_is_named(llava, image_pair):
         exact_patching(llava, pair, [Cell(0, "mlp_out", "nope")])
     with pytest.raises(PatchingError, match="align"):
         exact_patching(llava, pair, [Cell(0, "mlp_out", "final")], align="first")
-    with pytest.raises(PatchingError, match="experiment"):
-        run_patching(llava, [pair.clean.session], "ablate", "unused-out-dir")
+    with pytest.raises(PatchingError, match="experiment 'ablate'"):
+        run_patching(llava, [pair.clean.session], "ablate", tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written for a run that cannot start
 
 
 @pytest.mark.parametrize("experiment", ["denoise", "atp", "taskswap", "knockout"])

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from probes.erasure import fit_leace, one_hot_blocks, random_eraser
+from probes.erasure import erasure_effect, eraser_rank, fit_leace, one_hot_blocks, random_eraser
 from probes.linear import fit_probes
 from probes.probe_data import CellBlock, ProbeDataError, char_classes, session_targets
 from probes.probing import control_labels, probe_sweep, transfer_matrix
@@ -77,10 +77,15 @@ def test_transfer_follows_the_planted_directions():
 
 
 def test_control_labels_are_fixed_per_identity():
-    y = np.zeros((6, 2), dtype=int)
-    groups = np.array(["a", "a", "b", "b", "c", "c"])
+    """One random class per identity and column, whatever the real labels say; missing targets (-1) stay missing."""
+    groups = np.repeat([f"id{i}" for i in range(40)], 2)
+    y = np.tile([[3, 7], [3, -1]], (40, 1))  # the same real labels everywhere, one missing per identity
     c = control_labels(y, groups, 10, seed=1)
-    assert (c[0] == c[1]).all() and (c[2] == c[3]).all() and c.shape == y.shape
+    assert c.shape == y.shape and (c[1::2, 1] == -1).all() and (c[:, 0] == c[:, 0].clip(0, 9)).all()
+    assert (c[0::2, 0] == c[1::2, 0]).all()  # fixed per identity
+    assert len(set(c[0::2, 0])) >= 5 and len(set(c[0::2, 1])) >= 5  # random across identities, not the labels
+    assert (control_labels(np.where(y >= 0, 9 - y, -1), groups, 10, seed=1) == c).all()  # does not read y's values
+    assert not (control_labels(y, groups, 10, seed=2) == c).all()
 
 
 def test_leace_changes_nothing_without_the_concept_and_erases_it_with():
@@ -98,6 +103,22 @@ def test_leace_changes_nothing_without_the_concept_and_erases_it_with():
     before = fit_probes(planted[None].float(), torch.as_tensor(y[:, 0]), groups).table.accuracy.mean()
     after = fit_probes(erased[None].float(), torch.as_tensor(y[:, 0]), groups).table.accuracy.mean()
     assert before > 0.9 and after < 0.4
+    assert eraser_rank(fit_leace(planted, y)) == 4  # 5 classes: the rank of the class-mean differences
+
+
+def test_erasure_effect_compares_leace_with_a_random_subspace_of_its_rank(llava, tmp_path):
+    from probes.identities import make_identities
+    from probes.sessions_build import mmprivacy_sessions
+
+    sessions = mmprivacy_sessions(make_identities(2, seed=4), tmp_path, framings=("caption",), pii_types=("SSN",),
+                                  size=64)
+    g = torch.Generator().manual_seed(0)
+    leace = fit_leace(torch.randn(60, llava.d_model, generator=g), np.repeat(np.arange(3), 20)[:, None])
+    df = erasure_effect(llava, sessions, "blocks.0.hook_resid_post", leace, max_new_tokens=3)
+    assert set(df["method"]) == {"none", "leace", "random_subspace"} and set(df["metric"]) == {"ASR", "RR"}
+    rank = df.groupby("method")["rank"].first()
+    assert rank["none"] == 0 and rank["leace"] == rank["random_subspace"] == eraser_rank(leace) == 2
+    assert (df["n"] == len(sessions)).all() and df["value"].between(0, 1).all()
 
 
 def test_random_eraser_is_an_orthogonal_projection_of_its_rank():

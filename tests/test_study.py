@@ -7,7 +7,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import json
 import re
 import shutil
-import time
 
 import pandas as pd
 import pytest
@@ -39,9 +38,8 @@ def first_run(tmp_path_factory):
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny forwards and fits: two contending threads only stall
     out = tmp_path_factory.mktemp("study") / "s"
-    t0 = time.time()
     study = run_study(tiny(out), progress=False)
-    yield out, study, time.time() - t0
+    yield out, study
     torch.set_num_threads(before)
 
 
@@ -50,7 +48,7 @@ def statuses(study):
 
 
 def test_study_writes_every_stage(first_run):
-    out, study, _ = first_run
+    out, study = first_run
     assert set(statuses(study).values()) == {"ran"}
     for stage in ("sessions", "organism/leakage", "organism/capture", "organism/probes", "organism/patching",
                   "statistics", "figures", "report"):
@@ -76,16 +74,15 @@ def test_study_writes_every_stage(first_run):
 
 
 def test_rerun_with_nothing_changed_skips_everything(first_run):
-    out, _, _ = first_run
-    t0 = time.time()
+    out, _ = first_run
     again = run_study(tiny(out), progress=False)
     assert set(statuses(again).values()) == {"skipped"}
     assert not again._loaded  # no model was even loaded
-    assert time.time() - t0 < 10
 
 
-def test_config_edit_redoes_only_what_reads_it(first_run):
-    out, _, _ = first_run
+def test_config_edit_redoes_only_what_reads_it(tmp_path, first_run):
+    out = tmp_path / "s"  # a copy: the other tests read the first run as it was
+    shutil.copytree(first_run[0], out)
     edited = run_study(tiny(out, **{"statistics.alpha": 0.1}), progress=False)
     st = statuses(edited)
     assert st[("statistics", "")] == st[("figures", "")] == st[("report", "")] == "ran"
@@ -94,7 +91,7 @@ def test_config_edit_redoes_only_what_reads_it(first_run):
 
 
 def test_failed_stage_keeps_partial_and_resumes(tmp_path, first_run, monkeypatch):
-    src, _, _ = first_run
+    src, _ = first_run
     out = tmp_path / "s"
     shutil.copytree(src, out)
     calls = []

@@ -1,6 +1,5 @@
 """Clustered bootstrap CIs, the benchmark-layout leakage table (CSV, LaTeX) and the leakage figure."""
 
-import time
 
 import numpy as np
 import pandas as pd
@@ -83,15 +82,14 @@ def test_bootstrap_bad_input():
         bootstrap_ci(df.assign(v=1.0), "v", "c", level=95)
 
 
-def test_bootstrap_is_fast_and_reproducible():
+def test_bootstrap_is_reproducible():
     rng = np.random.default_rng(0)
     n = 600 * 30
     df = pd.DataFrame({"identity_id": np.tile(np.arange(600), 30), "cell": np.repeat(np.arange(30), 600),
                        "x": rng.uniform(size=n) < 0.4})
-    t0 = time.perf_counter()
-    a = bootstrap_ci(df, "x", "cell", n_boot=1000, seed=5)
-    assert time.perf_counter() - t0 < 3.0  # 30 cells x 1000 draws x 600 identities
+    a = bootstrap_ci(df, "x", "cell", n_boot=1000, seed=5)  # 30 cells x 1000 draws x 600 identities
     pd.testing.assert_frame_equal(a, bootstrap_ci(df, "x", "cell", n_boot=1000, seed=5))
+    assert not a.equals(bootstrap_ci(df, "x", "cell", n_boot=1000, seed=6))  # the seed is what fixes it
 
 
 # ---- tables -------------------------------------------------------------------------------------------------------
