@@ -285,9 +285,12 @@ def leakage_tests(results: pd.DataFrame, **kw) -> pd.DataFrame:
     from analysis.stats import cell_tests
 
     keys = ["model", "identity_id", "pii_type", "scenario"]
-    direct = results[results["framing"] == "direct"][keys + ["leak"]].rename(columns={"leak": "direct_leak"})
+    # The direct ask's leak rate per key: with several direct rows for one key (a loaded benchmark may ask twice),
+    # each framing row still makes one pair, so n counts framing rows, not their products.
+    direct = (results[results["framing"] == "direct"].assign(direct_leak=lambda d: d["leak"].astype(float))
+              .groupby(keys, as_index=False)["direct_leak"].mean())
     paired = results[results["framing"] != "direct"].merge(direct, on=keys)
-    paired = paired.assign(leak=paired["leak"].astype(float), direct_leak=paired["direct_leak"].astype(float))
+    paired = paired.assign(leak=paired["leak"].astype(float))
     return cell_tests(paired, "leak", "direct_leak", ["model", "pii_type", "framing"], **kw)
 
 

@@ -202,7 +202,7 @@ class ActivationStore:
         if position_group is not None:
             sel &= m["groups"].map(lambda g: position_group in str(g).split(","))
         rows = m[sel]
-        all_layers = sorted(rows["layer"].unique())
+        all_layers = [int(x) for x in sorted(rows["layer"].unique())]
         want = list(layers) if layers is not None else all_layers
         missing = set(want) - set(all_layers)
         if missing:

@@ -8,6 +8,7 @@ from probes import Session, Turn, capture, capture_session, render, resolve_hook
 from probes.capture import CaptureError
 from probes.hooks import HookNameError
 from tests.conftest import document_image
+from tests.family_checks import layer_outputs
 
 
 def chat(n_pairs=3, generate=False):
@@ -21,10 +22,10 @@ def full_forward_hidden(loaded, rendered):
     ad = loaded.adapter
     images = ad.image_inputs(rendered.images)
     pos = ad.position_ids(loaded.hf_model, rendered.input_ids, images)
-    with torch.no_grad():
-        out = loaded.hf_model(input_ids=rendered.input_ids, position_ids=pos, output_hidden_states=True, **images,
-                              **ad.forward_extras(rendered.input_ids, 0, rendered.n_positions))
-    return out.hidden_states[1:]  # the output of each decoder layer
+    # the output of each decoder layer, the last one included (HF's last hidden state is after the final norm)
+    return layer_outputs(loaded, lambda: loaded.hf_model(
+        input_ids=rendered.input_ids, position_ids=pos, **images,
+        **ad.forward_extras(rendered.input_ids, 0, rendered.n_positions)))
 
 
 def test_turn_by_turn_capture_matches_one_full_forward(llava):
@@ -36,7 +37,7 @@ def test_turn_by_turn_capture_matches_one_full_forward(llava):
     ref = full_forward_hidden(llava, rendered)
     x = got.kinds["hook_resid_post"]
     assert x.shape == (rendered.n_positions, llava.n_layers, llava.d_model)
-    for layer in range(llava.n_layers - 1):  # HF's last hidden state is after the final norm
+    for layer in range(llava.n_layers):
         assert torch.allclose(x[:, layer], ref[layer][0], atol=1e-4)
     assert got.rows["hook_resid_post"]["position"].tolist() == list(range(rendered.n_positions))
 

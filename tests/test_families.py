@@ -38,7 +38,8 @@ def test_kv_capture_matches_full_forward(family, loaded):
     ref = full_forward_hidden(lm, rendered)
     x = got.kinds["hook_resid_post"]
     assert x.shape[0] == rendered.n_positions
-    for layer in range(lm.n_layers - 1):  # HF's last hidden state is after the final norm
+    assert len(ref) == lm.n_layers
+    for layer in range(lm.n_layers):
         assert torch.allclose(x[:, layer], ref[layer][0], atol=1e-4), f"{family} layer {layer}"
 
 

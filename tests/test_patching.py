@@ -89,6 +89,9 @@ def test_patching_everything_recovers_the_source(llava, image_pair, direction):
         np.testing.assert_allclose(_values(rows, m), source.metrics[m], rtol=0, atol=ATOL)
     want = 1.0 if direction == "denoise" else 0.0
     np.testing.assert_allclose(_values(rows, "score_logit_diff"), want, atol=1e-2)
+    # The patched run is the source run: its winner flips exactly when clean and corrupt disagree.
+    differ = float(np.sign(pair.clean.metrics["logit_diff"]) != np.sign(pair.corrupt.metrics["logit_diff"]))
+    assert _values(rows, "flip").tolist() == [differ, differ]
     assert abs(pair.clean.metrics["logit_diff"] - pair.corrupt.metrics["logit_diff"]) > 1e-4  # the test can fail
 
 
@@ -306,6 +309,13 @@ def test_run_patching_writes_rows_summary_and_figures(llava, sessions, tmp_path,
     assert (tmp_path / f"patching_{experiment}.csv").exists()
     summary = pd.read_csv(tmp_path / f"patching_{experiment}_summary.csv")
     assert {"value", "ci_low", "ci_high", "n"} <= set(summary.columns)
+    if experiment != "knockout":  # each summary value is the mean over pairs of that cell's rows
+        keys = ["direction", "method", "layer", "component", "position_group", "metric"]
+        rows = df.assign(layer=df["layer"].astype(float)).groupby(keys, as_index=False)["value"].mean()
+        both = summary.assign(layer=summary["layer"].astype(float)).merge(rows, on=keys, suffixes=("", "_rows"))
+        assert len(both) == len(summary) == len(rows)
+        np.testing.assert_allclose(both["value"], both["value_rows"], atol=1e-9)
+        assert (summary["n"] == len(chosen)).all()
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     if experiment == "knockout":
         assert pngs == ["knockout.png"]

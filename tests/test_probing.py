@@ -42,7 +42,15 @@ def _planted(turn_dirs: dict[int, int | None], layers=(0, 1, 2), planted_layer=1
 
 def test_planted_digits_are_found_there_and_nowhere_else():
     block, targets = _planted({0: 0, 2: 0})
-    df = probe_sweep([block], targets, n_boot=100)
+    df, samples = probe_sweep([block], targets, n_boot=100, return_samples=True)
+    # the held-out correctness per example is what the accuracies are means of; chance is the majority share
+    per_cell = samples.groupby(["layer", "turn"])[["correct", "control_correct"]].mean()
+    for metric, col in (("char_accuracy", "correct"), ("control_char_accuracy", "control_correct")):
+        rows = df[df.metric == metric].set_index(["layer", "turn"])["value"]
+        np.testing.assert_allclose(rows.sort_index(), per_cell[col].sort_index(), atol=1e-12)
+    y = targets[0]
+    chance = df[(df.metric == "chance") & (df.target == "digits[1]")]["value"]
+    assert np.allclose(chance, np.bincount(y[:, 1]).max() / len(y))
     acc = df[df.metric == "char_accuracy"].set_index(["layer", "turn"])["value"]
     assert acc.loc[(1, 0)] > 0.9 and acc.loc[(1, 2)] > 0.9
     for cell in [(0, 0), (2, 0), (0, 2), (2, 2)]:
@@ -202,3 +210,50 @@ def test_erasing_at_the_last_positions_leaves_the_rest_of_the_prompt_alone():
     with pytest.raises(ErasureError, match="last"):
         with erasing(model, "h", eraser, last=0):
             pass
+
+
+def test_probe_cells_take_each_cell_from_its_own_positions(llava, tmp_path):
+    """Every cell's example i is what the store holds for session i at that cell's positions: the turn's last
+    token, the mean over its image patches or its marked span, or the session's last position (turn -1); cells
+    that only some sessions have (a longer session's extra turns) form their own block."""
+    from probes import ActivationStore, Session, SessionImage, Turn, capture
+    from probes.probe_data import probe_cells
+    from tests.conftest import document_image
+
+    img = tmp_path / "doc.png"
+    document_image().save(img)
+
+    def session(i, extra):
+        turns = [Turn("user", f"Form {i}: SSN 123-45-{i:04d}.", images=[SessionImage.from_path(img)])
+                 .mark("ssn", f"123-45-{i:04d}"), Turn("assistant", "Ok."), Turn("user", "SSN?")]
+        if extra:
+            turns += [Turn("assistant", "No."), Turn("user", "Again?")]
+        return Session(f"s{i}", turns, labels={"identity_id": f"id{i}"})
+
+    capture(llava, [session(i, extra=i >= 3) for i in range(5)], str(tmp_path / "st"),
+            positions="last:*+image:0+mark:ssn", progress=False)
+    store = ActivationStore(tmp_path / "st")
+    blocks = probe_cells(store, ("last", "image", "mark:ssn", "final"))
+    X_all, m = store.query("hook_resid_post")
+    layers = list(m["layers"].iloc[0])
+    by_turns = {tuple(int(t) for t in sorted(b.cells["turn"].unique())): b for b in blocks}
+    # turn 3: the short sessions' generation prompt and the long ones' extra assistant turn; 4-5 only the long ones
+    assert set(by_turns) == {(-1, 0, 1, 2, 3), (4, 5)}
+    assert by_turns[(4, 5)].meta["session_id"].tolist() == ["s3", "s4"]
+    for block in blocks:
+        for c, cell in block.cells.iterrows():
+            slot = layers.index(cell["layer"])
+            for i, sid in enumerate(block.meta["session_id"]):
+                rows = m[m["session_id"] == sid]
+                group, turn = cell["position_group"], cell["turn"]
+                if group == "final":
+                    want = rows[rows["position"] == rows["position"].max()]
+                else:
+                    rows = rows[rows["turn"] == turn]
+                    want = {"last": rows[rows["last_of_turn"].astype(bool)], "image": rows[rows["segment"] == "image"],
+                            "mark:ssn": rows[rows["mark"] == "ssn"]}[group]
+                assert len(want), (group, turn, sid)
+                expected = X_all[list(want.index), slot].float().mean(0)
+                torch.testing.assert_close(block.X[c, i], expected)
+    cells = pd.concat([b.cells for b in blocks])
+    assert set(cells[cells.position_group == "image"]["turn"]) == {0}  # only the first turn shows the image

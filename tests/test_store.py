@@ -52,6 +52,15 @@ def test_rerun_skips_finished_sessions_and_refuses_other_settings(llava, tmp_pat
         capture(llava, sessions, tmp_path / "st", positions="final", progress=False)
     with pytest.raises(StoreError, match="not an activation store"):
         ActivationStore(tmp_path)
+    # queries name what they could not find and what there is
+    with pytest.raises(StoreError, match=r"unknown column 'trun'; columns: .*turn"):
+        store.query(trun=0)
+    with pytest.raises(StoreError, match=r"layers \[7\] not stored for 'hook_resid_post' \(stored: \[0, 1\]\)"):
+        store.query(layers=[0, 7])
+    with pytest.raises(StoreError, match=r"no hook kind 'hook_mlp_out'; stored kinds: \['hook_resid_post'\]"):
+        store.query("hook_mlp_out")
+    with pytest.raises(StoreError, match="no session 's99'"):
+        store.session("s99")
 
 
 def test_a_session_without_its_manifest_is_not_finished(llava, tmp_path):

@@ -149,6 +149,30 @@ def test_unreadable_done_marker_means_not_done(tmp_path):
         assert marker_hash(marker) is None
 
 
+def test_leakage_tests_pair_each_framing_row_with_the_direct_ask():
+    from analysis.study import leakage_tests
+
+    rows = []
+    for i in range(12):  # captioning leaks for every identity, the direct ask (asked twice for id0) never does
+        for framing, leak in [("direct", False), ("caption", True), ("vqa", i % 2 == 0)] + \
+                             ([("direct", False)] if i == 0 else []):
+            rows.append({"model": "m", "identity_id": f"id{i}", "pii_type": "SSN", "scenario": "open",
+                         "framing": framing, "leak": leak})
+    tests = leakage_tests(pd.DataFrame(rows), n_perm=2000).set_index("framing")
+    assert set(tests.index) == {"caption", "vqa"} and (tests["n"] == 12).all()  # id0's two direct rows: one pair
+    assert tests.loc["caption", "effect"] == pytest.approx(1.0) and tests.loc["vqa", "effect"] == pytest.approx(0.5)
+    assert tests.loc["caption", "p_value"] < 0.01 and tests.loc["caption", "significant"]
+
+
+def test_best_layer_reads_the_main_metric():
+    from analysis.study import best_layer
+
+    df = pd.DataFrame({"position_group": ["last"] * 4 + ["image"], "metric": "char_accuracy",
+                       "layer": [0, 1, 2, 2, 3], "turn": [0, 0, 0, 2, 0], "value": [0.2, 0.9, 0.5, 0.6, 0.99]})
+    assert best_layer(df, "last") == 1 and best_layer(df, "image") == 3
+    assert best_layer(df, "last", final_turn=True) == 2 and best_layer(df, "mark:ssn") is None
+
+
 def test_shipped_default_config_is_valid():
     cfg = load_study_config(default_config_path())
     assert cfg.get("models")[0]["path"] == "default"
