@@ -79,6 +79,8 @@ def test_sign_flip_edge_cases():
         sign_flip_test([1.0], alternative="bigger")
     with pytest.raises(StatsError, match="cluster"):
         sign_flip_test([1.0, 2.0], clusters=[0])
+    with pytest.raises(StatsError, match="n_perm 0: expected at least 1"):
+        sign_flip_test([1.0, 2.0], n_perm=0)
 
 
 # ---- Benjamini-Hochberg -------------------------------------------------------------------------------------------

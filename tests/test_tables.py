@@ -44,6 +44,9 @@ def test_bootstrap_ci_covers_the_mean_with_a_sensible_width():
         expected = 2 * 1.96 * np.sqrt(p * (1 - p) / 200)  # the normal-approximation width
         assert 0.8 * expected < width < 1.2 * expected
         assert r["n"] == 200 and r["n_groups"] == 200
+    half = bootstrap_ci(df, "x", "cell", n_boot=2000, level=0.5).set_index("cell")  # +-0.674 sd, not +-1.96
+    ratio = (half["ci_high"] - half["ci_low"]) / (ci["ci_high"] - ci["ci_low"])
+    assert ratio.between(0.674 / 1.96 * 0.8, 0.674 / 1.96 * 1.2).all()
 
 
 def test_bootstrap_is_clustered_by_identity():
