@@ -16,8 +16,6 @@ label "_target" (the PII value its probe turn asks for).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import shutil
@@ -31,7 +29,7 @@ from tqdm.auto import tqdm
 
 from probes.loading import LoadedModel
 from probes.render import RenderedSession, render
-from probes.session import Session, atomic_write_bytes, read_sessions
+from probes.session import Session, atomic_write_bytes, parts_folder, read_sessions
 
 DIGIT_TYPES = ("Phone Numbers", "SSN")
 TEXT_TYPES = ("Email", "Name", "Date of Birth", "Address")
@@ -364,20 +362,6 @@ def evaluate_leakage(loaded: LoadedModel, sessions: Iterable[Session], max_new_t
                            refusal_patterns=refusal_patterns, keep_responses=keep_responses)
 
 
-def parts_folder(out_dir: str | os.PathLike, sessions_jsonl: str | os.PathLike, loaded: LoadedModel,
-                 **settings: Any) -> Path:
-    """Where `evaluate_in_parts` keeps the finished parts of one evaluation: named by a hash of the sessions file,
-    the model and the settings, so a rerun with anything changed starts afresh (and clears the old parts)."""
-    h = hashlib.sha256(Path(sessions_jsonl).read_bytes())
-    h.update(json.dumps({"model": loaded.name, **settings}, sort_keys=True, default=str).encode())
-    stem = Path(sessions_jsonl).stem
-    folder = Path(out_dir) / f".leakage-parts-{stem}-{h.hexdigest()[:16]}"
-    for stale in Path(out_dir).glob(f".leakage-parts-{stem}-*"):
-        if stale != folder:
-            shutil.rmtree(stale)
-    return folder
-
-
 def evaluate_in_parts(loaded: LoadedModel, sessions: Sequence[Session], parts: Path, batch_size: int = 8,
                       progress: bool = True, **kw: Any) -> pd.DataFrame:
     """`evaluate_leakage` that can be resumed: sessions go in parts of generate_batch's window (batch_size * 16
@@ -428,7 +412,8 @@ def run_leakage(model_path_or_loaded: str | os.PathLike | LoadedModel, sessions_
                     model=model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    parts = parts_folder(out, sessions_jsonl, loaded, batch_size=batch_size, **settings)
+    parts = parts_folder(out, f"leakage-parts-{Path(sessions_jsonl).stem}", Path(sessions_jsonl).read_bytes(),
+                         {"model": loaded.name, "batch_size": batch_size, **settings})
     df = evaluate_in_parts(loaded, sessions, parts, batch_size=batch_size, progress=progress, **settings)
     atomic_write_bytes(out / "results.csv", df.to_csv(index=False).encode("utf-8"))
     atomic_write_bytes(out / "results.parquet", df.to_parquet(index=False))

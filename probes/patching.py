@@ -58,8 +58,6 @@ and `run_patching`, which writes CSVs and figures for `mmret patch`.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -82,7 +80,7 @@ from probes.identities import Identity, make_identities
 from probes.loading import LoadedModel
 from probes.patching_metrics import (METRICS, Answer, PatchingError, answer_metrics, make_answer, patch_score)
 from probes.render import RenderedSession, render
-from probes.session import Session, SessionImage, Turn, atomic_write_bytes, read_sessions
+from probes.session import Session, SessionImage, Turn, atomic_write_bytes, parts_folder, read_sessions
 from probes.sessions_build import FRAMINGS, disclosure_request, frame, mark_values
 
 log = logging.getLogger(__name__)
@@ -953,13 +951,8 @@ def run_patching(loaded: LoadedModel | str | os.PathLike, sessions: Sequence[Ses
     out.mkdir(parents=True, exist_ok=True)
     # Finished sessions are kept under a name that hashes everything the rows depend on: a killed run started
     # again resumes, and a run with anything changed starts afresh (and clears the old parts).
-    key = hashlib.sha256(json.dumps({"model": loaded.name, "experiment": experiment, **settings,
-                                     "sessions": [s.to_json() for s in sessions]}, sort_keys=True,
-                                    default=str).encode()).hexdigest()[:16]
-    parts = out / f".patching-parts-{experiment}-{key}"
-    for stale in out.glob(f".patching-parts-{experiment}-*"):
-        if stale != parts:
-            shutil.rmtree(stale)
+    parts = parts_folder(out, f"patching-parts-{experiment}", {"model": loaded.name, **settings},
+                         [s.to_json() for s in sessions])
     df = patch_sessions(loaded, sessions, experiment, progress=progress, parts=parts, **settings)
     if not len(df):
         shutil.rmtree(parts)

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,6 +240,20 @@ def write_sessions(sessions: Iterable[Session], path: str | os.PathLike) -> Path
     lines = [json.dumps(s.to_json(), ensure_ascii=False) for s in sessions]
     atomic_write_text(path, "".join(line + "\n" for line in lines))
     return path
+
+
+def parts_folder(out_dir: str | os.PathLike, name: str, *key: Any) -> Path:
+    """`out_dir/.<name>-<hash of key>`: where resumable work keeps the parts it has finished (a killed run started
+    again with the same key finds them). Folders of the same `name` under another key are stale and removed: a
+    run with anything changed starts afresh. `key`: bytes (e.g. a sessions file) or JSON-able settings."""
+    h = hashlib.sha256()
+    for k in key:
+        h.update(k if isinstance(k, bytes) else json.dumps(k, sort_keys=True, default=str).encode())
+    folder = Path(out_dir) / f".{name}-{h.hexdigest()[:16]}"
+    for stale in Path(out_dir).glob(f".{name}-{'?' * 16}"):  # this name's only, not "<name>-other-<hash>"
+        if stale != folder and stale.is_dir():
+            shutil.rmtree(stale)
+    return folder
 
 
 def atomic_write_text(path: Path, text: str) -> None:
