@@ -183,7 +183,8 @@ def run_probes_stage(study: Study, entry: dict[str, Any], capture_dir: Path, wor
     for target in c["targets"]:
         targets = session_targets(sessions, target)
         df, s = probe_sweep(blocks, targets, target=target, method=c["method"], n_folds=c["n_folds"], seed=seed,
-                            model=entry["name"], n_boot=n_boot, return_samples=True, mdl=c["mdl"])
+                            model=entry["name"], family=store.spec.get("family", ""), n_boot=n_boot,
+                            return_samples=True, mdl=c["mdl"])
         results.append(df)
         samples.append(s)
         # Per-patch map at the layer where the image positions decode the target best: drawn over the document.

@@ -10,7 +10,7 @@ per target column, so a probe can only score above chance on it by memorising id
 `selectivity` = accuracy - control accuracy. String targets (one column per character) are also reported as the
 mean per-character accuracy and the whole-string exact match of the held-out predictions.
 
-Rows (the shared result vocabulary): model, hook, layer, position_group, turn, turn_distance, target, probe,
+Rows (the shared result vocabulary): model, family, hook, layer, position_group, turn, turn_distance, target, probe,
 control, metric, value, ci_low, ci_high, n. Metrics: accuracy, chance, control_accuracy, selectivity (per target
 column and, for strings, `char_accuracy` and `exact_match` over all columns); CIs are 95% bootstrap intervals over
 identities of the held-out correctness. With `mdl=True` also the online code (Voita & Titov 2020, `probes.mdl`):
@@ -34,8 +34,8 @@ from probes.linear import fit_probes, grouped_folds
 from probes.mdl import online_codelength
 from probes.probe_data import CellBlock, ProbeDataError
 
-RESULT_COLUMNS = ["model", "hook", "layer", "position_group", "turn", "turn_distance", "target", "probe", "control",
-                  "metric", "value", "ci_low", "ci_high", "n"]
+RESULT_COLUMNS = ["model", "family", "hook", "layer", "position_group", "turn", "turn_distance", "target", "probe",
+                  "control", "metric", "value", "ci_low", "ci_high", "n"]
 
 
 def control_labels(y: np.ndarray, groups: Sequence, n_classes: int, seed: int = 0) -> np.ndarray:
@@ -78,7 +78,7 @@ def probe_sweep(blocks: Sequence[CellBlock], targets: tuple[np.ndarray, list[str
                 method: str = "logreg", group_col: str = "identity_id", n_folds: int = 5, seed: int = 0,
                 model: str = "", control: str = "none", n_classes: int | None = None, n_boot: int = 1000,
                 control_task: bool = True, device: str | None = None, return_samples: bool = False,
-                mdl: bool = False) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
+                mdl: bool = False, family: str = "") -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
     """Fit every cell of every block for every target column (and the control task); tidy rows, see the module
     docstring. Examples whose target is missing (-1) in a column are dropped from that column's fit.
 
@@ -113,7 +113,7 @@ def probe_sweep(blocks: Sequence[CellBlock], targets: tuple[np.ndarray, list[str
             if mdl:
                 code[name] = online_codelength(Xk, Yt, groups, seed=seed, n_classes=n_classes, device=device)
         for c, cell in block.cells.iterrows():
-            base = {"model": model, "hook": cell["hook"], "layer": int(cell["layer"]),
+            base = {"model": model, "family": family, "hook": cell["hook"], "layer": int(cell["layer"]),
                     "position_group": cell["position_group"], "turn": int(cell["turn"]),
                     "turn_distance": _turn_distance(block, int(cell["turn"])), "target": target, "probe": method,
                     "control": control, "n": int(keep.sum())}
@@ -231,7 +231,8 @@ def run_probes(store_dir: str, out_dir: str, target: str = "digits", position_gr
     targets = session_targets(sessions, target, pii_type)
     blocks = probe_cells(store, position_groups, turns, layers)
     df = probe_sweep(blocks, targets, target=target, method=method, group_col=group_col, n_folds=n_folds, seed=seed,
-                     model=str(store.spec.get("model", "")), control=control, n_boot=n_boot, mdl=mdl)
+                     model=str(store.spec.get("model", "")), family=str(store.spec.get("family", "")),
+                     control=control, n_boot=n_boot, mdl=mdl)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "probe_results.csv", df.to_csv(index=False).encode())

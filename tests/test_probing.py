@@ -178,6 +178,7 @@ def test_mmret_probe_on_a_captured_store(tiny_dir, tmp_path):
                  "--folds", "2", "--n-boot", "20"]) == 0
     df = pd.read_csv(out / "probe_results.csv")
     assert set(df.position_group) == {"last", "image"} and set(df.layer) == set(range(loaded.n_layers))
+    assert (df["family"] == "llava").all() and (df["model"] == str(tiny_dir("llava"))).all()  # from the store
     assert set(df[df.position_group == "last"].turn) == {0, 1, 2, 3, 4, 5}  # 5: the generation prompt
     assert (out / "probe_heatmap.pdf").exists() and (out / "retention_curves.png").exists()
     assert main(["probe", "--store", str(tmp_path / "store"), "--out", str(out), "--target", "ssn"]) == 2
