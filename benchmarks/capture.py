@@ -201,9 +201,10 @@ def main() -> None:
 
     bridged = load_model(model_dir, backend="bridge").bridge
     bridge_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "logits_to_keep")}
+    all_logits = {k: v for k, v in inputs.items() if k != "logits_to_keep"}  # as run_with_cache computes them
     with torch.no_grad():
         t2 = interleaved({
-            "plain": lambda: plain(**inputs),
+            "plain": lambda: plain(**all_logits),
             "rwc": lambda: bridged.run_with_cache(rendered.input_ids, names_filter=lambda n: n in set(hooks),
                                                   **bridge_inputs),
         }, max(5, args.repeats // 2))
@@ -224,6 +225,7 @@ def main() -> None:
         out = subprocess.run([sys.executable, __file__, "--child", model_dir, what, str(args.turns), *threads],
                              capture_output=True, text=True, check=True)
         mem[what] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert mem["capture"]["kept_shape"] == mem["run_with_cache"]["kept_shape"], mem  # the same vectors kept
     print(f"peak_mem_capture_mb: {mem['capture']['delta_kb'] / 1024:.1f}")
     print(f"peak_mem_run_with_cache_mb: {mem['run_with_cache']['delta_kb'] / 1024:.1f}")
     print(f"peak_mem_vs_run_with_cache: {mem['capture']['delta_kb'] / max(mem['run_with_cache']['delta_kb'], 1):.3f}")

@@ -1,9 +1,10 @@
 """Patching cost, measured side by side in one run; prints `name: value` lines. Also the organism's figures.
 
 Model: a random-initialised LLaVA of benchmarks/capture.py's SIZE (8 LM layers, d_model 256, 96 px / patch 8 =
-144 image tokens), one image pair (a 96 px form and the same form with another SSN) in a two-turn session, 6
-position groups x 3 components (resid_pre, attn_out, mlp_out) x 8 layers = 144 cells. Times are medians of
-interleaved repeats, each sweep from the pair's rendering to its rows (both sides' forwards included).
+144 image tokens), one image pair (a 96 px form and the same form with another SSN) in a session of three
+messages (user, assistant, user), 6 position groups x 3 components (resid_pre, attn_out, mlp_out) x 8 layers = 144
+cells. Times are medians of interleaved repeats, each sweep from the pair's rendering to its rows (both sides'
+forwards included).
 
     exact_sweep_ms            exact patching of every cell, `--batch` cells per forward
     atp_sweep_ms              attribution patching of the same cells (2 forwards, 1 backward per metric)
@@ -13,6 +14,8 @@ interleaved repeats, each sweep from the pair's rendering to its rows (both side
     naive_sweep_ms            one full forward per cell, pixels and vision tower included (what a per-config
                               hooked run does)
     batched_vs_naive_exact    naive_sweep / exact_sweep
+    exact_variants_max_abs_diff  the largest logit-difference gap between the batched, serial and naive sweeps
+                              (asserted < 1e-3: the three timings compare the same work)
     atp_spearman_<metric>     Spearman of AtP with exact patching over the 144 cells (denoising)
     forward_ms_per_row_b<B>   one unpatched inputs-embeddings forward of B rows, per row: whether a batch
                               amortises anything on this device (a compute-bound CPU: no)
@@ -38,6 +41,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
@@ -55,12 +59,14 @@ GROUPS = ("pii_patches", "other_image", "turn0", "turn1", "turn2", "final")
 COMPONENTS = ("resid_pre", "attn_out", "mlp_out")
 
 
-def naive_sweep(loaded, pair, cells) -> None:
-    """One hooked full forward per cell (ids + pixels), as a per-configuration run would do it."""
+def naive_sweep(loaded, pair, cells) -> list[float]:
+    """One hooked full forward per cell (ids + pixels), as a per-configuration run would do it; the logit
+    difference of each cell."""
     base, source = pair.roles("denoise")
     kw = {"input_ids": base.ids, "use_cache": False, "logits_to_keep": pair.answer.n_logits,
           **base.rendered.image_inputs(loaded.adapter, range(len(base.rendered.images)))}
     kw = {k: v.to(loaded.device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    out_ld = []
     for c in cells:
         pos = torch.as_tensor(base.group(c.group), device=loaded.device)
         vals = source.cache[c.hook][pos]
@@ -71,7 +77,8 @@ def naive_sweep(loaded, pair, cells) -> None:
             return x
         with torch.no_grad(), loaded.hooks([(c.hook, put)]):
             out = loaded.hf_model(**kw)
-        answer_metrics(out.logits, pair.answer)
+        out_ld.append(float(answer_metrics(out.logits, pair.answer)["logit_diff"][0]))
+    return out_ld
 
 
 def main() -> None:
@@ -115,7 +122,7 @@ def main() -> None:
         return attribution_patching(p, cells, "denoise")
 
     def naive():
-        naive_sweep(loaded, prepare_pair(loaded, fresh(), hooks), cells)
+        return naive_sweep(loaded, prepare_pair(loaded, fresh(), hooks), cells)
 
     t = interleaved({"exact": lambda: exact(args.batch), "atp": atp, "serial": lambda: exact(1), "naive": naive},
                     args.repeats)
@@ -126,6 +133,13 @@ def main() -> None:
     print(f"batched_vs_serial_exact: {t['serial'] / t['exact']:.2f}")
     print(f"naive_sweep_ms: {1000 * t['naive']:.1f}")
     print(f"batched_vs_naive_exact: {t['naive'] / t['exact']:.2f}")
+    # The three exact variants compute the same numbers (else their times would not compare the same work).
+    def logit_diffs(rows):
+        return np.array([r["value"] for r in rows if r["metric"] == "logit_diff"])
+    batched = logit_diffs(exact(args.batch))
+    differ = max(np.abs(batched - logit_diffs(exact(1))).max(), np.abs(batched - np.array(naive())).max())
+    print(f"exact_variants_max_abs_diff: {differ:.1e}")
+    assert differ < 1e-3, differ
     base = prepare_pair(loaded, fresh(), hooks).corrupt
     sizes = sorted({1, 4, args.batch})
     fwd = interleaved({b: lambda b=b: patched_metrics(loaded, base, pair.answer, [[]] * b, batch_size=b, prefix=False)

@@ -12,7 +12,8 @@ Organism (the shipped default model, held-out identities `make_identities(n, see
     organism_shuffledimage_digit_acc  the same cell when every session shows another identity's document (control)
     organism_randinit_digit_acc the same cell on a random-initialised copy of the model (control)
     organism_memory_digit_acc   memory-set SSN digits from name-only prompts, best layer and position group
-    organism_unseen_digit_acc   the same cell for identities that were never planted (control)
+    organism_unseen_digit_acc   the same cell for identities that were never planted (control; drawn apart from the
+                                context identities, make_identities(n_memory, seed=80_000 + seed))
     organism_memory_transfer_digit_acc  memory-set SSN digits at the name-only prompt's last token, read by logreg
                                 probes fitted on the context sessions (probe turn's last token, best layer): held-out
                                 identities by construction, and ~120 training identities instead of ~19
@@ -26,18 +27,25 @@ Organism (the shipped default model, held-out identities `make_identities(n, see
                                 (K = 1, 2 and 4 times the memory set's size): what the identity count alone allows
     organism_erasure_asr_drop   leak rate of the probe sessions (caption framing) without erasure - with LEACE of the
                                 SSN digits at the best layer, where the probe looked: the prompt's last 3 positions
-                                (the probe turn's last token, " ASSISTANT", ":") and every generated token
-    random_subspace_asr_drop    the same with a random subspace of LEACE's rank
+                                (the probe turn's last token, " ASSISTANT", ":") and every generated token. LEACE
+                                is fitted on the same kind of sessions for n other identities
+                                (make_identities(n, seed=75_000 + seed)), so the measured sessions are held out
+    random_subspace_asr_drop    the same with random subspaces of LEACE's rank: the mean over 5 draws
+                                (random_subspace_asr_drop_max: the strongest draw)
     ..._all_positions           both at every position (image tokens included)
 Results (tidy CSV) and figures (heatmap, retention curves, transfer matrix) go to --out.
 
-Measured on the shipped checkpoint (n 150, seed 0, --threads 2; 471 s), which writes the SSN out at the probe turn
+The best layer (and the C of each probe) is chosen on the same grouped folds that score it: the maximum over 4
+layers, slightly optimistic, for the real probe and for the control task alike (the controls are read at that cell).
+
+Measured on the shipped checkpoint (n 150, seed 0, --threads 2; 536 s), which writes the SSN out at the probe turn
 (organism_asr_no_erasure 0.993): organism_digit_acc 0.916 (layer 2, where the answer plan was planted; chance 0.1),
 organism_selectivity 0.787, controls 0.13-0.14 (no image 0.129, shuffled image 0.126, random init 0.144). Erasure
-at layer 2 where the probe looked: organism_erasure_asr_drop 0.993 against random_subspace_asr_drop 0.320 (at every
-position: 0.993 against 0.620). Parametric memory, within the 96 planted identities: organism_memory_digit_acc
-0.652 (layer 2, the name-only prompt's last token; unseen 0.118); the context probe reads the same digits there
-with organism_memory_transfer_digit_acc 0.747 (unseen identities 0.110); organism_digit_acc_96_identities 0.753.
+at layer 2 where the probe looked, LEACE fitted on other identities (rank 80): organism_erasure_asr_drop 0.993
+against random_subspace_asr_drop 0.368 (max 0.447; at every position: 0.993 against 0.693, max 0.800). Parametric
+memory, within the 96 planted identities: organism_memory_digit_acc 0.652 (layer 2, the name-only prompt's last
+token; unseen 0.132); the context probe reads the same digits there with organism_memory_transfer_digit_acc 0.747
+(unseen identities 0.100); organism_digit_acc_96_identities 0.753.
 Online code (MDL): organism_compression 1.752 against organism_control_compression 0.957; at the memory cell
 organism_memory_compression 1.161 against 0.914 (96 identities: the online code pays for its small first blocks).
 Why 96 planted identities: a within-set probe's folds train on 4/5 of the memory set, and the identity count alone
@@ -141,6 +149,19 @@ def _subset_digit_acc(store, turn: int, layer: int, k: int) -> float:
     return float(_digit_fits(X[keep], y[keep], groups[keep]).table.accuracy.mean())
 
 
+RANDOM_SEEDS = 5  # random subspaces averaged for the erasure control
+
+
+def _asr_with(loaded, sessions, hook: str, eraser, last) -> float:
+    """Leak rate of `sessions` with `eraser` at `hook` (as erasure_effect measures it)."""
+    from probes.erasure import erasing
+    from probes.leakage import evaluate_leakage
+
+    with erasing(loaded, hook, eraser, last):
+        df = evaluate_leakage(loaded, sessions, batch_size=16, max_new_tokens=32, progress=False)
+    return float(df["leak"].mean())
+
+
 def _without_image(s: Session) -> Session:
     return Session(s.session_id, [Turn(t.role, t.text, [], list(t.marks)) for t in s.turns], dict(s.labels))
 
@@ -158,7 +179,7 @@ def _shuffled(sessions: list[Session]) -> list[Session]:
 
 def organism(model_dir: Path, n: int, seed: int, out: Path) -> dict[str, float]:
     from analysis.figures import plot_probe_heatmap, plot_retention_curves, plot_transfer_matrix
-    from probes.erasure import erasure_effect, fit_leace
+    from probes.erasure import eraser_rank, erasure_effect, fit_leace, random_eraser
     from probes.organism.config import OrganismConfig, build_model, build_tokenizer
     from probes.tiny import save_tiny
 
@@ -199,8 +220,16 @@ def organism(model_dir: Path, n: int, seed: int, out: Path) -> dict[str, float]:
 
         block = next(b for b in blocks if (b.cells["position_group"] == "last").any())
         tm = transfer_matrix(block, session_targets(store.sessions(), "digits"), model="organism")
-        # Erasure: LEACE of the SSN digits, fitted on the probe turn's last token at the best layer.
-        eraser = fit_leace(X.double(), y, 10)
+        # Erasure: LEACE of the SSN digits at the probe turn's last token at the best layer, fitted on sessions of
+        # other identities (a pool of its own) and measured on the probe sessions, which it never saw.
+        fit_people = make_identities(n, seed=75_000 + seed)
+        fit_ctx = multiturn_sessions(fit_people, work / "img_fit", k_distractors=(3,), reshow=(False,),
+                                     framing_pairs=(("caption", "caption"),), pii_types=("SSN",),
+                                     size=cfg["image_size"], layout=cfg.get("layout", "fixed"))
+        fit_store = capture(loaded, fit_ctx, str(work / "leace_fit"), positions="last:*", layers=[layer],
+                            progress=False)
+        Xf, yf, _ = _last_token_digits(fit_store, probe_turn, layer)
+        eraser = fit_leace(Xf.double(), yf, 10)
         # Where the probe looked (the prompt's last PLAN_SPAN positions, then every generated token), and, for
         # comparison, at every position (image tokens included: unspecific, see probes/erasure.py).
         hook = f"blocks.{layer}.hook_resid_post"
@@ -209,14 +238,23 @@ def organism(model_dir: Path, n: int, seed: int, out: Path) -> dict[str, float]:
             eff = erasure_effect(loaded, ctx, hook, eraser, seed=seed, last=last)
             asr = eff[eff.metric == "ASR"].set_index("method")["value"]
             figs[f"organism_erasure_asr_drop{suffix}"] = float(asr["none"] - asr["leace"])
-            figs[f"random_subspace_asr_drop{suffix}"] = float(asr["none"] - asr["random_subspace"])
+            # the random control over RANDOM_SEEDS subspaces of the same rank (one draw has its own spread)
+            drops = [float(asr["none"] - asr["random_subspace"])] + [
+                float(asr["none"]) - _asr_with(loaded, ctx, hook, random_eraser(eraser.proj_left.shape[0],
+                                                                                eraser_rank(eraser), seed + k), last)
+                for k in range(1, RANDOM_SEEDS)]
+            figs[f"random_subspace_asr_drop{suffix}"] = float(np.mean(drops))
+            figs[f"random_subspace_asr_drop{suffix}_max"] = float(np.max(drops))
             effects.append(eff)
         figs["organism_asr_no_erasure"] = float(asr["none"])
+        figs["organism_erasure_rank"] = eraser_rank(eraser)
         eff = pd.concat(effects)
 
         memory_people = make_identities(int(meta["n_memory"]), seed=2000 + int(meta["seed"]))
         mem = memory_probe_sessions(memory_people, pii_types=["SSN"])
-        unseen = memory_probe_sessions(people[:len(memory_people)], unseen=True, pii_types=["SSN"])
+        # never planted, and never in the context store either (the transfer control tests on held-out identities)
+        unseen_people = make_identities(len(memory_people), seed=80_000 + seed)
+        unseen = memory_probe_sessions(unseen_people, unseen=True, pii_types=["SSN"])
         groups = ["mark:name", "last"]
         mdf, _, mem_store = _sweep(loaded, mem, work, "memory", "last:*+mark:name", groups, "none", seed)
         udf, _, unseen_store = _sweep(loaded, unseen, work, "unseen", "last:*+mark:name", groups, "unseen_identities",
