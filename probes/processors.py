@@ -50,6 +50,18 @@ def save_without_video(processor: Any, path: str | Path) -> None:
     (path / "processor_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 
+def _checkpoint_file(source: str, filename: str, kw: dict[str, Any]) -> Path | None:
+    """`filename` of a checkpoint folder, or of an HF id (from the local cache when offline); None if it has none."""
+    from transformers.utils import cached_file
+
+    if Path(source).is_dir():
+        path = Path(source) / filename
+        return path if path.exists() else None
+    found = cached_file(source, filename, local_files_only=kw.get("local_files_only", False),
+                        _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False)
+    return Path(found) if found else None
+
+
 def load_processor(source: str, **kw: Any) -> Any:
     """AutoProcessor, or the family's processor without its video part when torchvision is missing."""
     import transformers
@@ -60,14 +72,16 @@ def load_processor(source: str, **kw: Any) -> Any:
     except (ImportError, AttributeError) as err:
         if "torchvision" not in str(err).lower() and "VIDEO_PROCESSOR" not in str(err):
             raise
-    folder = Path(source)
-    cfg = json.loads((folder / "processor_config.json").read_text()) if (folder / "processor_config.json").exists() else {}
+    cfg_file = _checkpoint_file(source, "processor_config.json", kw)
+    cfg = json.loads(cfg_file.read_text()) if cfg_file else {}
     name = cfg.pop("processor_class", None) or AutoImageProcessor.from_pretrained(source, **kw).to_dict().get(
         "processor_class")
     processor_cls = getattr(transformers, name)
     tokenizer = AutoTokenizer.from_pretrained(source, **kw)
-    template_file = folder / "chat_template.jinja"
-    template = template_file.read_text() if template_file.exists() else tokenizer.chat_template
+    # A checkpoint keeps its template as chat_template.jinja (newer) or chat_template.json (llava-hf snapshots).
+    jinja, as_json = (_checkpoint_file(source, f, kw) for f in ("chat_template.jinja", "chat_template.json"))
+    template = (jinja.read_text() if jinja else json.loads(as_json.read_text())["chat_template"] if as_json
+                else tokenizer.chat_template)
     allowed = set(__import__("inspect").signature(processor_cls.__init__).parameters)
     extra = {k: v for k, v in cfg.items() if k in allowed}
     return build_without_video(processor_cls, AutoImageProcessor.from_pretrained(source, **kw), tokenizer, template,

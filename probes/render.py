@@ -221,6 +221,12 @@ def render(adapter: FamilyAdapter, session: Session, upto: int | None = None,
         got = [ids[j] for j in inside]
         for i, q in _align(got, exp.token_ids):
             layout[:, inside[i]] = exp.tile[q], exp.patch_row[q], exp.patch_col[q]
+        # Only edge tokens may merge with their neighbours; a patch token left without its place would put the
+        # image's token map silently off.
+        placed, want = int((layout[1, inside] >= 0).sum()), int((np.asarray(exp.patch_row) >= 0).sum())
+        if placed != want:
+            raise RenderError(f"session {session.session_id!r}, image {k}: {placed} of its {want} patch tokens were "
+                              "found in the rendered ids (the tokenizer split or merged image tokens)")
         spans.append((int(inside[0]), int(inside[-1]) + 1))
     cols = {
         "position": np.arange(len(ids)), "token_id": np.array(ids), "turn": turn_of.astype(int), "role": role,

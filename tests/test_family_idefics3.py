@@ -208,3 +208,17 @@ def test_unsplit_image_is_one_global_tile(loaded):
     exp = Adapter(processor, loaded.config).expand_image(WIDE)
     assert loaded.tokenizer.convert_ids_to_tokens(exp.token_ids[:2] + exp.token_ids[-1:]) == [FAKE, GLOBAL_TAG, FAKE]
     assert exp.tile.tolist() == [-1, -1] + [0] * 16 + [-1] and exp.grid == {0: (4, 4)}
+
+
+def test_patch_boxes_refuse_a_fixed_size_resize(loaded):
+    """The boxes follow a longest-edge resize; a {height, width} size would put them in the wrong place: refuse."""
+    import copy
+
+    from transformers.image_processing_utils import SizeDict
+
+    from probes.families.idefics3 import Adapter
+
+    processor = copy.deepcopy(loaded.processor)
+    processor.image_processor.size = SizeDict(height=64, width=64)
+    with pytest.raises(ValueError, match="patch boxes need a longest_edge resize"):
+        Adapter(processor, loaded.config).token_boxes(WIDE.size)

@@ -201,3 +201,30 @@ def test_bridge_matches_torch_hooks_and_installs_nothing(loaded, rendered, monke
         bridge(ids, **images)
     assert got["bridge"].shape == (1, ids.shape[1], loaded.d_model)
     torch.testing.assert_close(got["bridge"], got["torch"], atol=1e-5, rtol=0)
+
+
+def test_loads_by_hub_id_from_the_local_cache(loaded, session, rendered, tmp_path, monkeypatch):
+    """An HF id loads offline from the hub cache, processor settings included: without torchvision the processor is
+    rebuilt without its video part from the cached snapshot's processor_config.json and chat template (read from
+    the folder of a local path only, it lost num_image_tokens and failed on the first image)."""
+    import json
+    import shutil
+
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--mmret--tiny-onevision"
+    shutil.copytree(loaded.name, repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    by_id = load_model("mmret/tiny-onevision")
+    assert by_id.name == "mmret/tiny-onevision" and by_id.family == "llava_onevision"
+    again = render(by_id.adapter, session)
+    assert again.input_ids.tolist() == rendered.input_ids.tolist()
+    assert again.token_map.df.equals(rendered.token_map.df)
+    # llava-hf snapshots keep the template as chat_template.json
+    snap = repo / "snapshots" / ("0" * 40)
+    template = (snap / "chat_template.jinja").read_text() + "{# from chat_template.json #}"
+    (snap / "chat_template.jinja").unlink()
+    (snap / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    assert load_model("mmret/tiny-onevision").processor.chat_template == template

@@ -47,6 +47,17 @@ def test_token_map_places_llava_patches_row_major(llava):
     assert r.image_spans == [(int(img.position.iloc[0]), int(img.position.iloc[-1]) + 1)]
 
 
+def test_a_patch_token_the_rendered_ids_lost_is_an_error(llava, monkeypatch):
+    """If the tokenizer merged or split an image token, the token map would silently miss a patch: refuse."""
+    import importlib
+
+    module = importlib.import_module("probes.render")  # (`probes.render` is the function, re-exported)
+    real = module._align
+    monkeypatch.setattr(module, "_align", lambda got, want: real(got, want)[1:])
+    with pytest.raises(RenderError, match=r"session 's0', image 0: 63 of its 64 patch tokens were found"):
+        render(llava.adapter, session(document_image()))
+
+
 def test_token_map_turns_roles_segments_and_marks(llava):
     r = render(llava.adapter, session(document_image()))
     df, tok = r.token_map.df, llava.tokenizer
@@ -93,6 +104,18 @@ def test_text_only_model_refuses_images_and_renders_text(tiny_dir):
         tokenize=True, add_generation_prompt=True)
     ref = ref["input_ids"] if isinstance(ref, dict) or hasattr(ref, "keys") else ref
     assert r.input_ids[0].tolist() == list(ref)
+
+
+def test_llava_refuses_a_pixtral_vision_tower(llava):
+    """LlavaForConditionalGeneration also serves Pixtral, whose image tokens the llava adapter cannot lay out."""
+    import copy
+
+    from probes.families.llava import Adapter
+
+    config = copy.deepcopy(llava.config)
+    config.vision_config.model_type = "pixtral"
+    with pytest.raises(UnsupportedModelError, match="llava: a 'pixtral' vision tower is not supported"):
+        Adapter(llava.processor, config)
 
 
 def test_unsupported_architecture_lists_families(tmp_path):

@@ -74,8 +74,9 @@ class Adapter(FamilyAdapter):
                 i, j = crop_of[t]
                 current = 1 + i * n_cols + j
             elif t == image_id:
-                if current is None:
-                    raise ValueError(f"idefics3: an <image> token at {q} follows no tile tag")
+                if current is None:  # e.g. a crop grid past 6x6: its <row_7_col_1> tag is not one token
+                    raise ValueError(f"idefics3: an <image> token at {q} follows no tile tag (the processor "
+                                     "tags crops up to 6x6; is size.longest_edge over 6 x max_image_size?)")
                 k = counts.get(current, 0)
                 tile[q], (row[q], col[q]) = current, divmod(k, side)
                 counts[current] = k + 1
@@ -102,7 +103,10 @@ class Adapter(FamilyAdapter):
         T = int(ip.max_image_size["longest_edge"])
         h, w = H, W
         if ip.do_resize:
-            h, w = get_resize_output_image_size(torch.empty(0, H, W), resolution_max_side=ip.size.longest_edge)
+            longest = getattr(ip.size, "longest_edge", None)
+            if longest is None:  # a fixed {height, width} resize: the crops below would be computed wrongly
+                raise ValueError(f"idefics3: image_processor.size {ip.size}: patch boxes need a longest_edge resize")
+            h, w = get_resize_output_image_size(torch.empty(0, H, W), resolution_max_side=longest)
         if ip.do_image_splitting:  # resize_for_vision_encoder, verbatim arithmetic
             aspect = w / h
             if w >= h:

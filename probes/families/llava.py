@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from probes.families import UnsupportedModelError
 from probes.families.base import FamilyAdapter, boxes_frame, cached_boxes, clip_view, grid_layout, not_patches
 
 # The chat template of llava-hf/llava-1.5-7b-hf (images first, then text; BOS comes from the tokenizer).
@@ -30,6 +31,17 @@ class Adapter(FamilyAdapter):
     lm_layers_path = "model.language_model.layers"
     vision_layers_path = "model.vision_tower.encoder.layers"
     projector_path = "model.multi_modal_projector"
+    VISION_TOWERS = ("clip_vision_model", "siglip_vision_model")
+
+    def __init__(self, processor, hf_config) -> None:
+        # LlavaForConditionalGeneration also serves Pixtral (mistral-community/pixtral-12b: its own vision tower,
+        # [IMG] and [IMG_BREAK] tokens), whose image-token layout this adapter does not know.
+        tower = getattr(getattr(hf_config, "vision_config", None), "model_type", None)
+        if tower not in self.VISION_TOWERS:
+            raise UnsupportedModelError(f"llava: a {tower!r} vision tower is not supported (expected one of "
+                                        f"{', '.join(self.VISION_TOWERS)}; Pixtral checkpoints need an adapter "
+                                        "of their own)")
+        super().__init__(processor, hf_config)
 
     def patch_layout(self, ids, processed):
         h, w = processed["pixel_values"].shape[-2:]

@@ -9,7 +9,7 @@ Difference, `vision_aspect_ratio="anyres_max_9"`: when the unpadded grid holds m
 of tokens, the model bilinearly downsamples it by `ratio` to (h // ratio) x (w // ratio) before adding newlines.
 A downsampled token blends up to 2x2 source tokens; we give it the crop and (row, col) of the source token
 nearest the centre of its bilinear sample. Then some crop cells have no token and, where the sample centre
-falls exactly between two source tokens, the lower one is chosen.
+falls exactly between two source tokens, the later one (the higher row or column) is chosen.
 
 Several images: the processor packs images given as a flat list one by one with AnyRes (`batch_num_images` all
 1), which is what `expand_image` (one image at a time) and `image_inputs` both do, so a session's expansions and
