@@ -158,7 +158,11 @@ def cached_boxes(fn: Callable[[Any, tuple[int, int]], pd.DataFrame]) -> Callable
 
 
 class FamilyAdapter:
-    """Base class; subclasses set the class attributes and override `patch_layout`."""
+    """Base class; subclasses set the class attributes and override `patch_layout`.
+
+    An adapter caches image expansions and patch boxes by image size, so it reads its processor's settings
+    (image splitting, pan and scan, sizes) as they were when first used: after changing them, build a new adapter
+    (`Adapter(processor, config)`), as the tests do."""
 
     name: ClassVar[str]  # the family's key in probes.families.FAMILIES
     # The string the chat template emits per image, expanded by the processor (None: a text-only model).
