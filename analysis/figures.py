@@ -43,7 +43,8 @@ def figure_size(width: str | float = "single", aspect: float = 0.65) -> tuple[fl
 def save_figure(fig: plt.Figure, data: pd.DataFrame, out_dir: str | Path, name: str) -> list[Path]:
     """Write name.pdf, name.png and name.csv (the data the figure shows) into out_dir, each whole or not at all
     (rendered in memory, then written to a temp file and renamed); the figure is closed either way."""
-    from probes.session import atomic_write_bytes  # here: `import probes` loads transformers, plots need none of it
+    # imported here, not at the top, so that importing this module stays light (`import probes` loads transformers)
+    from probes.session import atomic_write_bytes
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -144,19 +144,27 @@ def run_leakage_stage(study: Study, entry: dict[str, Any], sessions: Path, work:
     from probes.session import parts_folder, read_sessions
 
     c, loaded = study.cfg.section("leakage"), study.model(entry)
+    # Both evaluations keep their finished parts in the (partial) stage folder until the whole stage is done, so a
+    # stage killed in either resumes without generating anything twice.
     run_leakage(loaded, sessions / "mmprivacy.jsonl", work, max_new_tokens=c["max_new_tokens"],
                 batch_size=c["batch_size"], n_boot=study.cfg.get("statistics.n_boot"), seed=study.cfg.data["seed"],
-                model=entry["name"], progress=study.progress)
-    # Context retention: the multi-turn sessions' probe turn, scored the same way (ASR by turn distance); in parts
-    # too, so that a killed stage resumes in its partial folder.
+                model=entry["name"], progress=study.progress, keep_parts=True)
+    # Context retention: the multi-turn sessions' probe turn, scored the same way (ASR by turn distance).
     multi_jsonl = sessions / "multiturn.jsonl"
     kw = dict(max_new_tokens=c["max_new_tokens"], model=entry["name"])
     parts = parts_folder(work, "leakage-parts-multiturn", multi_jsonl.read_bytes(),
-                         {"model": loaded.name, "batch_size": c["batch_size"], **kw})
+                         {**loaded.run_key, "batch_size": c["batch_size"], **kw})
     multi = evaluate_in_parts(loaded, list(read_sessions(multi_jsonl)), parts, batch_size=c["batch_size"],
                               progress=study.progress, **kw)
     atomic_write_bytes(work / "multiturn_results.csv", multi.to_csv(index=False).encode())
-    shutil.rmtree(parts)
+    _remove_parts(work)
+
+
+def _remove_parts(work: Path) -> None:
+    """A finished stage's resumable parts (`.leakage-parts-*`, `.patching-parts-*`, any depth): no longer needed."""
+    for folder in sorted(work.rglob(".*-parts-*")):
+        if folder.is_dir():
+            shutil.rmtree(folder)
 
 
 def run_capture_stage(study: Study, entry: dict[str, Any], sessions: Path, work: Path) -> None:
@@ -244,9 +252,10 @@ def run_patching_stage(study: Study, entry: dict[str, Any], sessions: Path, work
         df = run_patching(study.model(entry), multi if exp == "knockout" else single, exp, work / exp,
                           components=tuple(c["components"]), batch_size=c["batch_size"], max_pairs=c["max_pairs"],
                           n_boot=study.cfg.get("statistics.n_boot"), seed=seed, model=entry["name"],
-                          progress=study.progress)
+                          progress=study.progress, keep_parts=True)
         rows.append(df)
     atomic_write_bytes(work / "patching_rows.csv", pd.concat(rows, ignore_index=True).to_csv(index=False).encode())
+    _remove_parts(work)
 
 
 def run_statistics_stage(study: Study, work: Path) -> None:

@@ -111,23 +111,29 @@ def erasing(loaded: LoadedModel, hook: str, eraser: Eraser | None, last: int | N
 
 
 def erasure_effect(loaded: LoadedModel, sessions: list, hook: str, leace: Eraser, seed: int = 0,
-                   batch_size: int = 16, max_new_tokens: int = 32, last: int | None = None) -> pd.DataFrame:
+                   batch_size: int = 16, max_new_tokens: int = 32, last: int | None = None,
+                   random_draws: int = 1) -> pd.DataFrame:
     """Leak and refusal rates of `sessions` (with private `_target` labels) with no erasure, LEACE at `hook`,
-    and a random subspace of LEACE's rank at `hook` (every position, or `last` as in `erasing`): tidy rows (hook,
-    positions, method, metric, value, n, rank)."""
+    and `random_draws` random subspaces of LEACE's rank at `hook` (seeds seed, seed + 1, ...; one draw has a
+    spread of its own), at every position or `last` as in `erasing`: tidy rows (hook, positions, method, metric,
+    value, n, rank, draw)."""
     from probes.leakage import evaluate_leakage
 
     d = leace.proj_left.shape[0] if hasattr(leace, "proj_left") else None
     if d is None:
         raise ErasureError("erasure_effect: `leace` must be a fitted LEACE eraser (fit_leace)")
     rank = eraser_rank(leace)
+    if random_draws < 1:
+        raise ErasureError(f"erasure_effect: random_draws {random_draws}: expected at least 1")
     rows = []
-    for method, eraser in (("none", None), ("leace", leace), ("random_subspace", random_eraser(d, rank, seed))):
+    erasers = [("none", None, 0), ("leace", leace, 0)] + [
+        ("random_subspace", random_eraser(d, rank, seed + k), k) for k in range(random_draws)]
+    for method, eraser, draw in erasers:
         with erasing(loaded, hook, eraser, last):
             df = evaluate_leakage(loaded, sessions, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                   progress=False)
         for metric, col in (("ASR", "leak"), ("RR", "refused")):
             rows.append({"hook": hook, "positions": "all" if last is None else f"last {last} + generated",
                          "method": method, "metric": metric, "value": float(df[col].mean()),
-                         "n": len(df), "rank": rank if eraser is not None else 0})
+                         "n": len(df), "rank": rank if eraser is not None else 0, "draw": draw})
     return pd.DataFrame(rows)

@@ -362,13 +362,16 @@ def evaluate_leakage(loaded: LoadedModel, sessions: Iterable[Session], max_new_t
                            refusal_patterns=refusal_patterns, keep_responses=keep_responses)
 
 
-def evaluate_in_parts(loaded: LoadedModel, sessions: Sequence[Session], parts: Path, batch_size: int = 8,
+def evaluate_in_parts(loaded: LoadedModel, sessions: Sequence[Session], parts: str | os.PathLike, batch_size: int = 8,
                       progress: bool = True, **kw: Any) -> pd.DataFrame:
     """`evaluate_leakage` that can be resumed: sessions go in parts of generate_batch's window (batch_size * 16
     sessions, so the batches and the answers are those of one call), and each part's rows are saved in `parts`
     as it finishes. Started again after a kill, it generates only the parts not yet saved. The saved rows are the
     result rows (no PII unless keep_responses). The caller removes `parts` once it has written what it makes of
     the rows (a kill before that then costs nothing)."""
+    if not sessions:
+        return pd.DataFrame(columns=list(RESULT_COLUMNS))
+    parts = Path(parts)
     parts.mkdir(parents=True, exist_ok=True)
     size = batch_size * 16
     frames = []
@@ -387,12 +390,13 @@ def run_leakage(model_path_or_loaded: str | os.PathLike | LoadedModel, sessions_
                 out_dir: str | os.PathLike, max_new_tokens: int = 32, batch_size: int = 8,
                 refusal_patterns: Sequence[str] | None = None, keep_responses: bool = False, n_boot: int = 1000,
                 seed: int = 0, device: str | None = None, dtype: str | None = None, model: str | None = None,
-                progress: bool = True) -> pd.DataFrame:
+                progress: bool = True, keep_parts: bool = False) -> pd.DataFrame:
     """`mmret leak`: evaluate a model on a sessions file and write into `out_dir`: results.csv/.parquet (one row
     per response), leakage_long.csv, leakage_table.csv/.tex (the benchmark layout with bootstrap 95% CIs by
     identity) and leakage.pdf/.png/.csv (the figure). Returns the results DataFrame. Resumable: a killed run
     started again with the same sessions, model and settings generates only what it had not finished
-    (`evaluate_in_parts`)."""
+    (`evaluate_in_parts`). `keep_parts`: leave the finished parts in `out_dir` (a caller with more work after
+    this removes them when all of it is done)."""
     from analysis.figures import plot_leakage
     from analysis.tables import leakage_long, write_leakage_table
     from probes.loading import load_model
@@ -413,12 +417,13 @@ def run_leakage(model_path_or_loaded: str | os.PathLike | LoadedModel, sessions_
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     parts = parts_folder(out, f"leakage-parts-{Path(sessions_jsonl).stem}", Path(sessions_jsonl).read_bytes(),
-                         {"model": loaded.name, "batch_size": batch_size, **settings})
+                         {**loaded.run_key, "batch_size": batch_size, **settings})
     df = evaluate_in_parts(loaded, sessions, parts, batch_size=batch_size, progress=progress, **settings)
     atomic_write_bytes(out / "results.csv", df.to_csv(index=False).encode("utf-8"))
     atomic_write_bytes(out / "results.parquet", df.to_parquet(index=False))
     long = leakage_long(df, n_boot=n_boot, seed=seed)
     write_leakage_table(long, out)
     plot_leakage(long, out)
-    shutil.rmtree(parts)
+    if not keep_parts:
+        shutil.rmtree(parts)
     return df

@@ -112,6 +112,20 @@ class LoadedModel:
                 ) from err
         return self._bridge
 
+    @property
+    def run_key(self) -> dict[str, Any]:
+        """What a resumable run's saved parts depend on besides its inputs and settings: the model (its name and,
+        for a local folder, the size and modification time of each weight file, so that weights retrained in place
+        count as another model), the dtype, the device and the hook backend."""
+        folder, files = Path(self.name), []
+        if folder.is_dir():
+            for f in sorted(folder.iterdir()):
+                if f.suffix in (".safetensors", ".bin"):
+                    st = f.stat()
+                    files.append((f.name, st.st_size, st.st_mtime_ns))
+        return {"model": self.name, "files": files, "dtype": str(self.dtype), "device": str(self.device),
+                "backend": self.backend}
+
     @cached_property
     def forward_params(self) -> frozenset[str]:
         """Keyword arguments the HF model's forward takes (logits_to_keep, mm_token_type_ids ... vary by family)."""

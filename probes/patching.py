@@ -827,6 +827,7 @@ def patch_sessions(loaded: LoadedModel, sessions: Sequence[Session], experiment:
         raise PatchingError("no sessions to patch")
     pool = _other_identities(sessions, seed) if corruption == "image" else []
     label = model or model_label(loaded)
+    layers = None if layers is None else list(layers)  # read once per session: an iterator would be spent
 
     def rows_of(s: Session) -> list[dict[str, Any]]:
         head = {"model": label, "family": loaded.family, "experiment": experiment, "n": 1, **_public(s.labels),
@@ -920,7 +921,7 @@ def run_patching(loaded: LoadedModel | str | os.PathLike, sessions: Sequence[Ses
                  windows: Sequence[int] | None = None, check_exact: bool = True, leak: str | None = None,
                  refusal: str | None = None, max_pairs: int | None = None, n_boot: int = 1000, seed: int = 0,
                  model: str | None = None, figures: bool = True, device: str | None = None,
-                 dtype: str | None = None, progress: bool = True) -> pd.DataFrame:
+                 dtype: str | None = None, progress: bool = True, keep_parts: bool = False) -> pd.DataFrame:
     """`mmret patch`: run `experiment` (denoise, noise, atp, taskswap, knockout) on `sessions` (a list or a JSONL
     path; each the clean side of a pair) and write into `out_dir`:
 
@@ -931,7 +932,8 @@ def run_patching(loaded: LoadedModel | str | os.PathLike, sessions: Sequence[Ses
       knockout curves by window (knockout), AtP-vs-exact scatter (atp).
 
     Resumable: each session's rows are kept as it finishes, and a killed run started again with the same sessions
-    and settings patches only the rest.
+    and settings patches only the rest. `keep_parts`: leave those parts in `out_dir` when done (a caller with more
+    work after this removes them when all of it is done).
 
     Returns the per-pair rows."""
     from probes.loading import load_model
@@ -943,6 +945,7 @@ def run_patching(loaded: LoadedModel | str | os.PathLike, sessions: Sequence[Ses
     if not isinstance(sessions, (list, tuple)):
         sessions = list(read_sessions(sessions))
     sessions = list(sessions)[:max_pairs] if max_pairs else list(sessions)
+    layers = None if layers is None else [int(x) for x in layers]  # a generator would hash by its address
     settings = dict(corruption=corruption, directions=directions, components=components, layers=layers,
                     groups=groups, batch_size=batch_size, align=align, corrupt_framing=corrupt_framing,
                     replacements=replacements, swap=swap, noise_std=noise_std, seed=seed, sources=sources,
@@ -950,8 +953,8 @@ def run_patching(loaded: LoadedModel | str | os.PathLike, sessions: Sequence[Ses
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Finished sessions are kept under a name that hashes everything the rows depend on: a killed run started
-    # again resumes, and a run with anything changed starts afresh (and clears the old parts).
-    parts = parts_folder(out, f"patching-parts-{experiment}", {"model": loaded.name, **settings},
+    # again resumes, and a run with anything changed starts afresh in a folder of its own.
+    parts = parts_folder(out, f"patching-parts-{experiment}", {**loaded.run_key, **settings},
                          [s.to_json() for s in sessions])
     df = patch_sessions(loaded, sessions, experiment, progress=progress, parts=parts, **settings)
     if not len(df):
@@ -967,7 +970,8 @@ def run_patching(loaded: LoadedModel | str | os.PathLike, sessions: Sequence[Ses
         atomic_write_bytes(out / "atp_agreement.csv", agreement.to_csv(index=False).encode("utf-8"))
     if figures:
         write_figures(df, summary, out, experiment)
-    shutil.rmtree(parts)
+    if not keep_parts:
+        shutil.rmtree(parts)
     return df
 
 

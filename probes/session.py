@@ -13,7 +13,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,17 +242,24 @@ def write_sessions(sessions: Iterable[Session], path: str | os.PathLike) -> Path
 
 
 def parts_folder(out_dir: str | os.PathLike, name: str, *key: Any) -> Path:
-    """`out_dir/.<name>-<hash of key>`: where resumable work keeps the parts it has finished (a killed run started
-    again with the same key finds them). Folders of the same `name` under another key are stale and removed: a
-    run with anything changed starts afresh. `key`: bytes (e.g. a sessions file) or JSON-able settings."""
+    """`out_dir/.<name>-<hash of key>`: where resumable work keeps the parts it has finished, so that a killed run
+    started again with the same key finds them and a run with anything changed starts afresh in another folder.
+    Nothing is deleted here (a run with a typo must not wipe a killed run's work, nor one run another's): the run
+    removes its own folder when it is done, and older folders of other keys are left for the user to delete.
+    `key`: bytes (e.g. a sessions file) or JSON-able settings (give lists, not generators)."""
     h = hashlib.sha256()
     for k in key:
         h.update(k if isinstance(k, bytes) else json.dumps(k, sort_keys=True, default=str).encode())
-    folder = Path(out_dir) / f".{name}-{h.hexdigest()[:16]}"
-    for stale in Path(out_dir).glob(f".{name}-{'?' * 16}"):  # this name's only, not "<name>-other-<hash>"
-        if stale != folder and stale.is_dir():
-            shutil.rmtree(stale)
-    return folder
+    return Path(out_dir) / f".{name}-{h.hexdigest()[:16]}"
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it; set it straight back
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -265,6 +271,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; the file gets the mode open() would give it
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -8,6 +8,7 @@ downloaded. Used by the tests, the benchmarks and the demo; `build_tiny_model(fa
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import tempfile
@@ -62,9 +63,12 @@ def save_tiny(model: torch.nn.Module, processor: Any, path: str | Path) -> Path:
 
     Everything is written into a temp folder beside `path` first, then moved in file by file with config.json
     last (an old config.json goes first): a save killed at any point leaves no folder that loads as a checkpoint
-    with parts missing. Other files already in `path` (a model card, say) stay."""
+    with parts missing (killed while writing, an old checkpoint stays as it was; killed while moving, it has no
+    config.json until a save completes). Other files already in `path` (a model card, say) stay."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for debris in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a save that was killed
+        shutil.rmtree(debris, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         model.save_pretrained(tmp, safe_serialization=True)

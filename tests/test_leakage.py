@@ -337,7 +337,18 @@ def test_killed_leakage_run_resumes_where_it_stopped(llava, tmp_path, monkeypatc
         run_leakage(llava, jsonl, tmp_path / "b", **kw)
     calls.clear(), kill.clear()
     run_leakage(llava, jsonl, tmp_path / "b", **{**kw, "max_new_tokens": 3})
-    assert calls == [16, 4] and parts() == []  # started afresh, and the 4-token parts are gone
+    # started afresh, and left the killed 4-token run's part alone (a run never deletes another's work)
+    assert calls == [16, 4] and parts() == ["000000.parquet"]
+    resumed = run_leakage(llava, jsonl, tmp_path / "b", **kw)
+    assert calls == [16, 4, 4] and parts() == []
+    pd.testing.assert_frame_equal(resumed, full)
+
+
+def test_evaluate_in_parts_of_nothing_is_an_empty_table(llava, tmp_path):
+    from probes.leakage import evaluate_in_parts
+
+    df = evaluate_in_parts(llava, [], str(tmp_path / "parts"))
+    assert list(df.columns) == list(RESULT_COLUMNS) and len(df) == 0 and not (tmp_path / "parts").exists()
 
 
 def test_run_leakage_reports_bad_session_file(llava, tmp_path):

@@ -58,3 +58,23 @@ def test_a_killed_checkpoint_save_leaves_nothing_half_written(tmp_path, monkeypa
     assert all((after[k] == weights[k]).all() for k in weights)  # the old checkpoint, untouched
     assert load_model(path).family == "llava"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    monkeypatch.undo()
+    (tmp_path / ".m.killed.tmp").mkdir()  # what a SIGKILL mid-save leaves (no finally runs)
+    build_tiny_model("llava", path, seed=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_run_key_changes_with_weights_retrained_in_place(tiny_dir):
+    """Resumable parts are keyed by run_key: weights rewritten in place (same name, same size) are another model."""
+    import os
+
+    loaded = load_model(tiny_dir("llava"))
+    before = loaded.run_key
+    assert before["model"] == str(tiny_dir("llava")) and before["dtype"] == "torch.float32" and before["files"]
+    weights = tiny_dir("llava") / "model.safetensors"
+    st = weights.stat()
+    try:
+        os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        assert loaded.run_key != before
+    finally:
+        os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))

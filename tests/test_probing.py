@@ -122,11 +122,12 @@ def test_erasure_effect_compares_leace_with_a_random_subspace_of_its_rank(llava,
                                   size=64)
     g = torch.Generator().manual_seed(0)
     leace = fit_leace(torch.randn(60, llava.d_model, generator=g), np.repeat(np.arange(3), 20)[:, None])
-    df = erasure_effect(llava, sessions, "blocks.0.hook_resid_post", leace, max_new_tokens=3)
+    df = erasure_effect(llava, sessions, "blocks.0.hook_resid_post", leace, max_new_tokens=3, random_draws=2)
     assert set(df["method"]) == {"none", "leace", "random_subspace"} and set(df["metric"]) == {"ASR", "RR"}
     rank = df.groupby("method")["rank"].first()
     assert rank["none"] == 0 and rank["leace"] == rank["random_subspace"] == eraser_rank(leace) == 2
     assert (df["n"] == len(sessions)).all() and df["value"].between(0, 1).all()
+    assert sorted(df[df.method == "random_subspace"]["draw"]) == [0, 0, 1, 1]  # two draws x two metrics
 
 
 def test_random_eraser_is_an_orthogonal_projection_of_its_rank():

@@ -70,3 +70,15 @@ def test_in_memory_images_cannot_go_to_jsonl(tmp_path):
     with pytest.raises(SessionError, match="in-memory image"):
         write_sessions([s], tmp_path / "s.jsonl")
     assert not (tmp_path / "s.jsonl").exists()
+
+
+def test_atomic_writes_get_the_mode_open_would_give(tmp_path):
+    """mkstemp makes 0600 files; result files must stay readable as any other file the user writes."""
+    import os
+
+    from probes.session import atomic_write_bytes
+
+    atomic_write_bytes(tmp_path / "a.csv", b"x")
+    (tmp_path / "b.csv").write_bytes(b"x")
+    assert (tmp_path / "a.csv").stat().st_mode & 0o777 == (tmp_path / "b.csv").stat().st_mode & 0o777
+    assert os.stat(tmp_path / "a.csv").st_mode & 0o044  # readable by group/others under the usual umask

@@ -53,7 +53,7 @@ def test_study_writes_every_stage(first_run):
     for stage in ("sessions", "organism/leakage", "organism/capture", "organism/probes", "organism/patching",
                   "statistics", "figures", "report"):
         assert json.loads((out / stage / "stage.json").read_text())["hash"]
-    assert not list(out.rglob("*.partial-*"))
+    assert not list(out.rglob("*.partial-*")) and not list(out.rglob(".*-parts-*"))  # resumable parts removed
     probes = pd.read_csv(out / "organism/probes/probe_results.csv")
     assert sorted(probes["layer"].unique()) == [1, 3] and set(probes["turn"]) >= {0, 2}
     code = probes[probes["metric"].isin(["compression", "control_compression"])]  # probes.mdl: true
