@@ -266,29 +266,18 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-HASHED_WEIGHTS_MAX_BYTES = 256 * 2**20  # files up to this size are fingerprinted by content, larger ones by mtime
-
-
 def model_fingerprint(path: str) -> dict[str, Any]:
-    """What identifies a model's weights: its config and, per weight/JSON file, its name, size and either the
-    sha256 of its content (files up to HASHED_WEIGHTS_MAX_BYTES: the embedded default, tiny models) or, for a real
-    checkpoint's multi-GB shards, their modification time (reading them would cost minutes). A model retrained in
-    the same folder changes it either way (same shapes give the same sizes, so sizes alone would not); the HF id
-    when not a local folder."""
+    """What identifies a model's weights: its config and `probes.loading.checkpoint_files` (content of files up to
+    256 MiB, the modification time of larger shards), so a model retrained in the same folder changes it; the HF
+    id when not a local folder."""
+    from probes.loading import checkpoint_files
     from probes.organism import DEFAULT_MODEL
 
     p = Path(DEFAULT_MODEL if path == "default" else path)
     if not p.is_dir():
         return {"id": path}
-    files = []
-    for f in sorted(f for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".json")):
-        st = f.stat()
-        if st.st_size <= HASHED_WEIGHTS_MAX_BYTES:
-            files.append((f.name, st.st_size, hashlib.sha256(f.read_bytes()).hexdigest()))
-        else:
-            files.append((f.name, st.st_size, st.st_mtime_ns))
     return {"id": path, "config": (p / "config.json").read_text() if (p / "config.json").exists() else "",
-            "files": files}
+            "files": checkpoint_files(p)}
 
 
 def marker_hash(path: Path) -> str | None:

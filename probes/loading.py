@@ -27,6 +27,24 @@ class ModelLoadError(ValueError):
     pass
 
 
+HASHED_WEIGHTS_MAX_BYTES = 256 * 2**20  # checkpoint files up to this size are identified by content, larger by mtime
+
+
+def checkpoint_files(folder: Path) -> list[tuple[str, int, str | int]]:
+    """(name, size, sha256 of the content or, for files over HASHED_WEIGHTS_MAX_BYTES, the modification time) of
+    each weight and JSON file of a checkpoint folder: what identifies its weights. Same shapes give the same sizes,
+    so sizes alone miss weights retrained in place; a real checkpoint's multi-GB shards would take minutes to
+    hash, so those go by mtime."""
+    import hashlib
+
+    files = []
+    for f in sorted(f for f in Path(folder).iterdir() if f.suffix in (".safetensors", ".bin", ".json")):
+        st = f.stat()
+        mark = hashlib.sha256(f.read_bytes()).hexdigest() if st.st_size <= HASHED_WEIGHTS_MAX_BYTES else st.st_mtime_ns
+        files.append((f.name, st.st_size, mark))
+    return files
+
+
 def _torchvision_importable() -> bool:
     import importlib.util
 
@@ -115,16 +133,11 @@ class LoadedModel:
     @property
     def run_key(self) -> dict[str, Any]:
         """What a resumable run's saved parts depend on besides its inputs and settings: the model (its name and,
-        for a local folder, the size and modification time of each weight file, so that weights retrained in place
-        count as another model), the dtype, the device and the hook backend."""
-        folder, files = Path(self.name), []
-        if folder.is_dir():
-            for f in sorted(folder.iterdir()):
-                if f.suffix in (".safetensors", ".bin"):
-                    st = f.stat()
-                    files.append((f.name, st.st_size, st.st_mtime_ns))
-        return {"model": self.name, "files": files, "dtype": str(self.dtype), "device": str(self.device),
-                "backend": self.backend}
+        for a local folder, `checkpoint_files`, so that weights retrained in place count as another model), the
+        dtype, the device and the hook backend."""
+        folder = Path(self.name)
+        return {"model": self.name, "files": checkpoint_files(folder) if folder.is_dir() else [],
+                "dtype": str(self.dtype), "device": str(self.device), "backend": self.backend}
 
     @cached_property
     def forward_params(self) -> frozenset[str]:

@@ -130,7 +130,7 @@ def test_fingerprint_sees_weights_retrained_in_place(tmp_path, monkeypatch):
     before = study_config.model_fingerprint(str(tmp_path))
     weights.write_bytes(b"b" * 100)
     assert study_config.model_fingerprint(str(tmp_path)) != before
-    monkeypatch.setattr(study_config, "HASHED_WEIGHTS_MAX_BYTES", 10)
+    monkeypatch.setattr("probes.loading.HASHED_WEIGHTS_MAX_BYTES", 10)
     os.utime(weights, ns=(10**18, 10**18))
     big = study_config.model_fingerprint(str(tmp_path))
     os.utime(weights, ns=(2 * 10**18, 2 * 10**18))
