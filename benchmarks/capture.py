@@ -158,7 +158,8 @@ def main() -> None:
         memory_child(args.child[0], args.child[1], int(args.child[2]))
         return
     torch.manual_seed(0)
-    tmp = tempfile.mkdtemp(prefix="mmret-bench-")
+    scratch = tempfile.TemporaryDirectory(prefix="mmret-bench-")  # removed when main returns
+    tmp = scratch.name
     model_dir = str(build_tiny_model("llava", Path(tmp) / "llava8", **SIZE))
     loaded = load_model(model_dir)
     plain = load_model(model_dir).hf_model  # a second copy that never has a hook on it

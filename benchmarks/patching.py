@@ -96,7 +96,8 @@ def main() -> None:
         organism_figures(args.organism, args.out, n=args.n)
         return
     torch.manual_seed(0)
-    tmp = Path(tempfile.mkdtemp(prefix="mmret-bench-"))
+    scratch = tempfile.TemporaryDirectory(prefix="mmret-bench-")  # removed when main returns
+    tmp = Path(scratch.name)
     loaded = load_model(build_tiny_model("llava", tmp / "llava8", **SIZE), device=args.device)
     people = make_identities(2, seed=0)
     session = multiturn_sessions(people[:1], tmp / "img", k_distractors=[0], reshow=[False],
