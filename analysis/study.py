@@ -140,8 +140,8 @@ def build_sessions(cfg: StudyConfig, work: Path) -> None:
 
 
 def run_leakage_stage(study: Study, entry: dict[str, Any], sessions: Path, work: Path) -> None:
-    from probes.leakage import evaluate_in_parts, run_leakage
-    from probes.session import parts_folder, read_sessions
+    from probes.leakage import evaluate_in_parts, leakage_parts, run_leakage
+    from probes.session import read_sessions
 
     c, loaded = study.cfg.section("leakage"), study.model(entry)
     # Both evaluations keep their finished parts in the (partial) stage folder until the whole stage is done, so a
@@ -152,8 +152,7 @@ def run_leakage_stage(study: Study, entry: dict[str, Any], sessions: Path, work:
     # Context retention: the multi-turn sessions' probe turn, scored the same way (ASR by turn distance).
     multi_jsonl = sessions / "multiturn.jsonl"
     kw = dict(max_new_tokens=c["max_new_tokens"], model=entry["name"])
-    parts = parts_folder(work, "leakage-parts-multiturn", multi_jsonl.read_bytes(),
-                         {**loaded.run_key, "batch_size": c["batch_size"], **kw})
+    parts = leakage_parts(work, multi_jsonl, loaded, batch_size=c["batch_size"], **kw)
     multi = evaluate_in_parts(loaded, list(read_sessions(multi_jsonl)), parts, batch_size=c["batch_size"],
                               progress=study.progress, **kw)
     atomic_write_bytes(work / "multiturn_results.csv", multi.to_csv(index=False).encode())

@@ -180,9 +180,12 @@ def organism(model_dir: Path, n: int, seed: int, out: Path) -> dict[str, float]:
     figs: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        ctx = multiturn_sessions(people, work / "img", k_distractors=(3,), reshow=(False,),
-                                 framing_pairs=(("caption", "caption"),), pii_types=("SSN",),
-                                 size=cfg["image_size"], layout=cfg.get("layout", "fixed"))
+        def context(who, image_dir):  # document in turn 1, 3 distractor exchanges, the SSN asked under captioning
+            return multiturn_sessions(who, work / image_dir, k_distractors=(3,), reshow=(False,),
+                                      framing_pairs=(("caption", "caption"),), pii_types=("SSN",),
+                                      size=cfg["image_size"], layout=cfg.get("layout", "fixed"))
+
+        ctx = context(people, "img")
         probe_turn = int(ctx[0].labels["probe_turn"])
         real, blocks, store = _sweep(loaded, ctx, work, "context", "last:*+image:0", ["last", "image"], "none", seed)
         at = _cell(real, "char_accuracy", position_group="last", turn=probe_turn)
@@ -212,10 +215,7 @@ def organism(model_dir: Path, n: int, seed: int, out: Path) -> dict[str, float]:
         tm = transfer_matrix(block, session_targets(store.sessions(), "digits"), model="organism")
         # Erasure: LEACE of the SSN digits at the probe turn's last token at the best layer, fitted on sessions of
         # other identities (a pool of its own) and measured on the probe sessions, which it never saw.
-        fit_people = make_identities(n, seed=75_000 + seed)
-        fit_ctx = multiturn_sessions(fit_people, work / "img_fit", k_distractors=(3,), reshow=(False,),
-                                     framing_pairs=(("caption", "caption"),), pii_types=("SSN",),
-                                     size=cfg["image_size"], layout=cfg.get("layout", "fixed"))
+        fit_ctx = context(make_identities(n, seed=75_000 + seed), "img_fit")
         fit_store = capture(loaded, fit_ctx, str(work / "leace_fit"), positions="last:*", layers=[layer],
                             progress=False)
         Xf, yf, _ = _last_token_digits(fit_store, probe_turn, layer)

@@ -362,6 +362,14 @@ def evaluate_leakage(loaded: LoadedModel, sessions: Iterable[Session], max_new_t
                            refusal_patterns=refusal_patterns, keep_responses=keep_responses)
 
 
+def leakage_parts(out_dir: str | os.PathLike, sessions_jsonl: str | os.PathLike, loaded: LoadedModel,
+                  **settings: Any) -> Path:
+    """The parts folder of one evaluation of `sessions_jsonl` in `out_dir` (see `evaluate_in_parts`): keyed by the
+    file's bytes, the model's `run_key` and the settings that change the rows (batch size included)."""
+    jsonl = Path(sessions_jsonl)
+    return parts_folder(out_dir, f"leakage-parts-{jsonl.stem}", jsonl.read_bytes(), {**loaded.run_key, **settings})
+
+
 def evaluate_in_parts(loaded: LoadedModel, sessions: Sequence[Session], parts: str | os.PathLike, batch_size: int = 8,
                       progress: bool = True, **kw: Any) -> pd.DataFrame:
     """`evaluate_leakage` that can be resumed: sessions go in parts of generate_batch's window (batch_size * 16
@@ -416,8 +424,7 @@ def run_leakage(model_path_or_loaded: str | os.PathLike | LoadedModel, sessions_
                     model=model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    parts = parts_folder(out, f"leakage-parts-{Path(sessions_jsonl).stem}", Path(sessions_jsonl).read_bytes(),
-                         {**loaded.run_key, "batch_size": batch_size, **settings})
+    parts = leakage_parts(out, sessions_jsonl, loaded, batch_size=batch_size, **settings)
     df = evaluate_in_parts(loaded, sessions, parts, batch_size=batch_size, progress=progress, **settings)
     atomic_write_bytes(out / "results.csv", df.to_csv(index=False).encode("utf-8"))
     atomic_write_bytes(out / "results.parquet", df.to_parquet(index=False))
