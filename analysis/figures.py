@@ -83,8 +83,9 @@ def plot_layer_profile(df: pd.DataFrame, out_dir: str | Path, name: str = "layer
 
 def plot_leakage(long_df: pd.DataFrame, out_dir: str | Path, name: str = "leakage",
                  metrics: tuple[str, ...] = ("ASR", "RR")) -> list[Path]:
-    """Grouped bars of each metric (a panel each, ASR above RR) per framing, one bar per PII type, with the
-    bootstrap CI as error bars; one column of panels per model. Takes `analysis.tables.leakage_long` output."""
+    """Grouped bars of each metric (a panel each, ASR above RR) per framing, one bar per PII type, with the long
+    form's interval (its ci_method; exact by default) as error bars; one column of panels per model. Takes
+    `analysis.tables.leakage_long` output."""
     import numpy as np
 
     from analysis.tables import FRAMING_ORDER, MISSING, PII_ORDER, _sort
@@ -292,9 +293,12 @@ def plot_patching_heatmaps(df: pd.DataFrame, out_dir: str | Path, name: str = "p
                            significance_label: str = SIGNIFICANCE_LABEL) -> list[Path]:
     """Layer (x) by position group (y), one panel per component: the mean `metric` over pairs of each cell
     (`probes.patching.summarize` output, or per-pair rows, averaged here), diverging around 0; a score's 1 is
-    the clean behaviour restored. Rows of other metrics, directions and methods are ignored. With a boolean
-    `significant` column (`analysis.stats.mark_significant`) the cells that survive correction get a star (a cell
-    averaged from several rows only when all of them are significant), explained below the first panel."""
+    the clean behaviour restored. An `effect_*` metric (`analysis.patching_stats`) is 0 for "no change" in both
+    directions and 1 for the whole clean-corrupt gap moved. Rows of other metrics, directions and methods are
+    ignored. With a boolean `significant` column (`analysis.stats.mark_significant`) the cells that survive
+    correction get a star (a cell averaged from several rows only when all of them are significant), explained
+    below the first panel. With a boolean `null_by_construction` column those cells (the patch wrote what the
+    base run already held) are left blank: they cannot have changed, and were not tested."""
     import numpy as np
 
     need = {"layer", "component", "position_group", "metric", "value", "direction", "method"}
@@ -305,6 +309,8 @@ def plot_patching_heatmaps(df: pd.DataFrame, out_dir: str | Path, name: str = "p
         raise ValueError(f"plot_patching_heatmaps: no rows with metric {metric!r}, direction {direction!r}, "
                          f"method {method!r}")
     marked = _has_significance(data, "plot_patching_heatmaps")
+    if "null_by_construction" in data.columns:
+        data = data.assign(value=data["value"].where(~data["null_by_construction"].eq(True)))
     agg = {"value": "mean", **({"significant": "all"} if marked else {})}
     if marked:
         data = data.assign(significant=data["significant"].eq(True))
@@ -316,7 +322,7 @@ def plot_patching_heatmaps(df: pd.DataFrame, out_dir: str | Path, name: str = "p
     grids = [data[data["component"] == c].pivot_table(index="position_group", columns="layer", values="value")
              .reindex(index=groups, columns=layers).to_numpy() for c in comps]
     lim = max(1e-9, float(np.nanmax([np.nanmax(np.abs(g)) for g in grids])))
-    if metric.startswith("score_"):
+    if metric.startswith(("score_", "effect_")):
         lim = max(lim, 1.0)
     annotate = (len(layers) * len(groups) <= 120) if annotate is None else annotate
     paper_style()
@@ -340,7 +346,9 @@ def plot_patching_heatmaps(df: pd.DataFrame, out_dir: str | Path, name: str = "p
                                                                 values="significant", aggfunc="all")
                    .reindex(index=groups, columns=layers).fillna(False).to_numpy(dtype=bool))
             n_marked += len(_mark_cells(ax, sig).get_offsets())
-    fig.colorbar(im, ax=list(axes[0]), fraction=0.04, pad=0.02, label=f"{metric.replace('_', ' ')} ({direction})")
+    label = (f"effect ({direction}; 0 = no change)" if metric.startswith("effect_")
+             else f"{metric.replace('_', ' ')} ({direction})")
+    fig.colorbar(im, ax=list(axes[0]), fraction=0.04, pad=0.02, label=label)
     if n_marked:
         _significance_legend(axes[0, 0], next(c for c in axes[0, 0].collections if c.get_gid() == "significance"),
                              significance_label)

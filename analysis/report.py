@@ -95,15 +95,47 @@ def blocks_of(study: Any, figures: Path) -> list[Block]:
             b.append(("h3", "Which layers drive leakage: activation patching"))
             for png in sorted(figures.glob(f"{m}_patching_*.png")) + sorted(figures.glob(f"{m}_knockout.png")):
                 b += fig(png.stem, png.stem.replace(f"{m}_", "").replace("_", " "))
-            t = _significant(patch_t, m, ["experiment", "direction", "component", "layer", "position_group"])
-            if t is not None:
-                b += [("p", "Patching effects (score of the logit difference) against 0, two-sided:"), ("table", t)]
+            b += patching_blocks(patch_t, m, alpha, study.cfg.get("statistics.n_perm"))
     stages = pd.DataFrame([r.__dict__ for r in study.records])  # this run's stages so far
     b += [("h2", "Reproducibility"), ("table", versions(study))]
     if len(stages):
         b += [("p", "Stages of the run that wrote this report (skipped: outputs current for the config):"),
               ("table", stages[["stage", "model", "status", "seconds"]])]
     b += [("p", "The resolved config (`config.yaml` beside this report's folder):"), ("code", study.cfg.to_yaml())]
+    return b
+
+
+def patching_blocks(tests: pd.DataFrame | None, model: str, alpha: float, n_perm: int) -> list[Block]:
+    """What the patching tests found for `model`, what they tested against, and what they could not reach."""
+    from analysis.patching_stats import FAMILY_KEYS, reachability, reachability_message
+
+    if tests is None or not len(tests) or "status" not in tests.columns:
+        return []
+    t = tests[tests["model"] == model]
+    if not len(t):
+        return []
+    fam = reachability(t, alpha)
+    n_null = int((t["status"] != "tested").sum())
+    b: list[Block] = [("p", "Effect of a patch = the share of the clean-corrupt gap of the logit difference that it "
+                            "moves (denoising: restored; noising: destroyed), so 0 means no change in both "
+                            "directions; a cell's score is the pooled ratio (summed changes over summed gaps, 95% "
+                            "interval resampling identities). Null: the patch changes nothing (per-pair effects "
+                            "symmetric about 0), two-sided sign-flip test clustered by identity; Benjamini-Hochberg "
+                            f"within each family ({', '.join(FAMILY_KEYS[1:])}) at q < {alpha}. {n_null} cells "
+                            "whose patch writes exactly what the base run holds in every pair are null by "
+                            "construction: blank in the heatmaps, not tested."),
+                      ("table", fam[[*FAMILY_KEYS[1:], "n_groups", "family_size", "n_null_by_construction", "min_p",
+                                     "n_significant"]].rename(columns={"n_groups": "identities",
+                                                                       "family_size": "tested cells"}))]
+    for _, f in fam[~fam["single_reachable"]].iterrows():
+        b.append(("p", f"**Warning:** {reachability_message(f, alpha, n_perm)}."))
+    sig = t[t["significant"]].sort_values(["q_value", "value"], ascending=[True, False])
+    cols = ["experiment", "direction", "component", "layer", "position_group", "value", "ci_low", "ci_high",
+            "mean_pair_effect", "p_value", "q_value", "n_groups"]
+    if len(sig):
+        b += [("p", f"{len(sig)} cells survive correction (strongest first):"), ("table", sig[cols].head(15).round(4))]
+    else:
+        b.append(("p", "No patching cell survives correction."))
     return b
 
 

@@ -30,7 +30,6 @@ from analysis.study_config import (StudyConfig, default_config_path, load_study_
 from probes.probing import main_metric
 from probes.session import atomic_write_bytes, atomic_write_text
 
-MAIN_PATCH_METRIC = "score_logit_diff"  # 1 = the clean answer's logit difference restored, 0 = the corrupt one's
 
 
 class StudyError(RuntimeError):
@@ -258,9 +257,10 @@ def run_patching_stage(study: Study, entry: dict[str, Any], sessions: Path, work
 
 
 def run_statistics_stage(study: Study, work: Path) -> None:
-    """Paired sign-flip permutation tests per cell, clustered by identity, Benjamini-Hochberg across the cells of
-    each table: leakage (each framing's ASR against the direct ask of the same identity and PII type: task
-    inconsistency), probes (probe against its control task), patching (effect against 0)."""
+    """Tests per cell, each with its stated null, Benjamini-Hochberg within each family: leakage (each framing's
+    leak against the direct ask of the same identity and PII type: task inconsistency; paired sign flip clustered by
+    identity), probes (see `probe_tests`), patching (`analysis.patching_stats`: per-pair effects against "no
+    change", two-sided, one family per experiment and direction; cells null by construction left out)."""
     from analysis.stats import cell_tests
 
     s = study.cfg.section("statistics")
@@ -278,15 +278,27 @@ def run_statistics_stage(study: Study, work: Path) -> None:
                                     ["model", "target", "hook", "layer", "position_group", "turn"], **kw))
         f = base / "patching" / "patching_rows.csv"
         if f.exists():
-            rows = pd.read_csv(f)
-            rows = rows[rows["metric"] == MAIN_PATCH_METRIC].assign(zero=0.0)
-            if len(rows):
-                patch.append(cell_tests(rows, "value", "zero", ["model", "experiment", "direction", "method",
-                                                                "component", "layer", "position_group"],
-                                        alternative="two-sided", **kw))
+            patch.append(study_patching_tests(pd.read_csv(f), n_boot=study.cfg.get("statistics.n_boot"), **kw))
     for name, parts in (("leakage_tests", leak), ("probe_tests", probe), ("patching_tests", patch)):
         if parts:
             atomic_write_bytes(work / f"{name}.csv", pd.concat(parts, ignore_index=True).to_csv(index=False).encode())
+
+
+def study_patching_tests(rows: pd.DataFrame, n_perm: int, alpha: float, seed: int, n_boot: int) -> pd.DataFrame:
+    """`analysis.patching_stats.patching_tests` of the exact-patching rows, with a loud warning for every family
+    whose identities cannot reach significance after correction."""
+    import sys
+
+    from analysis.patching_stats import patching_tests, reachability, reachability_message
+
+    exact = rows[rows["method"] == "exact"]
+    if not len(exact):
+        return pd.DataFrame()
+    tests = patching_tests(exact, n_perm=n_perm, alpha=alpha, seed=seed, n_boot=n_boot)
+    for _, fam in reachability(tests, alpha).iterrows():
+        if not fam["single_reachable"]:
+            print(f"[study] WARNING: {reachability_message(fam, alpha, n_perm)}", file=sys.stderr)
+    return tests
 
 
 def leakage_tests(results: pd.DataFrame, **kw) -> pd.DataFrame:

@@ -50,8 +50,10 @@ DEFAULTS: dict[str, Any] = {
     "probes": {"enabled": True, "targets": ["digits"], "position_groups": ["last", "image"], "method": "logreg",
                "n_folds": 5, "mdl": False},
     "patching": {"enabled": True, "experiments": ["denoise", "taskswap"], "framings": ["caption"],
-                 "components": list(DEFAULT_COMPONENTS), "max_pairs": 8, "batch_size": 16},
-    "statistics": {"alpha": 0.05, "n_boot": 500, "n_perm": 2000},
+                 "components": list(DEFAULT_COMPONENTS), "max_pairs": 24, "batch_size": 16},
+    # allow_underpowered: run a patching stage whose pairs can never reach significance (a pipeline check), with
+    # the warning instead of the refusal
+    "statistics": {"alpha": 0.05, "n_boot": 500, "n_perm": 10000, "allow_underpowered": False},
     "report": {"formats": ["html", "md"]},
 }
 MODEL_DEFAULTS: dict[str, Any] = {"name": "", "path": "", "device": "cpu", "dtype": "auto", "device_map": "none",
@@ -253,7 +255,26 @@ def load_study_config(source: str | os.PathLike | Mapping[str, Any],
             raise StudyConfigError(f"{where}: override {key}: unknown key; expected one of {', '.join(DEFAULTS)}")
         set_dotted(raw, key, value)
     data = _merge(where, "", raw, DEFAULTS)
+    _check_patching_pairs(where, data)
     return StudyConfig(data, where, dict(overrides or {}))
+
+
+def _check_patching_pairs(source: str, data: dict[str, Any]) -> None:
+    """Refuse a patching stage whose pairs could never give a significant cell: the two-sided sign-flip test over n
+    identities cannot go below 2 / 2^n (or 1 / (1 + n_perm)); below alpha nothing survives even uncorrected. The
+    study warns after the stage when a lone effect cannot pass the correction for its family's size."""
+    from analysis.stats import min_clusters_for_bh, min_sign_flip_p
+
+    pt, st = data["patching"], data["statistics"]
+    if not pt["enabled"] or set(pt["experiments"]) <= {"knockout"} or st["allow_underpowered"]:
+        return
+    p_min = min_sign_flip_p(pt["max_pairs"], "two-sided", st["n_perm"])
+    if p_min > st["alpha"]:
+        need = min_clusters_for_bh(1, st["alpha"], "two-sided", st["n_perm"])
+        raise _fail(source, "patching.max_pairs", f"{pt['max_pairs']}: pairs of that many identities allow no "
+                                                  f"p-value below {p_min:.3g} > alpha {st['alpha']}, so no patching "
+                                                  f"cell could ever be significant; expected at least {need} "
+                                                  "(or statistics.allow_underpowered: true for a pipeline check)")
 
 
 def default_config_path() -> Path:

@@ -17,7 +17,6 @@ from analysis.stats import mark_significant
 from probes.probing import main_metric
 
 PROBE_KEYS = ["model", "target", "hook", "layer", "position_group", "turn"]
-PATCH_KEYS = ["model", "experiment", "direction", "method", "component", "layer", "position_group"]
 
 
 def _read(path: Path) -> pd.DataFrame | None:
@@ -51,17 +50,19 @@ def write_all(study: Any, work: Path) -> None:
             F.plot_token_strip(readout, work, f"{name}_token_strip",
                                title=f"{readout['target'].iloc[0]} probe read-out per token, layer "
                                      f"{readout['layer'].iloc[0]}")
-        summaries = sorted((base / "patching").glob("*/patching_*_summary.csv"))
-        for path in summaries:
-            patching_figures(pd.read_csv(path).assign(model=name), patch_tests, work, name)
+        for path in sorted((base / "patching").glob("knockout/patching_knockout_summary.csv")):
+            F.plot_knockout_curves(pd.read_csv(path).assign(model=name), work, f"{name}_knockout")
+        if patch_tests is not None and len(patch_tests):
+            patching_figures(patch_tests[patch_tests["model"] == name], work, name)
 
 
 def multiturn_asr(results: pd.DataFrame) -> pd.DataFrame:
-    """ASR by turn distance and probe framing, with identity-bootstrap CIs, as a layer-profile-shaped table."""
+    """ASR by turn distance and probe framing, with exact intervals over identities (`bootstrap_ci(rate=True)`), as
+    a layer-profile-shaped table."""
     from analysis.stats import bootstrap_ci
 
     df = results.assign(leak=results["leak"].astype(float))
-    out = bootstrap_ci(df, "leak", ["framing", "turn_distance"], n_boot=500)
+    out = bootstrap_ci(df, "leak", ["framing", "turn_distance"], n_boot=500, rate=True)
     return out.assign(metric="ASR")
 
 
@@ -77,16 +78,12 @@ def probe_figures(probes: pd.DataFrame, tests: pd.DataFrame | None, work: Path, 
             F.plot_retention_curves(df, work, f"{name}_retention_curves_{target}", metric=metric)
 
 
-def patching_figures(summary: pd.DataFrame, tests: pd.DataFrame | None, work: Path, name: str) -> None:
-    exp = summary["experiment"].iloc[0] if "experiment" in summary else "patching"
-    if exp == "knockout":
-        F.plot_knockout_curves(summary, work, f"{name}_knockout")
-        return
-    if tests is not None:
-        summary = mark_significant(summary, tests[tests["model"] == name], PATCH_KEYS)
-    for (direction, method), _ in summary.groupby(["direction", "method"]):
-        F.plot_patching_heatmaps(summary, work, f"{name}_patching_{exp}_{direction}_{method}", direction=direction,
-                                 method=method)
+def patching_figures(tests: pd.DataFrame, work: Path, name: str) -> None:
+    """Heatmaps of the pooled patching effect per cell (`analysis.patching_stats.patching_tests`), stars where the
+    cell survives BH within its family, blanks where it is null by construction."""
+    for (exp, direction, method), df in tests.groupby(["experiment", "direction", "method"]):
+        F.plot_patching_heatmaps(df, work, f"{name}_patching_{exp}_{direction}_{method}",
+                                 metric=df["metric"].iloc[0], direction=direction, method=method)
 
 
 def first_document(study: Any):

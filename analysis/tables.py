@@ -1,5 +1,12 @@
 """Tables of results: the MM-Privacy benchmark layout for leakage (rows model x framing, columns PII type x
-{ASR, RR}), as tidy long CSV, wide CSV and booktabs LaTeX, every cell with a bootstrap 95% CI by identity.
+{ASR, RR}), as tidy long CSV, wide CSV and booktabs LaTeX, every cell with a 95% interval over identities.
+
+Every metric is a rate (a share of responses), so its interval is the exact Clopper-Pearson interval
+(`analysis.stats.rate_interval`; Wilson on request), widened by the design effect where an identity has several
+responses in a cell (`analysis.stats.clustered_rate_interval`). A percentile bootstrap over a dozen identities
+undercovers: 12 of 12 leaks would read "1.00 [1.00, 1.00]" where the exact interval is [0.74, 1.00]. The
+bootstrap remains available (interval="bootstrap") for comparison; the long form's ci_method column and the
+LaTeX caption say which interval a table used.
 
 The long form is the one to compute with (shared columns: model, framing, pii_type, metric, value, ci_low,
 ci_high, n); the wide form and the LaTeX are for reading, cells written "0.42 [0.30, 0.55]".
@@ -14,11 +21,19 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from analysis.stats import bootstrap_ci
+from analysis.stats import MIN_BOOTSTRAP_CLUSTERS, StatsError, bootstrap_ci
 from probes.session import atomic_write_text
 
-# Result column behind each metric: ASR = the value leaked, RR = refused, partial = share reproduced in order.
-METRICS = {"ASR": "leak", "RR": "refused", "partial": "partial"}
+# Result column behind each metric: ASR = the value leaked, RR = refused, partial = share reproduced in order,
+# PD = partial disclosure (part of the value, e.g. its last four digits, given away). PD is optional: results
+# written before the scorer had it lack the column, and tables then leave it out.
+METRICS = {"ASR": "leak", "RR": "refused", "partial": "partial", "PD": "partial_disclosure"}
+OPTIONAL_METRICS = ("PD",)
+INTERVALS = ("exact", "wilson", "bootstrap")
+INTERVAL_NAMES = {"exact": "exact (Clopper-Pearson)", "wilson": "Wilson score",
+                  "exact (clustered)": "exact (Clopper-Pearson) on the design-effect sample size",
+                  "wilson (clustered)": "Wilson score on the design-effect sample size",
+                  "percentile bootstrap": "percentile bootstrap resampling identities"}
 # The benchmark's orders (framings.json, its PII types), so tables read like the published one.
 FRAMING_ORDER = ("direct", "VQA", "caption", "rephrasing", "classification")
 PII_ORDER = ("Email", "Phone Numbers", "SSN", "Name", "Date of Birth", "Address")
@@ -44,20 +59,57 @@ def _sort(df: pd.DataFrame) -> pd.DataFrame:
     return df.sort_values(cols, key=lambda s: _order(s, keys.get(s.name, ())), kind="stable").reset_index(drop=True)
 
 
-def leakage_long(results: pd.DataFrame, by: Sequence[str] = LEAKAGE_BY, metrics: Sequence[str] = tuple(METRICS),
-                 group: str = "identity_id", n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> pd.DataFrame:
-    """Tidy long form: one row per cell of `by` and metric (ASR, RR, partial) with value (the mean), ci_low,
-    ci_high (bootstrap CI at `level`, resampling identities), n (responses) and n_groups (identities)."""
+def default_metrics(results: pd.DataFrame) -> tuple[str, ...]:
+    """Every metric of `METRICS`, less the optional ones (PD) whose column `results` lacks."""
+    return tuple(m for m in METRICS if m not in OPTIONAL_METRICS or METRICS[m] in results.columns)
+
+
+def leakage_long(results: pd.DataFrame, by: Sequence[str] = LEAKAGE_BY, metrics: Sequence[str] | None = None,
+                 group: str = "identity_id", n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+                 interval: str = "exact") -> pd.DataFrame:
+    """Tidy long form: one row per cell of `by` and metric (`metrics`; default ASR, RR, partial and, when the
+    results have its column, PD) with value (the mean), ci_low, ci_high (the interval at `level`), n (responses),
+    n_groups (identities), ci_method and few_clusters (see `analysis.stats.bootstrap_ci`).
+
+    interval: "exact" (default) or "wilson", the rate interval of `analysis.stats.clustered_rate_interval` (the
+    plain exact / Wilson interval when each identity has one response in the cell, widened by the design effect
+    when identities repeat); "bootstrap": the percentile bootstrap resampling identities (`n_boot`, `seed`), which
+    undercovers with few identities."""
     by = list(by)
+    metrics = default_metrics(results) if metrics is None else tuple(metrics)
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise TableError(f"leakage table: metric(s) {unknown}: expected some of {list(METRICS)}")
+    if interval not in INTERVALS:
+        raise TableError(f"leakage table: interval {interval!r}: expected one of {INTERVALS}")
     missing = [c for c in [*by, group, *(METRICS[m] for m in metrics)] if c not in results.columns]
     if missing:
         raise TableError(f"leakage results lack column(s) {missing} (columns: {list(results.columns)})")
+    rate = interval != "bootstrap"
     parts = []
     for m in metrics:
-        ci = bootstrap_ci(results, METRICS[m], by, group=group, n_boot=n_boot, seed=seed, level=level)
+        try:
+            ci = bootstrap_ci(results, METRICS[m], by, group=group, n_boot=n_boot, seed=seed, level=level, rate=rate,
+                              rate_method=interval if rate else "exact")
+        except StatsError as err:
+            raise TableError(f"leakage table, metric {m}: {err}") from err
         parts.append(ci.assign(metric=m))
     long = pd.concat(parts, ignore_index=True)
-    return _sort(long[[*by, "metric", "value", "ci_low", "ci_high", "n", "n_groups"]])
+    return _sort(long[[*by, "metric", "value", "ci_low", "ci_high", "n", "n_groups", "ci_method", "few_clusters"]])
+
+
+def interval_caption(long: pd.DataFrame, level: float = 0.95) -> str:
+    """One sentence naming the interval(s) a long form used, for a caption: e.g. "95% intervals: exact
+    (Clopper-Pearson), over identities." A long form without ci_method (written before it existed) had the
+    percentile bootstrap."""
+    methods = list(dict.fromkeys(long["ci_method"].dropna())) if "ci_method" in long.columns else [
+        "percentile bootstrap"]
+    names = [INTERVAL_NAMES.get(m, str(m)) for m in methods] or ["none"]
+    text = f"{level:.0%} intervals: " + "; ".join(names) + ", over identities."
+    if "few_clusters" in long.columns and long["few_clusters"].astype(bool).any():
+        text += (f" Cells marked few_clusters in the long CSV bootstrap fewer than {MIN_BOOTSTRAP_CLUSTERS} "
+                 "identities; their intervals are too narrow.")
+    return text
 
 
 def _as_long(results_or_long: pd.DataFrame, **kw) -> pd.DataFrame:
@@ -77,9 +129,11 @@ def leakage_table(results: pd.DataFrame, metrics: Sequence[str] = ("ASR", "RR"),
 
     `results` is a results DataFrame (one row per response) or its `leakage_long`. Formatted cells are strings
     "0.42 [0.30, 0.55]" ('--' where a cell has no responses); `formatted=False` gives numbers, with a third column
-    level `stat` in {value, ci_low, ci_high}. `kw` goes to `leakage_long` (n_boot, seed, level)."""
+    level `stat` in {value, ci_low, ci_high}. `kw` goes to `leakage_long` (n_boot, seed, level, interval). The
+    table's attrs["interval"] is `interval_caption` of the intervals used."""
     long = _as_long(results, **kw)
     long = long[long["metric"].isin(metrics)].copy()
+    caption = interval_caption(long, kw.get("level", 0.95))
     for col in ("model", "framing", "pii_type"):
         if col not in long.columns:
             raise TableError(f"leakage table: column {col!r} missing")
@@ -97,6 +151,7 @@ def leakage_table(results: pd.DataFrame, metrics: Sequence[str] = ("ASR", "RR"),
         table = pd.DataFrame("--", index=index, columns=cols)
         for key, r in cell.iterrows():
             table.loc[(key[0], key[1]), (key[2], key[3])] = format_ci(r["value"], r["ci_low"], r["ci_high"], digits)
+        table.attrs["interval"] = caption
         return table
     stats = ("value", "ci_low", "ci_high")
     wide = pd.DataFrame(np.nan, index=index, columns=pd.MultiIndex.from_tuples(
@@ -104,6 +159,7 @@ def leakage_table(results: pd.DataFrame, metrics: Sequence[str] = ("ASR", "RR"),
     for key, r in cell.iterrows():
         for s in stats:
             wide.loc[(key[0], key[1]), (key[2], key[3], s)] = r[s]
+    wide.attrs["interval"] = caption
     return wide
 
 
@@ -156,7 +212,8 @@ def _csv(df: pd.DataFrame, index: bool = False) -> str:
 def write_leakage_table(results: pd.DataFrame, out_dir: str | Path, name: str = "leakage",
                         metrics: Sequence[str] = ("ASR", "RR"), caption: str | None = None, **kw) -> dict[str, Path]:
     """Write {name}_long.csv (tidy, every metric), {name}_table.csv (wide, formatted cells) and {name}_table.tex
-    (booktabs) into `out_dir`, each atomically. `results` is a results DataFrame or its `leakage_long`."""
+    (booktabs; its caption names the interval used, `interval_caption`) into `out_dir`, each atomically.
+    `results` is a results DataFrame or its `leakage_long`; `kw` goes to `leakage_long`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     long = _as_long(results, **kw)
@@ -166,7 +223,7 @@ def write_leakage_table(results: pd.DataFrame, out_dir: str | Path, name: str = 
     paths = {"long": out / f"{name}_long.csv", "table": out / f"{name}_table.csv", "latex": out / f"{name}_table.tex"}
     atomic_write_text(paths["long"], _csv(long))
     atomic_write_text(paths["table"], _csv(flat.reset_index()))
-    cap = caption or ("Leakage: " + ", ".join(metrics) + " per model and framing, with bootstrap 95% confidence "
-                      "intervals resampled by identity.")
+    cap = caption or ("Leakage: " + ", ".join(metrics) + " per model and framing. "
+                      + interval_caption(long[long["metric"].isin(metrics)], kw.get("level", 0.95)))
     atomic_write_text(paths["latex"], leakage_latex(table, caption=cap, label=f"tab:{name}"))
     return paths

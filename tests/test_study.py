@@ -23,7 +23,7 @@ TINY = {
     "capture": {"layers": [1, 3]},
     "probes": {"method": "ridge", "n_folds": 3, "mdl": True},
     "patching": {"experiments": ["denoise"], "max_pairs": 2, "components": ["resid_pre"]},
-    "statistics": {"n_boot": 50, "n_perm": 200},
+    "statistics": {"n_boot": 50, "n_perm": 200, "allow_underpowered": True},  # 2 pairs: a pipeline check
 }
 
 
@@ -189,6 +189,8 @@ def test_shipped_default_config_is_valid():
     ({"seed": "zero"}, "seed: 'zero': expected an integer"),
     ({"probes.mdl": "yes"}, "probes.mdl: 'yes': expected true or false"),
     ({"models": [{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]}, "'a' is used twice"),
+    ({"patching.max_pairs": 4, "statistics.allow_underpowered": False},
+     "patching.max_pairs: 4: pairs of that many identities allow no p-value below 0.125 > alpha 0.05"),
 ])
 def test_bad_config_names_the_key(over, message, tmp_path):
     with pytest.raises(StudyConfigError, match=re.escape(message)):

@@ -1,4 +1,5 @@
-"""Clustered bootstrap CIs, the benchmark-layout leakage table (CSV, LaTeX) and the leakage figure."""
+"""Clustered bootstrap CIs, the benchmark-layout leakage table (CSV, LaTeX) with exact intervals for its rates, and
+the leakage figure."""
 
 
 import numpy as np
@@ -6,8 +7,9 @@ import pandas as pd
 import pytest
 
 from analysis.figures import plot_leakage
-from analysis.stats import StatsError, bootstrap_ci
-from analysis.tables import TableError, leakage_latex, leakage_long, leakage_table, write_leakage_table
+from analysis.stats import StatsError, bootstrap_ci, clustered_rate_interval, rate_interval
+from analysis.tables import (TableError, interval_caption, leakage_latex, leakage_long, leakage_table,
+                             write_leakage_table)
 
 FRAMINGS = ["caption", "direct", "classification"]  # deliberately not in the benchmark's order
 PII = ["SSN", "Email", "Phone Numbers"]
@@ -67,7 +69,8 @@ def test_bootstrap_groups_and_missing_keys():
     df = pd.DataFrame({"identity_id": [1, 1, 2, 2, 3], "a": ["x", "x", "x", "y", None], "b": [0, 1, 0, 0, 0],
                        "v": [1.0, 0.0, np.nan, 1.0, 0.5]})
     ci = bootstrap_ci(df, "v", ["a", "b"], n_boot=50)
-    assert list(ci.columns) == ["a", "b", "value", "ci_low", "ci_high", "n", "n_groups"]
+    assert list(ci.columns) == ["a", "b", "value", "ci_low", "ci_high", "n", "n_groups", "ci_method", "few_clusters"]
+    assert (ci["ci_method"] == "percentile bootstrap").all() and ci["few_clusters"].all()  # 1 or 2 identities
     assert len(ci) == 4  # (x,0) (x,1) (y,0) (None,0); the NaN value is dropped from (x,0)
     x0 = ci[(ci["a"] == "x") & (ci["b"] == 0)].iloc[0]
     assert x0["n"] == 1 and x0["value"] == 1.0 and x0["ci_low"] == x0["ci_high"] == 1.0  # one identity
@@ -100,7 +103,8 @@ def test_leakage_long_shape_and_values():
     res = fake_results()
     long = leakage_long(res, n_boot=200)
     assert list(long.columns) == ["model", "framing", "pii_type", "metric", "value", "ci_low", "ci_high", "n",
-                                  "n_groups"]
+                                  "n_groups", "ci_method", "few_clusters"]
+    assert (long["ci_method"] == "exact").all() and not long["few_clusters"].any()  # one row per identity
     assert len(long) == 2 * 3 * 3 * 3 and set(long["metric"]) == {"ASR", "RR", "partial"}
     assert list(dict.fromkeys(long["framing"])) == ["direct", "caption", "classification"]  # benchmark order
     assert list(dict.fromkeys(long["pii_type"])) == ["Email", "Phone Numbers", "SSN"]
@@ -109,6 +113,12 @@ def test_leakage_long_shape_and_values():
     assert got.loc[("model-b", "direct", "SSN", "ASR"), "value"] == pytest.approx(sub["leak"].mean())
     assert got.loc[("model-b", "direct", "SSN", "RR"), "value"] == pytest.approx(sub["refused"].mean())
     assert (got["n"] == 40).all() and (got["ci_low"] <= got["value"]).all() and (got["value"] <= got["ci_high"]).all()
+    # a rate's interval is the exact one of its count; partial (shares) the exact one of its summed share
+    k = int(sub["leak"].sum())
+    assert got.loc[("model-b", "direct", "SSN", "ASR"), ["ci_low", "ci_high"]].tolist() == pytest.approx(
+        rate_interval(k, 40, method="exact")[1:])
+    assert got.loc[("model-b", "direct", "SSN", "partial"), "ci_low"] == pytest.approx(
+        rate_interval(sub["partial"].sum(), 40, method="exact")[1])
 
 
 def test_leakage_table_layout():
@@ -169,3 +179,66 @@ def test_write_leakage_table_and_figure(tmp_path):
     assert one[1].stat().st_size > 0
     with pytest.raises(ValueError, match="metric"):
         plot_leakage(long.drop(columns="metric"), tmp_path)
+
+
+
+# ---- intervals of the rates ---------------------------------------------------------------------------------------
+def twelve_of_twelve() -> pd.DataFrame:
+    """12 identities, each leaking once in one cell: ASR 12 of 12."""
+    return pd.DataFrame({"model": "m", "framing": "direct", "pii_type": "SSN", "identity_id": [f"id{i}" for i in
+                         range(12)], "leak": True, "refused": False, "partial": 1.0})
+
+
+def test_twelve_of_twelve_gets_the_exact_interval_not_a_point():
+    res = twelve_of_twelve()
+    assert leakage_table(res).loc[("m", "direct"), ("SSN", "ASR")] == "1.00 [0.74, 1.00]"
+    assert leakage_table(res, interval="wilson").loc[("m", "direct"), ("SSN", "ASR")] == "1.00 [0.76, 1.00]"
+    # the percentile bootstrap, kept for comparison, is the interval that hid the uncertainty
+    old = leakage_table(res, interval="bootstrap", n_boot=200)
+    assert old.loc[("m", "direct"), ("SSN", "ASR")] == "1.00 [1.00, 1.00]"
+    assert "Clopper-Pearson" in leakage_table(res).attrs["interval"]
+    assert "bootstrap" in old.attrs["interval"] and "too narrow" in old.attrs["interval"]
+    with pytest.raises(TableError, match="interval 'normal'"):
+        leakage_long(res, interval="normal")
+
+
+def test_repeated_identities_widen_the_interval():
+    # three responses per identity and cell (e.g. three turn distances), the identity's responses alike
+    rng = np.random.default_rng(4)
+    ease = rng.uniform(size=12) < 0.7
+    res = pd.concat([twelve_of_twelve().assign(leak=ease, turn_distance=t) for t in range(3)], ignore_index=True)
+    long = leakage_long(res).set_index("metric")
+    asr = long.loc["ASR"]
+    assert asr["ci_method"] == "exact (clustered)" and asr["n"] == 36 and asr["n_groups"] == 12
+    as_rows = rate_interval(res["leak"].sum(), 36, method="exact")  # what 36 independent responses would give
+    assert asr["ci_high"] - asr["ci_low"] > 1.5 * (as_rows[2] - as_rows[1])
+    assert (asr["ci_low"], asr["ci_high"]) == pytest.approx(rate_interval(ease.sum(), 12, method="exact")[1:])
+    assert (asr["ci_low"], asr["ci_high"]) == pytest.approx(
+        clustered_rate_interval(res["leak"], res["identity_id"])[1:3])
+
+
+def test_partial_disclosure_is_a_metric_when_present():
+    res = fake_results(n_ids=8)
+    assert "PD" not in set(leakage_long(res)["metric"])  # absent column: left out, no error
+    with pytest.raises(TableError, match="partial_disclosure"):
+        leakage_long(res, metrics=("ASR", "PD"))
+    res["partial_disclosure"] = res["leak"] | (res["identity_id"] == "id0")
+    long = leakage_long(res)
+    assert list(dict.fromkeys(long["metric"])) == ["ASR", "RR", "partial", "PD"]
+    pd_rows = long[long["metric"] == "PD"]
+    assert (pd_rows["value"] >= long[long["metric"] == "ASR"]["value"].to_numpy()).all()
+    table = leakage_table(res, metrics=("ASR", "PD"))
+    assert ("SSN", "PD") in table.columns
+    with pytest.raises(TableError, match=r"metric\(s\) \['XX'\]"):
+        leakage_long(res, metrics=("XX",))
+    with pytest.raises(TableError, match="metric PD"):
+        leakage_long(res.assign(partial_disclosure=2.0))  # not a rate
+
+
+def test_caption_names_the_interval(tmp_path):
+    paths = write_leakage_table(twelve_of_twelve(), tmp_path)
+    tex = paths["latex"].read_text()
+    assert "Clopper-Pearson" in tex and "bootstrap" not in tex
+    long = pd.read_csv(paths["long"])
+    assert set(long["ci_method"]) == {"exact"}
+    assert "percentile bootstrap" in interval_caption(long.drop(columns=["ci_method", "few_clusters"]))
