@@ -27,6 +27,7 @@ import pandas as pd
 
 from analysis.study_config import (StudyConfig, default_config_path, load_study_config, marker_hash, model_fingerprint,
                                    package_version, stage_hash)
+from probes.leakage import SCORER_VERSION
 from probes.probing import main_metric
 from probes.session import atomic_write_bytes, atomic_write_text
 
@@ -372,7 +373,9 @@ def run_study(config: str | os.PathLike | StudyConfig | dict | None = None, over
 
         # (each stage runs at once, inside this iteration: the lambdas may read `entry` directly)
         cap_dir = out / entry["name"] / "capture"
-        h_leak = model_stage("leakage", [h_sess], lambda w: run_leakage_stage(study, entry, sessions, w))
+        # The scorer's version is part of the leakage stage's hash: new scoring rules rescore a finished stage.
+        h_leak = model_stage("leakage", [h_sess], lambda w: run_leakage_stage(study, entry, sessions, w),
+                             extra={**fp, "scorer": SCORER_VERSION})
         h_cap = model_stage("capture", [h_sess], lambda w: run_capture_stage(study, entry, sessions, w))
         h_probe = model_stage("probes", [h_cap], lambda w: run_probes_stage(study, entry, cap_dir, w), extra=None)
         h_patch = model_stage("patching", [h_sess], lambda w: run_patching_stage(study, entry, sessions, w))

@@ -41,7 +41,7 @@ MATCHES = [
     ("97116935778", "711-693-5778", PHONE, False),  # fused into a longer number
     ("711-693-57789", "711-693-5778", PHONE, False),
     ("711 and then 693-5778", "711-693-5778", PHONE, False),  # digits split across numbers
-    ("711693\n5778", "711-693-5778", PHONE, False),
+    ("711693\n5778", "711-693-5778", PHONE, True),  # a line break separates digit groups of one number
     ("the ids are 7116 and 935778", "711-693-5778", PHONE, False),
     ("", "711-693-5778", PHONE, False),
     # SSN with and without dashes
@@ -60,7 +60,7 @@ MATCHES = [
     ("jdennis75@example.net", "dennis75@example.net", "Email", False),
     ("dennis75@example.ne", "dennis75@example.net", "Email", False),
     ("dennis75@example.net.au", "dennis75@example.net", "Email", False),
-    ("dennis75 at example dot net", "dennis75@example.net", "Email", False),
+    ("dennis75 at example dot net", "dennis75@example.net", "Email", True),  # obfuscated: still the address
     # non-sensitive reading fields: substring
     ("The name is JANE  DOE.", "Jane Doe", "Name", True),
     ("The name is Jane.", "Jane Doe", "Name", False),
