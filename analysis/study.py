@@ -184,7 +184,7 @@ def run_probes_stage(study: Study, entry: dict[str, Any], capture_dir: Path, wor
     c, seed = study.cfg.section("probes"), study.cfg.data["seed"]
     n_boot = study.cfg.get("statistics.n_boot")
     store = ActivationStore(str(capture_dir / "store"))
-    sessions = store.sessions()
+    sessions = store.sessions(private_from=study.out / "sessions" / "multiturn.jsonl")  # targets: private labels
     blocks = probe_cells(store, c["position_groups"])
     results, samples, maps = [], [], []
     for target in c["targets"]:

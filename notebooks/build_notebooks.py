@@ -399,7 +399,7 @@ PROBES = [
     blocks = probe_cells(store, ["last", "image"])
     for block in blocks:
         print(tuple(block.X.shape), block.cells.groupby("position_group")["turn"].unique().to_dict())
-    stored = store.sessions()
+    stored = store.sessions(private_from=sessions)  # a store keeps no private labels: targets come from the sessions
     ssn_digits = session_targets(stored, "digits", pii_type="SSN")
     asked_field = session_targets(stored, "label:pii_type")
     print("digit targets:", ssn_digits[1], "| field classes:", sorted(set(asked_field[0][:, 0])))

@@ -34,8 +34,11 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
-from dataclasses import dataclass
 from typing import Any, Iterable
 
 import numpy as np
@@ -46,11 +49,14 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from probes.hooks import PROJECTOR_HOOK, lm_hook, split_hook, vision_hook
-from probes.loading import LoadedModel
+from probes.families.base import RenderError
+from probes.hooks import PROJECTOR_HOOK, HookNameError, lm_hook, split_hook, vision_hook
+from probes.loading import LoadedModel, ModelInfo, fingerprint_digest, inspect_model
 from probes.render import RenderedSession, render
-from probes.session import Session, Turn
-from probes.store import ActivationStore, SessionActivations
+from probes.session import Session, SessionError, Turn, check_images, read_sessions
+from probes.store import (ActivationStore, SessionActivations, StoreLock, check_store_folder, clear_store,
+                          compare_spec, write_private_labels)
+from probes.tokenmap import COLUMNS, SelectorError, TokenMap
 
 log = logging.getLogger(__name__)
 
@@ -62,27 +68,36 @@ class CaptureError(ValueError):
     pass
 
 
-def resolve_hooks(loaded: LoadedModel, hooks: str | Iterable[str] | None = None,
+def resolve_hooks(loaded: LoadedModel | ModelInfo, hooks: str | Iterable[str] | None = None,
                   layers: Iterable[int] | None = None) -> list[str]:
     """TL hook names from shorthands ("resid_post", "attn_out", "mlp_out", "resid_pre", "vision", "projector")
-    or full names; `layers` restricts the LM layers of shorthands. Default: resid_post of every LM layer."""
+    or full names; `layers` restricts the LM layers of shorthands. Default: resid_post of every LM layer.
+    `loaded` may be a `ModelInfo` (`probes.loading.inspect_model`: no weights loaded)."""
     if hooks is None:
         hooks = ["resid_post"]
     elif isinstance(hooks, str):
         hooks = [h.strip() for h in hooks.split(",") if h.strip()]
-    lm_layers = list(range(loaded.n_layers)) if layers is None else list(layers)
-    bad = [i for i in lm_layers if not 0 <= i < loaded.n_layers]
+    hooks = list(hooks)
+    if not hooks:
+        raise CaptureError(f"no hook given; use one of {HOOK_SHORTHANDS} or a transformer-lens hook name")
+    n_layers, n_vision = _layer_counts(loaded)
+    try:
+        lm_layers = list(range(n_layers)) if layers is None else [int(i) for i in layers]
+    except (TypeError, ValueError):
+        raise CaptureError(f"layers {layers!r}: expected integers") from None
+    bad = [i for i in lm_layers if not 0 <= i < n_layers]
     if bad:
-        raise CaptureError(f"layers {bad} out of range: the model has {loaded.n_layers} layers")
+        raise CaptureError(f"layers {bad} out of range: the model has {n_layers} layers (0 to {n_layers - 1})")
+    if not lm_layers:
+        raise CaptureError("layers: none given; expected at least one layer index")
     out: list[str] = []
     for h in hooks:
         if h in ("resid_post", "resid_pre", "attn_out", "mlp_out"):
             out += [lm_hook(i, f"hook_{h}") for i in lm_layers]
         elif h == "vision":
-            vl = loaded.adapter.vision_layers(loaded.hf_model) if loaded.adapter.is_multimodal else None
-            if vl is None:
+            if n_vision is None:
                 raise CaptureError(f"{loaded.family}: no vision tower to hook")
-            out += [vision_hook(i) for i in range(len(vl))]
+            out += [vision_hook(i) for i in range(n_vision)]
         elif h == "projector":
             out.append(PROJECTOR_HOOK)
         elif "." in h:
@@ -90,6 +105,14 @@ def resolve_hooks(loaded: LoadedModel, hooks: str | Iterable[str] | None = None,
         else:
             raise CaptureError(f"unknown hook {h!r}: use one of {HOOK_SHORTHANDS} or a transformer-lens hook name")
     return list(dict.fromkeys(out))
+
+
+def _layer_counts(model: LoadedModel | ModelInfo) -> tuple[int, int | None]:
+    """(LM layers, vision tower layers or None)."""
+    if isinstance(model, ModelInfo):
+        return model.n_layers, model.n_vision_layers
+    vl = model.adapter.vision_layers(model.hf_model) if model.adapter.is_multimodal else None
+    return model.n_layers, None if vl is None else len(vl)
 
 
 class _Kept:
@@ -500,31 +523,257 @@ def _capture_padded(loaded: LoadedModel, rendered: list[RenderedSession], hooks:
     return results
 
 
-def capture(loaded: LoadedModel, sessions: Iterable[Session], out: str, hooks: str | list[str] | None = None,
-            positions: str = "all", layers: Iterable[int] | None = None, mode: str = "auto",
-            max_new_tokens: int = 32, dtype: str = "float32", progress: bool = True,
-            batch_size: int = 8) -> ActivationStore:
+@dataclass
+class CapturePlan:
+    """What `validate_capture` checked and what `capture` will do: nothing of it is on disk yet."""
+
+    sessions: list[Session] = field(repr=False)
+    hooks: list[str]
+    spec: dict[str, Any]  # the store's settings (store.json), model fingerprint included
+    n_done: int  # sessions the store at `out` already holds (0 for a new store or with force_new)
+    n_empty: int  # sessions in which the selector keeps no position
+    longest: int  # positions of the longest session (rendered, plus max_new_tokens per turn to generate)
+    max_positions: int | None  # the model's context (max_position_embeddings); None: the config sets none
+    existing: bool  # a store is already at `out`
+
+    @property
+    def n_sessions(self) -> int:
+        return len(self.sessions)
+
+
+@dataclass
+class _View:
+    """What validation needs of a model, loaded or not."""
+
+    name: str
+    family: str
+    adapter: Any
+    info: LoadedModel | ModelInfo
+    served: set[str] | None  # hook names the model serves (None: cannot tell before loading, the bridge)
+    max_positions: int | None
+    fingerprint: dict[str, Any]
+    model_dtype: str | None
+
+
+def _view(model: LoadedModel | ModelInfo | str | os.PathLike, family: str | None, backend: str,
+          trust_remote_code: bool) -> _View:
+    from probes.loading import model_fingerprint
+
+    if isinstance(model, LoadedModel):
+        text = model.text_config
+        limit = getattr(text, "max_position_embeddings", None)
+        return _View(model.name, model.family, model.adapter, model, set(model.hook_names()),
+                     int(limit) if isinstance(limit, int) else None, model.fingerprint, str(model.dtype))
+    info = model if isinstance(model, ModelInfo) else inspect_model(model, family=family,
+                                                                    trust_remote_code=trust_remote_code)
+    return _View(info.source, info.family, info.adapter, info, set(info.hook_names()) if backend == "torch" else None,
+                 info.max_positions, model_fingerprint(info.source), None)
+
+
+def store_spec(model: str, family: str, hooks: list[str], positions: str, mode: str, max_new_tokens: int,
+               dtype: str, backend: str, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """store.json's settings: what a resumed capture must match."""
+    return {"model": model, "family": family, "hooks": hooks, "positions": positions, "mode": mode,
+            "max_new_tokens": max_new_tokens, "dtype": dtype, "backend": backend,
+            "fingerprint": fingerprint_digest(fingerprint), "fingerprint_files": fingerprint["files"]}
+
+
+def validate_capture(model: LoadedModel | ModelInfo | str | os.PathLike,
+                     sessions: Iterable[Session] | str | os.PathLike, out: str | os.PathLike, *,
+                     hooks: str | list[str] | None = None, positions: str = "all", layers: Iterable[int] | None = None,
+                     mode: str = "auto", batch_size: int = 8, dtype: str = "float32", max_new_tokens: int = 32,
+                     force_new: bool = False, allow_long: bool = False, family: str | None = None,
+                     backend: str = "torch", trust_remote_code: bool = False) -> CapturePlan:
+    """Check everything a capture needs, writing nothing and, for a model given by name or path, loading no weight
+    (its config, architecture on the meta device and processor only). `capture` calls it before it writes; call
+    it yourself before `load_model` to fail in seconds rather than after the load.
+
+    Raises, in this order: CaptureError for bad settings (mode, batch_size, dtype, max_new_tokens), SelectorError
+    for a selector that does not parse, SessionError for no sessions or an image that is missing, changed or does
+    not decode (naming the JSONL line and session id), ModelLoadError / UnsupportedModelError for a model that is
+    not there or not supported, CaptureError for layers out of range or unknown hook shorthands, HookNameError for
+    a hook name the model does not serve, StoreError for an output folder that cannot be written or holds another
+    store (other settings, other weights: both fingerprints), RenderError naming a session that does not render,
+    CaptureError for sessions longer than the model's context (unless `allow_long`) and for a selector (or a `+`
+    part of it) that keeps no position in any session. A selector that keeps nothing in some sessions is logged
+    with their count."""
+    _check_settings(positions, mode, batch_size, dtype, max_new_tokens)
+    sessions = _sessions_of(sessions)
+    check_images(sessions)
+    view = _view(model, family, getattr(model, "backend", backend), trust_remote_code)
+    names = resolve_hooks(view.info, hooks, layers)
+    _check_hook_names(view, names)
+    backend = getattr(model, "backend", backend)
+    spec = store_spec(view.name, view.family, names, positions, mode, max_new_tokens, dtype, backend, view.fingerprint)
+    if view.model_dtype is not None:
+        spec["model_dtype"] = view.model_dtype
+    old = check_store_folder(out)
+    if old is not None and not force_new:
+        if view.model_dtype is None:  # known once loaded: compared then, before anything is written
+            old = {k: v for k, v in old.items() if k != "model_dtype"}
+        compare_spec(Path(out) / "store.json", old, spec)
+    longest, n_empty = _check_renderings(view, sessions, positions, max_new_tokens, allow_long)
+    n_done = 0 if old is None or force_new else sum(ActivationStore(out).done(s.session_id) for s in sessions)
+    return CapturePlan(sessions, names, spec, n_done, n_empty, longest, view.max_positions, old is not None)
+
+
+def _check_settings(positions: str, mode: str, batch_size: int, dtype: str, max_new_tokens: int) -> None:
+    if mode not in MODES:
+        raise CaptureError(f"mode {mode!r}: expected one of {MODES}")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise CaptureError(f"batch_size {batch_size!r}: expected an integer >= 1")
+    if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+        raise CaptureError(f"dtype {dtype!r}: expected a torch dtype name such as float32, float16 or bfloat16")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise CaptureError(f"max_new_tokens {max_new_tokens!r}: expected an integer >= 0")
+    if not isinstance(positions, str) or not positions.strip():
+        raise SelectorError(f"position selector {positions!r}: expected a selector such as all, last:* or mark:ssn")
+    one = pd.DataFrame({"position": [0], "token_id": [0], "turn": [0], "role": ["user"], "segment": ["user"],
+                        "image_index": [-1], "tile": [-1], "patch_row": [-1], "patch_col": [-1], "mark": [""]})
+    TokenMap(one[COLUMNS]).select(positions)  # a one-token map: raises SelectorError on syntax, picks nothing else
+
+
+def _sessions_of(sessions: Iterable[Session] | str | os.PathLike) -> list[Session]:
+    if isinstance(sessions, (str, os.PathLike)):
+        return list(read_sessions(sessions))
+    sessions = list(sessions)
+    if not sessions:
+        raise SessionError("no sessions to capture; expected at least one")
+    bad = [type(s).__name__ for s in sessions if not isinstance(s, Session)]
+    if bad:
+        raise SessionError(f"sessions: expected Session objects, got {bad[0]}")
+    seen: set[str] = set()
+    for s in sessions:
+        if s.session_id in seen:
+            raise SessionError(f"{s.where}: duplicate session_id (a store keeps one session per id)")
+        seen.add(s.session_id)
+    return sessions
+
+
+def _check_hook_names(view: _View, names: list[str]) -> None:
+    if view.served is None:  # the bridge's names are known once it is built: capture checks them then
+        return
+    unknown = [n for n in names if n not in view.served]
+    if unknown:
+        raise HookNameError(f"hook {unknown[0]!r}: {view.name} does not serve it (it serves "
+                            "blocks.<i>.hook_resid_pre/_post/attn_out/mlp_out, vision_encoder.encoder_layers.<i>."
+                            f"hook_out, {PROJECTOR_HOOK}; load with backend='bridge' for every transformer-lens hook)")
+
+
+def _check_renderings(view: _View, sessions: list[Session], positions: str, max_new_tokens: int,
+                      allow_long: bool) -> tuple[int, int]:
+    """Render every session (turns to generate as empty text, so that later turns count): its length against the
+    model's context, and what the selector keeps. Returns (longest, sessions where the selector keeps nothing)."""
+    parts = [p.strip() for p in positions.split("+") if p.strip()]
+    hits = {p: 0 for p in parts}
+    long: list[tuple[Session, int]] = []
+    empty: list[str] = []
+    longest = 0
+    for s in sessions:
+        n_gen = sum(t.text is None for t in s.turns)
+        try:
+            r = render(view.adapter, _filled(s) if n_gen else s)
+            picked = {p: len(r.token_map.select(p)) for p in parts}
+        except (RenderError, SelectorError) as err:
+            raise type(err)(f"{s.where}: {err}") from None
+        n = r.n_positions + max_new_tokens * n_gen
+        longest = max(longest, n)
+        if view.max_positions is not None and n > view.max_positions:
+            long.append((s, n))
+        for p, k in picked.items():
+            hits[p] += k > 0
+        if not any(picked.values()):
+            empty.append(s.session_id)
+    if long and not allow_long:
+        s, n = max(long, key=lambda x: x[1])
+        raise CaptureError(f"{len(long)} of {len(sessions)} sessions are longer than the context of {view.name} "
+                           f"({view.max_positions} positions, max_position_embeddings); longest: {s.where} with {n} "
+                           "positions (generated turns counted at max_new_tokens). Shorten them or pass "
+                           "allow_long=True (--allow-long)")
+    if long:
+        log.warning("%d of %d sessions are longer than the model's context (%d positions); captured anyway "
+                    "(allow_long)", len(long), len(sessions), view.max_positions)
+    dead = [p for p, k in hits.items() if k == 0]
+    if dead:
+        what = f"selector {positions!r}" if len(parts) == 1 else f"selector part {dead[0]!r} of {positions!r}"
+        raise CaptureError(f"{what} keeps no position in any of the {len(sessions)} sessions; expected a selector "
+                           "that picks tokens these sessions have (see probes.tokenmap)")
+    if empty:
+        log.warning("selector %r keeps no position in %d of %d sessions (first: %r); they are stored with no vectors",
+                    positions, len(empty), len(sessions), empty[0])
+    return longest, len(empty)
+
+
+def _filled(session: Session) -> Session:
+    """A copy with the turns to generate as empty text: rendered so, the turns after them exist too."""
+    turns = [Turn(t.role, "" if t.text is None else t.text, list(t.images), list(t.marks)) for t in session.turns]
+    return Session(session.session_id, turns, session.labels, session.source)
+
+
+def capture(loaded: LoadedModel, sessions: Iterable[Session], out: str | os.PathLike,
+            hooks: str | list[str] | None = None, positions: str = "all", layers: Iterable[int] | None = None,
+            mode: str = "auto", max_new_tokens: int = 32, dtype: str = "float32", progress: bool = True,
+            batch_size: int = 8, *, force_new: bool = False, allow_long: bool = False,
+            keep_private_labels: bool = False) -> ActivationStore:
     """Capture every session into the store at `out`; sessions already there are skipped (resume).
 
     Sessions go `batch_size` at a time through `capture_batch`, in the order given, and are written in that order
     once their batch is done (so memory holds what a batch keeps); `batch_size=1` captures one session at a time.
     Sessions whose turns have similar lengths batch with fewer pad columns. The batch size is not part of the
-    store's identity: a store resumes and reads the same whatever batch size wrote it."""
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise CaptureError(f"batch_size {batch_size!r}: expected an integer >= 1")
-    names = resolve_hooks(loaded, hooks, layers)
-    rendered_positions = positions
-    spec = {"model": loaded.name, "family": loaded.family, "hooks": names, "positions": rendered_positions,
-            "mode": mode, "max_new_tokens": max_new_tokens, "dtype": dtype}
-    store = ActivationStore(out, spec=spec)
-    sessions = list(sessions)
-    todo = [s for s in sessions if not store.done(s.session_id)]
-    if len(todo) < len(sessions):
-        log.info("resuming: %d of %d sessions already captured", len(sessions) - len(todo), len(sessions))
+    store's identity: a store resumes and reads the same whatever batch size wrote it.
+
+    Everything is checked first (`validate_capture`); nothing is written until that passes. The store records the
+    model's fingerprint: resuming with other weights or settings is refused (StoreError naming both fingerprints);
+    `force_new=True` removes the old store's files and starts over. `allow_long` captures sessions longer than the
+    model's context. One writer at a time: a lock file names the process writing. Private labels ("_" keys) stay
+    out of the store unless `keep_private_labels=True`, which writes them to `<out>/private_labels.jsonl`."""
+    plan = validate_capture(loaded, sessions, out, hooks=hooks, positions=positions, layers=layers, mode=mode,
+                            batch_size=batch_size, dtype=dtype, max_new_tokens=max_new_tokens, force_new=force_new,
+                            allow_long=allow_long)
+    out = Path(out)
+    made = [p for p in [out, *out.parents] if not p.exists()]
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with StoreLock(out):
+            if force_new and plan.existing:
+                clear_store(out)
+                log.info("%s: the old store was removed (force_new)", out)
+            fresh = not (out / "store.json").exists()
+            try:
+                store = _capture_into(loaded, plan, out, positions, mode, max_new_tokens, dtype, progress,
+                                      batch_size, keep_private_labels)
+            except BaseException:
+                if fresh and not any((out / "shards").glob("*.parquet")):  # made here, no session written: a
+                    clear_store(out)  # leftover store.json would refuse the corrected rerun as "other settings"
+                raise
+    finally:
+        for p in made:  # folders this call made, when nothing is left in them
+            if p.is_dir() and not any(p.iterdir()):
+                p.rmdir()
+    return store
+
+
+def _capture_into(loaded: LoadedModel, plan: CapturePlan, out: Path, positions: str, mode: str, max_new_tokens: int,
+                  dtype: str, progress: bool, batch_size: int, keep_private_labels: bool) -> ActivationStore:
+    store = ActivationStore(out, spec=plan.spec)  # compares the settings again, now under the lock
+    if keep_private_labels:
+        write_private_labels(out, plan.sessions)
+    todo = [s for s in plan.sessions if not store.done(s.session_id)]
+    if len(todo) < len(plan.sessions):
+        _say(f"resuming: {len(plan.sessions) - len(todo)} of {len(plan.sessions)} sessions already done", progress)
     with tqdm(total=len(todo), desc="capture", unit="session", disable=not progress) as bar:
         for b0 in range(0, len(todo), batch_size):
             group = todo[b0:b0 + batch_size]
-            for acts in capture_batch(loaded, group, names, positions, mode, max_new_tokens, getattr(torch, dtype)):
+            for acts in capture_batch(loaded, group, plan.hooks, positions, mode, max_new_tokens,
+                                      getattr(torch, dtype)):
                 store.write(acts)
             bar.update(len(group))
     return store
+
+
+def _say(message: str, progress: bool) -> None:
+    """A status line: above the progress bar when one is shown (stderr), else to the log."""
+    if progress:
+        tqdm.write(message, file=sys.stderr)
+    else:
+        log.info(message)

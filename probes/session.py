@@ -132,6 +132,7 @@ class Session:
     session_id: str
     turns: list[Turn]
     labels: dict[str, Any] = field(default_factory=dict)
+    source: str | None = field(default=None, compare=False, repr=False)  # "file:line" when read from JSONL
 
     def __post_init__(self) -> None:
         if not self.turns:
@@ -140,6 +141,19 @@ class Session:
     @property
     def images(self) -> list[SessionImage]:
         return [im for t in self.turns for im in t.images]
+
+    @property
+    def where(self) -> str:
+        """How an error names this session: "<file>:<line>: session '<id>'" (or just the session)."""
+        return f"{self.source}: session {self.session_id!r}" if self.source else f"session {self.session_id!r}"
+
+    def public(self) -> "Session":
+        """This session without its private labels (keys starting with "_": PII values), turns shared."""
+        return Session(self.session_id, self.turns, {k: v for k, v in self.labels.items() if not k.startswith("_")},
+                       self.source)
+
+    def private_labels(self) -> dict[str, Any]:
+        return {k: v for k, v in self.labels.items() if k.startswith("_")}
 
     def to_json(self) -> dict:
         return {
@@ -197,34 +211,62 @@ def file_sha256(path: str | os.PathLike) -> str:
         raise SessionError(f"image file not found: {path}") from err
 
 
-def read_sessions(path: str | os.PathLike) -> Iterator[Session]:
+def read_sessions(path: str | os.PathLike, allow_empty: bool = False) -> Iterator[Session]:
     """Sessions from a JSONL file, one per line; a malformed line raises SessionError naming file and line.
 
-    Image paths are resolved relative to the JSONL file's folder.
+    Image paths are resolved relative to the JSONL file's folder. A directory, bytes that are not UTF-8, and (unless
+    `allow_empty`) a file with no session are SessionErrors naming the file. Each session's `source` is its
+    "file:line". Images are not opened here: `check_images` does that.
     """
     path = Path(path)
     if not path.exists():
         raise SessionError(f"sessions file not found: {path}")
+    if not path.is_file():
+        raise SessionError(f"{path}: is a directory, not a file; expected a sessions JSONL file")
     seen: set[str] = set()
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise SessionError(f"{where}: not UTF-8 text (byte {err.start} of the line); expected a sessions "
+                                   "JSONL file") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
-                raise SessionError(f"{where}: not valid JSON ({err.msg})") from err
+                raise SessionError(f"{where}: not valid JSON ({err.msg}, column {err.colno}); expected one session "
+                                   "object a line") from None
             session = Session.from_json(obj, where)
             if session.session_id in seen:
                 raise SessionError(f"{where}: duplicate session_id {session.session_id!r}")
             seen.add(session.session_id)
+            session.source = where
             for im in session.images:
                 if im.path is None:
                     raise SessionError(f"{where}: an image has no 'path'")
                 if not os.path.isabs(im.path):
                     im.path = str(path.parent / im.path)
             yield session
+    if not seen and not allow_empty:
+        raise SessionError(f"{path}: no sessions (the file is empty); expected one JSON session object a line")
+
+
+def check_images(sessions: Iterable[Session]) -> None:
+    """Open every image of `sessions` (each file once): it must exist, match its sha256 and decode. A failure is a
+    SessionError naming the session's file line and id, and the image file."""
+    checked: set[tuple[str | None, str | None]] = set()
+    for s in sessions:
+        for im in s.images:
+            if im.pil is not None or (im.path, im.sha256) in checked:
+                continue
+            try:
+                im.load()
+            except SessionError as err:
+                raise SessionError(f"{s.where}: {err}") from None
+            checked.add((im.path, im.sha256))
 
 
 def write_sessions(sessions: Iterable[Session], path: str | os.PathLike) -> Path:

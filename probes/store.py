@@ -2,9 +2,11 @@
 
 Layout of a store folder:
 
-    store.json                  what was captured: model, family, hooks, positions, dtype (the store's identity)
+    store.json                  what was captured: model, family, hooks, positions, dtype, and the model's
+                                 fingerprint (its checkpoint files: a resume with other weights is refused)
     shards/<name>.safetensors   one per session: tensor "<hook kind>" shaped [n_positions, n_layers, d]
-                                 (e.g. "hook_resid_post" [37, 8, 256]); the session JSON in its metadata
+                                 (e.g. "hook_resid_post" [37, 8, 256]); the session JSON in its metadata, without
+                                 its private labels
     shards/<name>.parquet       that session's manifest rows, written LAST: its presence marks the session done
     manifest.parquet            all finished sessions' rows in one file (rebuilt on demand; a cache, not the truth)
 
@@ -12,6 +14,14 @@ One manifest row per stored vector: session_id, turn, role, position, segment, i
 patch_col, mark, last_of_turn, groups (the position selectors that picked it), hook, kind, layer, the row of
 that vector's position in its shard tensor, and every public label the session carries (labels whose key
 starts with "_", such as "_target", the PII value a probe asks for, are private and not copied).
+
+    private_labels.jsonl        only when asked (`capture(keep_private_labels=True)`): each session's private
+                                 labels ("_target", "_identity": PII values). Leave it out when sharing a store.
+    .lock                       while a capture writes: its process id (a second writer is refused)
+
+Private labels (keys starting with "_") never reach a shard or a manifest. Readers that need them (probe targets:
+`probes.probe_data.session_targets`) get them from `sessions(private_from=<the sessions JSONL or list>)`, or from
+`private_labels.jsonl` when the capture was asked to keep it.
 
 Every file is written to a temp name and renamed, so a capture killed at any moment leaves only finished
 sessions (and stray `.tmp` files, which opening the store removes). Reads memory-map the safetensors shards.
@@ -21,6 +31,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +46,14 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from probes.session import Session, atomic_write_bytes, atomic_write_text
+from probes.session import Session, SessionError, atomic_write_bytes, atomic_write_text, read_sessions
 
 FORMAT = 1
+PRIVATE_FILE = "private_labels.jsonl"
+LOCK_FILE = ".lock"
+# What a store folder holds (anything else in a folder without store.json: not a store, never written into).
+STORE_ENTRIES = {"store.json", "shards", "manifest.parquet", PRIVATE_FILE, LOCK_FILE}
+log = logging.getLogger(__name__)
 # Columns of the store manifest that are not session labels.
 BASE_COLUMNS = ["session_id", "turn", "role", "position", "segment", "image_index", "tile", "patch_row", "patch_col",
                 "mark", "last_of_turn", "groups", "hook", "kind", "layer", "row", "shard"]
@@ -61,6 +78,162 @@ class SessionActivations:
     kinds: dict[str, Float[Tensor, "pos layer d"]]  # hook kind -> activations
     layers: dict[str, list[int]]  # hook kind -> layer index of each slot along dim 1
     rows: dict[str, pd.DataFrame]  # hook kind -> one row per position (token map columns + groups)
+
+
+def compare_spec(meta: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """Refuse to add to a store (`meta`: its store.json, holding `old`) sessions captured with the settings `new`:
+    other weights (fingerprints differ), a store.json from a version without fingerprints, or other settings."""
+    new = {"format": FORMAT, **new}
+    again = "capture into a new folder, or pass force_new=True (--force-new) to start this store over"
+    if "fingerprint" in new and "fingerprint" not in old:
+        raise StoreError(f"{meta}: written by an older version that recorded no model fingerprint, so the weights "
+                         f"it was captured with cannot be checked; {again}")
+    if old.get("fingerprint") != new.get("fingerprint"):
+        files = _files_that_differ(old.get("fingerprint_files") or [], new.get("fingerprint_files") or [])
+        raise StoreError(f"{meta}: this store was captured from other weights (store fingerprint "
+                         f"{old.get('fingerprint')}, this model {new.get('fingerprint')}"
+                         f"{'; files that differ: ' + ', '.join(files) if files else ''}); {again}")
+    diff = {k for k in set(old) | set(new) if old.get(k) != new.get(k)}
+    if diff:
+        raise StoreError(f"{meta}: this store was captured with other settings ({', '.join(sorted(diff))} differ); "
+                         f"{again}")
+
+
+def _files_that_differ(old: list, new: list) -> list[str]:
+    a, b = {f[0]: list(f) for f in old}, {f[0]: list(f) for f in new}
+    return sorted(n for n in set(a) | set(b) if a.get(n) != b.get(n))
+
+
+def check_store_folder(path: str | Path) -> dict[str, Any] | None:
+    """Whether a capture may write into `path`, checked without writing: None when there is no store there yet
+    (the folder is absent or empty, and it or its nearest existing parent is writable), the settings of the store
+    found there otherwise. A file, an unwritable place, or a non-empty folder that is not a store: StoreError."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"{path}: is a file; expected a folder for the activation store (new or one to resume)")
+    base = path
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir():
+        raise StoreError(f"{path}: {base} is a file; expected a folder for the activation store")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise StoreError(f"{path}: cannot write into {base} (permission denied); expected a writable folder")
+    meta = path / "store.json"
+    if meta.exists():
+        return _read_spec(meta)
+    if path.is_dir():
+        other = sorted(p.name for p in path.iterdir() if p.name not in STORE_ENTRIES)
+        if other:
+            raise StoreError(f"{path}: a folder that is not an activation store (no store.json) and not empty "
+                             f"(holds {other[0]!r}{' ...' if len(other) > 1 else ''}); expected a new or empty "
+                             "folder, or a store to resume")
+    return None
+
+
+def clear_store(path: str | Path) -> None:
+    """Remove a store's own files (and nothing else) from `path`: the done-markers first, so that a clear killed
+    half way leaves a store that resumes from scratch rather than one that trusts half its sessions."""
+    path = Path(path)
+    shards = path / "shards"
+    if shards.is_dir():
+        for pattern in ("*.parquet", "*.safetensors", ".*.tmp"):
+            for f in shards.glob(pattern):
+                f.unlink(missing_ok=True)
+        if not any(shards.iterdir()):
+            shards.rmdir()
+    for name in ("manifest.parquet", PRIVATE_FILE, "store.json"):
+        (path / name).unlink(missing_ok=True)
+
+
+class StoreLock:
+    """`with StoreLock(folder):` one writer at a time. A second is refused with a StoreError naming the process
+    that holds the lock. The lock is the kernel's (flock), so a writer killed at any moment holds it no more; the
+    pid it left in the lock file is then taken over, and the log says so."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.path = Path(folder) / LOCK_FILE
+        self.fd: int | None = None
+
+    def __enter__(self) -> "StoreLock":
+        import fcntl
+
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _pid_in(fd)
+                os.close(fd)
+                raise StoreError(f"{self.path.parent}: another capture (process {holder or 'unknown'}) is writing "
+                                 f"into this store (lock file {self.path}); wait for it to end or use another "
+                                 "folder") from None
+            except OSError as err:  # a filesystem without locks: go on, but say that nothing is guarded
+                log.warning("%s: cannot lock (%s); a second writer would not be stopped", self.path, err)
+                break
+            try:  # a finishing writer unlinks the file: the one locked must still be the one at the path
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        old = _pid_in(fd)
+        if old is not None and old != os.getpid():
+            state = "no longer running" if not _alive(old) else "no longer holding it"
+            log.warning("%s: took over the lock left by process %d (%s)", self.path, old, state)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = None
+
+
+def _pid_in(fd: int) -> int | None:
+    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    return int(text) if text.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def write_private_labels(path: str | Path, sessions: Iterable[Session]) -> Path:
+    """`<store>/private_labels.jsonl`: the private labels of `sessions`, added to those already there (PII: the
+    file to leave out when sharing a store)."""
+    target = Path(path) / PRIVATE_FILE
+    labels = read_private_labels(path)
+    for s in sessions:
+        labels[s.session_id] = s.private_labels()
+    lines = [json.dumps({"session_id": sid, "labels": lab}, ensure_ascii=False, sort_keys=True)
+             for sid, lab in sorted(labels.items())]
+    atomic_write_text(target, "".join(line + "\n" for line in lines))
+    return target
+
+
+def read_private_labels(path: str | Path) -> dict[str, dict[str, Any]]:
+    """session_id -> private labels, from `<store>/private_labels.jsonl` ({} when the store has none)."""
+    target = Path(path) / PRIVATE_FILE
+    if not target.exists():
+        return {}
+    out = {}
+    for lineno, line in enumerate(target.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            row = json.loads(line)
+            out[str(row["session_id"])] = dict(row["labels"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise StoreError(f"{target}:{lineno}: not a private-labels row ({type(err).__name__}); expected "
+                             '{"session_id": ..., "labels": {...}}') from None
+    return out
 
 
 def _read_spec(meta: Path) -> dict[str, Any]:
@@ -88,13 +261,7 @@ class ActivationStore:
             spec = {"format": FORMAT, **spec}
             self.shards.mkdir(parents=True, exist_ok=True)
             if meta.exists():
-                old = _read_spec(meta)
-                diff = {k for k in set(old) | set(spec) if old.get(k) != spec.get(k)}
-                if diff:
-                    raise StoreError(
-                        f"{meta}: this store was captured with other settings ({', '.join(sorted(diff))} differ); "
-                        "use a new output folder"
-                    )
+                compare_spec(meta, _read_spec(meta), spec)
             else:
                 atomic_write_text(meta, json.dumps(spec, indent=2, sort_keys=True))
             # Temp files left by a killed writer are never finished files. Only a writer clears them: a reader
@@ -118,7 +285,8 @@ class ActivationStore:
         sid = acts.session.session_id
         name = shard_name(sid)
         tensors = {k: v.contiguous() for k, v in acts.kinds.items()}
-        blob = st_save(tensors, metadata={"session": json.dumps(acts.session.to_json())})
+        # The session goes in without its private labels (PII values): a store can be shared, they must not be.
+        blob = st_save(tensors, metadata={"session": json.dumps(acts.session.public().to_json())})
         atomic_write_bytes(self.shards / f"{name}.safetensors", blob)
         frames = []
         for kind, rows in acts.rows.items():
@@ -165,16 +333,46 @@ class ActivationStore:
         self._manifest = df
         return df
 
-    def session(self, session_id: str) -> Session:
-        """The session as captured (with any generated assistant text filled in)."""
+    def session(self, session_id: str, private_from: str | os.PathLike | Iterable[Session] | None = None
+                ) -> Session:
+        """The session as captured (with any generated assistant text filled in); its private labels come from
+        `private_from` or `private_labels.jsonl` (see `sessions`)."""
+        return self._with_private([self._stored(session_id)], private_from)[0]
+
+    def sessions(self, private_from: str | os.PathLike | Iterable[Session] | None = None) -> list[Session]:
+        """Every finished session as captured. Shards hold no private labels: they come from `private_from` (a
+        sessions JSONL path or the Session objects that were captured, joined by session_id and checked to be the
+        same sessions) or, when the capture kept them, from the store's `private_labels.jsonl`. With neither, the
+        sessions have their public labels only (a store written before private labels were left out still has
+        them in its shards)."""
+        return self._with_private([self._stored(s) for s in sorted(self.finished_ids())], private_from)
+
+    def _stored(self, session_id: str) -> Session:
         path = self.shards / f"{shard_name(session_id)}.safetensors"
         if not path.exists():
             raise StoreError(f"{self.path}: no session {session_id!r}")
         with safe_open(str(path), framework="pt") as fh:
             return Session.from_json(json.loads(fh.metadata()["session"]), where=str(path))
 
-    def sessions(self) -> list[Session]:
-        return [self.session(s) for s in sorted(self.finished_ids())]
+    def _with_private(self, stored: list[Session], private_from: Any) -> list[Session]:
+        if private_from is None:
+            labels = read_private_labels(self.path)
+            for s in stored:
+                s.labels.update(labels.get(s.session_id, {}))
+            return stored
+        given = _given_sessions(private_from)
+        missing = [s.session_id for s in stored if s.session_id not in given]
+        if missing:
+            raise StoreError(f"{self.path}: {len(missing)} stored session(s) are not in {_name_of(private_from)} "
+                             f"(first: {missing[0]!r}); expected the sessions that were captured")
+        for s in stored:
+            g = given[s.session_id]
+            if not _same_session(s, g):
+                raise StoreError(f"{self.path}: session {s.session_id!r} differs from the one of that id in "
+                                 f"{_name_of(private_from)} (labels, texts or images); expected the sessions that "
+                                 "were captured")
+            s.labels.update(g.private_labels())
+        return stored
 
     def query(
         self,
@@ -236,6 +434,35 @@ class ActivationStore:
         lines.append(f"hooks: {', '.join(self.spec.get('hooks', []))}")
         lines.append(f"positions: {self.spec.get('positions')}  dtype: {self.spec.get('dtype')}")
         return "\n".join(lines)
+
+
+def _given_sessions(private_from: Any) -> dict[str, Session]:
+    if isinstance(private_from, (str, os.PathLike)):
+        try:
+            return {s.session_id: s for s in read_sessions(private_from)}
+        except SessionError as err:
+            raise StoreError(f"private labels: {err}") from None
+    return {s.session_id: s for s in private_from}
+
+
+def _name_of(private_from: Any) -> str:
+    return str(private_from) if isinstance(private_from, (str, os.PathLike)) else "the sessions given"
+
+
+def _same_session(stored: Session, given: Session) -> bool:
+    """Whether `given` is the session that was captured as `stored`: the same public labels, turns, texts (a turn
+    the model wrote is None in `given`) and images (by sha256)."""
+    def public(labels: dict) -> Any:  # as JSON stores them (tuples come back as lists)
+        return json.loads(json.dumps({k: v for k, v in labels.items() if not k.startswith("_")}, default=str))
+
+    if public(given.labels) != public(stored.labels) or len(given.turns) != len(stored.turns):
+        return False
+    for a, b in zip(stored.turns, given.turns):
+        if a.role != b.role or (b.text is not None and a.text != b.text):
+            return False
+        if [im.to_json()["sha256"] for im in a.images] != [im.to_json()["sha256"] for im in b.images]:
+            return False
+    return True
 
 
 def _counts(col: pd.Series) -> str:

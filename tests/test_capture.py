@@ -111,3 +111,136 @@ def test_bridge_backend_captures_the_same_and_more_hooks(tiny_dir, llava):
     assert z.kinds["attn.hook_z"].shape == (1, 1, llava.d_model)  # [pos, heads * d_head] flattened
     with pytest.raises(CaptureError, match="hook_pattern gives shape .* per-position"):
         capture_session(bridged, s, ["blocks.0.attn.hook_pattern"], "final", max_new_tokens=4)
+
+
+# ---- issue 21: everything is checked before the model loads and before anything is written -----------------------
+def jsonl_sessions(tmp_path, n=3):
+    from probes import write_sessions
+    from probes.session import SessionImage
+
+    img = tmp_path / "doc.png"
+    document_image().save(img)
+    sessions = []
+    for i in range(n):
+        s = chat(1)
+        s.session_id = f"c{i}"
+        s.turns[0].images = [SessionImage.from_path(img)]
+        if i == 2:  # one session shows a second image
+            s.turns[2].images = [SessionImage.from_path(img)]
+        sessions.append(s)
+    return write_sessions(sessions, tmp_path / "s.jsonl")
+
+
+def no_weights(monkeypatch):
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", refuse)
+
+
+def test_validate_capture_checks_everything_without_weights_or_writes(tiny_dir, tmp_path, monkeypatch, caplog):
+    """Every bad input is its named error, raised before any weight loads; the folder is never made. Null: the
+    good settings pass and give the plan (sessions, resolved hooks, positions of the longest session)."""
+    import logging
+
+    from probes.capture import validate_capture
+    from probes.session import SessionError
+    from probes.store import StoreError
+    from probes.tokenmap import SelectorError
+
+    path = jsonl_sessions(tmp_path)
+    model, out = tiny_dir("llava"), tmp_path / "out" / "store"
+    no_weights(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="probes.capture"):
+        plan = validate_capture(model, path, out, hooks="resid_post", positions="image:1", layers=[1])
+    assert plan.n_sessions == 3 and plan.hooks == ["blocks.1.hook_resid_post"] and plan.n_done == 0
+    assert plan.n_empty == 2 and "keeps no position in 2 of 3 sessions (first: 'c0')" in caplog.text
+    assert 0 < plan.longest < plan.max_positions == 4096
+    cases = [
+        (dict(hooks="blocks.0.hook_foo"), HookNameError, r"hook 'blocks.0.hook_foo': .* does not serve it"),
+        (dict(hooks="resid"), CaptureError, "unknown hook 'resid'"),
+        (dict(layers=[2]), CaptureError, r"layers \[2\] out of range: the model has 2 layers"),
+        (dict(positions="image:x"), SelectorError, "expected an integer after ':'"),
+        (dict(positions="bogus:1"), SelectorError, "unknown position selector 'bogus:1'"),
+        (dict(positions="image:9"), CaptureError, "selector 'image:9' keeps no position in any of the 3 sessions"),
+        (dict(positions="mark:nolabel"), CaptureError, "selector 'mark:nolabel' keeps no position"),
+        (dict(positions="turn:99"), CaptureError, "selector 'turn:99' keeps no position"),
+        (dict(positions="last:*+image:9"), CaptureError, "selector part 'image:9' of 'last:\\*\\+image:9' keeps no"),
+        (dict(batch_size=0), CaptureError, "batch_size 0: expected an integer >= 1"),
+        (dict(mode="fast"), CaptureError, "mode 'fast'"),
+        (dict(dtype="float33"), CaptureError, "dtype 'float33'"),
+    ]
+    for kw, error, message in cases:
+        with pytest.raises(error, match=message):
+            validate_capture(model, path, out, **kw)
+    from probes import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        validate_capture(tmp_path, path, out)
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(SessionError, match=r"empty\.jsonl: no sessions"):
+        validate_capture(model, tmp_path / "empty.jsonl", out)
+    (tmp_path / "doc.png").write_bytes(b"not a png")
+    with pytest.raises(SessionError, match=r"s\.jsonl:1: session 'c0': image file .*doc\.png does not match"):
+        validate_capture(model, path, out)
+    document_image().save(tmp_path / "doc.png")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StoreError, match=r"file: is a file; expected a folder"):
+        validate_capture(model, path, tmp_path / "file")
+    with pytest.raises(StoreError, match=r"file/sub: .*/file is a file"):
+        validate_capture(model, path, tmp_path / "file" / "sub")
+    with pytest.raises(StoreError, match=r"not an activation store \(no store.json\) and not empty \(holds 'doc.png'"):
+        validate_capture(model, path, tmp_path)
+    assert not (tmp_path / "out").exists()
+
+
+def test_sessions_longer_than_the_context_are_refused_unless_allowed(tiny_dir, tmp_path):
+    import json
+    import shutil
+
+    from probes.capture import validate_capture
+
+    model = shutil.copytree(tiny_dir("llava"), tmp_path / "m")
+    config = json.loads((model / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = 64
+    (model / "config.json").write_text(json.dumps(config))
+    short = Session("short", [Turn("user", "Hi.")])
+    long = Session("long", [Turn("user", "The quick brown fox jumps over the lazy dog. " * 20)])
+    assert validate_capture(model, [short], tmp_path / "out").longest <= 64  # null: a short session passes
+    with pytest.raises(CaptureError, match=r"1 of 2 sessions are longer than the context of .* \(64 positions, "
+                                           r"max_position_embeddings\); longest: session 'long' with \d+ positions"):
+        validate_capture(model, [short, long], tmp_path / "out")
+    assert validate_capture(model, [short, long], tmp_path / "out", allow_long=True).longest > 64
+    # a turn to generate counts at max_new_tokens
+    gen = Session("gen", [Turn("user", "Hi."), Turn("assistant", None)])
+    assert validate_capture(model, [gen], tmp_path / "out", max_new_tokens=10).longest <= 64
+    with pytest.raises(CaptureError, match="session 'gen' with"):
+        validate_capture(model, [gen], tmp_path / "out", max_new_tokens=100)
+
+
+def test_a_failed_capture_leaves_nothing_and_the_corrected_rerun_works(llava, tmp_path, monkeypatch):
+    """The old failure: a bad hook name failed after store.json was written, so the corrected rerun into the same
+    folder was refused as 'other settings'."""
+    out = tmp_path / "a" / "st"
+    sessions = [chat(1)]
+    with pytest.raises(HookNameError):
+        capture(llava, sessions, out, hooks="blocks.0.attn.hook_pattern", progress=False)
+    with pytest.raises(CaptureError, match="keeps no position"):
+        capture(llava, sessions, out, positions="image:3", progress=False)
+    assert not (tmp_path / "a").exists()
+    store = capture(llava, sessions, out, hooks="resid_post", positions="final", progress=False)
+    assert store.finished_ids() == {"c0"}
+
+    def dies(*args, **kwargs):  # a failure inside the first batch, after store.json was written
+        raise RuntimeError("out of memory")
+
+    import sys
+
+    monkeypatch.setattr(sys.modules["probes.capture"], "capture_batch", dies)
+    with pytest.raises(RuntimeError):
+        capture(llava, sessions, tmp_path / "b", positions="final", progress=False)
+    monkeypatch.undo()
+    assert not (tmp_path / "b").exists()
+    assert capture(llava, sessions, tmp_path / "b", positions="last:*", progress=False).finished_ids() == {"c0"}

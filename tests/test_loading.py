@@ -77,3 +77,99 @@ def test_run_key_changes_with_weights_retrained_in_place(tiny_dir, tmp_path):
     data[-1] ^= 1  # one bit of one weight
     weights.write_bytes(bytes(data))
     assert loaded.run_key != before and loaded.run_key["files"] != before["files"]
+
+
+# ---- issue 21: wrong weights, corrupt files and bad configs are named errors ------------------------------------
+def _copy(tiny_dir, tmp_path, name="m"):
+    import shutil
+
+    return shutil.copytree(tiny_dir("llava"), tmp_path / name)
+
+
+def test_weights_that_do_not_match_the_architecture_are_refused_unless_allowed(tiny_dir, tmp_path, caplog):
+    """Null: the untouched copy loads with no warning; renamed keys (missing + unexpected) and a tensor of another
+    shape are refused with their counts, and allow_partial loads them with a warning."""
+    import logging
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    good = _copy(tiny_dir, tmp_path, "good")
+    with caplog.at_level(logging.WARNING, logger="probes.loading"):
+        load_model(good)
+    assert not caplog.records
+    bad = _copy(tiny_dir, tmp_path, "bad")
+    weights = load_file(str(bad / "model.safetensors"))
+    renamed = sorted(weights)[:3]
+    shaped = next(k for k in sorted(weights) if k.endswith("q_proj.weight"))
+    weights = {("other." + k if k in renamed else k): v for k, v in weights.items()}
+    weights[shaped] = torch.zeros(3, 3)
+    save_file(weights, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=r"bad \(model.safetensors\): weights do not match "
+                                             r"LlavaForConditionalGeneration: 3 missing, 3 unexpected, 1 of another"):
+        load_model(bad)
+    with caplog.at_level(logging.WARNING, logger="probes.loading"):
+        loaded = load_model(bad, allow_partial=True)
+    assert loaded.family == "llava" and "loaded anyway (allow_partial)" in caplog.text
+
+
+def test_corrupt_weights_bad_configs_and_pickles_are_named(tiny_dir, tmp_path):
+    import json
+    import pickle
+
+    m = _copy(tiny_dir, tmp_path)
+    weights = (m / "model.safetensors").read_bytes()
+    (m / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+    with pytest.raises(ModelLoadError, match=r"model.safetensors: not a readable safetensors file"):
+        load_model(m)
+    (m / "model.safetensors").write_bytes(b"garbage" * 100)
+    with pytest.raises(ModelLoadError, match=r"model.safetensors: not a readable safetensors file"):
+        load_model(m)
+    (m / "model.safetensors").write_bytes(weights)
+    config = json.loads((m / "config.json").read_text())
+    for text, expected in [("[1, 2]", "expected a JSON object of model settings, got list"),
+                           (json.dumps({**config, "architectures": "LlavaForConditionalGeneration"}),
+                            "field 'architectures' must be a list of class names"),
+                           (json.dumps({**config, "text_config": {**config["text_config"], "num_hidden_layers": "2"}}),
+                            "field 'text_config.num_hidden_layers' must be a non-negative integer, got '2'")]:
+        (m / "config.json").write_text(text)
+        with pytest.raises(ModelLoadError, match="config.json: " + expected):
+            load_model(m)
+    (m / "config.json").write_text(json.dumps(config))
+    # a pickle that would write a file when unpickled: torch refuses it, and nothing ran
+    marker = tmp_path / "ran"
+    (m / "model.safetensors").unlink()
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (m / "pytorch_model.bin").write_bytes(pickle.dumps({"w": Payload()}))
+    with pytest.raises(ModelLoadError, match=r"torch refused to unpickle pytorch_model.bin .*expected model.safetensors"):
+        load_model(m)
+    assert not marker.exists()
+
+
+def test_default_is_the_embedded_model_and_inspect_reads_no_weights(tiny_dir, monkeypatch):
+    """inspect_model gives the loaded model's layer count and hook names without reading a weight (a loader that
+    fails proves it)."""
+    import transformers
+
+    from probes.loading import inspect_model, resolve_model
+    from probes.organism import DEFAULT_MODEL
+
+    assert resolve_model("default") == str(DEFAULT_MODEL)
+    loaded = load_model(tiny_dir("llava"))
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", no_weights)
+    info = inspect_model(tiny_dir("llava"))
+    assert (info.n_layers, info.family) == (loaded.n_layers, "llava")
+    assert info.hook_names() == loaded.hook_names()
+    assert info.max_positions == loaded.text_config.max_position_embeddings
+    default = inspect_model("default")
+    assert default.source == str(DEFAULT_MODEL) and default.n_layers == 4
+    with pytest.raises(ModelLoadError, match="model path /nowhere is not a directory"):
+        inspect_model("/nowhere")

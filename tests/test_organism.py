@@ -306,7 +306,8 @@ def test_default_model_keeps_the_asked_ssn_where_it_was_planted(tmp_path):
     store = capture(loaded, sessions, str(tmp_path / "store"), positions=f"last:{probe_turn}", progress=False,
                     hooks=["blocks.0.hook_resid_pre", f"blocks.{PLAN_LAYER}.hook_resid_post"])
     blocks = probe_cells(store, ["last"]) + probe_cells(store, ["last"], kind="hook_resid_pre")
-    df = probe_sweep(blocks, session_targets(store.sessions(), "digits"), method="ridge", n_boot=20, model="organism")
+    targets = session_targets(store.sessions(private_from=sessions), "digits")  # stores keep no private labels
+    df = probe_sweep(blocks, targets, method="ridge", n_boot=20, model="organism")
     df = df[(df.turn == probe_turn) & (df.target == "digits")]
     at = df.set_index(["hook", "layer", "metric"])["value"]
     plan, embed = ("hook_resid_post", PLAN_LAYER), ("hook_resid_pre", 0)

@@ -82,3 +82,44 @@ def test_atomic_writes_get_the_mode_open_would_give(tmp_path):
     (tmp_path / "b.csv").write_bytes(b"x")
     assert (tmp_path / "a.csv").stat().st_mode & 0o777 == (tmp_path / "b.csv").stat().st_mode & 0o777
     assert os.stat(tmp_path / "a.csv").st_mode & 0o044  # readable by group/others under the usual umask
+
+
+def test_directories_non_utf8_and_empty_files_are_named(tmp_path, doc_image_path):
+    with pytest.raises(SessionError, match=r"is a directory, not a file; expected a sessions JSONL file"):
+        list(read_sessions(tmp_path))
+    path = write_sessions([three_turns(SessionImage.from_path(doc_image_path))], tmp_path / "s.jsonl")
+    path.write_bytes(path.read_bytes() + b'{"session_id": "caf\xe9"}\n')
+    with pytest.raises(SessionError, match=r"s\.jsonl:2: not UTF-8 text \(byte 19 of the line\)"):
+        list(read_sessions(path))
+    path.write_text("\n  \n")
+    with pytest.raises(SessionError, match=r"s\.jsonl: no sessions \(the file is empty\)"):
+        list(read_sessions(path))
+    assert list(read_sessions(path, allow_empty=True)) == []
+
+
+def test_check_images_names_the_line_and_session(tmp_path, doc_image_path):
+    """Each session remembers its file line; a missing, changed or undecodable image is named with it (null: the
+    intact file passes)."""
+    from probes.session import check_images
+
+    other = tmp_path / "other.png"
+    document_image(text="SSN 456").save(other)
+    sessions = [three_turns(SessionImage.from_path(doc_image_path)), three_turns(SessionImage.from_path(other))]
+    sessions[1].session_id = "s1"
+    path = write_sessions(sessions, tmp_path / "s.jsonl")
+    read = list(read_sessions(path))
+    assert [s.source for s in read] == [f"{path}:1", f"{path}:2"]
+    check_images(read)
+    document_image(text="changed").save(other)
+    with pytest.raises(SessionError, match=rf"s\.jsonl:2: session 's1': image file .*other\.png does not match"):
+        check_images(read)
+    other.unlink()
+    with pytest.raises(SessionError, match=rf"s\.jsonl:2: session 's1': image file not found: .*other\.png"):
+        check_images(read)
+
+
+def test_public_drops_private_labels_only():
+    s = Session("s", [Turn("user", "hi")], labels={"pii_type": "SSN", "_target": "123-45-6789", "_identity": {}})
+    assert s.public().labels == {"pii_type": "SSN"}
+    assert s.private_labels() == {"_target": "123-45-6789", "_identity": {}}
+    assert s.labels["_target"] == "123-45-6789"  # the original keeps them
