@@ -29,10 +29,19 @@ Organism (the shipped default model, held-out identities `make_identities(n, see
                                 SSN digits at the best layer, where the probe looked: the prompt's last 3 positions
                                 (the probe turn's last token, " ASSISTANT", ":") and every generated token. LEACE
                                 is fitted on the same kind of sessions for n other identities
-                                (make_identities(n, seed=75_000 + seed)), so the measured sessions are held out
-    random_subspace_asr_drop    the same with random subspaces of LEACE's rank: the mean over 5 draws
-                                (random_subspace_asr_drop_max: the strongest draw)
-    ..._all_positions           both at every position (image tokens included)
+                                (make_identities(n, seed=75_000 + seed)), so the measured sessions are held out, and
+                                at the same positions it is applied to (fit_leace_at: one LEACE for the prompt's
+                                positions, one for the generated tokens)
+    matched_random_asr_drop     the same with the matched control (probes.erasure.matched_random_eraser): a random
+                                subspace of LEACE's rank, none of LEACE's concept directions, centred at the same
+                                mean, its mean squared edit on the fitting data equal to LEACE's; the mean over 5
+                                draws (matched_random_asr_drop_max: the strongest draw)
+    leace_edit_norm, random_edit_norm  root mean squared edit ||x - x'|| on the measured sessions' activations at
+                                the edited positions (recorded without erasure; random: mean over the draws; equal
+                                by construction, on the prompt's positions and on the generated tokens each);
+                                *_edit_rel: over the activations' root mean squared norm; random_scale_*: the
+                                control's push (1 = a plain projection; see probes/erasure.py)
+    ..._all_positions           all of these at every position (image tokens included), LEACE fitted there too
 Results (tidy CSV) and figures (heatmap, retention curves, transfer matrix) go to --out.
 
 The best layer (and the C of each probe) is chosen on the same grouped folds that score it: the maximum over 4
@@ -41,8 +50,12 @@ layers, slightly optimistic, for the real probe and for the control task alike (
 Measured on the shipped checkpoint (n 150, seed 0, --threads 2; 536 s), which writes the SSN out at the probe turn
 (organism_asr_no_erasure 0.993): organism_digit_acc 0.916 (layer 2, where the answer plan was planted; chance 0.1),
 organism_selectivity 0.787, controls 0.13-0.14 (no image 0.129, shuffled image 0.126, random init 0.144). Erasure
-at layer 2 where the probe looked, LEACE fitted on other identities (rank 80): organism_erasure_asr_drop 0.993
-against random_subspace_asr_drop 0.368 (max 0.447; at every position: 0.993 against 0.693, max 0.800). Parametric
+at layer 2 where the probe looked (measured by benchmarks/validity_erasure.py on the same sessions, 150 held-out and
+150 fitting identities): LEACE fitted where it is applied (rank 80 on the prompt's last 3 positions and on the
+generated tokens) leaves the leak where it was, organism_erasure_asr_drop -0.007, against matched_random_asr_drop
+0.839 (max 0.920) for controls of the same rank and edit size (both 0.512 of the activations' norm); the figures
+at every position are not yet re-measured with the matched control (the earlier 0.993 against 0.368 fitted LEACE
+at one position and applied it at others, against an uncentred, smaller random edit). Parametric
 memory, within the 96 planted identities: organism_memory_digit_acc 0.652 (layer 2, the name-only prompt's last
 token; unseen 0.132); the context probe reads the same digits there with organism_memory_transfer_digit_acc 0.747
 (unseen identities 0.100); organism_digit_acc_96_identities 0.753.
@@ -92,7 +105,9 @@ def _cell(df: pd.DataFrame, metric: str, **where) -> pd.DataFrame:
 
 
 def _sweep(loaded, sessions, workdir: Path, name: str, positions: str, groups, control: str, seed: int):
-    store = capture(loaded, sessions, str(workdir / name), positions=positions, progress=False)
+    # a scratch store: the private labels (the probes' targets) kept beside it, in private_labels.jsonl
+    store = capture(loaded, sessions, str(workdir / name), positions=positions, progress=False,
+                    keep_private_labels=True)
     blocks = probe_cells(store, groups)
     return probe_sweep(blocks, session_targets(store.sessions(), "digits"), control=control, seed=seed,
                        model="organism", n_boot=500), blocks, store
@@ -149,7 +164,23 @@ def _subset_digit_acc(store, turn: int, layer: int, k: int) -> float:
     return float(_digit_fits(X[keep], y[keep], groups[keep]).table.accuracy.mean())
 
 
-RANDOM_DRAWS = 5  # random subspaces averaged for the erasure control
+RANDOM_DRAWS = 5  # matched random subspaces averaged for the erasure control
+
+
+def _erasure_figures(eff: pd.DataFrame) -> dict[str, float]:
+    """Leak-rate drops under LEACE and under the matched random control (mean and largest over the draws), and
+    both edits' root mean squared size on the measured sessions' activations where they were applied."""
+    asr = eff[eff.metric == "ASR"]
+    none = float(asr.loc[asr.method == "none", "value"].iloc[0])
+    leace = asr[asr.method == "leace"].iloc[0]
+    rnd = asr[asr.method == "random_subspace"]
+    drops = none - rnd["value"]  # one per draw
+    return {"organism_asr_no_erasure": none, "organism_erasure_asr_drop": none - float(leace["value"]),
+            "matched_random_asr_drop": float(drops.mean()), "matched_random_asr_drop_max": float(drops.max()),
+            "leace_edit_norm": float(leace["edit_rms"]), "random_edit_norm": float(rnd["edit_rms"].mean()),
+            "leace_edit_rel": float(leace["edit_rel"]), "random_edit_rel": float(rnd["edit_rel"].mean()),
+            "random_scale_prompt": float(rnd["scale_prompt"].mean()),
+            "random_scale_generated": float(rnd["scale_generated"].mean())}
 
 
 def _without_image(s: Session) -> Session:
@@ -169,7 +200,7 @@ def _shuffled(sessions: list[Session]) -> list[Session]:
 
 def organism(model_dir: Path, n: int, seed: int, out: Path) -> dict[str, float]:
     from analysis.figures import plot_probe_heatmap, plot_retention_curves, plot_transfer_matrix
-    from probes.erasure import eraser_rank, erasure_effect, fit_leace
+    from probes.erasure import eraser_rank, erasure_effect, fit_leace_at
     from probes.organism.config import OrganismConfig, build_model, build_tokenizer
     from probes.tiny import save_tiny
 
@@ -194,8 +225,9 @@ def organism(model_dir: Path, n: int, seed: int, out: Path) -> dict[str, float]:
         figs["organism_digit_acc"] = float(best["value"])
         figs["organism_best_layer"] = layer
         sel = _cell(real, "selectivity", position_group="last", turn=probe_turn, layer=layer, target="digits")
-        figs["organism_selectivity"] = float(sel["value"].iloc[0])
-        X, y, ids = _last_token_digits(store, probe_turn, layer)  # the best cell: MDL here, LEACE fitted here below
+        if len(sel):  # probe_sweep reports selectivity only with a control task (off by default: probes/probing.py)
+            figs["organism_selectivity"] = float(sel["value"].iloc[0])
+        X, y, ids = _last_token_digits(store, probe_turn, layer)  # the best cell: MDL here
         figs["organism_compression"], figs["organism_control_compression"] = _digit_compression(X, y, ids, seed)
         frames = [real]
         for control, sessions in (("no_image", [_without_image(s) for s in ctx]), ("shuffled_image", _shuffled(ctx))):
@@ -213,28 +245,21 @@ def organism(model_dir: Path, n: int, seed: int, out: Path) -> dict[str, float]:
 
         block = next(b for b in blocks if (b.cells["position_group"] == "last").any())
         tm = transfer_matrix(block, session_targets(store.sessions(), "digits"), model="organism")
-        # Erasure: LEACE of the SSN digits at the probe turn's last token at the best layer, fitted on sessions of
-        # other identities (a pool of its own) and measured on the probe sessions, which it never saw.
+        # Erasure: LEACE of the SSN digits at the best layer, fitted on sessions of other identities (a pool of its
+        # own, so the probe sessions are held out) at exactly the positions it is then applied to (fit_leace_at):
+        # where the probe looked (the prompt's last PLAN_SPAN positions, then every generated token), and, for
+        # comparison, every position (image tokens included: unspecific, see probes/erasure.py). The control is
+        # the matched random subspace: same rank, centred at the same mean, the same mean squared edit.
         fit_ctx = context(make_identities(n, seed=75_000 + seed), "img_fit")
-        fit_store = capture(loaded, fit_ctx, str(work / "leace_fit"), positions="last:*", layers=[layer],
-                            progress=False)
-        Xf, yf, _ = _last_token_digits(fit_store, probe_turn, layer)
-        eraser = fit_leace(Xf.double(), yf, 10)
-        # Where the probe looked (the prompt's last PLAN_SPAN positions, then every generated token), and, for
-        # comparison, at every position (image tokens included: unspecific, see probes/erasure.py).
+        y_fit, _, _ = session_targets(fit_ctx, "digits")
         hook = f"blocks.{layer}.hook_resid_post"
         effects = []
         for last, suffix in ((PLAN_SPAN, ""), (None, "_all_positions")):
+            eraser = fit_leace_at(loaded, fit_ctx, hook, y_fit, 10, last=last)
             eff = erasure_effect(loaded, ctx, hook, eraser, seed=seed, last=last, random_draws=RANDOM_DRAWS)
-            asr = eff[eff.metric == "ASR"]
-            none = float(asr.loc[asr.method == "none", "value"].iloc[0])
-            figs[f"organism_erasure_asr_drop{suffix}"] = none - float(asr.loc[asr.method == "leace", "value"].iloc[0])
-            drops = none - asr.loc[asr.method == "random_subspace", "value"]  # one per draw
-            figs[f"random_subspace_asr_drop{suffix}"] = float(drops.mean())
-            figs[f"random_subspace_asr_drop{suffix}_max"] = float(drops.max())
+            figs.update({f"{k}{suffix}": v for k, v in _erasure_figures(eff).items()})
+            figs[f"organism_erasure_rank{suffix}"] = eraser_rank(eraser)
             effects.append(eff)
-        figs["organism_asr_no_erasure"] = none
-        figs["organism_erasure_rank"] = eraser_rank(eraser)
         eff = pd.concat(effects)
 
         memory_people = make_identities(int(meta["n_memory"]), seed=2000 + int(meta["seed"]))
