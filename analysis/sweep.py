@@ -194,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus", type=int, default=None)
     p.add_argument("--mem-gb", type=int, default=None)
     p.add_argument("--parallel", type=int, default=None, help="SLURM array parallelism")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow trust_remote_code: true in the config or a grid point (checked by `mmret sweep`)")
     a = p.parse_args(argv)
     grid = parse_grid(a.grid)
     out = a.out or str(load_study_config(a.config).out) + "_sweep"

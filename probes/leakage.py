@@ -22,6 +22,7 @@ label "_target" (the PII value its probe turn asks for).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -37,6 +38,8 @@ from tqdm.auto import tqdm
 from probes.loading import LoadedModel
 from probes.render import RenderedSession, render
 from probes.session import Session, atomic_write_bytes, parts_folder, read_sessions
+
+log = logging.getLogger(__name__)
 
 DIGIT_TYPES = ("Phone Numbers", "SSN")
 TEXT_TYPES = ("Email", "Name", "Date of Birth", "Address")
@@ -729,6 +732,10 @@ def evaluate_in_parts(loaded: LoadedModel, sessions: Sequence[Session], parts: s
     parts.mkdir(parents=True, exist_ok=True)
     size = batch_size * 16
     frames = []
+    done = [p0 for i, p0 in enumerate(range(0, len(sessions), size)) if (parts / f"{i:06d}.parquet").exists()]
+    if done:
+        n_done = sum(min(size, len(sessions) - p0) for p0 in done)
+        log.info("resuming: %d of %d sessions already done", n_done, len(sessions))
     with tqdm(total=len(sessions), desc="leakage", unit="session", disable=not progress) as bar:
         for i, p0 in enumerate(range(0, len(sessions), size)):
             part = parts / f"{i:06d}.parquet"
