@@ -16,7 +16,8 @@ forwards included).
     batched_vs_naive_exact    naive_sweep / exact_sweep
     exact_variants_max_abs_diff  the largest logit-difference gap between the batched, serial and naive sweeps
                               (asserted < 1e-3: the three timings compare the same work)
-    atp_spearman_<metric>     Spearman of AtP with exact patching over the 144 cells (denoising)
+    atp_effect_spearman_<metric>  Spearman of AtP with exact patching on effects (patched - base) over this pair's
+                              cells (denoising; cells null by construction left out)
     forward_ms_per_row_b<B>   one unpatched inputs-embeddings forward of B rows, per row: whether a batch
                               amortises anything on this device (a compute-bound CPU: no)
 
@@ -150,8 +151,8 @@ def main() -> None:
     head = {"model": "bench", "session_id": session.session_id}
     rows = [{**head, **r} for r in exact(args.batch) + atp()]
     agree = atp_agreement(pd.DataFrame(rows))
-    for _, r in agree[agree["scope"] == "pooled"].iterrows():
-        print(f"atp_spearman_{r['metric']}: {r['spearman']:.3f}")
+    for _, r in agree[(agree["scope"] == "mean") & (agree["direction"] == "denoise")].iterrows():
+        print(f"atp_effect_spearman_{r['metric']}: {r['spearman']:.3f}")
 
 
 # ---- the organism ---------------------------------------------------------------------------------------------
@@ -190,16 +191,19 @@ def organism_figures(model_dir: str | os.PathLike, out_dir: str | os.PathLike, n
 
 
 def organism_headlines(loaded, rows: dict[str, pd.DataFrame], sessions, out_dir: Path) -> None:
-    """organism_atp_spearman (AtP vs exact over cells, denoising, logit difference, pooled over pairs);
+    """organism_atp_effect_spearman and organism_atp_top10_recall (AtP vs exact on effects per pair, mean over
+    pairs, denoising, logit difference);
     organism_taskswap_max_effect (the largest mean normalised score of one task-swap cell, leaking framing
     patched into the refusing one) and the cell; organism_generation_asr_shift (greedy answers of the refusing
     framing with that cell's layer patched at the same positions, every component there: patched - unpatched ASR)."""
     from probes.patching import Cell, asr_shift, atp_agreement, generation_check
 
     agree = atp_agreement(rows["atp"])
-    pooled = agree[(agree["scope"] == "pooled") & (agree["direction"] == "denoise")
-                   & (agree["metric"] == "logit_diff")]
-    print(f"organism_atp_spearman: {float(pooled['spearman'].iloc[0]):.3f}")
+    mean = agree[(agree["scope"] == "mean") & (agree["direction"] == "denoise") & (agree["metric"] == "logit_diff")
+                 & (agree["method"] == "atp")]
+    n_pairs = int(mean["n_pairs"].iloc[0])
+    print(f"organism_atp_effect_spearman: {float(mean['spearman'].iloc[0]):.3f}  # mean over {n_pairs} pairs")
+    print(f"organism_atp_top10_recall: {float(mean['top_k_recall'].iloc[0]):.3f}")
     swap, cell = rows["taskswap"], ["layer", "component", "position_group"]
 
     def per_cell(direction: str, metric: str):

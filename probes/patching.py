@@ -12,9 +12,23 @@ document with the asked value), the corrupt one does not. Corruptions (`build_pa
 - "noise": Gaussian noise of `noise_std` (3) times the standard deviation of the image-token embeddings, added to
   those embeddings (a secondary check; the same seeded noise in every row).
 
-Metrics (`probes.patching_metrics`): the leak-vs-refusal logit difference at the first answer token, the summed
-log-probability of the PII value under teacher forcing, and the normalised score (patched - corrupt) /
-(clean - corrupt). Every forward feeds the prompt and the teacher-forced PII value, so one forward gives them all.
+Metrics (`probes.patching_metrics`): a logit difference between two continuations the pair tells apart (its
+`contrast`: for an image pair the clean value's token vs the corrupt value's, at the first token where they
+differ; for a framing pair the model's own first answer token under the leaking framing vs the refusal's), the
+summed log-probability of the PII value under teacher forcing, and the normalised score (patched - corrupt) /
+(clean - corrupt). Every forward feeds the prompt and the teacher-forced first continuation, so one forward gives
+them all.
+
+Pair check (`pair_check`): before a pair's cells are patched, its separation (clean - corrupt logit_diff) must be
+at least `min_separation` (default `MIN_SEPARATION`, 1 nat); a pair below it, or one that cannot be measured
+(`PairRejected`: e.g. the clean framing's own answer is the refusal), is dropped from the rows, never silently: the
+pairs table (`pair_checks(rows)`, `patching_<experiment>_pairs.csv`) lists every pair with its separation, kept
+and reason, and a `PairsDroppedWarning` gives the count.
+
+Null by construction: every cell row says whether the patch wrote exactly (bitwise) the values the base run
+already held there (`null_by_construction`): then the patched run is the base run and the cell cannot have
+changed anything (e.g. the text before the image in an image pair, task-swap positions before the probe turn);
+statistics leave such cells out of their test families.
 
 How a pair is run. `prepare` runs each side once through the whole model (images, vision tower, LM) and keeps
 its metrics, every hooked activation at every position, and the LM's input embeddings (`blocks.0.hook_resid_pre`:
@@ -30,7 +44,18 @@ checks once per model that this path gives the same metrics as the full one.
 - Attribution patching (`attribution_patching`, AtP): metric(patched) - metric(base) ~ sum over the cell's
   positions of (a_source - a_base) . d metric / d a, the gradient taken on the base run. `prepare(grad=True)`
   gets every cell's gradient from one forward and one backward per metric; with the other side's forward that is
-  two forwards for all cells. `atp_agreement` reports its Spearman correlation with exact patching over cells.
+  two forwards for all cells. `atp_agreement` compares it with exact patching on EFFECTS (patched - base) per pair:
+  Spearman over the pair's cells (null-by-construction cells left out), mean and median over pairs, and the
+  top-k recall of exact patching's k largest cells (k = 10).
+- AtP* (Kramar et al. 2024). GradDrop (`prepare_graddrop`, `graddrop_patching`, method 'atp_graddrop'): for each
+  layer l, the AtP estimate with the gradient through layer l's attn_out and mlp_out dropped; the estimate of
+  |effect| is the sum over l of their absolute values / (L - 1) (unsigned: compared on |effect|). L extra forwards
+  and backwards per side. The attention-saturation correction (recompute the softmax of a head whose query or key
+  is patched) is not implemented: it corrects nodes that ARE a head's query or key; the cells here are residual-
+  stream contributions (resid_pre, attn_out, mlp_out summed over heads), whose path through a later softmax is
+  the whole rest of the forward (exact patching). A one-layer version (the first attention layer reading the
+  patched positions recomputed exactly, the rest linear) would need the attention modules called outside the
+  model's forward with their rotary and mask arguments, family by family; left for later.
 - Task swap: the "framing" pair patched in both directions (leaking framing into refusing and back); the `flip`
   metric says whether the winning continuation changed.
 - Attention knockout (`knockout`): queries of a target set (the probe turn and the answer) may not attend to keys
@@ -52,8 +77,9 @@ We align by group rather than padding the shorter framing: padding would add tok
 
 Outputs: tidy rows (model, family, experiment, corruption, direction, method, session_id, identity_id, framing,
 scenario, pii_type, turn_distance, layer, component, hook, position_group, alignment, target, window,
-n_positions, metric, value, clean, corrupt, n), `summarize` (means with bootstrap CIs clustered by identity),
-and `run_patching`, which writes CSVs and figures for `mmret patch`.
+n_positions, metric, value, clean, corrupt, n; then contrast and null_by_construction), the pairs table,
+`summarize` (means with bootstrap CIs clustered by identity), and `run_patching`, which writes CSVs and figures for
+`mmret patch`.
 """
 
 from __future__ import annotations
@@ -61,6 +87,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import warnings
 import weakref
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
@@ -78,7 +105,8 @@ from tqdm.auto import tqdm
 from probes.documents import Box, changed_boxes, patches_for_box, render_pair
 from probes.identities import Identity, make_identities
 from probes.loading import LoadedModel
-from probes.patching_metrics import (METRICS, Answer, PatchingError, answer_metrics, make_answer, patch_score)
+from probes.patching_metrics import (METRICS, MIN_SEPARATION, Answer, PairRejected, PatchingError, answer_metrics,
+                                     make_answer, own_answer, patch_score, value_answer)
 from probes.render import RenderedSession, render
 from probes.session import Session, SessionImage, Turn, atomic_write_bytes, parts_folder, read_sessions
 from probes.sessions_build import FRAMINGS, disclosure_request, frame, mark_values
@@ -114,6 +142,7 @@ class Run:
     cache: dict[str, Tensor] = field(default_factory=dict)
     grads: dict[str, dict[str, Tensor]] | None = None
     kv: list[tuple[Tensor, Tensor]] | None = None  # per layer (keys, values), for prefix reuse
+    gd_grads: list[dict[str, dict[str, Tensor]]] | None = None  # GradDrop: per dropped layer, like `grads`
     _position_ids: Any = None
 
     @property
@@ -300,6 +329,7 @@ def build_pair(loaded: LoadedModel, session: Session, corruption: str, *, other:
     """A clean/corrupt pair from `session` (the clean side) by `corruption` (see the module docstring)."""
     if corruption not in CORRUPTIONS:
         raise PatchingError(f"corruption {corruption!r}: expected one of {CORRUPTIONS}")
+    given = leak is not None or refusal is not None
     answer = make_answer(loaded.adapter, session, leak, refusal)
     boxes, size = _labels_boxes(session)
     noise = None
@@ -307,10 +337,18 @@ def build_pair(loaded: LoadedModel, session: Session, corruption: str, *, other:
         if other is None:
             raise PatchingError("an image pair needs `other`, the identity whose values the corrupt document shows")
         corrupt, boxes = image_pair(session, other, swap)
+        asked = session.labels.get("pii_type")
+        if asked in (swap if swap is not None else (asked,)):
+            corrupt.labels["_target"] = other.value(asked)
+            if not given:  # the metric tells the two documents' values apart
+                answer = value_answer(loaded.adapter, session, str(session.labels["_target"]),
+                                      str(corrupt.labels["_target"]))
     elif corruption == "framing":
         if session.labels.get("framing") == corrupt_framing:
             raise PatchingError(f"session {session.session_id!r} is already under the {corrupt_framing!r} framing")
         corrupt = framing_pair(session, corrupt_framing)
+        if not given:  # the model's own answer under the leaking framing against the refusal
+            answer = framing_answer(loaded, session)
     elif corruption == "text":
         corrupt = text_pair(session, replacements or {})
     else:
@@ -323,6 +361,15 @@ def build_pair(loaded: LoadedModel, session: Session, corruption: str, *, other:
                             f"({clean_run.n_prompt} -> {corrupt_run.n_prompt} prompt tokens); exact patching needs "
                             "equal lengths (for text: pick replacements of the same token length)")
     return Pair(clean_run, corrupt_run, answer, corruption, dict(session.labels))
+
+
+def framing_answer(loaded: LoadedModel, session: Session, max_new_tokens: int = 32) -> Answer:
+    """The Answer of a framing pair: the model's greedy answer to `session` (the clean, leaking framing) up to and
+    including the value, against the refusal (`patching_metrics.own_answer`)."""
+    from probes.leakage import generate_batch
+
+    said = generate_batch(loaded, [session], max_new_tokens=max_new_tokens, batch_size=1, progress=False)[0]
+    return own_answer(loaded.adapter, session, said, str(session.labels.get("_target", "")))
 
 
 # ---- forwards -------------------------------------------------------------------------------------------------
@@ -589,7 +636,7 @@ def _metric_rows(cell: Cell | None, patched: dict[str, float], pair: Pair, direc
                  extra: dict[str, Any]) -> list[dict[str, Any]]:
     """value / clean / corrupt rows of every metric, its score and the flip of the winning continuation."""
     base, _ = pair.roles(direction)
-    head = {"direction": direction, "method": method, **extra}
+    head = {"direction": direction, "method": method, "contrast": pair.answer.contrast, **extra}
     if cell is not None:
         head.update(layer=cell.layer, component=cell.component, hook=cell.hook, position_group=cell.group)
     rows = []
@@ -605,18 +652,27 @@ def _metric_rows(cell: Cell | None, patched: dict[str, float], pair: Pair, direc
     return rows
 
 
+def null_by_construction(base: Run, cell: Cell, dst: Tensor, vals: Tensor) -> bool:
+    """Whether writing `vals` at `dst` into the base run's `cell` changes nothing: the base run holds exactly those
+    values there already (bitwise), so the patched run IS the base run (e.g. positions before the image in an image
+    pair, task-swap positions before the probe turn)."""
+    have = base.cache[cell.hook][dst]
+    return bool(torch.equal(have, vals.to(have.dtype)))
+
+
 def exact_patching(loaded: LoadedModel, pair: Pair, cells: Sequence[Cell], direction: str = "denoise",
                    batch_size: int = 16, align: str = "last", prefix: bool = True) -> list[dict[str, Any]]:
     """Exact patching of every cell (one batched forward per `batch_size` cells, see `patched_metrics`); tidy
-    rows, method 'exact'."""
+    rows, method 'exact', with `null_by_construction` (see the function of that name) and the pair's `contrast`."""
     base, source = pair.roles(direction)
     specs = [patch_values(base, source, c, align) for c in cells]
     got = patched_metrics(loaded, base, pair.answer, [[(c.hook, dst, vals)] for c, (dst, vals, _) in
                                                       zip(cells, specs)], batch_size, prefix)
     rows = []
-    for i, (c, (dst, _, how)) in enumerate(zip(cells, specs)):
+    for i, (c, (dst, vals, how)) in enumerate(zip(cells, specs)):
         rows += _metric_rows(c, {m: got[m][i] for m in METRICS}, pair, direction, "exact",
-                             {"alignment": how, "n_positions": len(dst)})
+                             {"alignment": how, "n_positions": len(dst),
+                              "null_by_construction": null_by_construction(base, c, dst, vals)})
     return rows
 
 
@@ -634,28 +690,142 @@ def attribution_patching(pair: Pair, cells: Sequence[Cell], direction: str = "de
         dst, vals, how = patch_values(base, source, c, align)
         delta = vals.float() - base.cache[c.hook][dst].float()
         est = {m: base.metrics[m] + float((delta * base.grads[m][c.hook][dst].float()).sum()) for m in METRICS}
-        rows += _metric_rows(c, est, pair, direction, "atp", {"alignment": how, "n_positions": len(dst)})
+        rows += _metric_rows(c, est, pair, direction, "atp", {"alignment": how, "n_positions": len(dst),
+                                                              "null_by_construction": bool((delta == 0).all())})
     return rows
 
 
-def atp_agreement(df: pd.DataFrame) -> pd.DataFrame:
-    """Spearman correlation of AtP with exact patching over cells, per (model, direction, metric): per pair
-    (scope = session_id) and pooled over every pair's cells (scope 'pooled'). Takes rows of both methods."""
-    from scipy.stats import spearmanr
+UNSIGNED_ESTIMATORS = ("atp_graddrop",)  # estimate |effect| only (GradDrop sums absolute values)
 
-    keys = ["session_id", "direction", "metric", "layer", "component", "position_group"]
-    d = df[df["metric"].isin(METRICS)]
-    both = d[d["method"] == "exact"].merge(d[d["method"] == "atp"], on=[*keys, "model"], suffixes=("_exact", "_atp"))
+
+def effects(df: pd.DataFrame) -> pd.Series:
+    """Each row's change of its metric from the unpatched base run: value - corrupt (denoising) or value - clean
+    (noising); 0 = the patch changed nothing."""
+    base = df["corrupt"].where(df["direction"] == "denoise", df["clean"])
+    return df["value"] - base
+
+
+# ---- AtP*: GradDrop (Kramar et al. 2024) -------------------------------------------------------------------------
+def prepare_graddrop(loaded: LoadedModel, run: Run, answer: Answer, hooks: Iterable[str]) -> Run:
+    """GradDrop gradients of a prepared run: for each layer l, d metric / d activation of `hooks` with the gradient
+    through layer l's residual-stream contribution dropped (its attn_out and mlp_out treated as constants on the
+    backward pass; the forward is unchanged, so are the metrics). One forward and one backward per layer."""
+    if run.embeds is None:
+        raise PatchingError("prepare the run first (prepare / prepare_pair)")
+    hooks = list(dict.fromkeys(hooks))
+    run.gd_grads = []
+
+    def cut(x: Tensor, name: str) -> Tensor:  # a new leaf: gradient reaches it, none flows back into the block
+        return x.detach().requires_grad_(True)
+
+    for layer in range(loaded.n_layers):
+        kept: dict[str, Tensor] = {}
+
+        def keep(x: Tensor, name: str) -> None:
+            kept[name] = x
+
+        cuts = [(f"blocks.{layer}.hook_{c}", cut) for c in ("attn_out", "mlp_out")]
+        embeds = run.embeds.detach().requires_grad_(True)
+        with torch.enable_grad(), _frozen(loaded.hf_model):
+            metrics, _ = _forward(loaded, run, answer, 1, cuts + [(h, keep) for h in hooks], embeds=embeds)
+            acts = [kept[h] for h in hooks]
+            grads: dict[str, dict[str, Tensor]] = {}
+            for i, m in enumerate(METRICS):
+                got = torch.autograd.grad(metrics[m].sum(), acts, retain_graph=i < len(METRICS) - 1,
+                                          allow_unused=True)
+                grads[m] = {h: (g if g is not None else torch.zeros_like(a))[0].detach()
+                            for h, a, g in zip(hooks, acts, got)}
+        run.gd_grads.append(grads)
+    return run
+
+
+def graddrop_patching(pair: Pair, cells: Sequence[Cell], direction: str = "denoise",
+                      align: str = "last") -> list[dict[str, Any]]:
+    """AtP* GradDrop estimate of |effect| of every cell: sum over layers l of |AtP estimate with layer l's
+    gradient dropped| / (L - 1) (Kramar et al. 2024, sec. 3.2: a cell whose direct and indirect effects cancel in
+    the full gradient shows up once one path is dropped). Unsigned: rows hold value = base + that magnitude, method
+    'atp_graddrop' (`atp_agreement` compares it on |effect|). Needs `prepare_graddrop` on the base run."""
+    base, source = pair.roles(direction)
+    if base.gd_grads is None:
+        raise PatchingError(f"GradDrop {direction}: run prepare_graddrop on the base run first")
+    n = len(base.gd_grads)
+    rows = []
+    for c in cells:
+        dst, vals, how = patch_values(base, source, c, align)
+        delta = vals.float() - base.cache[c.hook][dst].float()
+        est = {m: base.metrics[m] + sum(abs(float((delta * g[m][c.hook][dst].float()).sum()))
+                                        for g in base.gd_grads) / max(n - 1, 1) for m in METRICS}
+        rows += _metric_rows(c, est, pair, direction, "atp_graddrop",
+                             {"alignment": how, "n_positions": len(dst),
+                              "null_by_construction": bool((delta == 0).all())})
+    return rows
+
+
+def atp_agreement(df: pd.DataFrame, k: int = 10) -> pd.DataFrame:
+    """How well each estimator (method 'atp', and any AtP* rows: 'atp_graddrop') agrees with exact patching,
+    measured on EFFECTS (`effects`: patched - base) PER PAIR, over the pair's cells, per (model, direction, metric,
+    method):
+
+    - spearman: Spearman correlation of the estimated and exact effects (NaN for an unsigned estimator);
+    - spearman_abs: the same on |effect| (comparable for every estimator);
+    - top_k_recall: share of exact patching's k cells of largest |effect| that are among the estimator's k
+      largest (k capped at the pair's number of cells).
+
+    Cells null by construction (`null_by_construction` on the exact row: both effects are 0 for want of any change)
+    are left out, so agreement is not inflated by cells that nothing can move. Rows with scope 'pair' (one per
+    session_id), then 'mean' and 'median' over pairs (n_pairs: how many pairs had a finite value). No pooled
+    number over pairs: each pair's baseline would drive the ranks."""
+    cell = ["session_id", "direction", "metric", "layer", "component", "position_group"]
+    d = df[df["metric"].isin(METRICS)].assign(effect=lambda x: effects(x))
+    exact = d[d["method"] == "exact"]
+    if "null_by_construction" in exact.columns:
+        exact = exact[~exact["null_by_construction"].astype("boolean").fillna(False).astype(bool)]
+    estimates = d[d["method"] != "exact"]
+    both = exact.merge(estimates, on=[*cell, "model"], suffixes=("_exact", "_est"))
     if not len(both):
-        raise PatchingError("atp_agreement: no cells with both an exact and an AtP row")
+        raise PatchingError("atp_agreement: no cells with both an exact and an estimator (AtP) row")
     out = []
-    for (model, direction, metric), g in both.groupby(["model", "direction", "metric"]):
-        scopes = [("pooled", g)] + list(g.groupby("session_id"))
-        for scope, s in scopes:
-            rho = spearmanr(s["value_exact"], s["value_atp"]).statistic if len(s) > 2 else np.nan
-            out.append({"model": model, "direction": direction, "metric": metric, "scope": scope,
-                        "spearman": float(rho), "n": len(s)})
+    for (model, direction, metric, method), g in both.groupby(["model", "direction", "metric", "method_est"]):
+        pairs = []
+        for sid, s in g.groupby("session_id"):
+            x, y = s["effect_exact"].to_numpy(float), s["effect_est"].to_numpy(float)
+            signed = method not in UNSIGNED_ESTIMATORS
+            kk = min(k, len(s))
+            rec = {"model": model, "direction": direction, "metric": metric, "method": method, "scope": "pair",
+                   "session_id": sid, "spearman": _spearman(x, y) if signed else np.nan,
+                   "spearman_abs": _spearman(np.abs(x), np.abs(y)), "top_k_recall": top_k_recall(x, y, kk),
+                   "k": kk, "n_cells": len(s), "n_pairs": 1}
+            pairs.append(rec)
+        out += pairs
+        per = pd.DataFrame(pairs)
+        for scope, fn in (("mean", np.nanmean), ("median", np.nanmedian)):
+            row = {"model": model, "direction": direction, "metric": metric, "method": method, "scope": scope,
+                   "session_id": None, "k": int(per["k"].min()), "n_cells": int(per["n_cells"].sum())}
+            for col in ("spearman", "spearman_abs", "top_k_recall"):
+                vals = per[col].to_numpy(float)
+                row[col] = float(fn(vals)) if np.isfinite(vals).any() else np.nan
+            row["n_pairs"] = int(np.isfinite(per["spearman_abs"].to_numpy(float)).sum())
+            out.append(row)
     return pd.DataFrame(out)
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rho; NaN with fewer than 3 cells or a constant side (no ranking to compare)."""
+    from scipy.stats import spearmanr  # noqa: F811 (imported here: scipy is slow to import)
+
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return np.nan
+    return float(spearmanr(x, y).statistic)
+
+
+def top_k_recall(exact: np.ndarray, estimate: np.ndarray, k: int = 10) -> float:
+    """Share of the k cells of largest |exact effect| that are among the k of largest |estimate| (ties broken by
+    cell order, the same way for both)."""
+    if k < 1 or len(exact) < k:
+        raise PatchingError(f"top_k_recall: k={k} with {len(exact)} cells")
+    top = set(np.argsort(-np.abs(exact), kind="stable")[:k])
+    got = set(np.argsort(-np.abs(estimate), kind="stable")[:k])
+    return len(top & got) / k
 
 
 # ---- attention knockout ---------------------------------------------------------------------------------------
@@ -744,6 +914,7 @@ def knockout(loaded: LoadedModel, run: Run, answer: Answer, sources: dict[str, n
         for m in METRICS:
             rows.append({"method": "knockout", "direction": "knockout", "layer": start, "component": "attention",
                          "position_group": name, "target": "probe", "window": w, "n_positions": len(src),
+                         "contrast": answer.contrast, "null_by_construction": not len(src),
                          "metric": m, "value": float(vals[m][i]), "clean": run.metrics[m], "corrupt": np.nan})
     return rows
 
@@ -806,9 +977,14 @@ def patch_sessions(loaded: LoadedModel, sessions: Sequence[Session], experiment:
                    swap: Sequence[str] | None = None, noise_std: float = 3.0, seed: int = 0,
                    sources: Sequence[str] | None = None, windows: Sequence[int] | None = None,
                    check_exact: bool = True, leak: str | None = None, refusal: str | None = None,
-                   model: str | None = None, progress: bool = False,
-                   parts: str | os.PathLike | None = None) -> pd.DataFrame:
+                   model: str | None = None, progress: bool = False, parts: str | os.PathLike | None = None,
+                   min_separation: float | None = MIN_SEPARATION) -> pd.DataFrame:
     """Run `experiment` on every session (the clean side of each pair) and return the tidy rows (no summary).
+
+    Every pair is checked first (`pair_check`): a pair whose metric does not separate clean from corrupt by
+    `min_separation` nats of logit_diff (None: keep every pair, the check still recorded), or that cannot be
+    measured at all (`PairRejected`), is dropped from the rows and listed in the pairs table (`pair_checks(rows)`,
+    one row per session, `PAIR_COLUMNS`); a PairsDroppedWarning says how many of how many were dropped and why.
     `parts`: a folder where each session's rows are kept as it finishes, so that a killed run started again with
     the same folder patches only the sessions it had not finished (the caller names the folder by its settings,
     as `run_patching` does)."""
@@ -829,7 +1005,8 @@ def patch_sessions(loaded: LoadedModel, sessions: Sequence[Session], experiment:
     label = model or model_label(loaded)
     layers = None if layers is None else list(layers)  # read once per session: an iterator would be spent
 
-    def rows_of(s: Session) -> list[dict[str, Any]]:
+    def rows_of(s: Session) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        """The session's rows and its pair check (None where there is no pair: knockout, a skipped session)."""
         head = {"model": label, "family": loaded.family, "experiment": experiment, "n": 1, **_public(s.labels),
                 "session_id": s.session_id}
         if experiment == "knockout":
@@ -842,21 +1019,27 @@ def patch_sessions(loaded: LoadedModel, sessions: Sequence[Session], experiment:
             src = {g: v for g, v in src.items() if len(v)}
             ws = list(windows) if windows else [max(1, loaded.n_layers // 4)]
             return [{**head, "corruption": None, **r} for r in knockout(loaded, run, answer, src, ws,
-                                                                        batch_size=batch_size)]
+                                                                        batch_size=batch_size)], None
         if corruption == "framing" and s.labels.get("framing") == corrupt_framing:
             log.info("session %s: already under the %s framing; skipped", s.session_id, corrupt_framing)
-            return []
+            return [], None
         other = None
         if corruption == "image":
             sw = tuple(swap) if swap is not None else (s.labels.get("pii_type"),)
             other = _pick_other(_identity(s), pool, sw)
-        pair = build_pair(loaded, s, corruption, other=other, swap=swap, corrupt_framing=corrupt_framing,
-                          replacements=replacements, noise_std=noise_std, seed=seed, leak=leak, refusal=refusal)
+        try:
+            pair = build_pair(loaded, s, corruption, other=other, swap=swap, corrupt_framing=corrupt_framing,
+                              replacements=replacements, noise_std=noise_std, seed=seed, leak=leak, refusal=refusal)
+        except PairRejected as err:
+            return [], rejected_pair(s, corruption, str(err))
         names = list(groups) if groups else default_groups([pair])
         cells = sweep_cells(loaded.n_layers, components, names, layers)
         hooks = sorted({c.hook for c in cells})
         grad = {"corrupt" if d == "denoise" else "clean" for d in directions} if method == "atp" else set()
         prepare_pair(loaded, pair, hooks, grad=grad)
+        check = pair_check(pair, min_separation)
+        if not check["kept"]:
+            return [], check
         head["corrupt_framing"] = pair.corrupt.session.labels.get("framing") if corruption == "framing" else None
         head["corruption"] = corruption
         rows = []
@@ -865,27 +1048,101 @@ def patch_sessions(loaded: LoadedModel, sessions: Sequence[Session], experiment:
                 rows += [{**head, **r} for r in attribution_patching(pair, cells, d, align)]
             if method == "exact" or check_exact:
                 rows += [{**head, **r} for r in exact_patching(loaded, pair, cells, d, batch_size, align)]
-        return rows
+        return rows, check
 
-    # With `parts`, each session's rows are saved as it finishes and a rerun reads them back instead of patching
-    # again (a killed run resumes); the table is then made from what was saved, resumed or not.
+    # With `parts`, each session's rows (and its pair check) are saved as it finishes and a rerun reads them back
+    # instead of patching again (a killed run resumes); the tables are then made from what was saved.
     parts = Path(parts) if parts is not None else None
     if parts is not None:
         parts.mkdir(parents=True, exist_ok=True)
+        n_done = sum((parts / f"{i:06d}.parquet").exists() for i in range(len(sessions)))
+        if n_done:
+            log.info("resuming: %d of %d sessions already done", n_done, len(sessions))
     frames: list[pd.DataFrame] = []
+    checks: list[pd.DataFrame] = []
     for i, s in enumerate(tqdm(sessions, desc=f"patch {experiment}", unit="session", disable=not progress)):
         if parts is None:
-            frames.append(pd.DataFrame(rows_of(s)))
+            rows, check = rows_of(s)
+            frames.append(pd.DataFrame(rows))
+            checks.append(pd.DataFrame([check] if check else [], columns=list(PAIR_COLUMNS)))
             continue
-        part = parts / f"{i:06d}.parquet"
-        if not part.exists():
-            atomic_write_bytes(part, pd.DataFrame(rows_of(s)).to_parquet(index=False))
+        part, check_part = parts / f"{i:06d}.parquet", parts / f"{i:06d}.pair.parquet"
+        if not part.exists():  # the check is written first: a part present means both are
+            rows, check = rows_of(s)
+            atomic_write_bytes(check_part, pd.DataFrame([check] if check else [], columns=list(PAIR_COLUMNS))
+                               .astype(PAIR_DTYPES).to_parquet(index=False))
+            atomic_write_bytes(part, pd.DataFrame(rows).to_parquet(index=False))
         frames.append(pd.read_parquet(part))
+        checks.append(pd.read_parquet(check_part))
     df = pd.concat([f for f in frames if len(f)] or [pd.DataFrame()], ignore_index=True)
     for c in ROW_COLUMNS:
         if c not in df.columns:
             df[c] = None
-    return df[list(ROW_COLUMNS) + [c for c in df.columns if c not in ROW_COLUMNS]]
+    df = df[list(ROW_COLUMNS) + [c for c in df.columns if c not in ROW_COLUMNS]]
+    pairs = pd.concat([c for c in checks if len(c)] or [pd.DataFrame(columns=list(PAIR_COLUMNS))],
+                      ignore_index=True).astype(PAIR_DTYPES)
+    warn_dropped(pairs, experiment, min_separation)
+    # Records, not a DataFrame: pandas compares attrs with == when concatenating, which a DataFrame cannot answer.
+    df.attrs["pairs"] = pairs.to_dict("records")
+    return df
+
+
+# ---- pair checks ------------------------------------------------------------------------------------------------
+PAIR_COLUMNS = ("session_id", "identity_id", "corruption", "contrast", "clean", "corrupt", "separation", "kept",
+                "reason")
+PAIR_DTYPES = {"session_id": object, "identity_id": object, "corruption": object, "contrast": object,
+               "clean": float, "corrupt": float, "separation": float, "kept": bool, "reason": object}
+
+
+class PairsDroppedWarning(UserWarning):
+    """Some pairs were dropped from a patching run (their metric does not separate clean from corrupt)."""
+
+
+def pair_check(pair: Pair, min_separation: float | None = MIN_SEPARATION) -> dict[str, Any]:
+    """Does the pair's metric separate clean from corrupt? `separation` = clean - corrupt of logit_diff; kept when
+    it is at least `min_separation` nats (`patching_metrics.MIN_SEPARATION`; None: kept unchecked). No PII: ids,
+    the contrast and the two logit differences only."""
+    clean, corrupt = pair.clean.metrics["logit_diff"], pair.corrupt.metrics["logit_diff"]
+    sep = float(clean - corrupt)
+    if min_separation is None:
+        kept, reason = True, "not checked (min_separation=None)"
+    elif not np.isfinite(sep) or sep < min_separation:
+        kept, reason = False, f"separation {sep:.3g} < {min_separation:g} nats"
+    else:
+        kept, reason = True, "separates"
+    return {"session_id": pair.labels.get("session_id", pair.clean.session.session_id),
+            "identity_id": pair.labels.get("identity_id"), "corruption": pair.corruption,
+            "contrast": pair.answer.contrast, "clean": float(clean), "corrupt": float(corrupt), "separation": sep,
+            "kept": kept, "reason": reason}
+
+
+def rejected_pair(session: Session, corruption: str, why: str) -> dict[str, Any]:
+    """The pairs-table row of a pair that could not be measured at all (`PairRejected`; `why` names no PII)."""
+    return {"session_id": session.session_id, "identity_id": session.labels.get("identity_id"),
+            "corruption": corruption, "contrast": None, "clean": np.nan, "corrupt": np.nan, "separation": np.nan,
+            "kept": False, "reason": f"rejected: {why}"}
+
+
+def warn_dropped(pairs: pd.DataFrame, experiment: str, min_separation: float | None) -> None:
+    """A PairsDroppedWarning saying how many of how many pairs were dropped, and why (none dropped: silent)."""
+    dropped = pairs[~pairs["kept"]]
+    if not len(dropped):
+        return
+    low = int(dropped["reason"].str.startswith("separation").sum())
+    warnings.warn(f"patching {experiment}: {len(dropped)} of {len(pairs)} pairs dropped: {low} whose logit_diff "
+                  f"does not separate clean from corrupt by {min_separation} nats, {len(dropped) - low} rejected "
+                  "before patching (see the pairs table: pair_checks(rows), patching_<experiment>_pairs.csv)",
+                  PairsDroppedWarning, stacklevel=3)
+
+
+def pair_checks(rows: pd.DataFrame) -> pd.DataFrame:
+    """The pairs table of a `patch_sessions` / `run_patching` result (`PAIR_COLUMNS`: kept, separation, reason per
+    pair)."""
+    pairs = rows.attrs.get("pairs")
+    if not isinstance(pairs, list):
+        raise PatchingError("pair_checks: these rows carry no pairs table (rows.attrs['pairs']); they are not the "
+                            "direct result of patch_sessions or run_patching")
+    return pd.DataFrame(pairs, columns=list(PAIR_COLUMNS)).astype(PAIR_DTYPES)
 
 
 def _default_sources(run: Run, probe: int) -> list[str]:
@@ -921,13 +1178,17 @@ def run_patching(loaded: LoadedModel | str | os.PathLike, sessions: Sequence[Ses
                  windows: Sequence[int] | None = None, check_exact: bool = True, leak: str | None = None,
                  refusal: str | None = None, max_pairs: int | None = None, n_boot: int = 1000, seed: int = 0,
                  model: str | None = None, figures: bool = True, device: str | None = None,
-                 dtype: str | None = None, progress: bool = True, keep_parts: bool = False) -> pd.DataFrame:
+                 dtype: str | None = None, progress: bool = True, keep_parts: bool = False,
+                 min_separation: float | None = MIN_SEPARATION) -> pd.DataFrame:
     """`mmret patch`: run `experiment` (denoise, noise, atp, taskswap, knockout) on `sessions` (a list or a JSONL
     path; each the clean side of a pair) and write into `out_dir`:
 
-    - patching_<experiment>.csv: one row per pair, cell and metric (see `ROW_COLUMNS`; no PII);
+    - patching_<experiment>.csv: one row per pair, cell and metric (see `ROW_COLUMNS`, plus `contrast` and
+      `null_by_construction`; no PII);
+    - patching_<experiment>_pairs.csv (every experiment but knockout): the pair checks (`pair_check`), one row per
+      pair, kept or dropped and why;
     - patching_<experiment>_summary.csv: means over pairs with bootstrap 95% CIs by identity;
-    - atp_agreement.csv (experiment atp with `check_exact`): Spearman of AtP vs exact over cells;
+    - atp_agreement.csv (experiment atp with `check_exact`): AtP vs exact on effects per pair (`atp_agreement`);
     - figures: layer x position heatmaps per component for each direction (patching_<experiment>_<direction>),
       knockout curves by window (knockout), AtP-vs-exact scatter (atp).
 
@@ -949,7 +1210,8 @@ def run_patching(loaded: LoadedModel | str | os.PathLike, sessions: Sequence[Ses
     settings = dict(corruption=corruption, directions=directions, components=components, layers=layers,
                     groups=groups, batch_size=batch_size, align=align, corrupt_framing=corrupt_framing,
                     replacements=replacements, swap=swap, noise_std=noise_std, seed=seed, sources=sources,
-                    windows=windows, check_exact=check_exact, leak=leak, refusal=refusal, model=model)
+                    windows=windows, check_exact=check_exact, leak=leak, refusal=refusal, model=model,
+                    min_separation=min_separation)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Finished sessions are kept under a name that hashes everything the rows depend on: a killed run started
@@ -957,10 +1219,14 @@ def run_patching(loaded: LoadedModel | str | os.PathLike, sessions: Sequence[Ses
     parts = parts_folder(out, f"patching-parts-{experiment}", {**loaded.run_key, **settings},
                          [s.to_json() for s in sessions])
     df = patch_sessions(loaded, sessions, experiment, progress=progress, parts=parts, **settings)
+    pairs = pair_checks(df)
     if not len(df):
         shutil.rmtree(parts)
-        raise PatchingError(f"experiment {experiment!r}: no session made a pair (e.g. every session is already "
-                            f"under the corrupt framing {corrupt_framing!r})")
+        raise PatchingError(f"experiment {experiment!r}: no pair left to patch ({int((~pairs['kept']).sum())} of "
+                            f"{len(pairs)} pairs dropped by the pair check; other sessions are already under the "
+                            f"corrupt framing {corrupt_framing!r})")
+    if experiment != "knockout":
+        atomic_write_bytes(out / f"patching_{experiment}_pairs.csv", pairs.to_csv(index=False).encode("utf-8"))
     atomic_write_bytes(out / f"patching_{experiment}.csv", df.to_csv(index=False).encode("utf-8"))
     summary = summarize(df, n_boot=n_boot, seed=seed)
     atomic_write_bytes(out / f"patching_{experiment}_summary.csv", summary.to_csv(index=False).encode("utf-8"))
@@ -1045,7 +1311,7 @@ def generation_check(loaded: LoadedModel, sessions: Sequence[Session], cells: Se
             rows.append({"session_id": s.session_id, "identity_id": s.labels.get("identity_id"),
                          "framing": base.session.labels.get("framing"), "pii_type": pii_type,
                          "cells": ";".join(f"{c.layer}:{c.component}:{c.group}" for c in cells), "condition": cond,
-                         "leak": contains_pii(text, target, pii_type), "refused": is_refusal(text)})
+                         "leak": contains_pii(text, target, pii_type), "refused": is_refusal(text, target=target, pii_type=pii_type)})
     return pd.DataFrame(rows)
 
 

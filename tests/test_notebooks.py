@@ -36,7 +36,7 @@ EXPECTED = {
         "outputs": ["ASR", "RR", "classification", "memory_unseen"],
     },
     "03_probes": {
-        "files": ["store/store.json", "store_reading/store.json", "probe_results_digits.csv",
+        "files": ["store/store.json", "probe_results_digits.csv",
                   "probe_results_pii_type.csv",
                   *[f"figures/{name}.{x}" for name in ("probe_heatmap_pii_type", "transfer_pii_type",
                                                         "probe_heatmap_digits", "retention_curves_digits",
@@ -49,7 +49,7 @@ EXPECTED = {
                   *[f"figures/{name}.{x}" for name in ("patching_denoise_pii_logprob", "patching_noise_pii_logprob",
                                                         "atp_agreement_pii_logprob", "knockout_pii_logprob")
                     for x in FIGURE]],
-        "outputs": ["pii_patches", "spearman", "pooled"],
+        "outputs": ["pii_patches", "spearman", "top_k_recall"],
     },
     "05_custom_models": {
         "files": ["tiny_qwen2_5_vl/config.json", "tiny_idefics3/config.json", "store_qwen2_5_vl/store.json",

@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from probes import load_model, make_identities
-from probes.patching import (Cell, PatchingError, asr_shift, atp_agreement, attribution_patching, build_pair,
-                             default_groups, exact_patching, generation_check, knockout, patch_values,
-                             patched_generation, patched_metrics, prepare, prepare_pair, probe_positions,
-                             run_patching, sweep_cells)
-from probes.patching_metrics import Answer, answer_metrics, make_answer, patch_score
+from probes.patching import (Cell, PairsDroppedWarning, PatchingError, asr_shift, atp_agreement,
+                             attribution_patching, build_pair, default_groups, exact_patching, generation_check,
+                             graddrop_patching, knockout, pair_check, pair_checks, patch_values, patched_generation,
+                             patched_metrics, prepare, prepare_graddrop, prepare_pair, probe_positions, run_patching,
+                             sweep_cells, top_k_recall)
+from probes.patching_metrics import (PairRejected, Answer, answer_metrics, make_answer, own_answer, patch_score,
+                                     value_answer)
 from probes.sessions_build import mmprivacy_sessions, multiturn_sessions
 
 ATOL = 1e-4
@@ -66,6 +68,43 @@ def test_answer_is_tokenised_as_the_model_would_write_it(llava, sessions):
     assert "6" not in str(err.value)  # the leak ids decode to the PII value: lengths only
     assert patch_score(2.0, clean=3.0, corrupt=1.0) == pytest.approx(0.5)
     assert np.isnan(patch_score(2.0, clean=1.0, corrupt=1.0))
+    assert ans.contrast == "value_vs_refusal"
+    # pii_logprob sums the value's tokens only (from value_from on): the words before it are not the value
+    worded = Answer((5, 6, 7), (9,), "answer_vs_refusal", value_from=2)
+    assert float(answer_metrics(torch.zeros(1, 3, 12), worded)["pii_logprob"][0]) == pytest.approx(np.log(1 / 12))
+
+
+def test_image_pair_metric_compares_the_two_values(llava, sessions, people):
+    """An image pair's logit_diff is the clean value's token minus the corrupt value's, at the first token where
+    the two values differ (value_vs_value), with the shared prefix teacher-forced."""
+    s = sessions["mmp"][0]
+    pair = build_pair(llava, s, "image", other=people[1])
+    ans, tok = pair.answer, llava.tokenizer
+    assert ans.contrast == "value_vs_value"
+    assert tok.decode(list(ans.leak_ids)) == " " + s.labels["_target"]
+    assert tok.decode(list(ans.refuse_ids)) == " " + people[1].value("SSN")
+    k = ans.split
+    assert ans.leak_ids[:k] == ans.refuse_ids[:k] and ans.leak_ids[k] != ans.refuse_ids[k]
+    assert pair.corrupt.session.labels["_target"] == people[1].value("SSN")
+    assert pair.clean.ids.tolist() == pair.corrupt.ids.tolist()  # both teacher-force the clean value's prefix
+    with pytest.raises(PairRejected, match="same value"):
+        value_answer(llava.adapter, s, "123", "123")
+
+
+def test_framing_answer_is_the_models_own_words_up_to_the_value(llava, sessions):
+    s = sessions["mmp"][0]
+    value, tok = s.labels["_target"], llava.tokenizer
+    said = f"The caption is: SSN {value}. More text"
+    ans = own_answer(llava.adapter, s, said, value)
+    assert ans.contrast == "answer_vs_refusal" and ans.value_from > 0
+    assert tok.decode(list(ans.leak_ids)).strip() == f"The caption is: SSN {value}"
+    assert tok.decode(list(ans.leak_ids[ans.value_from:])).strip() == value
+    assert tok.decode(list(ans.refuse_ids)) == " cannot assist"
+    bare = own_answer(llava.adapter, s, "no value here", value)  # nothing leaked: the value vs the refusal
+    assert bare.contrast == "value_vs_refusal" and bare.value_from == 0
+    assert tok.decode(list(bare.leak_ids)) == " " + value
+    with pytest.raises(PairRejected, match="starts like the refusal"):
+        own_answer(llava.adapter, s, f"cannot assist, but SSN {value}", value)
 
 
 # ---- exactness of exact patching -----------------------------------------------------------------------------
@@ -148,23 +187,74 @@ def test_atp_equals_exact_where_the_metric_is_linear(tiny_dir, sessions):
     assert np.abs(atp - exact).max() > 1e-2 * moved  # non-linear there: the test would notice a fake
 
 
-def test_atp_agreement_table(llava, image_pair):
+def test_atp_agreement_on_effects_per_pair(llava, image_pair):
     pair, cells = image_pair
     head = {"model": "m", "session_id": "s"}
     rows = [{**head, **r} for r in exact_patching(llava, pair, cells) + attribution_patching(pair, cells)]
     agree = atp_agreement(pd.DataFrame(rows))
-    pooled = agree[(agree["scope"] == "pooled") & (agree["metric"] == "logit_diff")]
-    assert len(pooled) == 1 and int(pooled["n"].iloc[0]) == len(cells)
-    assert -1 <= float(pooled["spearman"].iloc[0]) <= 1
-    # Rows of known agreement: AtP a monotone function of exact in pair s1, reversed in pair s2, over 5 cells.
+    one = agree[(agree["scope"] == "pair") & (agree["metric"] == "logit_diff")]
+    n_null = sum(r["null_by_construction"] for r in rows if r["method"] == "exact" and r["metric"] == "logit_diff")
+    assert n_null > 0 and len(one) == 1 and int(one["n_cells"].iloc[0]) == len(cells) - n_null  # nulls left out
+    assert -1 <= float(one["spearman"].iloc[0]) <= 1
+    # Rows of known agreement, on effects (value - base): AtP's effect a monotone function of exact's in pair s1,
+    # reversed in pair s2, over 5 cells; each pair with its own base, which must not matter.
     exact = np.array([0.1, 0.5, -0.2, 0.9, 0.3])
     made = [{"model": "m", "session_id": sid, "direction": "denoise", "metric": "logit_diff", "layer": i,
-             "component": "mlp_out", "position_group": "final", "method": method, "value": value}
-            for sid, atp in (("s1", 2 * exact + 1), ("s2", -exact))
-            for method, values in (("exact", exact), ("atp", atp)) for i, value in enumerate(values)]
-    known = atp_agreement(pd.DataFrame(made)).set_index("scope")
+             "component": "mlp_out", "position_group": "final", "method": method, "value": base + e,
+             "corrupt": base, "clean": base + 5}
+            for sid, atp, base in (("s1", 2 * exact + 1e-3, 10.0), ("s2", -exact, -3.0))
+            for method, effects in (("exact", exact), ("atp", atp)) for i, e in enumerate(effects)]
+    known = atp_agreement(pd.DataFrame(made), k=2).set_index("session_id")
     assert known.loc["s1", "spearman"] == pytest.approx(1.0) and known.loc["s2", "spearman"] == pytest.approx(-1.0)
-    assert known.loc["pooled", "n"] == 10 and known.loc["s1", "n"] == 5
+    assert known.loc["s1", "n_cells"] == 5 and known.loc["s2", "spearman_abs"] == pytest.approx(1.0)
+    summary = atp_agreement(pd.DataFrame(made), k=2).set_index("scope")
+    assert summary.loc["mean", "spearman"] == pytest.approx(0.0) and summary.loc["mean", "n_pairs"] == 2
+    # top-2 by |effect|: exact {0.9, 0.5}; s1's AtP the same -> 1; here one of two -> 0.5
+    assert known.loc["s1", "top_k_recall"] == 1.0
+    assert top_k_recall(exact, np.array([0.0, 0.5, 0.0, 0.0, 0.3]), k=2) == 0.5
+    with pytest.raises(PatchingError, match="k=6"):
+        top_k_recall(exact, exact, k=6)
+
+
+def test_null_by_construction_marks_cells_that_cannot_change_anything(llava, image_pair, sessions):
+    """Identical runs (noise of std 0): every cell writes what is there, all null, values the base's exactly. An
+    image pair: the text's layer-0 input is null (the same tokens), the PII patches and later layers are not."""
+    twin = build_pair(llava, sessions["mmp"][0], "noise", noise_std=0.0)
+    some = [Cell(0, "resid_pre", "all"), Cell(1, "attn_out", "pii_patches"), Cell(llava.n_layers - 1, "mlp_out",
+                                                                                    "final")]
+    prepare_pair(llava, twin, sorted({c.hook for c in some}))
+    rows = [r for r in exact_patching(llava, twin, some) if r["metric"] == "logit_diff"]
+    assert all(r["null_by_construction"] for r in rows)
+    assert [r["value"] for r in rows] == pytest.approx([twin.corrupt.metrics["logit_diff"]] * 3, abs=ATOL)
+    pair, _ = image_pair
+    cells = [Cell(0, "resid_pre", "turn0"), Cell(0, "resid_pre", "final"), Cell(0, "resid_pre", "pii_patches"),
+             Cell(llava.n_layers - 1, "resid_post", "final")]
+    for direction in ("denoise", "noise"):
+        got = [r["null_by_construction"] for r in exact_patching(llava, pair, cells, direction)
+               if r["metric"] == "logit_diff"]
+        assert got == [True, True, False, False]
+        atp = [r["null_by_construction"] for r in attribution_patching(pair, cells, direction)
+               if r["metric"] == "logit_diff"]
+        assert atp == got
+
+
+def test_graddrop_equals_scaled_atp_where_no_layer_lies_downstream(llava, image_pair):
+    """A last-layer mlp_out reaches the logits through no later block: dropping any layer's gradient leaves its
+    AtP estimate as it is, so GradDrop = L |AtP| / (L - 1) there; at layer 0 the dropped paths matter."""
+    pair, _ = image_pair
+    L = llava.n_layers
+    last, first = Cell(L - 1, "mlp_out", "all"), Cell(0, "mlp_out", "pii_patches")
+    hooks = [last.hook, first.hook]
+    prepare_graddrop(llava, pair.corrupt, pair.answer, hooks)
+    assert len(pair.corrupt.gd_grads) == L
+    base = pair.corrupt.metrics["logit_diff"]
+    atp = _values(attribution_patching(pair, [last, first])) - base
+    gd = _values(graddrop_patching(pair, [last, first])) - base
+    assert gd[0] == pytest.approx(L * abs(atp[0]) / (L - 1), rel=1e-4)
+    assert abs(atp[0]) > 1e-6
+    assert abs(gd[1] - L * abs(atp[1]) / (L - 1)) > 1e-3 * abs(atp[1])  # the test would notice a fake
+    with pytest.raises(PatchingError, match="prepare_graddrop"):
+        graddrop_patching(pair, [last], "noise")
 
 
 # ---- corruptions ------------------------------------------------------------------------------------------------
@@ -301,12 +391,21 @@ def test_bad_input_is_named(llava, image_pair, tmp_path):
 @pytest.mark.parametrize("experiment", ["denoise", "atp", "taskswap", "knockout"])
 def test_run_patching_writes_rows_summary_and_figures(llava, sessions, tmp_path, experiment):
     chosen = sessions["mmp"][:2] if experiment != "knockout" else sessions["multi"]
-    df = run_patching(llava, chosen, experiment, tmp_path, n_boot=20, progress=False,
+    # min_separation=None: the tiny random model's metric separates nothing (the check has its own test)
+    df = run_patching(llava, chosen, experiment, tmp_path, n_boot=20, progress=False, min_separation=None,
                       components=("resid_pre", "mlp_out"), windows=[1] if experiment == "knockout" else None)
     assert {"model", "experiment", "direction", "layer", "component", "position_group", "metric", "value", "clean",
             "corrupt", "n", "session_id", "identity_id"} <= set(df.columns)
     assert not any(s.labels["_target"] in df.to_csv() for s in chosen)  # no PII in the results
     assert (tmp_path / f"patching_{experiment}.csv").exists()
+    assert {"contrast", "null_by_construction"} <= set(df.columns) and df["null_by_construction"].notna().all()
+    if experiment != "knockout":
+        pairs = pd.read_csv(tmp_path / f"patching_{experiment}_pairs.csv")
+        assert len(pairs) == len(chosen) and pairs["kept"].all()
+        assert not any(s.labels["_target"] in pairs.to_csv() for s in chosen)
+        want = {"denoise": "value_vs_value", "atp": "value_vs_value"}.get(experiment)
+        if want:
+            assert set(df["contrast"]) == {want}
     summary = pd.read_csv(tmp_path / f"patching_{experiment}_summary.csv")
     assert {"value", "ci_low", "ci_high", "n"} <= set(summary.columns)
     if experiment != "knockout":  # each summary value is the mean over pairs of that cell's rows
@@ -336,7 +435,7 @@ def test_killed_patching_run_resumes_where_it_stopped(llava, sessions, tmp_path,
     from probes import patching
 
     chosen = sessions["mmp"][:3]
-    kw = dict(n_boot=20, progress=False, components=("resid_pre",), figures=False)
+    kw = dict(n_boot=20, progress=False, components=("resid_pre",), figures=False, min_separation=None)
     full = run_patching(llava, chosen, "denoise", tmp_path / "a", **kw)
     real, calls, kill = patching.build_pair, [], [True]
 
@@ -349,9 +448,39 @@ def test_killed_patching_run_resumes_where_it_stopped(llava, sessions, tmp_path,
     monkeypatch.setattr(patching, "build_pair", killable)
     with pytest.raises(KeyboardInterrupt):
         run_patching(llava, chosen, "denoise", tmp_path / "b", **kw)
-    assert [p.name for p in (tmp_path / "b").glob(".patching-parts-denoise-*/*")] == ["000000.parquet"]
+    assert sorted(p.name for p in (tmp_path / "b").glob(".patching-parts-denoise-*/*")) == [
+        "000000.pair.parquet", "000000.parquet"]
     calls.clear(), kill.clear()
     resumed = run_patching(llava, chosen, "denoise", tmp_path / "b", **kw)
     assert calls == [s.session_id for s in chosen[1:]]
     pd.testing.assert_frame_equal(resumed, full)
+    pd.testing.assert_frame_equal(pair_checks(resumed), pair_checks(full))
     assert not list((tmp_path / "b").glob(".patching-parts-*"))
+
+
+def test_pairs_that_do_not_separate_are_dropped_and_listed(llava, sessions, tmp_path):
+    """A margin between the pairs' separations drops exactly the pairs below it: their rows are gone, the pairs
+    table lists every pair with its separation and reason, and a warning gives the count."""
+    chosen = sessions["mmp"][:3]
+    kw = dict(n_boot=20, progress=False, components=("mlp_out",), figures=False, layers=[0])
+    every = run_patching(llava, chosen, "denoise", tmp_path / "all", min_separation=None, **kw)
+    seps = pair_checks(every).set_index("session_id")["separation"]
+    assert seps.nunique() == 3
+    margin = float(np.sort(seps.to_numpy())[1])  # the middle one: one pair below, two at or above
+    with pytest.warns(PairsDroppedWarning, match=r"1 of 3 pairs dropped: 1 whose logit_diff"):
+        kept = run_patching(llava, chosen, "denoise", tmp_path / "cut", min_separation=margin, **kw)
+    pairs = pd.read_csv(tmp_path / "cut" / "patching_denoise_pairs.csv").set_index("session_id")
+    low = seps.idxmin()
+    assert not pairs.loc[low, "kept"] and pairs.loc[low, "reason"].startswith("separation")
+    assert pairs.drop(index=low)["kept"].all()
+    assert set(kept["session_id"]) == set(seps.index) - {low}
+    np.testing.assert_allclose(pairs.loc[seps.index, "separation"], seps, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(pairs["separation"], pairs["clean"] - pairs["corrupt"], rtol=0, atol=1e-9)
+    with pytest.raises(PatchingError, match=r"3 of 3 pairs dropped"):
+        with pytest.warns(PairsDroppedWarning):
+            run_patching(llava, chosen, "denoise", tmp_path / "none", min_separation=float(seps.max()) + 1, **kw)
+    assert not list((tmp_path / "none").glob("patching_*.csv"))  # nothing half-written
+    pair = build_pair(llava, chosen[0], "image", other=make_identities(3, seed=0)[1])
+    prepare_pair(llava, pair)
+    check = pair_check(pair, min_separation=-np.inf)
+    assert check["kept"] and check["contrast"] == "value_vs_value"
