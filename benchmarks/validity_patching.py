@@ -53,7 +53,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from probes.patching import (_other_identities, _pick_other, atp_agreement, attribution_patching,  # noqa: E402
+from probes.patching import (other_identities, pick_other, atp_agreement, attribution_patching,  # noqa: E402
                              build_pair, default_groups, exact_patching, graddrop_patching, pair_check,
                              prepare_graddrop, prepare_pair, sweep_cells)
 from probes.patching_metrics import MIN_SEPARATION, make_answer  # noqa: E402
@@ -76,10 +76,10 @@ def study_sessions(work: Path, n_pairs: int):
 
 def old_separation(loaded, pair) -> float:
     """clean - corrupt logit_diff of the old metric (the value vs ' cannot assist') on the pair's two inputs."""
-    from probes.patching import _make_run, prepare
+    from probes.patching import make_run, prepare
 
     old = make_answer(loaded.adapter, pair.clean.session)
-    runs = [prepare(loaded, _make_run(loaded, side.session, old, [], None), old) for side in (pair.clean, pair.corrupt)]
+    runs = [prepare(loaded, make_run(loaded, side.session, old, [], None), old) for side in (pair.clean, pair.corrupt)]
     return runs[0].metrics["logit_diff"] - runs[1].metrics["logit_diff"]
 
 
@@ -91,11 +91,11 @@ def measure(n_pairs: int = 24, seed: int = 0) -> dict[str, float]:
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         sessions = study_sessions(Path(tmp), n_pairs)
-        pool = _other_identities(sessions, seed)
+        pool = other_identities(sessions, seed)
         rows, seps, seps_old, fr, fr_old = [], [], [], [], []
         t_exact = t_atp = t_gd = 0.0
         for s in sessions:
-            other = _pick_other(_identity_of(s), pool, (s.labels["pii_type"],))
+            other = pick_other(_identity_of(s), pool, (s.labels["pii_type"],))
             pair = build_pair(loaded, s, "image", other=other)
             cells = sweep_cells(loaded.n_layers, COMPONENTS, default_groups([pair]))
             hooks = sorted({c.hook for c in cells})

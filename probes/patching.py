@@ -219,8 +219,9 @@ def _labels_boxes(session: Session) -> tuple[list[Box], tuple[int, int] | None]:
     return ([tuple(box)] if box else []), (tuple(size) if size else None)
 
 
-def _make_run(loaded: LoadedModel, session: Session, answer: Answer, pii_boxes: Sequence[Box],
-              image_size: tuple[int, int] | None) -> Run:
+def make_run(loaded: LoadedModel, session: Session, answer: Answer, pii_boxes: Sequence[Box],
+             image_size: tuple[int, int] | None) -> Run:
+    """One side of a pair, rendered with its teacher-forced answer and position groups (not yet prepared)."""
     rendered = render(loaded.adapter, session)
     if rendered.generation_turn is None:
         raise PatchingError(f"session {session.session_id!r}: nothing to answer (end it with a user turn)")
@@ -353,8 +354,8 @@ def build_pair(loaded: LoadedModel, session: Session, corruption: str, *, other:
         corrupt = text_pair(session, replacements or {})
     else:
         corrupt, noise = session, (float(noise_std), int(seed))
-    clean_run = _make_run(loaded, session, answer, boxes, size)
-    corrupt_run = _make_run(loaded, corrupt, answer, boxes, size)
+    clean_run = make_run(loaded, session, answer, boxes, size)
+    corrupt_run = make_run(loaded, corrupt, answer, boxes, size)
     corrupt_run.noise = noise
     if corruption != "framing" and clean_run.n != corrupt_run.n:
         raise PatchingError(f"session {session.session_id!r}: the {corruption} corruption changes the token length "
@@ -925,7 +926,9 @@ def _public(labels: dict[str, Any]) -> dict[str, Any]:
     return {k: labels.get(k) for k in keys}
 
 
-def _other_identities(sessions: Sequence[Session], seed: int) -> list[Identity]:
+def other_identities(sessions: Sequence[Session], seed: int) -> list[Identity]:
+    """The identities of `sessions` (from their private labels), the pool an image pair draws its other value from;
+    two drawn ones when the sessions hold fewer than two."""
     pool: dict[str, Identity] = {}
     for s in sessions:
         ident = _identity(s)
@@ -937,7 +940,7 @@ def _other_identities(sessions: Sequence[Session], seed: int) -> list[Identity]:
     return out
 
 
-def _pick_other(ident: Identity | None, pool: list[Identity], swap: Sequence[str]) -> Identity:
+def pick_other(ident: Identity | None, pool: list[Identity], swap: Sequence[str]) -> Identity:
     """The next identity of the pool whose swapped values all differ from `ident`'s."""
     ids = [p.identity_id for p in pool]
     start = ids.index(ident.identity_id) + 1 if ident is not None and ident.identity_id in ids else 0
@@ -1001,7 +1004,7 @@ def patch_sessions(loaded: LoadedModel, sessions: Sequence[Session], experiment:
     sessions = list(sessions)
     if not sessions:
         raise PatchingError("no sessions to patch")
-    pool = _other_identities(sessions, seed) if corruption == "image" else []
+    pool = other_identities(sessions, seed) if corruption == "image" else []
     label = model or model_label(loaded)
     layers = None if layers is None else list(layers)  # read once per session: an iterator would be spent
 
@@ -1012,7 +1015,7 @@ def patch_sessions(loaded: LoadedModel, sessions: Sequence[Session], experiment:
         if experiment == "knockout":
             boxes, size = _labels_boxes(s)
             answer = make_answer(loaded.adapter, s, leak, refusal)
-            run = _make_run(loaded, s, answer, boxes, size)
+            run = make_run(loaded, s, answer, boxes, size)
             prepare(loaded, run, answer)
             p = probe_turn(s)
             src = {g: run.group(g) for g in (sources or _default_sources(run, p))}
@@ -1026,7 +1029,7 @@ def patch_sessions(loaded: LoadedModel, sessions: Sequence[Session], experiment:
         other = None
         if corruption == "image":
             sw = tuple(swap) if swap is not None else (s.labels.get("pii_type"),)
-            other = _pick_other(_identity(s), pool, sw)
+            other = pick_other(_identity(s), pool, sw)
         try:
             pair = build_pair(loaded, s, corruption, other=other, swap=swap, corrupt_framing=corrupt_framing,
                               replacements=replacements, noise_std=noise_std, seed=seed, leak=leak, refusal=refusal)
