@@ -3,7 +3,8 @@
     mmret capture --model M --sessions S.jsonl --out DIR [--hooks resid_post,attn_out] [--positions last:*]
     mmret inspect DIR
     mmret sessions build --kind mmprivacy|multiturn|memory --out S.jsonl [--n 20] [--seed 0] [--layout grid]
-    mmret sessions load-mmprivacy DIR --out S.jsonl [--part direct|memory] [--framings caption,direct]
+    mmret sessions load-mmprivacy DIR --out S.jsonl [--part direct|memory|real|real-named] [--mapping MAP.json]
+    mmret ocr IMAGE [--show-values]              (the text and the PII read off a document image, masked)
     mmret leak --model M --sessions S.jsonl --out DIR
     mmret probe --store DIR --target digits --out DIR [--positions last,image,final] [--method logreg] [--mdl]
     mmret patch --model M --sessions S.jsonl --experiment denoise|noise|atp|taskswap|knockout --out DIR
@@ -331,7 +332,20 @@ def cmd_sessions_load_mmprivacy(args: argparse.Namespace) -> int:
 
     check_out_file(args.out)
     claim(args, Path(args.out).parent)
-    print(cli_load_mmprivacy(args.dir, args.out, part=args.part, framings=args.framings))
+    mapping = check_in_file(args.mapping, "--mapping", "a JSON file {prompt id: row or name}") if args.mapping else None
+    print(cli_load_mmprivacy(args.dir, args.out, part=args.part, framings=args.framings, mapping=mapping,
+                             ocr_cache=args.ocr_cache))
+    return 0
+
+
+OCR_CACHE_HELP = "OCR cache folder (default $MMRET_OCR_CACHE or ~/.cache/mm-retention/ocr; it holds PII read off images)"
+
+
+def cmd_ocr(args: argparse.Namespace) -> int:
+    from probes.pii_locate import cli_ocr
+
+    check_in_file(args.image, "image", "a document image (PNG or JPEG)")
+    print(cli_ocr(args.image, show_values=args.show_values, cache_dir=args.ocr_cache))
     return 0
 
 
@@ -609,9 +623,18 @@ def build_parser() -> argparse.ArgumentParser:
     lm = ssub.add_parser("load-mmprivacy", help="a folder in the published MM-Privacy layout -> sessions JSONL")
     lm.add_argument("dir")
     lm.add_argument("--out", required=True, help="sessions JSONL to write")
-    lm.add_argument("--part", choices=["direct", "memory"], default="direct")
+    lm.add_argument("--part", choices=["direct", "memory", "real", "real-named"], default="direct")
     lm.add_argument("--framings", default=None, help="comma-separated framings (default: all five)")
+    lm.add_argument("--mapping", default=None,
+                    help="JSON {prompt id: 1-based row or name}; overrides the image reading, checked against it")
+    lm.add_argument("--ocr-cache", default=None, help=OCR_CACHE_HELP)
     lm.set_defaults(func=cmd_sessions_load_mmprivacy)
+
+    oc = sub.add_parser("ocr", help="read the text lines and the PII on a document image (values masked unless asked)")
+    oc.add_argument("image", help="image file (PNG or JPEG)")
+    oc.add_argument("--show-values", action="store_true", help="print the values unmasked (they are PII)")
+    oc.add_argument("--ocr-cache", default=None, help=OCR_CACHE_HELP)
+    oc.set_defaults(func=cmd_ocr)
 
     lk = sub.add_parser("leak", help="generate answers to PII-asking sessions; score ASR, partial leak, RR")
     lk.add_argument("--model", required=True, help=MODEL_HELP)

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -21,6 +22,16 @@ DIRECT_JSON = "Evaluation/Direct Output/evaluate_direct.json"
 EVAL_XLSX = "Evaluation/database_evaluate_full.xlsx"
 MEMORY_JSON = "Evaluation/Memory Output/evaluate_memory.json"
 FRAMINGS = ["direct", "VQA", "caption", "rephrasing", "classification"]
+OCR_CACHE = None  # set once per test session by the autouse fixture below: each fixture image is OCR'd once
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _ocr_cache(tmp_path_factory):
+    global OCR_CACHE
+    OCR_CACHE = tmp_path_factory.mktemp("ocr_cache")
+    os.environ["MMRET_OCR_CACHE"] = str(OCR_CACHE)
+    yield
+    os.environ.pop("MMRET_OCR_CACHE", None)
 
 
 @pytest.fixture
@@ -30,7 +41,7 @@ def copy(tmp_path):
 
 
 def load(root=FIXTURE, **kw):
-    """The fixture's direct part always warns about its one missing PNG; the memory part warns about nothing."""
+    """The fixture's direct part always warns about its missing PNG, stranger and tie; memory warns about nothing."""
     direct = kw.get("part", "direct") == "direct"
     with pytest.warns(UserWarning, match="1 missing image") if direct else warnings.catch_warnings():
         if not direct:
@@ -45,7 +56,7 @@ def by_id(result, pid, framing="direct"):
 def test_one_session_per_prompt_and_framing_minus_missing_images():
     r = load()
     prompts = json.loads((FIXTURE / DIRECT_JSON).read_text())
-    assert len(r.sessions) == (len(prompts) - 1) * len(FRAMINGS)  # prompt 5 has no PNG
+    assert len(r.sessions) == (len(prompts) - 3) * len(FRAMINGS)  # 5 has no PNG, 7 a stranger, 8 a tie
     assert r.missing_images == [5]
     assert 5 not in {s.labels["prompt_id"] for s in r.sessions}
     assert len({s.session_id for s in r.sessions}) == len(r.sessions)
@@ -58,23 +69,66 @@ def test_one_session_per_prompt_and_framing_minus_missing_images():
     assert {s.labels["framing"] for s in load(framings=["classification"]).sessions} == {"classification"}
 
 
-def test_targets_joined_row_by_prompt_id():
+# prompt id -> 1-based row its image shows (tests/fixtures/mmprivacy/make_fixture.py SHOWS, shuffled on purpose)
+SHOWN_ROW = {1: 4, 2: 1, 3: 6, 4: 2, 6: 3}
+
+
+def test_targets_joined_to_the_row_the_image_shows():
     r = load()
-    # prompt i -> row i (1-based ids, 0-based rows); values as written in make_fixture.py
-    assert by_id(r, 1).labels["_target"] == "713-05-2580"  # row 1's SSN
-    assert by_id(r, 2, "VQA").labels["_target"] == "(711)693-5778"  # row 2's phone
-    assert by_id(r, 3).labels["_target"] == "aisha.r@example.com"  # row 3's email
-    assert by_id(r, 4).labels["_target"] == "281-914-1514x3495"  # extension kept
+    assert r.joins.set_index("prompt_id")["row"].dropna().astype(int).to_dict() == SHOWN_ROW
     for s in r.sessions:
         pid = s.labels["prompt_id"]
-        row = r.identities.iloc[pid - 1]
-        assert s.labels["identity_id"] == row.identity_id == f"mmp-eval-{pid}"
+        row = r.identities.iloc[SHOWN_ROW[pid] - 1]
+        assert s.labels["identity_id"] == row.identity_id == f"mmp-eval-{SHOWN_ROW[pid]}"
         assert s.labels["_target"] == row[s.labels["pii_type"]]
         assert s.labels["_identity"]["name"] == row.Name and s.labels["kind"] == "mmprivacy"
+        assert s.labels["join"].startswith("image: name+")
+    assert by_id(r, 2, "VQA").labels["_target"] == "866-313-2166"  # row 1's phone, not row 2's
     # a date cell reads as YYYY-MM-DD, like the text cells
     assert r.identities["Date of Birth"].tolist()[1] == "1990-07-01"
     assert list(r.identities.columns) == ["identity_id", "Name", "Gender", "Date of Birth", "Email", "Address",
                                           "Phone Numbers", "SSN"]
+
+
+def test_stranger_and_tie_are_skipped_and_a_missing_value_reported():
+    r = load()
+    assert dict(r.skipped.values.tolist()) == {5: "missing image", 7: "no confident match", 8: "tie"}
+    assert r.target_not_on_image == [1]  # its table shows name and phone, it asks for the SSN
+    assert by_id(r, 1).labels["pii_box"] is None and by_id(r, 3).labels["pii_box"] is not None
+
+
+def test_mapping_file_overrides_and_is_checked(tmp_path):
+    good = tmp_path / "map.json"
+    good.write_text(json.dumps({"8": 7, "3": "Samuel Okafor"}))  # 8: the tie resolved by the user; 3 agrees
+    r = load(mapping=good, ocr_cache=OCR_CACHE)
+    assert by_id(r, 8).labels["identity_id"] == "mmp-eval-7" and by_id(r, 8).labels["join"].startswith("mapping")
+    assert by_id(r, 3).labels["join"].startswith("mapping, confirmed by image")
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"3": 1}))  # the image shows row 6
+    with pytest.warns(UserWarning, match="1 mapping disagrees with image"):
+        r = load_mmprivacy(FIXTURE, mapping=wrong, ocr_cache=OCR_CACHE)
+    assert 3 not in {s.labels["prompt_id"] for s in r.sessions}
+    for content, msg in [({"99": 1}, "prompt 99: no such prompt id"), ({"3": 40}, "row 40 is outside the table"),
+                         ({"3": "Nobody Known"}, "not in the identity table"),
+                         ({"3": "Rosa Delgado"}, "more than once in the identity table"), ({"3": [1]}, "got list")]:
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps(content))
+        with pytest.raises(MMPrivacyError, match=r"bad\.json: .*" + msg):
+            load_mmprivacy(FIXTURE, mapping=bad, ocr_cache=OCR_CACHE)
+
+
+def test_real_image_parts():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        one = load_mmprivacy(FIXTURE, part="real", framings="direct", ocr_cache=OCR_CACHE)
+        two = load_mmprivacy(FIXTURE, part="real-named", framings="direct", ocr_cache=OCR_CACHE)
+    assert {s.labels["prompt_id"]: s.labels["identity_id"] for s in one.sessions} == {1: "mmp-real-2",
+                                                                                     2: "mmp-real-1"}
+    assert one.target_not_on_image == [2]  # a Name | SSN table asked for the email
+    # part two: the target is the person named in the prompt, the image shows the other one
+    got = {s.labels["prompt_id"]: (s.labels["identity_id"], s.labels["image_identity_id"]) for s in two.sessions}
+    assert got == {1: ("mmp-real-1", "mmp-real-2"), 2: ("mmp-real-2", "mmp-real-1")}
+    assert by_id(two, 1).labels["_target"] == "207-555-0114"
 
 
 def test_labels_scenario_and_pii_type():
@@ -140,15 +194,6 @@ def test_memory_captions():
 
 def _write(root, rel, obj):
     (root / rel).write_text(json.dumps(obj), encoding="utf-8")
-
-
-def test_prompt_id_without_identity_row(copy):
-    prompts = json.loads((copy / DIRECT_JSON).read_text())
-    prompts["99"] = prompts["1"]
-    _write(copy, DIRECT_JSON, prompts)
-    with pytest.raises(MMPrivacyError, match=r"evaluate_direct\.json: prompt 99: id has no identity row in .*"
-                                             r"database_evaluate_full\.xlsx"):
-        load_mmprivacy(copy)
 
 
 def test_memory_prompt_naming_nobody(copy):
@@ -224,12 +269,14 @@ def test_jsonl_round_trip_and_cli(tmp_path):
     path = write_sessions(r.sessions, tmp_path / "a" / "s.jsonl")
     back = list(read_sessions(path))
     assert [s.to_json() for s in back] == [s.to_json() for s in r.sessions]
-    assert back[0].images[0].load().size == (96, 64)  # path and sha256 still match the PNG
+    assert back[0].images[0].load().size == (393, 66)  # path and sha256 still match the PNG
 
     out = tmp_path / "cli" / "mmp.jsonl"
     summary = cli_load_mmprivacy(FIXTURE, out, part="direct", framings="direct,VQA")
     assert len(list(read_sessions(out))) == 10
     assert "10 direct sessions" in summary and "skipped (missing image): 1 prompt(s): 5" in summary
+    assert "skipped (tie): 1 prompt(s): 8" in summary and "skipped (no confident match): 1 prompt(s): 7" in summary
+    assert "joined to the identity their image shows: 5 of 7 images" in summary
     assert "Phone Numbers" in summary and "VQA" in summary
     values = r.identities.drop(columns=["identity_id", "Gender"]).to_numpy().ravel()
     assert not any(v in summary for v in values)  # never a PII value in what is printed
