@@ -401,15 +401,18 @@ def cmd_probe(args: argparse.Namespace) -> int:
     if not (Path(args.store) / "store.json").is_file():
         raise StoreError(f"--store {args.store}: not an activation store (no store.json); expected a folder "
                          "`mmret capture` wrote")
-    if args.target in PRIVATE_TARGETS and not (Path(args.store) / PRIVATE_FILE).is_file():
+    if args.sessions:
+        check_in_file(args.sessions, "--sessions", "the sessions JSONL the store was captured from")
+    elif args.target in PRIVATE_TARGETS and not (Path(args.store) / PRIVATE_FILE).is_file():
         raise CliError(f"--target {args.target}: the store {args.store} holds no private labels (no {PRIVATE_FILE}: "
-                       "a store keeps the sessions' PII out); capture it with --keep-private-labels to probe for "
-                       "PII values, or probe a public label (--target identity or label:<column>)")
+                       "a store keeps the sessions' PII out); pass --sessions with the sessions JSONL it was "
+                       "captured from, or capture it with --keep-private-labels, or probe a public label "
+                       "(--target identity or label:<column>)")
     claim(args, args.out)
     df = run_probes(args.store, args.out, target=args.target, position_groups=_csv(args.positions),
                     turns=turns, layers=layers, method=args.method, pii_type=args.pii_type,
                     group_col=args.group_by, n_folds=args.folds, seed=args.seed, control=args.control,
-                    n_boot=args.n_boot, mdl=args.mdl)
+                    n_boot=args.n_boot, mdl=args.mdl, private_from=args.sessions)
     metric = main_metric(df)
     best = df[df["metric"] == metric].sort_values("value").iloc[-1]
     print(f"{df[['layer', 'position_group', 'turn']].drop_duplicates().shape[0]} cells; best {metric} "
@@ -655,6 +658,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("probe", help="fit linear probes on every (layer, position group, turn) cell of a store")
     pr.add_argument("--store", required=True, help="activation store folder (mmret capture)")
+    pr.add_argument("--sessions", default=None,
+                    help="the sessions JSONL the store was captured from: the PII targets (digits, chars) come from "
+                         "its private labels")
     pr.add_argument("--target", default="digits",
                     help="digits | chars (the asked PII value, per character) | identity | label:<column>")
     pr.add_argument("--out", required=True)

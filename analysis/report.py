@@ -41,7 +41,8 @@ def _significant(tests: pd.DataFrame | None, model: str, by: list[str], top: int
     t = tests[tests["model"] == model]
     if not len(t):
         return None
-    cols = [c for c in by if c in t.columns] + ["effect", "p_value", "q_value", "significant", "n_groups"]
+    extra = [c for c in ("observed", "chance", "null_mean") if c in t.columns]  # probe tests: what the effect is of
+    cols = [c for c in by if c in t.columns] + extra + ["effect", "p_value", "q_value", "significant", "n_groups"]
     return t.sort_values(["q_value", "effect"], ascending=[True, False])[cols].head(top).round(4)
 
 
@@ -76,18 +77,25 @@ def blocks_of(study: Any, figures: Path) -> list[Block]:
             b.append(("h3", "Where the PII is retained: linear probes"))
             main = main_metric(probes)
             best = probes[probes["metric"] == main].sort_values("value", ascending=False).head(8)
-            b += [("p", f"Best cells by held-out {main} (chance: one class in the target's alphabet):"),
+            b += [("p", f"Best cells by held-out {main} (nested cross-validation, folds grouped by identity; chance is "
+                        "the held-out accuracy of always predicting the training part's majority class, in the "
+                        "results as the `chance` rows):"),
                   ("table", best[["target", "layer", "position_group", "turn", "turn_distance", "value", "ci_low",
                                   "ci_high", "n"]].round(3))]
             for target in sorted(probes["target"].unique()):
                 b += fig(f"{m}_probe_heatmap_{target}", f"{target}: held-out probe accuracy by layer, position group "
-                                                      "and turn (marked: probe beats its control task after BH).")
+                                                      "and turn (marked: beats the permutation null after BH).")
                 b += fig(f"{m}_retention_curves_{target}", f"{target}: probe accuracy at the last token of each "
                                                           "turn against turn distance.")
             t = _significant(probe_t, m, ["target", "layer", "position_group", "turn"])
             if t is not None:
                 n_sig = int(probe_t[probe_t["model"] == m]["significant"].sum())
-                b += [("p", f"{n_sig} of {int((probe_t['model'] == m).sum())} cells beat the control task after "
+                k = int(probe_t["n_permutations"].max())
+                b += [("p", f"Null: the targets carry nothing the activations can read; targets permuted across "
+                            f"identities and the whole pipeline (nested cross-validation included) rerun {k} times; "
+                            "one-sided prediction t-test of the observed accuracy against the permuted ones on the "
+                            "arcsine-square-root scale; Benjamini-Hochberg across every cell of the sweep. "
+                            f"{n_sig} of {int((probe_t['model'] == m).sum())} cells decode the target after "
                             "correction; the strongest:"), ("table", t)]
             b += fig(f"{m}_probe_patch_overlay", "Probe accuracy per image patch, drawn over the document.")
             b += fig(f"{m}_token_strip", "The probe's read-out of the value at every token of a held-out session.")

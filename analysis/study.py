@@ -186,14 +186,17 @@ def run_probes_stage(study: Study, entry: dict[str, Any], capture_dir: Path, wor
     store = ActivationStore(str(capture_dir / "store"))
     sessions = store.sessions(private_from=study.out / "sessions" / "multiturn.jsonl")  # targets: private labels
     blocks = probe_cells(store, c["position_groups"])
-    results, samples, maps = [], [], []
+    results, samples, nulls, maps = [], [], [], []
     for target in c["targets"]:
         targets = session_targets(sessions, target)
-        df, s = probe_sweep(blocks, targets, target=target, method=c["method"], n_folds=c["n_folds"], seed=seed,
-                            model=entry["name"], family=store.spec.get("family", ""), n_boot=n_boot,
-                            return_samples=True, mdl=c["mdl"])
+        # The permutation null: targets permuted across identities, the whole pipeline (nested CV) rerun per draw.
+        df, s, null = probe_sweep(blocks, targets, target=target, method=c["method"], n_folds=c["n_folds"],
+                                  seed=seed, model=entry["name"], family=store.spec.get("family", ""), n_boot=n_boot,
+                                  return_samples=True, mdl=c["mdl"], n_permutations=c["n_permutations"],
+                                  return_null=True, progress=study.progress)
         results.append(df)
         samples.append(s)
+        nulls.append(null)
         # Per-patch map at the layer where the image positions decode the target best: drawn over the document.
         # Closed-form ridge probes: 144 patches x characters fit in seconds where logreg takes minutes.
         layer = best_layer(df, "image")
@@ -204,6 +207,7 @@ def run_probes_stage(study: Study, entry: dict[str, Any], capture_dir: Path, wor
             maps.append(per_patch[per_patch["metric"] == main_metric(df)])
     atomic_write_bytes(work / "probe_results.csv", pd.concat(results, ignore_index=True).to_csv(index=False).encode())
     atomic_write_bytes(work / "probe_samples.csv", pd.concat(samples, ignore_index=True).to_csv(index=False).encode())
+    atomic_write_bytes(work / "probe_null.csv", pd.concat(nulls, ignore_index=True).to_csv(index=False).encode())
     if maps:
         atomic_write_bytes(work / "patch_map.csv", pd.concat(maps, ignore_index=True).to_csv(index=False).encode())
     if c["targets"][0] in ("digits", "chars"):
@@ -235,7 +239,8 @@ def write_token_readout(study: Study, entry: dict[str, Any], store, target: str,
                                   framing_pairs=[tuple(mt["framing_pairs"][0])], pii_types=mt["pii_types"][:1],
                                   seed=seed, design="cycle", **document_spec(study.cfg))[0]
     readout = token_readout(study.model(entry), store, held_out, target, layer=layer, method=c["method"],
-                            n_folds=c["n_folds"], seed=seed)
+                            n_folds=c["n_folds"], seed=seed,
+                            private_from=study.out / "sessions" / "multiturn.jsonl")
     atomic_write_bytes(work / "token_readout.csv", readout.to_csv(index=False).encode())
 
 
@@ -262,7 +267,6 @@ def run_statistics_stage(study: Study, work: Path) -> None:
     leak against the direct ask of the same identity and PII type: task inconsistency; paired sign flip clustered by
     identity), probes (see `probe_tests`), patching (`analysis.patching_stats`: per-pair effects against "no
     change", two-sided, one family per experiment and direction; cells null by construction left out)."""
-    from analysis.stats import cell_tests
 
     s = study.cfg.section("statistics")
     kw = {"n_perm": s["n_perm"], "alpha": s["alpha"], "seed": study.cfg.data["seed"]}
@@ -272,17 +276,29 @@ def run_statistics_stage(study: Study, work: Path) -> None:
         f = base / "leakage" / "results.csv"
         if f.exists():
             leak.append(leakage_tests(pd.read_csv(f), **kw))
-        f = base / "probes" / "probe_samples.csv"
+        f = base / "probes" / "probe_null.csv"
         if f.exists():
-            samples = pd.read_csv(f).assign(model=entry["name"])
-            probe.append(cell_tests(samples, "correct", "control_correct",
-                                    ["model", "target", "hook", "layer", "position_group", "turn"], **kw))
+            ids = pd.read_csv(base / "probes" / "probe_samples.csv", usecols=["identity_id"])["identity_id"]
+            probe.append(probe_tests(pd.read_csv(base / "probes" / "probe_results.csv"), pd.read_csv(f),
+                                     entry["name"], s["alpha"]).assign(n_groups=ids.nunique()))
         f = base / "patching" / "patching_rows.csv"
         if f.exists():
             patch.append(study_patching_tests(pd.read_csv(f), n_boot=study.cfg.get("statistics.n_boot"), **kw))
     for name, parts in (("leakage_tests", leak), ("probe_tests", probe), ("patching_tests", patch)):
         if parts:
             atomic_write_bytes(work / f"{name}.csv", pd.concat(parts, ignore_index=True).to_csv(index=False).encode())
+
+
+def probe_tests(results: pd.DataFrame, null: pd.DataFrame, model: str, alpha: float) -> pd.DataFrame:
+    """Does a cell decode the target? Null: the targets carry nothing the activations can read (targets permuted
+    across identities, the whole pipeline rerun per draw; `probes.probing.null_p_values`, one-sided); family: every
+    cell of the model's sweep on the main metric, Benjamini-Hochberg at `alpha`."""
+    from analysis.stats import benjamini_hochberg
+    from probes.probing import null_p_values
+
+    tests = null_p_values(results.assign(model=model), null.assign(model=model))
+    reject, q = benjamini_hochberg(tests["p_value"].to_numpy(), alpha)
+    return tests.assign(effect=tests["observed"] - tests["null_mean"], q_value=q, significant=reject)
 
 
 def study_patching_tests(rows: pd.DataFrame, n_perm: int, alpha: float, seed: int, n_boot: int) -> pd.DataFrame:

@@ -47,8 +47,10 @@ DEFAULTS: dict[str, Any] = {
     "leakage": {"enabled": True, "max_new_tokens": 32, "batch_size": 8},
     "capture": {"enabled": True, "hooks": "resid_post", "layers": "all", "positions": "last:*+image:0",
                 "batch_size": 8},
+    # n_permutations: reruns of the whole probe pipeline on targets permuted across identities (the null of the
+    # probe tests); at least 2
     "probes": {"enabled": True, "targets": ["digits"], "position_groups": ["last", "image"], "method": "logreg",
-               "n_folds": 5, "mdl": False},
+               "n_folds": 5, "mdl": False, "n_permutations": 20},
     "patching": {"enabled": True, "experiments": ["denoise", "taskswap"], "framings": ["caption"],
                  "components": list(DEFAULT_COMPONENTS), "max_pairs": 24, "batch_size": 16},
     # allow_underpowered: run a patching stage whose pairs can never reach significance (a pipeline check), with
@@ -76,7 +78,7 @@ CHOICES: dict[str, tuple] = {
 INT_OR_AUTO = {"sessions.image_size"}
 INT_LIST_OR_ALL = {"capture.layers"}
 POSITIVE = {"sessions.mmprivacy.identities", "sessions.multiturn.identities", "leakage.max_new_tokens",
-            "leakage.batch_size", "capture.batch_size", "probes.n_folds", "patching.max_pairs",
+            "leakage.batch_size", "capture.batch_size", "probes.n_folds", "probes.n_permutations", "patching.max_pairs",
             "patching.batch_size", "statistics.n_boot", "statistics.n_perm"}
 
 
@@ -134,6 +136,8 @@ def _check_value(source: str, key: str, value: Any, default: Any) -> Any:
             raise _fail(source, key, f"{value!r}: expected an integer")
         if key in POSITIVE and value < 1:
             raise _fail(source, key, f"{value}: expected an integer >= 1")
+        if key == "probes.n_permutations" and value < 2:
+            raise _fail(source, key, f"{value}: expected an integer >= 2 (the null's spread needs two draws)")
     elif isinstance(default, float):
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise _fail(source, key, f"{value!r}: expected a number")

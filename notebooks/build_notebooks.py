@@ -358,10 +358,12 @@ PROBES = [
     group, turn). For retention across turns, the document is shown in turn 1 and the chat moves on through
     unrelated exchanges: is the SSN still decodable at the last token of each later turn, and at which layers?
 
-    Two things keep a probe honest. Folds are grouped by identity, so a probe is never tested on a person it was
-    trained on. And every sweep also fits the **control task** (Hewitt & Liang, 2019): each identity gets a fixed
-    random label, which a probe can only learn by memorising identities; `selectivity` = accuracy - control
-    accuracy. At the end, a causal check: erase what a probe reads (LEACE) and see whether the behaviour changes.
+    Three things keep a probe honest. Folds are grouped by identity, so a probe is never tested on a person it was
+    trained on. The regularisation is chosen by nested cross-validation (inner folds choose, outer folds report),
+    so the accuracy is not optimistic. And `chance` is the held-out accuracy of always predicting the training
+    part's majority class under the same folds. Whether a cell *decodes* the value is a test against a permutation
+    null (`probe_sweep(..., n_permutations=K, return_null=True)`, `null_p_values`: targets permuted across
+    identities, the whole pipeline rerun K times), which the study runs. At the end, a causal check: erase what a probe reads (LEACE) and see whether the behaviour changes.
     """),
     setup("03_probes", DOC_SETTINGS),
     md("""
@@ -409,9 +411,8 @@ PROBES = [
 
     Before asking about SSN digits, check that the probes find what is certainly there. Which field the last request
     asks for is in the text from turn 6 on and nowhere before (a person's two sessions are identical until then), so
-    accuracy should sit at chance up to turn 5 and jump at turn 6, while the control task stays at its own chance
-    level (the majority share of the random labels) everywhere. This is the default method: L2 logistic
-    regression, C chosen by grouped cross-validation, every cell fitted in one batched problem.
+    accuracy should sit at chance up to turn 5 and jump at turn 6. This is the default method: L2 logistic
+    regression, C chosen by nested grouped cross-validation, every cell fitted in one batched problem.
     """),
     code("""
     from analysis.figures import plot_probe_heatmap
@@ -419,7 +420,7 @@ PROBES = [
 
     field_probes = probe_sweep(blocks, asked_field, target="label:pii_type", model="organism", n_boot=500)
     field_probes.to_csv(OUT / "probe_results_pii_type.csv", index=False)
-    display(field_probes[field_probes["metric"].isin(["accuracy", "control_accuracy", "chance"])]
+    display(field_probes[field_probes["metric"].isin(["accuracy", "chance"])]
             .pivot_table(index=["position_group", "turn"], columns=["metric", "layer"], values="value").round(2))
     paths = plot_probe_heatmap(field_probes, FIGURES, name="probe_heatmap_pii_type", metric="accuracy",
                                title="which field was asked")
@@ -465,7 +466,7 @@ PROBES = [
     digit_probes = probe_sweep(blocks, ssn_digits, target="digits", method="ridge", model="organism", n_boot=500)
     digit_probes.to_csv(OUT / "probe_results_digits.csv", index=False)
     chance = float(digit_probes.loc[digit_probes["metric"] == "chance", "value"].mean())
-    display(digit_probes[digit_probes["metric"].isin(["char_accuracy", "control_char_accuracy"])]
+    display(digit_probes[digit_probes["metric"].isin(["char_accuracy", "char_accuracy_chance"])]
             .pivot_table(index=["position_group", "turn"], columns=["metric", "layer"], values="value").round(2))
     paths = plot_probe_heatmap(digit_probes, FIGURES, name="probe_heatmap_digits", title="SSN digits")
     display(ShowImage(filename=str(paths[1])))

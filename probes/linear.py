@@ -5,7 +5,7 @@ the examples, their groups (identities or documents) and the folds; each has its
 may have its own labels (y [cell, n]: one character position per cell, say).
 
     fit = fit_probes(X, y, groups)                  # X [cell, n, d], y [n] or [cell, n], groups [n]
-    fit.table                                       # one row per (cell, fold): accuracy, chance, C, ...
+    fit.table                                       # one row per (cell, outer fold): accuracy, chance, C, ...
     fit.table.groupby("cell")[["accuracy", "chance"]].mean()
     fit.predict(X_new)                              # [cell, m] labels from the all-data refit
     fit.weights, fit.bias                           # [cell, d, classes], [cell, classes] in raw activation units
@@ -14,12 +14,16 @@ Protocol (mirrors sklearn's LogisticRegressionCV with `cv=` grouped folds, the u
 - Folds are grouped (`grouped_folds`): no identity/document is in both the train and the test part of a fold.
 - Each feature is standardised with the mean/std of the fold's training part only (as a StandardScaler in a
   Pipeline would be); the L2 penalty acts on the standardised weights.
-- logreg: for every C of the grid and every fold, an L2 multinomial logistic regression is fitted on the training
-  part and scored on the test part. Per cell, the C with the best mean held-out accuracy is chosen (first best in
-  ascending C, as sklearn does), the table reports each fold's held-out accuracy at that C, and the final weights
-  are a refit on all examples at that C. This is one level of cross-validation, not nested: choosing among the
-  grid on the same folds makes the reported accuracy slightly optimistic (one of |Cs| values is picked), equally
-  so for real and for control labels, which is why control tasks are run through the same function.
+- Regularisation by nested CV (default): inside each outer fold's training part, `inner_folds` grouped inner folds
+  score every C of the grid; the C with the best mean inner held-out accuracy (first best in ascending C, as
+  sklearn does) is that outer fold's C, and the table reports the outer test part's accuracy at it. The outer test
+  part never takes part in choosing, so the reported accuracy is an honest estimate (under the null its mean is
+  chance; choosing C on the reporting folds, `nested=False`, scored ~0.03-0.04 above chance on 60 identities'
+  permuted digits, benchmarks/validity_probes.py). The all-data probe (weights, predict) is refitted at the C with
+  the best mean outer-fold accuracy. Every training part (outer and inner) of every cell is one problem of the same
+  batched solve, so nested CV costs about (n_folds * (inner_folds + 1) + 1) / (n_folds + 1) times a flat fit.
+- logreg: for every C of the grid and every training part, an L2 multinomial logistic regression is fitted on the
+  training part and scored on its test part.
   Objective (sklearn's): mean cross-entropy over the training part + 1 / (2 C n_train) * ||W||^2, intercept free.
   For two classes it is still the multinomial model: the difference of its two weight columns is sklearn's
   binomial LogisticRegression at 2C.
@@ -60,7 +64,7 @@ from torch import Tensor
 
 DEFAULT_CS = np.logspace(-4, 2, 7)  # 1e-4 ... 1e2: from 'weights ~ 0' to nearly unpenalised for n ~ 10^3
 METHODS = ("logreg", "dim", "ridge")
-TABLE_COLUMNS = ("cell", "fold", "method", "C", "accuracy", "chance", "n_train", "n_test", "converged")
+TABLE_COLUMNS = ("cell", "fold", "method", "C", "accuracy", "chance", "n_train", "n_test", "converged", "nested")
 _MASKED = -1e9  # logit of a class absent from a training part
 
 
@@ -143,7 +147,8 @@ class ProbeFit:
 def fit_probes(X: Float[Tensor, "cell n d"], y: Int[Tensor, "n"] | Int[Tensor, "cell n"], groups: Sequence,
                method: str = "logreg", n_folds: int = 5, Cs: Sequence[float] = DEFAULT_CS, seed: int = 0,
                device: str | torch.device | None = None, n_classes: int | None = None, tol: float = 1e-4,
-               max_iter: int = 100, cells_per_batch: int = 16) -> ProbeFit:
+               max_iter: int = 100, cells_per_batch: int = 16, nested: bool = True, inner_folds: int = 3,
+               refit: bool = True, progress: bool = False) -> ProbeFit:
     """Fit one linear probe per cell, all cells batched, with grouped cross-validation (see the module docstring).
 
     X [cell, n, d] activations (any float dtype; computed in float32 on `device`, default X's); y [n] labels shared
@@ -151,7 +156,13 @@ def fit_probes(X: Float[Tensor, "cell n d"], y: Int[Tensor, "n"] | Int[Tensor, "
     Cs: the penalty grid (sorted ascending; ridge reads alpha = 1/C; dim ignores it). tol/max_iter: logreg's
     stopping rule per fit (max |gradient| <= tol, as sklearn's lbfgs; max_iter counts line-search trials, i.e.
     passes over the data). cells_per_batch: cells solved together (memory grows as about
-    100 * cells_per_batch * n * (n_folds + 1) * n_classes bytes; results do not depend on it).
+    100 * cells_per_batch * n * n_problems * n_classes bytes, n_problems = n_folds + 1 flat or
+    n_folds * (inner_folds + 1) + 1 nested; results do not depend on it).
+    nested: C of each outer fold chosen by `inner_folds` grouped folds inside its training part (3: every training
+    identity scores each C once, at 2/3 the cost of 4 inner folds), so the reported accuracy is not optimistic; False:
+    C chosen on the reporting folds themselves (the pre-issue-16 protocol, optimistic under the null). The
+    all-data probe's C is always the one with the best mean outer-fold accuracy. refit=False skips the all-data
+    probe (weights/bias are then NaN): permutation nulls need only the held-out accuracy.
 
         >>> _ = torch.manual_seed(0)
         >>> X = torch.randn(3, 400, 32); y = torch.randint(0, 4, (400,)); groups = np.arange(400) // 4
@@ -165,45 +176,106 @@ def fit_probes(X: Float[Tensor, "cell n d"], y: Int[Tensor, "n"] | Int[Tensor, "
         raise ProbeError(f"Cs must be a non-empty 1-D grid of positive values in ascending order, got {Cs}")
     if method == "dim":
         Cs = np.array([np.nan])
+    if nested and (not isinstance(inner_folds, (int, np.integer)) or inner_folds < 2):
+        raise ProbeError(f"inner_folds must be an int >= 2, got {inner_folds!r}")
     folds = grouped_folds(groups, n_folds, seed)
+    nested = bool(nested) and len(Cs) > 1  # one C (or dim): nothing to choose, nothing to nest
+    problems = _problems(folds, np.asarray(groups), n_folds, inner_folds, seed, nested)
     n = X.shape[1]
     device = torch.device(device) if device is not None else X.device
-    fold_of = np.empty(n, dtype=np.int64)
-    for f, (_, test) in enumerate(folds):
-        fold_of[test] = f
-    fold_of_t = torch.as_tensor(fold_of, device=device)
-    train_masks = torch.stack([fold_of_t != f for f in range(n_folds)] + [torch.ones_like(fold_of_t, dtype=torch.bool)])
+    train_masks = torch.as_tensor(np.stack([tr for tr, _ in problems["parts"]] + [np.ones(n, dtype=bool)]),
+                                  device=device)
+    test_masks = torch.as_tensor(np.stack([te for _, te in problems["parts"]]), device=device)
 
     chunks = []
-    for lo in range(0, X.shape[0], cells_per_batch):
-        Xc = X[lo:lo + cells_per_batch].to(device=device, dtype=torch.float32)
-        Yc = Y[lo:lo + cells_per_batch].to(device=device)
-        chunks.append(_fit_chunk(Xc, Yc, K, train_masks, fold_of_t, method, Cs, tol, max_iter))
+    starts = range(0, X.shape[0], cells_per_batch)
+    # Weakly penalised fits on separable folds push probabilities into float32 denormals, which a CPU computes
+    # ~100x slower (nested CV's small inner training parts made a fit 20x slower); flushed to 0 while fitting.
+    torch.set_flush_denormal(True)
+    try:
+        for lo in _progress(starts, progress, f"{method} probes ({X.shape[0]} cells)"):
+            Xc = X[lo:lo + cells_per_batch].to(device=device, dtype=torch.float32)
+            Yc = Y[lo:lo + cells_per_batch].to(device=device)
+            chunks.append(_fit_chunk(Xc, Yc, K, train_masks, test_masks, problems["inner"], n_folds, method, Cs,
+                                     tol, max_iter, refit))
+    finally:
+        torch.set_flush_denormal(False)  # torch's default
     out = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
 
-    acc = out["accuracy"].cpu().numpy()  # [cell, fold, C]
-    cv, best = acc.mean(1), out["best"].cpu().numpy()
+    acc = out["accuracy"].cpu().numpy()  # [cell, fold, C] (outer folds)
+    cv, best, fold_best = acc.mean(1), out["best"].cpu().numpy(), out["fold_best"].cpu().numpy()
     cells = np.arange(X.shape[0])
-    Yn, chance, n_test = Y.cpu().numpy(), [], []
-    for f, (train, test) in enumerate(folds):
-        counts = np.stack([np.bincount(Yn[c, test], minlength=K) for c in cells])
-        chance.append(counts.max(1) / len(test))
-        n_test.append(len(test))
+    Yn = Y.cpu().numpy()
+    chance = held_out_chance(Yn, folds, K)  # [cell, fold]
     table = pd.DataFrame({
         "cell": np.repeat(cells, n_folds),
         "fold": np.tile(np.arange(n_folds), len(cells)),
         "method": method,
-        "C": np.repeat(Cs[best], n_folds),
-        "accuracy": acc[cells, :, best].reshape(-1),
-        "chance": np.stack(chance, 1).reshape(-1),
+        "C": Cs[fold_best].reshape(-1),
+        "accuracy": np.take_along_axis(acc, fold_best[..., None], 2)[..., 0].reshape(-1),
+        "chance": chance.reshape(-1),
         "n_train": np.tile([len(tr) for tr, _ in folds], len(cells)),
-        "n_test": np.tile(n_test, len(cells)),
-        "converged": out["converged"].cpu().numpy()[cells, :, best].reshape(-1),
+        "n_test": np.tile([len(te) for _, te in folds], len(cells)),
+        "converged": np.take_along_axis(out["converged"].cpu().numpy(), fold_best[..., None], 2)[..., 0].reshape(-1),
+        "nested": nested,
     })
     return ProbeFit(method=method, Cs=Cs, C=Cs[best], cv_accuracy=cv, table=table,
                     weights=out["weights"].cpu(), bias=out["bias"].cpu(), mean=out["mean"].cpu(),
                     std=out["std"].cpu(), folds=folds, oof=out["oof"].cpu(), fold_weights=out["fold_weights"].cpu(),
                     fold_bias=out["fold_bias"].cpu())
+
+
+def held_out_chance(y: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]], n_classes: int) -> np.ndarray:
+    """Chance, one definition everywhere: the held-out accuracy of always predicting the training part's majority
+    class (ties: the lowest class, as argmax), per cell and fold [cell, fold] for y [cell, n] (or [n] -> [1, fold]).
+
+    It is what a probe that reads nothing from the activations scores under the same folds: a logreg probe at
+    W = 0 predicts exactly this class (its intercept is the training log-frequencies). Unlike the in-sample
+    majority rate (max class share of all examples, ~0.17 for 60 uniform digits), it is not biased upward by
+    picking the majority on the examples it is scored on; for balanced classes its expectation is ~1/K."""
+    y = np.atleast_2d(np.asarray(y))
+    out = np.zeros((y.shape[0], len(folds)))
+    for f, (train, test) in enumerate(folds):
+        for c in range(y.shape[0]):
+            tr, te = y[c, train], y[c, test]
+            tr, te = tr[tr >= 0], te[te >= 0]
+            if len(te) and len(tr):
+                out[c, f] = (te == np.bincount(tr, minlength=n_classes).argmax()).mean()
+    return out
+
+
+def _problems(folds, groups, n_folds, inner_folds, seed, nested) -> dict:
+    """The training/test parts every cell is fitted on: the outer folds first, then (nested) each outer fold's
+    inner folds, grouped inside its training part; 'inner' [outer fold] -> indices of its inner parts."""
+    n = len(groups)
+
+    def masks(train, test):
+        tr, te = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        tr[train], te[test] = True, True
+        return tr, te
+
+    parts = [masks(tr, te) for tr, te in folds]
+    inner = []
+    if nested:
+        k = inner_folds
+        for train, _ in folds:
+            try:
+                sub = grouped_folds(groups[train], k, seed + 1)
+            except ProbeError as err:
+                raise ProbeError(f"nested CV: an outer training part is too small for inner_folds={k} ({err}); "
+                                 f"lower inner_folds or n_folds, or pass nested=False") from err
+            inner.append(list(range(len(parts), len(parts) + k)))
+            parts += [masks(train[tr], train[te]) for tr, te in sub]
+    return {"parts": parts, "inner": inner}
+
+
+def _progress(it, progress: bool, desc: str):
+    """`it` wrapped in a tqdm bar when `progress` (library calls default to silent)."""
+    if not progress:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, leave=False)
 
 
 def fit_probe(X: Float[Tensor, "n d"], y: Int[Tensor, "n"], groups: Sequence, **kwargs) -> ProbeFit:
@@ -245,55 +317,65 @@ def _check_inputs(X, y, groups, method, n_classes) -> tuple[Tensor, Tensor, int]
 
 
 # ---- one chunk of cells -----------------------------------------------------------------------------------------
-def _fit_chunk(X: Float[Tensor, "c n d"], Y: Int[Tensor, "c n"], K: int, train_masks: Tensor, fold_of: Tensor,
-               method: str, Cs: np.ndarray, tol: float, max_iter: int) -> dict[str, Tensor]:
-    """Every fold and C of a chunk of cells, then the all-data refit at each cell's chosen C.
-    train_masks [fold + 1, n]: the folds' training parts and, last, all examples ('problem' q indexes these)."""
+def _fit_chunk(X: Float[Tensor, "c n d"], Y: Int[Tensor, "c n"], K: int, train_masks: Tensor, test_masks: Tensor,
+               inner: list[list[int]], F: int, method: str, Cs: np.ndarray, tol: float, max_iter: int,
+               refit: bool) -> dict[str, Tensor]:
+    """Every training part (outer folds, then nested inner folds) and C of a chunk of cells, then the all-data refit
+    at each cell's chosen C. train_masks [Q + 1, n]: the Q parts' training rows and, last, all examples (problem q
+    indexes these); test_masks [Q, n]; inner[f]: the problems of outer fold f's inner folds (empty: flat CV)."""
     c, n, d = X.shape
-    F = train_masks.shape[0] - 1
+    Q = test_masks.shape[0]
     X, centre, M, mean, std = _standardisation(X, train_masks)
     n_q = M.sum(1)
     Y1h = torch.nn.functional.one_hot(Y, K).to(X.dtype)  # [c, n, K]
     class_ok = torch.einsum("qn,cnk->cqk", M, Y1h) > 0  # [c, q, K]: classes present in each training part
-    test_masks = torch.stack([fold_of == f for f in range(F)])
-    folds = slice(0, F)
+    parts = slice(0, Q)
+    cidx = torch.arange(c, device=X.device)
 
-    def score(W, b):  # held-out accuracy [c, F] of standardised fold weights
-        return _accuracy(X, Y, test_masks, *_raw(W, b, mean[:, folds], std[:, folds]), class_ok[:, folds])
+    def score(W, b):  # held-out accuracy [c, Q] of standardised weights of every part
+        return _accuracy(X, Y, test_masks, *_raw(W, b, mean[:, parts], std[:, parts]), class_ok[:, parts])
 
     if method == "logreg":
         solver = _LogReg(X, Y1h, M, mean, std, class_ok, tol, max_iter)
-        # The folds go along the C grid, then the all-data fit goes along it up to each cell's chosen C (cells past
-        # theirs stay frozen there): that fit is the final probe.
-        Wc, bc, acc, converged = _path(solver, folds, Cs, n_q[:F], X.new_zeros(c, F, d, K), X.new_zeros(c, F, K),
+        # Every part goes along the C grid; then the all-data fit goes along it up to each cell's chosen C (cells
+        # past theirs stay frozen there): that fit is the final probe.
+        Wc, bc, acc, converged = _path(solver, parts, Cs, n_q[:Q], X.new_zeros(c, Q, d, K), X.new_zeros(c, Q, K),
                                        score)
-        best = _best(acc)
-        pick = torch.arange(c, device=X.device), slice(None), best
-        W_fold, b_fold = Wc[pick], bc[pick]  # [c, F, d, K]: each fold's probe at the cell's chosen C
-        Wf, bf, _, _ = _path(solver, slice(F, F + 1), Cs[:int(best.max()) + 1], n_q[F:], X.new_zeros(c, 1, d, K),
-                             X.new_zeros(c, 1, K), None, frozen_after=best)
     elif method == "ridge":
         Ws, bs = _ridge(X, Y1h, M, mean, std, Cs)  # [c, q, C, d, K], [c, q, K]
-        acc = torch.stack([score(Ws[:, :F, j], bs[:, :F]) for j in range(len(Cs))], -1)
-        best = _best(acc)
-        Wf, bf = Ws[torch.arange(c, device=X.device), F, best][:, None], bs[:, F:]
-        W_fold, b_fold = Ws[torch.arange(c, device=X.device), :F, best], bs[:, :F]
+        acc = torch.stack([score(Ws[:, :Q, j], bs[:, :Q]) for j in range(len(Cs))], -1)
+        Wc, bc = Ws[:, :Q], bs[:, :Q, None].expand(-1, -1, len(Cs), -1)
         converged = torch.ones_like(acc, dtype=torch.bool)
     else:
         Ws, bs = _dim(X, Y1h, M, mean, std)  # [c, q, d, K], [c, q, K]
-        acc, converged = score(Ws[:, :F], bs[:, :F])[..., None], X.new_ones(c, F, 1, dtype=torch.bool)
-        Wf, bf, best = Ws[:, F:], bs[:, F:], torch.zeros(c, dtype=torch.long, device=X.device)
-        W_fold, b_fold = Ws[:, :F], bs[:, :F]
-    Wr, br = _raw(Wf, bf.masked_fill(~class_ok[:, F:], _MASKED), mean[:, F:], std[:, F:])
+        acc, converged = score(Ws[:, :Q], bs[:, :Q])[..., None], X.new_ones(c, Q, 1, dtype=torch.bool)
+        Wc, bc = Ws[:, :Q, None], bs[:, :Q, None]
+    best = _best(acc[:, :F])  # the all-data probe's C: best mean outer-fold accuracy
+    # Each outer fold's C: chosen by its inner folds (nested), else by the outer folds themselves (flat).
+    fold_best = torch.stack([_best(acc[:, idx]) for idx in inner], 1) if inner else best[:, None].expand(c, F)
+    fold_best = fold_best.contiguous()
+    W_fold = Wc[cidx[:, None], torch.arange(F, device=X.device)[None], fold_best]  # [c, F, d, K]
+    b_fold = bc[cidx[:, None], torch.arange(F, device=X.device)[None], fold_best]
+    if not refit:
+        Wf, bf = torch.full((c, 1, d, K), torch.nan, device=X.device), torch.full((c, 1, K), torch.nan,
+                                                                                   device=X.device)
+    elif method == "logreg":
+        Wf, bf, _, _ = _path(solver, slice(Q, Q + 1), Cs[:int(best.max()) + 1], n_q[Q:], X.new_zeros(c, 1, d, K),
+                             X.new_zeros(c, 1, K), None, frozen_after=best)
+    elif method == "ridge":
+        Wf, bf = Ws[cidx, Q, best][:, None], bs[:, Q:]
+    else:
+        Wf, bf = Ws[:, Q:], bs[:, Q:]
+    Wr, br = _raw(Wf, bf.masked_fill(~class_ok[:, Q:], _MASKED), mean[:, Q:], std[:, Q:])
     Wfr, bfr = _raw(W_fold, b_fold.masked_fill(~class_ok[:, :F], _MASKED), mean[:, :F], std[:, :F])
     oof = torch.full((c, n), -1, dtype=torch.long, device=X.device)  # held-out prediction of every example
     for f in range(F):
         rows = test_masks[f].nonzero().squeeze(1)
         oof[:, rows] = (torch.bmm(X[:, rows], Wfr[:, f]) + bfr[:, f, None]).argmax(-1)
     # undo the centring: logits = (x - centre) Wr + br
-    return {"accuracy": acc, "best": best, "converged": converged, "weights": Wr[:, 0],
-            "bias": br[:, 0] - torch.einsum("cd,cdk->ck", centre, Wr[:, 0]),
-            "mean": mean[:, F] + centre, "std": std[:, F], "oof": oof, "fold_weights": Wfr,
+    return {"accuracy": acc[:, :F], "best": best, "fold_best": fold_best, "converged": converged[:, :F],
+            "weights": Wr[:, 0], "bias": br[:, 0] - torch.einsum("cd,cdk->ck", centre, Wr[:, 0]),
+            "mean": mean[:, Q] + centre, "std": std[:, Q], "oof": oof, "fold_weights": Wfr,
             "fold_bias": bfr - torch.einsum("cd,cfdk->cfk", centre, Wfr)}
 
 

@@ -1,20 +1,44 @@
-"""Probe sweeps: where (layer x position group x turn) a target is linearly decodable, against controls.
+"""Probe sweeps: where (layer x position group x turn) a target is linearly decodable, tested against a permutation null.
 
     blocks = probe_cells(store, position_groups=["last", "image", "final"])        # probes.probe_data
     y, names, ids = session_targets(sessions, "digits")                          # SSN digits, 9 x 10-way
-    results = probe_sweep(blocks, (y, names, ids), model="organism")              # tidy DataFrame
+    results, null = probe_sweep(blocks, (y, names, ids), model="organism", n_permutations=20, return_null=True)
+    tests = null_p_values(results, null)                                         # one p per cell (main metric)
 
-Every cell is fitted for every target column at once (`probes.linear.fit_probes`, folds grouped by identity), and
-the same cells are fitted again on a *control task* (Hewitt & Liang 2019): every identity gets a fixed random label
-per target column, so a probe can only score above chance on it by memorising identities from the activations.
-`selectivity` = accuracy - control accuracy. String targets (one column per character) are also reported as the
-mean per-character accuracy and the whole-string exact match of the held-out predictions.
+Every cell is fitted for every target column at once (`probes.linear.fit_probes`, folds grouped by identity, the
+regularisation C chosen by nested grouped CV inside each training part, so the reported held-out accuracy is not
+optimistic). String targets (one column per character) are also reported as the mean per-character accuracy
+(`char_accuracy`) and the whole-string exact match of the held-out predictions.
+
+Chance (one definition, `probes.linear.held_out_chance`): the held-out accuracy of always predicting the training
+part's majority class, under the same folds; what a probe that reads nothing from the activations scores (a logreg
+probe at W = 0 predicts exactly that). For 60 identities' uniform digits it is ~0.1 (not the in-sample majority
+rate, ~0.17).
+
+The test of "this cell decodes the value" is a permutation null: the targets are permuted ACROSS IDENTITIES (every
+row of identity a gets the targets of identity pi(a), so each identity keeps one value and the grouped folds keep
+their meaning), and the whole pipeline (nested CV included) is rerun on them, all cells batched per permutation.
+Null: the activations carry no information about which identity's value is which, so the observed accuracy is
+exchangeable with the permuted ones. `permutation_p_values` turns the observed accuracy and its K null accuracies
+into a one-sided p-value (see there; calibrated with K ~ 20 where the rank p-value cannot go below 1 / (K + 1)).
+
+The control task is off by default (`control_task=False`). Hewitt & Liang's control task (2019) gives each word
+*type* a random label; it can be learned because test tokens share their type with training tokens. Here the only
+type on offer is the identity, and the folds are grouped by identity, so a held-out identity's control label is
+independent of everything in training: control accuracy is chance whatever a probe can memorise, and "selectivity"
+(accuracy - control) was just accuracy - chance. No type shared across folds remains (the digit values themselves
+would make the control a relabelling of the real task), so there is no learnable control to rebuild; the
+permutation null is the baseline. `control_task=True` still reports `control_accuracy` (and the control's online
+code with `mdl=True`) as an empirical chance reference, and no `selectivity` rows.
 
 Rows (the shared result vocabulary): model, family, hook, layer, position_group, turn, turn_distance, target, probe,
-control, metric, value, ci_low, ci_high, n. Metrics: accuracy, chance, control_accuracy, selectivity (per target
-column and, for strings, `char_accuracy` and `exact_match` over all columns); CIs are 95% bootstrap intervals over
-identities of the held-out correctness. With `mdl=True` also the online code (Voita & Titov 2020, `probes.mdl`):
-`online_codelength` (bits), `compression` and `control_compression` (uniform code / online code; no CI).
+control, metric, value, ci_low, ci_high, n. Metrics: accuracy and chance per target column; for strings also
+char_accuracy, exact_match and their chance (char_accuracy: the mean of the columns' chance; exact_match: the
+product); control_accuracy / control_char_accuracy with `control_task=True`. CIs are 95% bootstrap intervals
+over identities of the held-out correctness. With `mdl=True` also the online code (Voita & Titov 2020,
+`probes.mdl`): `online_codelength` (bits), `compression` (uniform code / online code; no CI).
+The null table (`return_null=True`): the same cell and target columns, plus `permutation`, one row per (cell,
+target column or char_accuracy, permutation) with the null accuracy in `value` (NULL_COLUMNS).
 
 Other controls (the same probe on sessions without the image, with shuffled images, or on a random-initialised
 copy of the model) are other stores: run the sweep on each with `control=` set, and concatenate.
@@ -28,23 +52,108 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
+from scipy import stats
 
 from analysis.stats import cluster_bootstrap
-from probes.linear import fit_probes, grouped_folds
+from probes.linear import ProbeError, fit_probes, grouped_folds, held_out_chance
 from probes.mdl import online_codelength
 from probes.probe_data import CellBlock, ProbeDataError
 
 RESULT_COLUMNS = ["model", "family", "hook", "layer", "position_group", "turn", "turn_distance", "target", "probe",
                   "control", "metric", "value", "ci_low", "ci_high", "n"]
+NULL_COLUMNS = ["model", "family", "hook", "layer", "position_group", "turn", "turn_distance", "target", "probe",
+                "control", "metric", "permutation", "value", "n"]
+CELL_KEYS = ["model", "hook", "layer", "position_group", "turn", "target", "metric"]  # joins results and null
 
 
 def control_labels(y: np.ndarray, groups: Sequence, n_classes: int, seed: int = 0) -> np.ndarray:
-    """The control task: each group (identity) gets one fixed random class per target column."""
+    """The identity control task: each group (identity) gets one fixed random class per target column. Under folds
+    grouped by identity it cannot be learned (see the module docstring): its held-out accuracy is chance."""
     rng = np.random.default_rng(seed)
     uniq, inv = np.unique(np.asarray(groups).astype(str), return_inverse=True)
     table = rng.integers(0, n_classes, size=(len(uniq), y.shape[1]))
     out = table[inv]
     return np.where(y >= 0, out, -1)
+
+
+def permute_across_identities(y: np.ndarray, groups: Sequence, seed) -> np.ndarray:
+    """y [n, k] with the identities' values permuted: every row of identity a gets the targets of identity pi(a),
+    pi a uniform random permutation of the sorted distinct identities (drawn from `seed`: an int or a sequence of
+    ints, so blocks with the same identities get the same pi). Group structure is kept: an identity's rows still
+    share one value. Raises ProbeError when an identity's rows carry different targets (there is then no one
+    value per identity to permute)."""
+    y = np.asarray(y)
+    groups = np.asarray(groups).astype(str)
+    uniq, first, inv = np.unique(groups, return_index=True, return_inverse=True)
+    per_identity = y[first]  # [identity, k]
+    if not (y == per_identity[inv]).all():
+        bad = uniq[np.unique(inv[(y != per_identity[inv]).any(axis=tuple(range(1, y.ndim)))])]
+        raise ProbeError(f"permutation across identities needs one target per identity, but {len(bad)} identities "
+                         f"have rows with different targets (first: {bad[0]})")
+    pi = np.random.default_rng(seed).permutation(len(uniq))
+    return per_identity[pi][inv]
+
+
+def permutation_p_values(observed: np.ndarray, null: np.ndarray) -> np.ndarray:
+    """One-sided p-values (observed above its null) for accuracies observed [m] against K null accuracies each
+    null [m, K] (K >= 2; values in [0, 1]).
+
+    Rule: on the arcsine-square-root scale a = asin(sqrt(accuracy)) (variance-stabilising for a proportion, and it
+    removes the right skew of accuracies near chance), the observed a is treated as one more draw from the null
+    and tested with the prediction t statistic: t = (a_obs - mean(a_null)) / (sd(a_null) * sqrt(1 + 1/K)),
+    p = P(T_{K-1} >= t). Null: observed and null accuracies are exchangeable (targets carry no information the
+    activations could read); under it, with normal draws, p is exactly uniform. Why not the rank p-value
+    (1 + #{null >= obs}) / (1 + K): with K = 20 it is never below 0.048, so no cell can pass BH over ~100 cells.
+    On binomial accuracies (n 24-540, rate 0.1-0.3) the raw-scale t rule rejects up to 2-4x too often at
+    alpha 1e-3; on this scale it is at or below nominal (tests/test_probing.py checks alpha 0.05 and 0.01).
+    Where the null has no spread (sd 0), the rank p-value is returned."""
+    obs = np.asarray(observed, dtype=float)
+    null = np.asarray(null, dtype=float)
+    if null.ndim != 2 or obs.shape != null.shape[:1]:
+        raise ProbeError(f"permutation_p_values: observed must be [m] and null [m, K], got {obs.shape} and "
+                         f"{null.shape}")
+    K = null.shape[1]
+    if K < 2:
+        raise ProbeError(f"permutation_p_values needs at least 2 null draws per cell, got {K}")
+    if np.isnan(obs).any() or np.isnan(null).any() or (obs < 0).any() or (obs > 1).any() or (null < 0).any() \
+            or (null > 1).any():
+        raise ProbeError("permutation_p_values: accuracies must be numbers in [0, 1]")
+    a_obs, a_null = np.arcsin(np.sqrt(obs)), np.arcsin(np.sqrt(null))
+    mean, sd = a_null.mean(1), a_null.std(1, ddof=1)
+    rank = (1 + (null >= obs[:, None] - 1e-12).sum(1)) / (1 + K)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = (a_obs - mean) / (sd * np.sqrt(1 + 1 / K))
+    p = stats.t.sf(t, K - 1)
+    return np.where(sd > 1e-12, p, rank)
+
+
+def null_p_values(results: pd.DataFrame, null: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
+    """One row per cell of `results` (a `probe_sweep` table) whose `metric` (default: `main_metric`) has null
+    draws: CELL_KEYS, observed, chance, null_mean, null_sd, n_permutations, p_value (`permutation_p_values`,
+    one-sided). Multiple-testing correction (BH across the cells) is the caller's. Cells without null rows are
+    left out (reported in a ProbeError when none match)."""
+    metric = metric or main_metric(results)
+    obs = results[results["metric"] == metric]
+    keys = [k for k in CELL_KEYS if k != "metric"]
+    nul = null[null["metric"] == metric]
+    if not len(nul):
+        raise ProbeError(f"null_p_values: the null table has no rows of metric {metric!r}")
+    draws = nul.groupby(keys, dropna=False)["value"].agg(list).rename("draws").reset_index()
+    chance_metric = "chance" if metric == "accuracy" else f"{metric}_chance"
+    chance = results[results["metric"] == chance_metric][keys + ["value"]].rename(columns={"value": "chance"})
+    cells = obs[keys + ["value"]].rename(columns={"value": "observed"}).merge(draws, on=keys, how="inner")
+    if not len(cells):
+        raise ProbeError(f"null_p_values: no cell of metric {metric!r} has null draws (keys {keys})")
+    cells = cells.merge(chance, on=keys, how="left")
+    K = cells["draws"].map(len)
+    if K.nunique() != 1:
+        raise ProbeError(f"null_p_values: cells have different numbers of permutations ({sorted(K.unique())})")
+    D = np.stack(cells["draws"].to_numpy())
+    cells["metric"] = metric
+    cells["null_mean"], cells["null_sd"], cells["n_permutations"] = D.mean(1), D.std(1, ddof=1), D.shape[1]
+    cells["p_value"] = permutation_p_values(cells["observed"].to_numpy(), D)
+    return cells.drop(columns="draws")[[*CELL_KEYS, "observed", "chance", "null_mean", "null_sd", "n_permutations",
+                                        "p_value"]]
 
 
 def _align(block: CellBlock, targets: tuple[np.ndarray, list[str], pd.Index], group_col: str
@@ -77,25 +186,37 @@ def _turn_distance(block: CellBlock, turn: int) -> float:
 def probe_sweep(blocks: Sequence[CellBlock], targets: tuple[np.ndarray, list[str], pd.Index], target: str = "digits",
                 method: str = "logreg", group_col: str = "identity_id", n_folds: int = 5, seed: int = 0,
                 model: str = "", control: str = "none", n_classes: int | None = None, n_boot: int = 1000,
-                control_task: bool = True, device: str | None = None, return_samples: bool = False,
-                mdl: bool = False, family: str = "") -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
-    """Fit every cell of every block for every target column (and the control task); tidy rows, see the module
-    docstring. Examples whose target is missing (-1) in a column are dropped from that column's fit.
+                control_task: bool = False, device: str | None = None, return_samples: bool = False,
+                mdl: bool = False, family: str = "", nested: bool = True, n_permutations: int = 0,
+                return_null: bool = False, progress: bool = False):
+    """Fit every cell of every block for every target column; tidy rows, see the module docstring. Examples whose
+    target is missing (-1) in a column are dropped from that column's fit.
 
-    `return_samples=True` also returns the held-out correctness per example and cell (session_id, the group
-    column, hook, layer, position_group, turn, correct, control_correct; mean over a string's characters): the
-    input of a paired permutation test of probe against control (`analysis.stats.cell_tests`).
+    Returns the results DataFrame, then (in this order, each only when asked) the samples and the null table.
+    `return_samples=True`: the held-out correctness per example and cell (session_id, the group column, hook,
+    layer, position_group, turn, target, correct, control_correct (NaN without the control task); mean over a
+    string's characters). `n_permutations=K` with `return_null=True`: the permutation null (targets permuted across
+    identities with seeds (seed, 0) ... (seed, K-1), the same fit rerun: nested CV, folds, grid), one row per
+    (cell, target column or char_accuracy, permutation), NULL_COLUMNS; test it with `null_p_values`.
+    nested: C chosen by inner folds (`fit_probes`); False: the old, optimistic protocol. progress: a tqdm bar over
+    the fits (blocks x (real, control, permutations)).
 
     `mdl=True` adds the online code of every cell and target column (`probes.mdl.online_codelength`, logistic
-    probes whatever `method` is): metrics `online_codelength` (bits) and `compression`, and `control_compression`
-    for the control task; for strings also summed over the characters."""
+    probes whatever `method` is): metrics `online_codelength` (bits) and `compression` (and `control_compression`
+    with the control task); for strings also summed over the characters."""
+    if return_null and n_permutations < 2:
+        raise ProbeError(f"probe_sweep: return_null needs n_permutations >= 2, got {n_permutations}")
     y_all = targets[0]
     n_classes = int(n_classes or (y_all.max() + 1))
-    rows, samples = [], []
+    rows, samples, null_rows = [], [], []
+    n_fits = len(blocks) * (1 + int(control_task) + (n_permutations if return_null else 0))
+    bar = _bar(n_fits, progress, f"probes {target}")
+    fit_kw = dict(method=method, n_folds=n_folds, seed=seed, n_classes=n_classes, device=device, nested=nested)
     for block in blocks:
         y, groups = _align(block, targets, group_col)
         keep = (y >= 0).all(1)  # one example set for every column, so columns batch together
         if keep.sum() < n_folds * 2:
+            bar.update(n_fits // max(len(blocks), 1))
             continue
         y, groups = y[keep], groups[keep]
         sids = block.meta["session_id"].to_numpy()[keep]
@@ -107,11 +228,14 @@ def probe_sweep(blocks: Sequence[CellBlock], targets: tuple[np.ndarray, list[str
             tasks["control_task"] = _per_cell_targets(control_labels(y, groups, n_classes, seed), n_cells)
         held, code = {}, {}
         for name, Yt in tasks.items():
-            fit = fit_probes(Xk, Yt, groups, method=method, n_folds=n_folds, seed=seed, n_classes=n_classes,
-                             device=device)
+            fit = fit_probes(Xk, Yt, groups, **fit_kw)
             held[name] = (fit.oof.numpy() == Yt.numpy())  # [cell * k, n] held-out correctness
             if mdl:
                 code[name] = online_codelength(Xk, Yt, groups, seed=seed, n_classes=n_classes, device=device)
+            bar.update(1)
+        folds = fit.folds
+        chance = _pooled_chance(y, folds, n_classes)  # [k]
+        null = _null_accuracy(Xk, y, groups, n_cells, n_permutations if return_null else 0, seed, fit_kw, bar)
         for c, cell in block.cells.iterrows():
             base = {"model": model, "family": family, "hook": cell["hook"], "layer": int(cell["layer"]),
                     "position_group": cell["position_group"], "turn": int(cell["turn"]),
@@ -120,15 +244,12 @@ def probe_sweep(blocks: Sequence[CellBlock], targets: tuple[np.ndarray, list[str
             real = held["real"][c * k:(c + 1) * k]  # [k, n]
             ctrl = held["control_task"][c * k:(c + 1) * k] if control_task else None
             for j, name in enumerate(targets[1]):
-                chance = np.bincount(y[:, j], minlength=n_classes).max() / len(y)
                 rows.append({**base, "target": name, "metric": "accuracy", **_ci(real[j], groups, n_boot, seed)})
-                rows.append({**base, "target": name, "metric": "chance", "value": chance, "ci_low": np.nan,
+                rows.append({**base, "target": name, "metric": "chance", "value": chance[j], "ci_low": np.nan,
                              "ci_high": np.nan})
                 if ctrl is not None:
                     rows.append({**base, "target": name, "metric": "control_accuracy",
                                  **_ci(ctrl[j], groups, n_boot, seed)})
-                    rows.append({**base, "target": name, "metric": "selectivity",
-                                 **_ci(real[j].astype(float) - ctrl[j], groups, n_boot, seed)})
             for name, metric in (("real", "compression"), ("control_task", "control_compression")):
                 if name in code:
                     rows += _code_rows(base, code[name].iloc[c * k:(c + 1) * k], targets[1], target, metric)
@@ -139,18 +260,75 @@ def probe_sweep(blocks: Sequence[CellBlock], targets: tuple[np.ndarray, list[str
                     "correct": real.mean(0), "control_correct": ctrl.mean(0) if ctrl is not None else np.nan}))
             if k > 1:
                 rows.append({**base, "metric": "char_accuracy", **_ci(real.mean(0), groups, n_boot, seed)})
+                rows.append({**base, "metric": "char_accuracy_chance", "value": float(chance.mean()),
+                             "ci_low": np.nan, "ci_high": np.nan})
                 rows.append({**base, "metric": "exact_match", **_ci(real.all(0), groups, n_boot, seed)})
+                rows.append({**base, "metric": "exact_match_chance", "value": float(np.prod(chance)),
+                             "ci_low": np.nan, "ci_high": np.nan})
                 if ctrl is not None:
                     rows.append({**base, "metric": "control_char_accuracy", **_ci(ctrl.mean(0), groups, n_boot, seed)})
-                    rows.append({**base, "metric": "selectivity",
-                                 **_ci(real.mean(0) - ctrl.mean(0), groups, n_boot, seed)})
+            if null is not None:
+                null_rows += _null_rows(base, null[:, c * k:(c + 1) * k], targets[1], target)
+    bar.close()
     if not rows:
         raise ProbeDataError("probe_sweep: no block had enough examples with targets "
                              f"(need at least {2 * n_folds})")
-    df = pd.DataFrame(rows)[RESULT_COLUMNS]
+    out = [pd.DataFrame(rows)[RESULT_COLUMNS]]
     if return_samples:
-        return df, pd.concat(samples, ignore_index=True)
-    return df
+        out.append(pd.concat(samples, ignore_index=True))
+    if return_null:
+        out.append(pd.DataFrame(null_rows, columns=NULL_COLUMNS))
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+def _pooled_chance(y: np.ndarray, folds, n_classes: int) -> np.ndarray:
+    """Chance per target column [k] over all held-out examples (`held_out_chance` per fold, weighted by the
+    folds' test sizes: the same pooling as the reported accuracy)."""
+    per_fold = held_out_chance(y.T, folds, n_classes)  # [k, fold]
+    sizes = np.array([len(te) for _, te in folds], dtype=float)
+    return per_fold @ sizes / sizes.sum()
+
+
+def _null_accuracy(Xk, y, groups, n_cells: int, n_permutations: int, seed: int, fit_kw: dict, bar):
+    """Held-out accuracy [permutation, cell * k] of the same fit on targets permuted across identities (None when
+    no permutations are asked for)."""
+    if n_permutations == 0:
+        return None
+    out = []
+    for p in range(n_permutations):
+        Yp = _per_cell_targets(permute_across_identities(y, groups, (seed, p)), n_cells)
+        fit = fit_probes(Xk, Yp, groups, refit=False, **fit_kw)
+        out.append((fit.oof.numpy() == Yp.numpy()).mean(1))
+        bar.update(1)
+    return np.stack(out)
+
+
+def _null_rows(base: dict, null: np.ndarray, names: list[str], target: str) -> list[dict]:
+    """Null rows of one cell: null [permutation, k] accuracies; per column and (strings) char_accuracy."""
+    rows = []
+    for p, acc in enumerate(null):
+        row = {k: v for k, v in base.items()} | {"permutation": p}
+        rows += [{**row, "target": name, "metric": "accuracy", "value": float(a)} for name, a in zip(names, acc)]
+        if len(names) > 1:
+            rows.append({**row, "target": target, "metric": "char_accuracy", "value": float(acc.mean())})
+    return rows
+
+
+def _bar(total: int, progress: bool, desc: str):
+    """A tqdm bar when `progress`, else an object with the same update/close that does nothing."""
+    if progress:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc)
+
+    class _Silent:
+        def update(self, n=1):
+            pass
+
+        def close(self):
+            pass
+
+    return _Silent()
 
 
 def _code_rows(base: dict, code: pd.DataFrame, names: list[str], target: str, metric: str) -> list[dict]:
@@ -217,9 +395,12 @@ def transfer_matrix(block: CellBlock, targets: tuple[np.ndarray, list[str], pd.I
 def run_probes(store_dir: str, out_dir: str, target: str = "digits", position_groups: Sequence[str] = ("last",),
                turns: Sequence[int] | None = None, layers: Sequence[int] | None = None, method: str = "logreg",
                pii_type: str | None = None, group_col: str = "identity_id", n_folds: int = 5, seed: int = 0,
-               control: str = "none", n_boot: int = 1000, figures: bool = True, mdl: bool = False) -> pd.DataFrame:
+               control: str = "none", n_boot: int = 1000, figures: bool = True, mdl: bool = False,
+               private_from=None) -> pd.DataFrame:
     """`mmret probe`: sweep every cell of the store at `store_dir` for `target`, write probe_results.csv and, with
-    `figures`, the layer x position heatmap and the retention curves beside it."""
+    `figures`, the layer x position heatmap and the retention curves beside it. PII targets (digits, chars) come
+    from the sessions' private labels: `private_from` (a sessions JSONL or list of sessions) or the store's
+    private_labels.jsonl (see `ActivationStore.sessions`)."""
     from pathlib import Path
 
     from probes.probe_data import probe_cells, session_targets
@@ -227,7 +408,7 @@ def run_probes(store_dir: str, out_dir: str, target: str = "digits", position_gr
     from probes.store import ActivationStore
 
     store = ActivationStore(store_dir)
-    sessions = store.sessions()
+    sessions = store.sessions(private_from=private_from)
     targets = session_targets(sessions, target, pii_type)
     blocks = probe_cells(store, position_groups, turns, layers)
     df = probe_sweep(blocks, targets, target=target, method=method, group_col=group_col, n_folds=n_folds, seed=seed,
@@ -247,7 +428,8 @@ def run_probes(store_dir: str, out_dir: str, target: str = "digits", position_gr
 
 
 def token_readout(loaded, store, session, target: str = "digits", layer: int | None = None,
-                  method: str = "logreg", n_folds: int = 5, seed: int = 0, hook: str = "resid_post") -> pd.DataFrame:
+                  method: str = "logreg", n_folds: int = 5, seed: int = 0, hook: str = "resid_post",
+                  private_from=None) -> pd.DataFrame:
     """Where in a transcript a probe reads the target, token by token.
 
     Fits the target's probe on the last token of the final turn of the sessions in `store` (at `layer`; None:
@@ -261,7 +443,7 @@ def token_readout(loaded, store, session, target: str = "digits", layer: int | N
     from probes.probe_data import probe_cells, session_targets
     from probes.render import render
 
-    sessions = store.sessions()
+    sessions = store.sessions(private_from=private_from)  # the targets are private labels: not in the store
     y, _, ids = session_targets(sessions, target)
     y_new = session_targets([session], target)[0][0]
     blocks = probe_cells(store, ["last"])

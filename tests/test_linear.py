@@ -7,7 +7,7 @@ import torch
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.preprocessing import StandardScaler
 
-from probes.linear import ProbeError, fit_probe, fit_probes, grouped_folds
+from probes.linear import ProbeError, fit_probe, fit_probes, grouped_folds, held_out_chance
 
 N_GROUPS, PER_GROUP, D, K = 60, 4, 16, 3
 
@@ -73,7 +73,7 @@ def test_planted_signal_found_only_where_planted(logreg_fit):
     assert acc[0] < chance[0] + 0.15 and acc[2] < chance[2] + 0.15
     assert logreg_fit.table.converged.all()
     assert list(logreg_fit.table.columns) == ["cell", "fold", "method", "C", "accuracy", "chance", "n_train",
-                                              "n_test", "converged"]
+                                              "n_test", "converged", "nested"]
 
 
 def test_final_probe_predicts_and_has_raw_unit_weights(data, logreg_fit):
@@ -206,3 +206,23 @@ def test_held_out_predictions_match_the_fold_accuracies():
             assert np.allclose(acc, table, atol=1e-9), method
             logits = torch.bmm(X[:, test], fit.fold_weights[:, f]) + fit.fold_bias[:, f, None]
             assert (logits.argmax(-1) == fit.oof[:, test]).all()
+
+
+def test_nested_cv_is_not_optimistic_under_the_null():
+    """Null: each cell's labels (one per identity) are independent of X. Choosing C on the reporting folds
+    (nested=False) scores above chance on average over 60 cells; nested CV (C chosen inside each training part)
+    does not, and it still finds a planted signal. The table's C is each outer fold's own choice."""
+    g = torch.Generator().manual_seed(1)
+    groups = np.repeat(np.arange(40), 2)
+    y = torch.randint(0, 4, (60, 40), generator=g)[:, torch.as_tensor(groups)]
+    X = torch.randn(60, 80, 24, generator=g)
+    chance = held_out_chance(y.numpy(), grouped_folds(groups), 4).mean()
+    Cs = np.logspace(-3, 2, 6)
+    flat = fit_probes(X, y, groups, method="ridge", Cs=Cs, nested=False).table
+    nested = fit_probes(X, y, groups, method="ridge", Cs=Cs).table
+    assert flat.accuracy.mean() - chance > 0.025  # the optimism nested CV removes
+    assert abs(nested.accuracy.mean() - chance) < 0.015
+    assert nested.nested.all() and nested.groupby("cell").C.nunique().max() > 1  # per-fold choice
+    X[:5] += 4 * torch.nn.functional.one_hot(y[:5], 24).float()
+    planted = fit_probes(X[:6], y[:6], groups, method="ridge", Cs=Cs).table.groupby("cell").accuracy.mean()
+    assert (planted[:5] > 0.8).all() and planted[5] < 0.5

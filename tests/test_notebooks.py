@@ -41,7 +41,7 @@ EXPECTED = {
                   *[f"figures/{name}.{x}" for name in ("probe_heatmap_pii_type", "transfer_pii_type",
                                                         "probe_heatmap_digits", "retention_curves_digits",
                                                         "erasure_asr") for x in FIGURE]],
-        "outputs": ["control_accuracy", "random_subspace", "leace"],
+        "outputs": ["char_accuracy_chance", "random_subspace", "leace"],
     },
     "04_patching": {
         "files": ["patching/patching_atp.csv", "patching/patching_atp_summary.csv", "patching/atp_agreement.csv",
@@ -142,7 +142,7 @@ def test_notebook_runs(name, kernel_dir, tmp_path):
             assert person.ssn not in written and person.email not in written
     elif name == "03_probes":
         digits = pd.read_csv(here / "probe_results_digits.csv")
-        assert {"char_accuracy", "control_char_accuracy", "selectivity"} <= set(digits["metric"])
+        assert {"char_accuracy", "char_accuracy_chance", "exact_match"} <= set(digits["metric"])
         assert sorted(digits.loc[digits["position_group"] == "last", "turn"].unique()) == list(range(8))
         erasure = pd.read_csv(here / "figures" / "erasure_asr.csv")
         assert set(erasure["method"]) == {"none", "leace", "random_subspace"}

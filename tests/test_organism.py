@@ -286,8 +286,8 @@ def test_trainer_adds_the_plan_loss_only_where_a_value_is_asked(tiny_parts):
 def test_default_model_keeps_the_asked_ssn_where_it_was_planted(tmp_path):
     """Ground truth for the probes (issue 5): the shipped model was trained to hold the digits of the value it is
     asked about at the prompt's end (train.py's answer plan, block PLAN_LAYER). After 3 distractor turns a ridge
-    probe on held-out identities reads the SSN there, well above chance and well above the control task (each
-    identity a fixed random label), and the prompt's final token before block 0 (the same token in every session)
+    probe on held-out identities reads the SSN there, well above chance (the held-out accuracy of the training
+    part's majority class), and the prompt's final token before block 0 (the same token in every session)
     holds nothing. What the distractor turns keep is a finding, not planted, so it is not asserted here: the
     24-identity model let it fade, the 96-identity one keeps it (README, issue 5)."""
     from probes import capture
@@ -312,5 +312,5 @@ def test_default_model_keeps_the_asked_ssn_where_it_was_planted(tmp_path):
     at = df.set_index(["hook", "layer", "metric"])["value"]
     plan, embed = ("hook_resid_post", PLAN_LAYER), ("hook_resid_pre", 0)
     assert at[(*plan, "char_accuracy")] >= 0.4, at.to_dict()  # chance 0.1
-    assert at[(*plan, "selectivity")] >= 0.2, at.to_dict()
+    assert at[(*plan, "char_accuracy")] - at[(*plan, "char_accuracy_chance")] >= 0.2, at.to_dict()
     assert at[(*embed, "char_accuracy")] <= 0.2, at.to_dict()

@@ -1,4 +1,5 @@
-"""Probe sweeps (issue 5): planted signals are found where they are and nowhere else, control tasks stay at chance,
+"""Probe sweeps (issues 5, 16): planted signals are found where they are and nowhere else, the permutation null keeps
+identity groups and its p-value rule is calibrated, chance is the held-out majority class, the control task is opt-in,
 cross-turn transfer follows the planted directions, LEACE leaves activations alone when the concept is absent and
 removes it when present, and `mmret probe` runs end to end on a captured store."""
 
@@ -8,9 +9,10 @@ import pytest
 import torch
 
 from probes.erasure import erasure_effect, eraser_rank, fit_leace, one_hot_blocks, random_eraser
-from probes.linear import fit_probes
+from probes.linear import ProbeError, fit_probes, grouped_folds, held_out_chance
 from probes.probe_data import CellBlock, ProbeDataError, char_classes, session_targets
-from probes.probing import control_labels, probe_sweep, transfer_matrix
+from probes.probing import (control_labels, null_p_values, permutation_p_values, permute_across_identities,
+                            probe_sweep, transfer_matrix)
 
 N_ID, PER_ID, D, K = 60, 3, 64, 3  # identities, sessions per identity, d_model, characters of the planted string
 
@@ -43,22 +45,16 @@ def _planted(turn_dirs: dict[int, int | None], layers=(0, 1, 2), planted_layer=1
 def test_planted_digits_are_found_there_and_nowhere_else():
     block, targets = _planted({0: 0, 2: 0})
     df, samples = probe_sweep([block], targets, n_boot=100, return_samples=True)
-    # the held-out correctness per example is what the accuracies are means of; chance is the majority share
-    per_cell = samples.groupby(["layer", "turn"])[["correct", "control_correct"]].mean()
-    for metric, col in (("char_accuracy", "correct"), ("control_char_accuracy", "control_correct")):
-        rows = df[df.metric == metric].set_index(["layer", "turn"])["value"]
-        np.testing.assert_allclose(rows.sort_index(), per_cell[col].sort_index(), atol=1e-12)
-    y = targets[0]
-    chance = df[(df.metric == "chance") & (df.target == "digits[1]")]["value"]
-    assert np.allclose(chance, np.bincount(y[:, 1]).max() / len(y))
+    # the held-out correctness per example is what the accuracies are means of
+    per_cell = samples.groupby(["layer", "turn"])["correct"].mean()
+    rows = df[df.metric == "char_accuracy"].set_index(["layer", "turn"])["value"]
+    np.testing.assert_allclose(rows.sort_index(), per_cell.sort_index(), atol=1e-12)
+    assert samples["control_correct"].isna().all()  # no control task by default
     acc = df[df.metric == "char_accuracy"].set_index(["layer", "turn"])["value"]
     assert acc.loc[(1, 0)] > 0.9 and acc.loc[(1, 2)] > 0.9
     for cell in [(0, 0), (2, 0), (0, 2), (2, 2)]:
         assert acc.loc[cell] < 0.3  # chance is 0.1
-    ctrl = df[df.metric == "control_char_accuracy"]["value"]
-    assert ctrl.max() < 0.3  # the control task cannot be learned from identities it never saw
-    sel = df[(df.metric == "selectivity") & (df.target == "digits")].set_index(["layer", "turn"])["value"]
-    assert sel.loc[(1, 0)] > 0.6 and abs(sel.loc[(0, 0)]) < 0.2
+    assert not {"selectivity", "control_accuracy", "control_char_accuracy"} & set(df.metric)
     exact = df[df.metric == "exact_match"].set_index(["layer", "turn"])["value"]
     assert exact.loc[(1, 0)] > 0.7 and exact.loc[(0, 0)] < 0.05
     row = df[df.metric == "char_accuracy"].iloc[0]
@@ -66,11 +62,98 @@ def test_planted_digits_are_found_there_and_nowhere_else():
     assert set(df.turn_distance.dropna()) == {0.0, 1.0}
 
 
+def test_chance_is_the_held_out_majority_class_under_the_same_folds():
+    """chance = held-out accuracy of predicting the training part's majority class (not the in-sample majority
+    share, which is biased upward); char_accuracy's chance is the mean of the digits', exact_match's their product."""
+    block, targets = _planted({0: 0}, layers=(0,))
+    df = probe_sweep([block], targets, n_boot=0)
+    y, groups = targets[0], block.meta["identity_id"].to_numpy()
+    folds = grouped_folds(groups, 5, 0)
+    expect = []
+    for j in range(K):
+        hits = sum((y[te, j] == np.bincount(y[tr, j], minlength=10).argmax()).sum() for tr, te in folds)
+        expect.append(hits / len(y))
+    got = df[df.metric == "chance"].set_index("target")["value"]
+    np.testing.assert_allclose([got[f"digits[{j}]"] for j in range(K)], expect, atol=1e-12)
+    at = df.set_index("metric")["value"]
+    assert np.isclose(at["char_accuracy_chance"], np.mean(expect)) and np.isclose(at["exact_match_chance"],
+                                                                                   np.prod(expect))
+    assert np.allclose(held_out_chance(y[:, 0], folds, 10), [[(y[te, 0] == np.bincount(y[tr, 0]).argmax()).mean()
+                                                              for tr, te in folds]])
+
+
+def test_control_task_is_opt_in_and_reports_no_selectivity():
+    """The identity control task cannot be learned under identity-grouped folds (module docstring): asked for,
+    it is reported as control accuracy near chance, never as a selectivity baseline."""
+    block, targets = _planted({0: 0}, layers=(0, 1))
+    df = probe_sweep([block], targets, n_boot=0, control_task=True)
+    ctrl = df[df.metric == "control_char_accuracy"].set_index("layer")["value"]
+    assert ctrl.max() < 0.25 and "selectivity" not in set(df.metric)
+
+
+def test_permutation_across_identities_keeps_the_groups():
+    """Every row of one identity gets one other identity's whole target row; the multiset of identity values is
+    kept; the same seed gives the same permutation; targets that differ within an identity are refused."""
+    groups = np.repeat([f"id{i}" for i in range(30)], [1, 2, 3] * 10)
+    values = np.arange(30 * 2).reshape(30, 2)
+    _, inv = np.unique(groups, return_inverse=True)
+    y = values[inv]
+    yp = permute_across_identities(y, groups, (0, 1))
+    for g in np.unique(groups):
+        rows = yp[groups == g]
+        assert (rows == rows[0]).all()  # one value per identity
+    firsts = np.array([yp[groups == g][0] for g in np.unique(groups)])
+    assert sorted(map(tuple, firsts)) == sorted(map(tuple, values))  # a permutation of the identities' values
+    assert (firsts != values).any(axis=1).sum() > 20  # most identities got another's value
+    assert (permute_across_identities(y, groups, (0, 1)) == yp).all()
+    assert not (permute_across_identities(y, groups, (0, 2)) == yp).all()
+    bad = y.copy()
+    bad[np.flatnonzero(groups == "id1")[0], 0] += 1
+    with pytest.raises(ProbeError, match="one target per identity"):
+        permute_across_identities(bad, groups, 0)
+
+
+def test_p_value_rule_is_calibrated_under_exchangeable_accuracies():
+    """Null: the observed accuracy is one more draw of the null's distribution. Seeded simulation with skewed,
+    discrete accuracies (binomial rates near chance, as held-out accuracies of 24-540 predictions are): the rule
+    rejects at most about alpha, at 0.05 and at 0.01; the rank p-value's floor 1/(K+1) does not bind it."""
+    rng = np.random.default_rng(0)
+    for n_pred, rate in ((60, 0.1), (540, 0.1), (60, 0.3)):
+        draws = rng.binomial(n_pred, rate, size=(20_000, 21)) / n_pred
+        p = permutation_p_values(draws[:, 0], draws[:, 1:])
+        assert 0.02 <= (p < 0.05).mean() <= 0.055, (n_pred, rate, (p < 0.05).mean())
+        assert (p < 0.01).mean() <= 0.012, (n_pred, rate)
+    # and it sees a real effect: 3 null sds above the null gives p far below the rank floor 1 / 21
+    null = rng.binomial(540, 0.1, size=(1, 20)) / 540
+    assert permutation_p_values(np.array([0.1 + 3 * 0.013 + 0.02]), null)[0] < 0.005
+    assert permutation_p_values(np.array([0.2]), np.full((1, 5), 0.1))[0] == pytest.approx(1 / 6)  # no spread: rank
+    with pytest.raises(ProbeError, match="at least 2"):
+        permutation_p_values(np.array([0.5]), np.array([[0.1]]))
+
+
+def test_permutation_null_of_the_sweep_finds_the_planted_cell_only():
+    """The sweep's null table: one row per (cell, column or char_accuracy, permutation); with BH over the cells, the
+    planted cell is significant and the pure-noise cells are not; the nested null sits near chance."""
+    from analysis.stats import benjamini_hochberg
+
+    block, targets = _planted({0: 0}, layers=(0, 1, 2))
+    df, null = probe_sweep([block], targets, n_boot=0, n_permutations=8, return_null=True, method="ridge")
+    assert len(null) == 3 * 8 * (K + 1) and set(null.permutation) == set(range(8))
+    tests = null_p_values(df, null)
+    assert len(tests) == 3 and (tests.n_permutations == 8).all()
+    sig = dict(zip(tests.layer, benjamini_hochberg(tests.p_value.to_numpy(), 0.05)[0]))
+    assert sig == {0: False, 1: True, 2: False}
+    nul = null[null.metric == "char_accuracy"]["value"]
+    assert abs(nul.mean() - df[df.metric == "char_accuracy_chance"]["value"].mean()) < 0.03
+
+
 def test_probe_sweep_reports_the_code_beside_accuracy():
     block, targets = _planted({0: 0}, layers=(0, 1))
     df = probe_sweep([block], targets, n_boot=20, mdl=True)
     at = df[df.target == "digits"].set_index(["layer", "metric"])["value"]
-    assert at[(1, "compression")] > 1.3 > at[(1, "control_compression")]
+    assert at[(1, "compression")] > 1.3
+    ctrl = probe_sweep([block], targets, n_boot=20, mdl=True, control_task=True)
+    assert ctrl[(ctrl.metric == "control_compression") & (ctrl.target == "digits")]["value"].max() < 1.3
     assert at[(0, "compression")] < 1.05
     per_digit = df[(df.metric == "online_codelength") & (df.layer == 1) & (df.target != "digits")]["value"]
     assert len(per_digit) == 3 and np.isclose(per_digit.sum(), at[(1, "online_codelength")])

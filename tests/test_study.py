@@ -21,7 +21,7 @@ TINY = {
                  "multiturn": {"identities": 12, "k_distractors": [0, 2]}},
     "leakage": {"max_new_tokens": 20},
     "capture": {"layers": [1, 3]},
-    "probes": {"method": "ridge", "n_folds": 3, "mdl": True},
+    "probes": {"method": "ridge", "n_folds": 3, "mdl": True, "n_permutations": 4},
     "patching": {"experiments": ["denoise"], "max_pairs": 2, "components": ["resid_pre"]},
     "statistics": {"n_boot": 50, "n_perm": 200, "allow_underpowered": True},  # 2 pairs: a pipeline check
 }
@@ -58,8 +58,9 @@ def test_study_writes_every_stage(first_run):
     assert sorted(probes["layer"].unique()) == [1, 3] and set(probes["turn"]) >= {0, 2}
     code = probes[probes["metric"].isin(["compression", "control_compression"])]  # probes.mdl: true
     assert len(code) and (code["value"] > 0).all() and set(code["layer"]) == {1, 3}
-    tests = pd.read_csv(out / "statistics/probe_tests.csv")
-    assert {"p_value", "q_value", "significant"} <= set(tests.columns) and tests["q_value"].between(0, 1).all()
+    tests = pd.read_csv(out / "statistics/probe_tests.csv")  # against the permutation null (4 draws here)
+    assert {"p_value", "q_value", "significant", "null_mean", "observed"} <= set(tests.columns)
+    assert tests["q_value"].between(0, 1).all() and (tests["n_permutations"] == 4).all()
     assert (tests["q_value"] >= tests["p_value"] - 1e-12).all()  # BH never lowers a p-value
     leak_tests = pd.read_csv(out / "statistics/leakage_tests.csv")
     assert set(leak_tests["framing"]) == {"caption"}  # each framing against the direct ask
@@ -188,6 +189,7 @@ def test_shipped_default_config_is_valid():
     ({"leakage.batch_size": 0}, "leakage.batch_size: 0: expected an integer >= 1"),
     ({"seed": "zero"}, "seed: 'zero': expected an integer"),
     ({"probes.mdl": "yes"}, "probes.mdl: 'yes': expected true or false"),
+    ({"probes.n_permutations": 1}, "probes.n_permutations: 1: expected an integer >= 2"),
     ({"models": [{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]}, "'a' is used twice"),
     ({"patching.max_pairs": 4, "statistics.allow_underpowered": False},
      "patching.max_pairs: 4: pairs of that many identities allow no p-value below 0.125 > alpha 0.05"),
