@@ -309,7 +309,8 @@ def plot_patching_heatmaps(df: pd.DataFrame, out_dir: str | Path, name: str = "p
         raise ValueError(f"plot_patching_heatmaps: no rows with metric {metric!r}, direction {direction!r}, "
                          f"method {method!r}")
     marked = _has_significance(data, "plot_patching_heatmaps")
-    if "null_by_construction" in data.columns:
+    blanked = "null_by_construction" in data.columns and bool(data["null_by_construction"].eq(True).any())
+    if blanked:
         data = data.assign(value=data["value"].where(~data["null_by_construction"].eq(True)))
     agg = {"value": "mean", **({"significant": "all"} if marked else {})}
     if marked:
@@ -352,6 +353,9 @@ def plot_patching_heatmaps(df: pd.DataFrame, out_dir: str | Path, name: str = "p
     if n_marked:
         _significance_legend(axes[0, 0], next(c for c in axes[0, 0].collections if c.get_gid() == "significance"),
                              significance_label)
+    if blanked:
+        axes[0, -1].text(1.0, -0.32, "blank: null by construction (not tested)", transform=axes[0, -1].transAxes,
+                         ha="right", va="top", fontsize=6)
     return save_figure(fig, data.assign(metric=metric, direction=direction, method=method), out_dir, name)
 
 

@@ -43,7 +43,17 @@ def _significant(tests: pd.DataFrame | None, model: str, by: list[str], top: int
         return None
     extra = [c for c in ("observed", "chance", "null_mean") if c in t.columns]  # probe tests: what the effect is of
     cols = [c for c in by if c in t.columns] + extra + ["effect", "p_value", "q_value", "significant", "n_groups"]
-    return t.sort_values(["q_value", "effect"], ascending=[True, False])[cols].head(top).round(4)
+    return pvalues_readable(t.sort_values(["q_value", "effect"], ascending=[True, False])[cols].head(top).round(4),
+                            t)
+
+
+def pvalues_readable(shown: pd.DataFrame, source: pd.DataFrame) -> pd.DataFrame:
+    """p- and q-values to two significant digits (rounding would print 1e-9 as 0.0) from the unrounded `source`."""
+    out = shown.copy()
+    for col in ("p_value", "q_value", "min_p"):
+        if col in out.columns:
+            out[col] = source.loc[out.index, col].map(lambda v: f"{v:.2g}")
+    return out
 
 
 def blocks_of(study: Any, figures: Path) -> list[Block]:
@@ -65,7 +75,7 @@ def blocks_of(study: Any, figures: Path) -> list[Block]:
         if table is not None:
             b += [("h3", "Leakage (MM-Privacy framings)"),
                   ("p", "Attack success rate (the PII value appears in the answer) and refusal rate per framing and "
-                        "PII type, with 95% CIs."), ("table", table)]
+                        "PII type, with exact (Clopper-Pearson) 95% intervals over identities."), ("table", table)]
             b += fig(f"{m}_leakage", "ASR and refusal rate by framing and PII type.")
             t = _significant(leak_t, m, ["pii_type", "framing"])
             if t is not None:
@@ -77,9 +87,12 @@ def blocks_of(study: Any, figures: Path) -> list[Block]:
             b.append(("h3", "Where the PII is retained: linear probes"))
             main = main_metric(probes)
             best = probes[probes["metric"] == main].sort_values("value", ascending=False).head(8)
-            b += [("p", f"Best cells by held-out {main} (nested cross-validation, folds grouped by identity; chance is "
-                        "the held-out accuracy of always predicting the training part's majority class, in the "
-                        "results as the `chance` rows):"),
+            method = study.cfg.get("probes.method")
+            how = ("difference-in-means probes" if method == "dim" else
+                   f"{method} probes, regularisation chosen by nested cross-validation")
+            b += [("p", f"Best cells by held-out {main} ({how}; folds grouped by identity; chance is the held-out "
+                        "accuracy of always predicting the training part's majority class, in the results as the "
+                        "`chance` rows):"),
                   ("table", best[["target", "layer", "position_group", "turn", "turn_distance", "value", "ci_low",
                                   "ci_high", "n"]].round(3))]
             for target in sorted(probes["target"].unique()):
@@ -92,7 +105,7 @@ def blocks_of(study: Any, figures: Path) -> list[Block]:
                 n_sig = int(probe_t[probe_t["model"] == m]["significant"].sum())
                 k = int(probe_t["n_permutations"].max())
                 b += [("p", f"Null: the targets carry nothing the activations can read; targets permuted across "
-                            f"identities and the whole pipeline (nested cross-validation included) rerun {k} times; "
+                            f"identities and the whole pipeline (any regularisation choice included) rerun {k} times; "
                             "one-sided prediction t-test of the observed accuracy against the permuted ones on the "
                             "arcsine-square-root scale; Benjamini-Hochberg across every cell of the sweep. "
                             f"{n_sig} of {int((probe_t['model'] == m).sum())} cells decode the target after "
@@ -132,16 +145,17 @@ def patching_blocks(tests: pd.DataFrame | None, model: str, alpha: float, n_perm
                             f"within each family ({', '.join(FAMILY_KEYS[1:])}) at q < {alpha}. {n_null} cells "
                             "whose patch writes exactly what the base run holds in every pair are null by "
                             "construction: blank in the heatmaps, not tested."),
-                      ("table", fam[[*FAMILY_KEYS[1:], "n_groups", "family_size", "n_null_by_construction", "min_p",
-                                     "n_significant"]].rename(columns={"n_groups": "identities",
-                                                                       "family_size": "tested cells"}))]
+                      ("table", pvalues_readable(fam[[*FAMILY_KEYS[1:], "n_groups", "family_size",
+                                                      "n_null_by_construction", "min_p", "n_significant"]], fam)
+                       .rename(columns={"n_groups": "identities", "family_size": "tested cells"}))]
     for _, f in fam[~fam["single_reachable"]].iterrows():
         b.append(("p", f"**Warning:** {reachability_message(f, alpha, n_perm)}."))
-    sig = t[t["significant"]].sort_values(["q_value", "value"], ascending=[True, False])
+    sig = t[t["significant"].astype(bool)].sort_values(["q_value", "value"], ascending=[True, False])
     cols = ["experiment", "direction", "component", "layer", "position_group", "value", "ci_low", "ci_high",
             "mean_pair_effect", "p_value", "q_value", "n_groups"]
     if len(sig):
-        b += [("p", f"{len(sig)} cells survive correction (strongest first):"), ("table", sig[cols].head(15).round(4))]
+        b += [("p", f"{len(sig)} cells survive correction (strongest first):"),
+              ("table", pvalues_readable(sig[cols].head(15).round(4), sig))]
     else:
         b.append(("p", "No patching cell survives correction."))
     return b

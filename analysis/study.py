@@ -250,6 +250,9 @@ def run_patching_stage(study: Study, entry: dict[str, Any], sessions: Path, work
 
     c, seed = study.cfg.section("patching"), study.cfg.data["seed"]
     single = [s for s in read_sessions(sessions / "mmprivacy.jsonl") if s.labels.get("framing") in c["framings"]]
+    # One pair per identity: the tests resample and flip identities, so max_pairs counts identities (a "cross"
+    # design asks one identity several times; more pairs of one person add no power).
+    single = list({str(s.labels.get("identity_id")): s for s in reversed(single)}.values())[::-1]
     multi = list(read_sessions(sessions / "multiturn.jsonl"))
     rows = []
     for exp in c["experiments"]:

@@ -272,12 +272,17 @@ def _check_patching_pairs(source: str, data: dict[str, Any]) -> None:
     pt, st = data["patching"], data["statistics"]
     if not pt["enabled"] or set(pt["experiments"]) <= {"knockout"} or st["allow_underpowered"]:
         return
-    p_min = min_sign_flip_p(pt["max_pairs"], "two-sided", st["n_perm"])
+    n = min(pt["max_pairs"], data["sessions"]["mmprivacy"]["identities"])  # the stage patches one pair per identity
+    p_min = min_sign_flip_p(n, "two-sided", st["n_perm"])
     if p_min > st["alpha"]:
         need = min_clusters_for_bh(1, st["alpha"], "two-sided", st["n_perm"])
-        raise _fail(source, "patching.max_pairs", f"{pt['max_pairs']}: pairs of that many identities allow no "
-                                                  f"p-value below {p_min:.3g} > alpha {st['alpha']}, so no patching "
-                                                  f"cell could ever be significant; expected at least {need} "
+        if need is None:
+            raise _fail(source, "statistics.n_perm", f"{st['n_perm']}: random sign flips allow no p-value below "
+                                                     f"{p_min:.3g} > alpha {st['alpha']}; raise it")
+        raise _fail(source, "patching.max_pairs", f"{pt['max_pairs']} (of {data['sessions']['mmprivacy']['identities']}"
+                                                  f" identities): pairs of {n} identities allow no p-value below "
+                                                  f"{p_min:.3g} > alpha {st['alpha']}, so no patching cell could "
+                                                  f"ever be significant; expected at least {need} "
                                                   "(or statistics.allow_underpowered: true for a pipeline check)")
 
 

@@ -192,7 +192,9 @@ def test_shipped_default_config_is_valid():
     ({"probes.n_permutations": 1}, "probes.n_permutations: 1: expected an integer >= 2"),
     ({"models": [{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]}, "'a' is used twice"),
     ({"patching.max_pairs": 4, "statistics.allow_underpowered": False},
-     "patching.max_pairs: 4: pairs of that many identities allow no p-value below 0.125 > alpha 0.05"),
+     "patching.max_pairs: 4 (of 4 identities): pairs of 4 identities allow no p-value below 0.125 > alpha 0.05"),
+    ({"patching.max_pairs": 24, "statistics.allow_underpowered": False},
+     "patching.max_pairs: 24 (of 4 identities): pairs of 4 identities"),
 ])
 def test_bad_config_names_the_key(over, message, tmp_path):
     with pytest.raises(StudyConfigError, match=re.escape(message)):
