@@ -557,8 +557,9 @@ def _(ws, case):
 
 @_case("sessions_build_disk_full", during=disk_full)
 def _(ws, case):
+    # the first file written is a document image beside the JSONL: the message names it
     return ["sessions", "build", "--kind", "multiturn", "--n", "1", "--k", "0", "--size", "64",
-            "--out", str(case / "s.jsonl")], ["s.jsonl"]
+            "--out", str(case / "s.jsonl")], ["s_images", "No space left on device"]
 
 
 @_case("tiny_out_is_a_file")

@@ -635,6 +635,7 @@ PATCHING = [
     """),
     code("""
     from analysis.figures import plot_knockout_curves
+    from probes.patching import summarize
 
     knocked = run_patching(loaded, sessions, "knockout", OUT / "knockout", windows=[1, 2], n_boot=500, progress=False)
     knock_summary = summarize(knocked, n_boot=500)

@@ -256,7 +256,8 @@ def test_mmret_probe_on_a_captured_store(tiny_dir, tmp_path):
     sessions = multiturn_sessions(people, tmp_path / "img", k_distractors=(1,), reshow=(False,),
                                   framing_pairs=(("caption", "caption"),), pii_types=("SSN",), size=64)
     loaded = load_model(tiny_dir("llava"))
-    capture(loaded, sessions, str(tmp_path / "store"), positions="last:*+image:0", progress=False)
+    capture(loaded, sessions, str(tmp_path / "store"), positions="last:*+image:0", progress=False,
+            keep_private_labels=True)  # the digits targets: a store keeps no PII unless asked
     out = tmp_path / "probes"
     assert main(["probe", "--store", str(tmp_path / "store"), "--out", str(out), "--positions", "last,image",
                  "--folds", "2", "--n-boot", "20"]) == 0
