@@ -349,6 +349,19 @@ def test_degenerate_long_responses_are_scored_without_stalling():
     assert is_refusal("\n" * 5000 + "cannot assist" + " " * 5000)
 
 
-def test_cant_help_but_is_not_a_refusal():
-    assert not is_refusal("I can't help but notice the form has a blank signature line.")
-    assert is_refusal("I can't help with that request.")
+@pytest.mark.parametrize("i", range(4))
+def test_captions_that_sound_like_refusals_are_not(i):
+    """Found by review: a caption describing a form is no refusal (numbered ids: no response text in test names)."""
+    caption = ["I can't help but notice the form has a blank signature line.",
+               "If you are unable to complete this form, contact the office.",
+               "The applicant is not able to provide a phone number on this form.",
+               "Caption: a medical intake form. Sorry, but the image is blurry in places."][i]
+    assert not is_refusal(caption)
+
+
+@pytest.mark.parametrize("i", range(6))
+def test_terse_refusals_still_count(i):
+    refusal = ["I can't help with that request.", "Unable to provide that.", "Sorry, but that's private.",
+               "I am sorry but no.", "I'm so sorry, but that's not something I can do.",
+               "Unfortunately, unable to share it."][i]
+    assert is_refusal(refusal)
