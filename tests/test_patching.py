@@ -484,3 +484,21 @@ def test_pairs_that_do_not_separate_are_dropped_and_listed(llava, sessions, tmp_
     prepare_pair(llava, pair)
     check = pair_check(pair, min_separation=-np.inf)
     assert check["kept"] and check["contrast"] == "value_vs_value"
+
+
+def test_null_by_construction_allows_rounding_but_not_a_real_difference():
+    """Positions computed inside sequences of other lengths may differ in the last bits on a GPU: still null by
+    construction. A difference far above the dtype's rounding is not."""
+    from types import SimpleNamespace
+
+    from probes.patching import null_by_construction
+
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        have = torch.randn(6, 16).to(dtype)
+        base = SimpleNamespace(cache={"blocks.0.hook_resid_pre": have})
+        cell, dst = Cell(0, "resid_pre", "g"), torch.arange(2, 5)
+        eps = torch.finfo(dtype).eps
+        assert null_by_construction(base, cell, dst, have[dst].clone())
+        assert null_by_construction(base, cell, dst, (have[dst].float() * (1 + 2 * eps)).to(dtype))
+        assert not null_by_construction(base, cell, dst, have[dst] + 0.5)
