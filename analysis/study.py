@@ -32,7 +32,6 @@ from probes.probing import main_metric
 from probes.session import atomic_write_bytes, atomic_write_text
 
 
-
 class StudyError(RuntimeError):
     """A stage failed; the message names the stage, the model and the folder kept for resuming."""
 
@@ -189,7 +188,7 @@ def run_probes_stage(study: Study, entry: dict[str, Any], capture_dir: Path, wor
     results, samples, nulls, maps = [], [], [], []
     for target in c["targets"]:
         targets = session_targets(sessions, target)
-        # The permutation null: targets permuted across identities, the whole pipeline (nested CV) rerun per draw.
+        # The permutation null: targets permuted across identities, the whole fit (with any choice of C) rerun per draw.
         df, s, null = probe_sweep(blocks, targets, target=target, method=c["method"], n_folds=c["n_folds"],
                                   seed=seed, model=entry["name"], family=store.spec.get("family", ""), n_boot=n_boot,
                                   return_samples=True, mdl=c["mdl"], n_permutations=c["n_permutations"],
