@@ -47,13 +47,13 @@ COMPONENTS = ("resid_pre", "attn_out", "mlp_out")  # the default study's
 def identical_run_rows(loaded, sessions, seed: int = 0) -> pd.DataFrame:
     """Exact patching of every cell with source = base (nothing can change), both directions, per image pair."""
     from probes.patching import (Pair, build_pair, default_groups, exact_patching, other_identities, pick_other,
-                                 prepare_pair, sweep_cells)
+                                 prepare_pair, session_identity, sweep_cells)
 
     pool = other_identities(sessions, seed)
     rows = []
     for s in sessions:
-        ident = next((p for p in pool if p.identity_id == s.labels.get("identity_id")), None)
-        pair = build_pair(loaded, s, "image", other=pick_other(ident, pool, (s.labels["pii_type"],)))
+        other = pick_other(session_identity(s), pool, (s.labels["pii_type"],))
+        pair = build_pair(loaded, s, "image", other=other)
         cells = sweep_cells(loaded.n_layers, COMPONENTS, default_groups([pair]))
         prepare_pair(loaded, pair, sorted({c.hook for c in cells}))
         for direction, run in (("denoise", pair.corrupt), ("noise", pair.clean)):

@@ -53,9 +53,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from probes.patching import (other_identities, pick_other, atp_agreement, attribution_patching,  # noqa: E402
-                             build_pair, default_groups, exact_patching, graddrop_patching, pair_check,
-                             prepare_graddrop, prepare_pair, sweep_cells)
+from probes.patching import (atp_agreement, attribution_patching, build_pair, default_groups,  # noqa: E402
+                             exact_patching, graddrop_patching, other_identities, pair_check, pick_other,
+                             prepare_graddrop, prepare_pair, session_identity, sweep_cells)
 from probes.patching_metrics import MIN_SEPARATION, make_answer  # noqa: E402
 
 COMPONENTS = ("resid_pre", "attn_out", "mlp_out")  # the default study's
@@ -95,7 +95,7 @@ def measure(n_pairs: int = 24, seed: int = 0) -> dict[str, float]:
         rows, seps, seps_old, fr, fr_old = [], [], [], [], []
         t_exact = t_atp = t_gd = 0.0
         for s in sessions:
-            other = pick_other(_identity_of(s), pool, (s.labels["pii_type"],))
+            other = pick_other(session_identity(s), pool, (s.labels["pii_type"],))
             pair = build_pair(loaded, s, "image", other=other)
             cells = sweep_cells(loaded.n_layers, COMPONENTS, default_groups([pair]))
             hooks = sorted({c.hook for c in cells})
@@ -161,12 +161,6 @@ def measure(n_pairs: int = 24, seed: int = 0) -> dict[str, float]:
     out["seconds_atp_per_pair"] = t_atp / max(kept, 1)
     out["seconds_graddrop_per_pair"] = t_gd / max(kept, 1)
     return out
-
-
-def _identity_of(session):
-    from probes.identities import Identity
-
-    return Identity.from_dict(session.labels["_identity"])
 
 
 def main() -> None:

@@ -233,7 +233,8 @@ def _with_turns(session: Session, turns: list[Turn], suffix: str) -> Session:
     return Session(f"{session.session_id}~{suffix}", turns, dict(session.labels))
 
 
-def _identity(session: Session) -> Identity | None:
+def session_identity(session: Session) -> Identity | None:
+    """The identity a session's private `_identity` label holds (None without one)."""
     d = session.labels.get("_identity")
     return Identity.from_dict(d) if isinstance(d, dict) else None
 
@@ -242,7 +243,7 @@ def image_pair(session: Session, other: Identity, swap: Sequence[str] | None = N
                ) -> tuple[Session, list[Box]]:
     """The corrupt twin of `session`: its document re-rendered with `other`'s values in the `swap` fields (default:
     the asked PII type), and the value boxes of both documents (for `pii_patches`)."""
-    ident = _identity(session)
+    ident = session_identity(session)
     lab = session.labels
     need = ("scenario", "pii_type", "doc_size", "doc_seed", "doc_layout")
     if ident is None or any(lab.get(k) is None for k in need):
@@ -291,7 +292,7 @@ def framing_pair(session: Session, corrupt_framing: str = "direct") -> Session:
         raise PatchingError(f"session {session.session_id!r}: the probe turn is not frame({lab['framing']!r}, "
                             "request); cannot re-frame it")
     new = Turn("user", frame(corrupt_framing, request), list(old.images))
-    ident = _identity(session)
+    ident = session_identity(session)
     if ident is not None:
         mark_values(new, ident)
     turns = [*session.turns[:p], new, *session.turns[p + 1:]]
@@ -306,7 +307,7 @@ def text_pair(session: Session, replacements: dict[str, str]) -> Session:
     if not replacements:
         raise PatchingError("text corruption: give replacements {old: new}, e.g. {'SSN': 'Tel'}")
     turns, changed = [], False
-    ident = _identity(session)
+    ident = session_identity(session)
     for t in session.turns:
         text = t.text
         if text is not None:
@@ -935,7 +936,7 @@ def other_identities(sessions: Sequence[Session], seed: int) -> list[Identity]:
     two drawn ones when the sessions hold fewer than two."""
     pool: dict[str, Identity] = {}
     for s in sessions:
-        ident = _identity(s)
+        ident = session_identity(s)
         if ident is not None:
             pool.setdefault(ident.identity_id, ident)
     out = list(pool.values())
@@ -1033,7 +1034,7 @@ def patch_sessions(loaded: LoadedModel, sessions: Sequence[Session], experiment:
         other = None
         if corruption == "image":
             sw = tuple(swap) if swap is not None else (s.labels.get("pii_type"),)
-            other = pick_other(_identity(s), pool, sw)
+            other = pick_other(session_identity(s), pool, sw)
         try:
             pair = build_pair(loaded, s, corruption, other=other, swap=swap, corrupt_framing=corrupt_framing,
                               replacements=replacements, noise_std=noise_std, seed=seed, leak=leak, refusal=refusal)
