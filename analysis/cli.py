@@ -80,7 +80,7 @@ def at_least_two(text: str) -> int:
 
 def model_path(name: str) -> str:
     """`--model default` -> the embedded model's folder; anything else unchanged (an HF id or a local folder)."""
-    from probes.loading import resolve_model
+    from probes.models.loading import resolve_model
 
     return resolve_model(name)
 
@@ -180,7 +180,7 @@ def private_values(labels: dict[str, Any], session_id: str = "") -> set[str]:
 def read_sessions_checked(args: argparse.Namespace, flag: str = "--sessions") -> list:
     """Every session of `args.sessions`, parsed and with every image checked (exists, matches its sha256, decodes),
     before a model loads; the PII of their private labels is kept on `args` so that no message shows it."""
-    from probes.session import check_images, read_sessions
+    from probes.data.session import check_images, read_sessions
 
     path = check_in_file(args.sessions, flag, "a sessions JSONL file")
     sessions = list(read_sessions(path))  # an empty file, a bad line or bytes that are not UTF-8: named errors
@@ -229,7 +229,7 @@ def remove_empty_created(args: argparse.Namespace) -> None:
 def load_checked(args: argparse.Namespace, **kw: Any):
     """The model of `--model` ("default": the embedded one), loaded with the library's checks; `--allow-partial`
     loads weights that do not match the architecture anyway, with a warning."""
-    from probes.loading import load_model
+    from probes.models.loading import load_model
 
     return load_model(model_path(args.model), device=args.device, allow_partial=args.allow_partial, **kw)
 
@@ -237,7 +237,7 @@ def load_checked(args: argparse.Namespace, **kw: Any):
 def cmd_capture(args: argparse.Namespace) -> int:
     """Everything is checked before the model loads (`validate_capture`: sessions, images, selector, hooks, layers,
     context length, the store at --out and the weights it was captured with), so a refused capture writes nothing."""
-    from probes.capture import capture, validate_capture
+    from probes.activations.capture import capture, validate_capture
 
     layers = _layers(args.layers)
     check_out_folder(args.out)
@@ -255,7 +255,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from probes.store import ActivationStore, StoreError
+    from probes.activations.store import ActivationStore, StoreError
 
     store = Path(args.store)
     if not (store / "store.json").is_file():  # ActivationStore() would make a new, empty store there
@@ -265,7 +265,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny(args: argparse.Namespace) -> int:
-    from probes.tiny import build_tiny_model
+    from probes.models.tiny import build_tiny_model
 
     check_out_folder(args.out)
     claim(args, args.out)
@@ -302,9 +302,10 @@ def cmd_sessions_build(args: argparse.Namespace) -> int:
 def _build_sessions(args: argparse.Namespace, out: Path, image_dir: Path, finetune: Path) -> int:
     import json
 
-    from probes import sessions_build as sb
-    from probes.identities import make_identities, split_identities
-    from probes.session import atomic_write_text, write_sessions
+    from probes.data import builders as sb
+    from probes.data.identities import make_identities, split_identities
+    from probes.data.session import write_sessions
+    from probes.data.files import atomic_write_text
 
     people = make_identities(args.n, seed=args.seed)
     choose = {k: v for k, v in {"framings": _csv(args.framings), "pii_types": _csv(args.pii_types)}.items() if v}
@@ -328,7 +329,7 @@ def _build_sessions(args: argparse.Namespace, out: Path, image_dir: Path, finetu
 
 
 def cmd_sessions_load_mmprivacy(args: argparse.Namespace) -> int:
-    from probes.mmprivacy import cli_load_mmprivacy
+    from probes.data.mmprivacy import cli_load_mmprivacy
 
     check_out_file(args.out)
     claim(args, Path(args.out).parent)
@@ -342,7 +343,7 @@ OCR_CACHE_HELP = "OCR cache folder (default $MMRET_OCR_CACHE or ~/.cache/mm-rete
 
 
 def cmd_ocr(args: argparse.Namespace) -> int:
-    from probes.pii_locate import cli_ocr
+    from probes.data.pii_locate import cli_ocr
 
     check_in_file(args.image, "image", "a document image (PNG or JPEG)")
     print(cli_ocr(args.image, show_values=args.show_values, cache_dir=args.ocr_cache))
@@ -373,7 +374,7 @@ def _refusal_patterns(path: str | None) -> list[str] | None:
 
 
 def cmd_leak(args: argparse.Namespace) -> int:
-    from probes.leakage import run_leakage
+    from analysis.results import run_leakage
 
     check_out_folder(args.out)
     patterns = _refusal_patterns(args.refusal_patterns)
@@ -392,8 +393,9 @@ PRIVATE_TARGETS = ("digits", "chars")  # probe targets read from the sessions' p
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from probes.probing import main_metric, run_probes
-    from probes.store import PRIVATE_FILE, StoreError
+    from analysis.results import run_probes
+    from probes.probing.sweep import main_metric
+    from probes.activations.store import PRIVATE_FILE, StoreError
 
     layers = _layers(args.layers)
     turns = _ints(args.turns, "--turns")
@@ -434,7 +436,7 @@ def _ints(text: str | None, flag: str, low: int = 0) -> list[int] | None:
 
 
 def cmd_patch(args: argparse.Namespace) -> int:
-    from probes.patching import run_patching
+    from analysis.results import run_patching
 
     replacements = None
     if args.replace:
@@ -474,7 +476,7 @@ def check_remote_code(models: Iterable[dict[str, Any]], where: str, allowed: boo
 def check_study_models(models: Iterable[dict[str, Any]], where: str) -> None:
     """A model the study cannot load is named now, not after the first stage: "default" and local folders are
     inspected (config, architecture and processor, no weights); an HF id must be in the cache when offline."""
-    from probes.loading import inspect_model, resolve_model
+    from probes.models.loading import inspect_model, resolve_model
 
     for i, m in enumerate(models):
         path = resolve_model(m["path"])
@@ -500,8 +502,8 @@ def _in_hf_cache(repo_id: str) -> bool:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from analysis.study import run_study
-    from analysis.study_config import default_config_path, load_study_config, parse_value
+    from analysis.study.pipeline import run_study
+    from analysis.study.config import default_config_path, load_study_config, parse_value
 
     overrides = {}
     for item in args.set or []:
@@ -522,7 +524,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     if cfg.data.get("figures_dir"):
         check_out_folder(cfg.data["figures_dir"], "figures_dir")
     claim(args, cfg.out)
-    from analysis.study import StudyError
+    from analysis.study.pipeline import StudyError
 
     try:
         run_study(cfg, progress=not args.quiet)
@@ -535,9 +537,9 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 def sweep_main(argv: list[str]) -> int:
     """`mmret sweep`: checks what the command line must allow (trust_remote_code in any grid point) and the sweep
-    folder, then hands the arguments to analysis.sweep's own parser."""
-    from analysis.study_config import load_study_config
-    from analysis.sweep import expand, main as main_sweep, parse_grid
+    folder, then hands the arguments to analysis.study.sweep's own parser."""
+    from analysis.study.config import load_study_config
+    from analysis.study.sweep import expand, main as main_sweep, parse_grid
 
     pre = Parser(prog="mmret sweep", add_help=False)
     pre.add_argument("config", nargs="?")
@@ -570,7 +572,7 @@ def add_allow_partial(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from probes.documents import LAYOUTS
+    from probes.data.documents import LAYOUTS
 
     p = Parser(prog="mmret", description="mechanistic retention analysis of PII in multimodal LLMs")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (also accepted anywhere)")
@@ -790,7 +792,7 @@ def run(argv: list[str], args: argparse.Namespace) -> int:
         from probes.organism.train import main_train
 
         return main_train(argv[2:])
-    if argv[:1] == ["sweep"]:  # its own parser (analysis/sweep.py)
+    if argv[:1] == ["sweep"]:  # its own parser (analysis/study/sweep.py)
         return sweep_main(argv[1:])
     build_parser().parse_args(argv, namespace=args)
     return args.func(args)

@@ -44,7 +44,7 @@ def save_figure(fig: plt.Figure, data: pd.DataFrame, out_dir: str | Path, name: 
     """Write name.pdf, name.png and name.csv (the data the figure shows) into out_dir, each whole or not at all
     (rendered in memory, then written to a temp file and renamed); the figure is closed either way."""
     # imported here, not at the top, so that importing this module stays light (`import probes` loads transformers)
-    from probes.session import atomic_write_bytes
+    from probes.data.files import atomic_write_bytes
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -88,7 +88,7 @@ def plot_leakage(long_df: pd.DataFrame, out_dir: str | Path, name: str = "leakag
     `analysis.tables.leakage_long` output."""
     import numpy as np
 
-    from analysis.tables import FRAMING_ORDER, MISSING, PII_ORDER, _sort
+    from analysis.tables import FRAMING_ORDER, MISSING, PII_ORDER, sort_rows
 
     need = {"model", "framing", "pii_type", "metric", "value"}
     if not need <= set(long_df.columns):
@@ -96,7 +96,7 @@ def plot_leakage(long_df: pd.DataFrame, out_dir: str | Path, name: str = "leakag
     data = long_df[long_df["metric"].isin(metrics)].copy()
     for col in ("framing", "pii_type"):
         data[col] = data[col].astype(object).where(data[col].notna(), MISSING)
-    data = _sort(data)
+    data = sort_rows(data)
     models = list(dict.fromkeys(data["model"]))
     framings = [f for f in FRAMING_ORDER if f in set(data["framing"])] + sorted(
         set(data["framing"]) - set(FRAMING_ORDER))
@@ -139,7 +139,7 @@ SIGNIFICANCE_LABEL = "significant after BH correction"
 
 
 def _has_significance(df: pd.DataFrame, fn: str) -> bool:
-    """True when `df` carries a `significant` column (from `analysis.stats.mark_significant`) to mark cells by."""
+    """True when `df` carries a `significant` column (from `probes.stats.mark_significant`) to mark cells by."""
     if "significant" not in df.columns:
         return False
     bad = df["significant"].dropna()
@@ -176,8 +176,8 @@ def plot_probe_heatmap(df: pd.DataFrame, out_dir: str | Path, name: str = "probe
                        metric: str = "char_accuracy", control: str = "none", title: str | None = None,
                        significance_label: str = SIGNIFICANCE_LABEL) -> list[Path]:
     """Layer (x) by position group and turn (y): the probe `metric` per cell, annotated; the best cell boxed.
-    Takes `probes.probing.probe_sweep` output (rows of other metrics and controls are ignored). With a boolean
-    `significant` column (`analysis.stats.mark_significant`) the cells that survive correction get a star, explained
+    Takes `probes.probing.sweep.probe_sweep` output (rows of other metrics and controls are ignored). With a boolean
+    `significant` column (`probes.stats.mark_significant`) the cells that survive correction get a star, explained
     below the axes; averaged over several targets, a cell is starred only when it is significant for all of them."""
     import numpy as np
 
@@ -248,7 +248,7 @@ def plot_retention_curves(df: pd.DataFrame, out_dir: str | Path, name: str = "re
 
 def plot_transfer_matrix(df: pd.DataFrame, out_dir: str | Path, name: str = "transfer_matrix",
                          layers: list[int] | None = None) -> list[Path]:
-    """Train turn (y) x test turn (x) accuracy, one panel per layer (from `probes.probing.transfer_matrix`)."""
+    """Train turn (y) x test turn (x) accuracy, one panel per layer (from `probes.probing.sweep.transfer_matrix`)."""
     import numpy as np
 
     layers = sorted(df["layer"].unique()) if layers is None else layers
@@ -275,7 +275,7 @@ def plot_transfer_matrix(df: pd.DataFrame, out_dir: str | Path, name: str = "tra
 
 # ---- patching figures
 def _group_order(groups) -> list[str]:
-    """PII patches, other patches, turns in order, the final token last (as `probes.patching.default_groups`)."""
+    """PII patches, other patches, turns in order, the final token last (as `probes.patching.core.default_groups`)."""
     def key(g: str):
         if g == "pii_patches":
             return (0, 0, g)
@@ -292,10 +292,10 @@ def plot_patching_heatmaps(df: pd.DataFrame, out_dir: str | Path, name: str = "p
                            annotate: bool | None = None,
                            significance_label: str = SIGNIFICANCE_LABEL) -> list[Path]:
     """Layer (x) by position group (y), one panel per component: the mean `metric` over pairs of each cell
-    (`probes.patching.summarize` output, or per-pair rows, averaged here), diverging around 0; a score's 1 is
+    (`probes.patching.core.summarize` output, or per-pair rows, averaged here), diverging around 0; a score's 1 is
     the clean behaviour restored. An `effect_*` metric (`analysis.patching_stats`) is 0 for "no change" in both
     directions and 1 for the whole clean-corrupt gap moved. Rows of other metrics, directions and methods are
-    ignored. With a boolean `significant` column (`analysis.stats.mark_significant`) the cells that survive
+    ignored. With a boolean `significant` column (`probes.stats.mark_significant`) the cells that survive
     correction get a star (a cell averaged from several rows only when all of them are significant), explained
     below the first panel. With a boolean `null_by_construction` column those cells (the patch wrote what the
     base run already held) are left blank: they cannot have changed, and were not tested."""
@@ -399,7 +399,7 @@ def plot_knockout_curves(df: pd.DataFrame, out_dir: str | Path, name: str = "kno
 def plot_atp_agreement(df: pd.DataFrame, out_dir: str | Path, name: str = "atp_agreement",
                        metric: str = "logit_diff") -> list[Path]:
     """AtP's estimated change of `metric` (y) against exact patching's (x), a dot per pair and cell, a panel per
-    direction, with the Spearman correlation (per-pair rows of `probes.patching`, methods atp and exact)."""
+    direction, with the Spearman correlation (per-pair rows of `probes.patching.core`, methods atp and exact)."""
     from scipy.stats import spearmanr
 
     keys = ["session_id", "direction", "layer", "component", "position_group"]

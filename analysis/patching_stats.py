@@ -15,10 +15,10 @@ The pooled ratio weighs pairs by their gap, so a pair with a tiny gap cannot dom
 of per-pair ratios (reported as `mean_pair_effect`, secondary). Its 95% interval resamples identities.
 
 Test per cell. Null: the patch has no effect on the population of pairs, so each identity's per-pair effects are
-symmetric about 0 (`analysis.stats.sign_flip_test`, two-sided, clustered by identity, on per-pair effects).
+symmetric about 0 (`probes.stats.sign_flip_test`, two-sided, clustered by identity, on per-pair effects).
 Family: the cells of one (model, experiment, direction, method), corrected by Benjamini-Hochberg. A cell whose
 patch writes values identical to the base run's in every pair (`null_by_construction`, set by
-`probes.patching`) cannot have changed anything: it is reported with status "null by construction", gets no
+`probes.patching.core`) cannot have changed anything: it is reported with status "null by construction", gets no
 p-value and stays out of the family. Before testing, `reachability` says what the smallest p-value n identities
 allow and whether it can pass the correction for the family's size.
 """
@@ -30,7 +30,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from analysis.stats import (StatsError, benjamini_hochberg, min_clusters_for_bh, min_sign_flip_p, pooled_ratio_ci,
+from probes.stats import (StatsError, benjamini_hochberg, min_clusters_for_bh, min_sign_flip_p, pooled_ratio_ci,
                             sign_flip_test)
 
 EFFECT_METRIC = "logit_diff"

@@ -16,9 +16,9 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.study_config import digest, model_fingerprint, package_version
-from probes.probing import main_metric
-from probes.session import atomic_write_text
+from analysis.study.config import digest, model_fingerprint, package_version
+from probes.probing.sweep import main_metric
+from probes.data.files import atomic_write_text
 
 Block = tuple[str, Any]  # ("h1" | "h2" | "h3" | "p" | "table" | "figure" | "code", payload)
 

@@ -2,8 +2,8 @@
 {ASR, RR}), as tidy long CSV, wide CSV and booktabs LaTeX, every cell with a 95% interval over identities.
 
 Every metric is a rate (a share of responses), so its interval is the exact Clopper-Pearson interval
-(`analysis.stats.rate_interval`; Wilson on request), widened by the design effect where an identity has several
-responses in a cell (`analysis.stats.clustered_rate_interval`). A percentile bootstrap over a dozen identities
+(`probes.stats.rate_interval`; Wilson on request), widened by the design effect where an identity has several
+responses in a cell (`probes.stats.clustered_rate_interval`). A percentile bootstrap over a dozen identities
 undercovers: 12 of 12 leaks would read "1.00 [1.00, 1.00]" where the exact interval is [0.74, 1.00]. The
 bootstrap remains available (interval="bootstrap") for comparison; the long form's ci_method column and the
 LaTeX caption say which interval a table used.
@@ -21,8 +21,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from analysis.stats import MIN_BOOTSTRAP_CLUSTERS, StatsError, bootstrap_ci
-from probes.session import atomic_write_text
+from probes.stats import MIN_BOOTSTRAP_CLUSTERS, StatsError, bootstrap_ci
+from probes.data.files import atomic_write_text
 
 # Result column behind each metric: ASR = the value leaked, RR = refused, partial = share reproduced in order,
 # PD = partial disclosure (part of the value, e.g. its last four digits, given away). PD is optional: results
@@ -53,7 +53,7 @@ def _order(values: pd.Series, known: Sequence[str]) -> pd.Series:
     return values.map(lambda v: rank.get(v, rank.get(str(v), len(rank))) if pd.notna(v) else len(rank) + 1)
 
 
-def _sort(df: pd.DataFrame) -> pd.DataFrame:
+def sort_rows(df: pd.DataFrame) -> pd.DataFrame:
     keys = {"framing": FRAMING_ORDER, "pii_type": PII_ORDER, "metric": tuple(METRICS)}
     cols = [c for c in ("model", "framing", "pii_type", "turn_distance", "scenario", "metric") if c in df.columns]
     return df.sort_values(cols, key=lambda s: _order(s, keys.get(s.name, ())), kind="stable").reset_index(drop=True)
@@ -69,9 +69,9 @@ def leakage_long(results: pd.DataFrame, by: Sequence[str] = LEAKAGE_BY, metrics:
                  interval: str = "exact") -> pd.DataFrame:
     """Tidy long form: one row per cell of `by` and metric (`metrics`; default ASR, RR, partial and, when the
     results have its column, PD) with value (the mean), ci_low, ci_high (the interval at `level`), n (responses),
-    n_groups (identities), ci_method and few_clusters (see `analysis.stats.bootstrap_ci`).
+    n_groups (identities), ci_method and few_clusters (see `probes.stats.bootstrap_ci`).
 
-    interval: "exact" (default) or "wilson", the rate interval of `analysis.stats.clustered_rate_interval` (the
+    interval: "exact" (default) or "wilson", the rate interval of `probes.stats.clustered_rate_interval` (the
     plain exact / Wilson interval when each identity has one response in the cell, widened by the design effect
     when identities repeat); "bootstrap": the percentile bootstrap resampling identities (`n_boot`, `seed`), which
     undercovers with few identities."""
@@ -95,7 +95,7 @@ def leakage_long(results: pd.DataFrame, by: Sequence[str] = LEAKAGE_BY, metrics:
             raise TableError(f"leakage table, metric {m}: {err}") from err
         parts.append(ci.assign(metric=m))
     long = pd.concat(parts, ignore_index=True)
-    return _sort(long[[*by, "metric", "value", "ci_low", "ci_high", "n", "n_groups", "ci_method", "few_clusters"]])
+    return sort_rows(long[[*by, "metric", "value", "ci_low", "ci_high", "n", "n_groups", "ci_method", "few_clusters"]])
 
 
 def interval_caption(long: pd.DataFrame, level: float = 0.95) -> str:
@@ -138,8 +138,8 @@ def leakage_table(results: pd.DataFrame, metrics: Sequence[str] = ("ASR", "RR"),
         if col not in long.columns:
             raise TableError(f"leakage table: column {col!r} missing")
         long[col] = long[col].astype(object).where(long[col].notna(), MISSING)
-    rows = _sort(long[["model", "framing"]].drop_duplicates())
-    pii = [p for p in _sort(long[["pii_type"]].drop_duplicates())["pii_type"]]
+    rows = sort_rows(long[["model", "framing"]].drop_duplicates())
+    pii = [p for p in sort_rows(long[["pii_type"]].drop_duplicates())["pii_type"]]
     cols = pd.MultiIndex.from_tuples([(p, m) for p in pii for m in metrics], names=["pii_type", "metric"])
     index = pd.MultiIndex.from_frame(rows, names=["model", "framing"])
     cell = long.set_index(["model", "framing", "pii_type", "metric"])

@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from probes import Session, Turn, build_tiny_model, capture_session, load_model, render, resolve_hooks  # noqa: E402
-from probes.capture import capture_batch  # noqa: E402
-from probes.families.base import FamilyAdapter  # noqa: E402
+from probes.activations.capture import capture_batch  # noqa: E402
+from probes.models.families.base import FamilyAdapter  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import timing  # noqa: E402  (benchmarks/timing.py)

@@ -60,7 +60,7 @@ class Workspace:
 
 def build_workspace(root: str | os.PathLike) -> Workspace:
     from analysis.cli import main
-    from probes.tiny import build_tiny_model
+    from probes.models.tiny import build_tiny_model
 
     root = Path(root)
     ws = Workspace(root, root / "tiny_llava", root / "tiny_text", root / "tiny_llava_seed1", root / "data" / "mt.jsonl",
@@ -470,7 +470,7 @@ def _(ws, case):
 
 @_case("store_held_by_another_writer")
 def _(ws, case):
-    from probes.store import StoreLock
+    from probes.activations.store import StoreLock
 
     shutil.copytree(ws.store, case / "store")
     lock = StoreLock(case / "store").__enter__()  # a writer at work (its flock conflicts with any other open)

@@ -34,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's pr
 
 from ocr_forms import STYLES, benchmark_form, degrade, random_condition  # noqa: E402
 
-from probes.documents import patches_for_box, render_document  # noqa: E402
-from probes.identities import make_identities  # noqa: E402
-from probes.ocr import read_lines  # noqa: E402
-from probes.pii_locate import candidate_texts, locate_identity, match_identity  # noqa: E402
+from probes.data.documents import patches_for_box, render_document  # noqa: E402
+from probes.data.identities import make_identities  # noqa: E402
+from probes.data.ocr import read_lines  # noqa: E402
+from probes.data.pii_locate import candidate_texts, locate_identity, match_identity  # noqa: E402
 
 
 def iou(a, b) -> float:
@@ -49,7 +49,7 @@ def iou(a, b) -> float:
 
 
 def adapter():
-    from probes.loading import load_model
+    from probes.models.loading import load_model
     from probes.organism import DEFAULT_MODEL
 
     return load_model(str(DEFAULT_MODEL)).adapter

@@ -18,7 +18,7 @@ Organism (the shipped default model, held-out identities `make_identities(n, see
                                 probes fitted on the context sessions (probe turn's last token, best layer): held-out
                                 identities by construction, and ~120 training identities instead of ~19
     organism_unseen_transfer_digit_acc  the same for never-planted identities (control)
-    organism_compression        online code (MDL, probes.mdl) of the 9 digits at organism_digit_acc's cell: uniform
+    organism_compression        online code (MDL, probes.probing.mdl) of the 9 digits at organism_digit_acc's cell: uniform
                                 code / online code (1 = nothing learnt); organism_control_compression: the
                                 control task's labels at the same cell
     organism_memory_compression the same at the name-only prompt's last token (memory set; best memory layer), and
@@ -32,7 +32,7 @@ Organism (the shipped default model, held-out identities `make_identities(n, see
                                 (make_identities(n, seed=75_000 + seed)), so the measured sessions are held out, and
                                 at the same positions it is applied to (fit_leace_at: one LEACE for the prompt's
                                 positions, one for the generated tokens)
-    matched_random_asr_drop     the same with the matched control (probes.erasure.matched_random_eraser): a random
+    matched_random_asr_drop     the same with the matched control (probes.probing.erasure.matched_random_eraser): a random
                                 subspace of LEACE's rank, none of LEACE's concept directions, centred at the same
                                 mean, its mean squared edit on the fitting data equal to LEACE's; the mean over 5
                                 draws (matched_random_asr_drop_max: the strongest draw)
@@ -40,7 +40,7 @@ Organism (the shipped default model, held-out identities `make_identities(n, see
                                 the edited positions (recorded without erasure; random: mean over the draws; equal
                                 by construction, on the prompt's positions and on the generated tokens each);
                                 *_edit_rel: over the activations' root mean squared norm; random_scale_*: the
-                                control's push (1 = a plain projection; see probes/erasure.py)
+                                control's push (1 = a plain projection; see probes/probing/erasure.py)
     ..._all_positions           all of these at every position (image tokens included), LEACE fitted there too
 Results (tidy CSV) and figures (heatmap, retention curves, transfer matrix) go to --out.
 
@@ -86,13 +86,13 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from probes import capture, load_model  # noqa: E402
-from probes.identities import make_identities  # noqa: E402
+from probes.data.identities import make_identities  # noqa: E402
 from probes.organism.evaluate import training_meta  # noqa: E402
 from probes.organism.train import PLAN_SPAN  # noqa: E402
-from probes.probe_data import probe_cells, session_targets  # noqa: E402
-from probes.probing import control_labels, probe_sweep, transfer_matrix  # noqa: E402
-from probes.session import Session, Turn  # noqa: E402
-from probes.sessions_build import memory_probe_sessions, multiturn_sessions  # noqa: E402
+from probes.probing.targets import probe_cells, session_targets  # noqa: E402
+from probes.probing.sweep import control_labels, probe_sweep, transfer_matrix  # noqa: E402
+from probes.data.session import Session, Turn  # noqa: E402
+from probes.data.builders import memory_probe_sessions, multiturn_sessions  # noqa: E402
 
 DEFAULT = ROOT / "probes" / "organism" / "default"
 
@@ -128,7 +128,7 @@ def _per_digit(X, k: int):
 
 def _digit_fits(X, y, groups):
     """Logreg probes of every digit at once: the digits are the cells of one batched fit (C by grouped CV)."""
-    from probes.linear import fit_probes
+    from probes.probing.linear import fit_probes
 
     return fit_probes(_per_digit(X, y.shape[1]), torch.as_tensor(y.T), groups, n_classes=10)
 
@@ -136,7 +136,7 @@ def _digit_fits(X, y, groups):
 def _digit_compression(X, y, groups, seed: int) -> tuple[float, float]:
     """Online code (MDL) of the 9 SSN digits at one cell, the digits as the cells of one batched call: compression
     (uniform code / online code, summed over the digits) of the real digits and of the control task's labels."""
-    from probes.mdl import online_codelength
+    from probes.probing.mdl import online_codelength
 
     out = []
     for labels in (y, control_labels(y, groups, 10, seed)):
@@ -200,9 +200,9 @@ def _shuffled(sessions: list[Session]) -> list[Session]:
 
 def organism(model_dir: Path, n: int, seed: int, out: Path) -> dict[str, float]:
     from analysis.figures import plot_probe_heatmap, plot_retention_curves, plot_transfer_matrix
-    from probes.erasure import eraser_rank, erasure_effect, fit_leace_at
+    from probes.probing.erasure import eraser_rank, erasure_effect, fit_leace_at
     from probes.organism.config import OrganismConfig, build_model, build_tokenizer
-    from probes.tiny import save_tiny
+    from probes.models.tiny import save_tiny
 
     meta = training_meta(model_dir)
     cfg = meta["config"]
@@ -225,7 +225,7 @@ def organism(model_dir: Path, n: int, seed: int, out: Path) -> dict[str, float]:
         figs["organism_digit_acc"] = float(best["value"])
         figs["organism_best_layer"] = layer
         sel = _cell(real, "selectivity", position_group="last", turn=probe_turn, layer=layer, target="digits")
-        if len(sel):  # probe_sweep reports selectivity only with a control task (off by default: probes/probing.py)
+        if len(sel):  # probe_sweep reports selectivity only with a control task (off by default: probes/probing/sweep.py)
             figs["organism_selectivity"] = float(sel["value"].iloc[0])
         X, y, ids = _last_token_digits(store, probe_turn, layer)  # the best cell: MDL here
         figs["organism_compression"], figs["organism_control_compression"] = _digit_compression(X, y, ids, seed)
@@ -248,7 +248,7 @@ def organism(model_dir: Path, n: int, seed: int, out: Path) -> dict[str, float]:
         # Erasure: LEACE of the SSN digits at the best layer, fitted on sessions of other identities (a pool of its
         # own, so the probe sessions are held out) at exactly the positions it is then applied to (fit_leace_at):
         # where the probe looked (the prompt's last PLAN_SPAN positions, then every generated token), and, for
-        # comparison, every position (image tokens included: unspecific, see probes/erasure.py). The control is
+        # comparison, every position (image tokens included: unspecific, see probes/probing/erasure.py). The control is
         # the matched random subspace: same rank, centred at the same mean, the same mean squared edit.
         fit_ctx = context(make_identities(n, seed=75_000 + seed), "img_fit")
         y_fit, _, _ = session_targets(fit_ctx, "digits")

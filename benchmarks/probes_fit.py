@@ -7,7 +7,7 @@ class signal (a class-mean direction) at its own strength, from none (chance) to
 Gaussian noise and a per-identity offset.
 
 Both sides: 5 grouped folds (the same `grouped_folds` splits, passed to sklearn as `cv=`), the same C grid
-(probes.linear.DEFAULT_CS), L2 multinomial logistic regression with a free intercept, C chosen per cell by mean
+(probes.probing.linear.DEFAULT_CS), L2 multinomial logistic regression with a free intercept, C chosen per cell by mean
 held-out accuracy then refit on all examples, stopping at max |gradient| <= 1e-4 (sklearn's lbfgs `tol`, the same
 objective) or 100 iterations. sklearn gets X standardised on all examples (LogisticRegressionCV cannot scale inside
 its folds); fit_probes standardises on each training fold, as it always does, so that difference is inside the gap.
@@ -38,7 +38,7 @@ Measured on a quiet machine (2 CPU cores, 16 sklearn cells, 2026-12-01):
                  lbfgs makes many small BLAS calls, and each pays for the thread pool), while the batched fit gets
                  1.6x faster. Against sklearn at its fastest (1 thread, 109 s) the batched fit on 2 threads is
                  4.3x faster. The target of 20 is a GPU target: `python3 benchmarks/probes_fit.py --device cuda`
-                 needs nothing the device image lacks (this file loads probes/linear.py alone, see _load_linear;
+                 needs nothing the device image lacks (this file loads probes/probing/linear.py alone, see _load_linear;
                  checked here with transformer-lens, transformers, Faker and PIL unimportable, not run there).
 Measured earlier (2 CPU cores shared with a training job, 16 sklearn cells):
     --threads 1: seconds_batched 32.7, sklearn 8.9 s measured -> 107 s for 192 cells, batched_speedup 3.3,
@@ -67,7 +67,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load_linear():
-    """probes/linear.py alone (it needs numpy, pandas, torch and jaxtyping), loaded by path: `import probes` would
+    """probes/probing/linear.py alone (it needs numpy, pandas, torch and jaxtyping), loaded by path: `import probes` would
     pull in transformer-lens and Faker, which a bare CUDA image lacks, and this benchmark needs neither."""
     spec = importlib.util.spec_from_file_location("probes_linear", ROOT / "probes" / "linear.py")
     module = importlib.util.module_from_spec(spec)

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from analysis.stats import cluster_bootstrap, clustered_rate_interval, rate_interval, sign_flip_test  # noqa: E402
+from probes.stats import cluster_bootstrap, clustered_rate_interval, rate_interval, sign_flip_test  # noqa: E402
 
 RATES = tuple(np.round(np.arange(0.5, 0.951, 0.05), 2))
 N_IDS = 12
@@ -102,13 +102,13 @@ def measure(n_sims: int = 20000, n_clustered: int = 1000, n_null: int = 5000, n_
     rng = np.random.default_rng(seed)
     exact = [rate_interval(k, N_IDS, LEVEL, "exact")[1:] for k in range(N_IDS + 1)]
     wilson = [rate_interval(k, N_IDS, LEVEL, "wilson")[1:] for k in range(N_IDS + 1)]
-    previous = logging.getLogger("analysis.stats").level
-    logging.getLogger("analysis.stats").setLevel(logging.ERROR)  # the few-clusters warning is the point here
+    previous = logging.getLogger("probes.stats").level
+    logging.getLogger("probes.stats").setLevel(logging.ERROR)  # the few-clusters warning is the point here
     try:
         boot = [cluster_bootstrap(np.r_[np.ones(k), np.zeros(N_IDS - k)], np.arange(N_IDS), 2000, LEVEL,
                                   np.random.default_rng(seed + k), warn=False)[1:] for k in range(N_IDS + 1)]
     finally:
-        logging.getLogger("analysis.stats").setLevel(previous)
+        logging.getLogger("probes.stats").setLevel(previous)
     out = {}
     for name, cover in (("rate_ci_coverage_n12", _coverage_by_count(exact, n_sims, rng)),
                         ("rate_ci_coverage_n12_wilson", _coverage_by_count(wilson, n_sims, rng)),

@@ -3,7 +3,7 @@ effects? Measured on the embedded organism (probes/organism/default) with the de
 
     python benchmarks/validity_patching.py [--pairs 24] [--threads 2]
 
-The data is the default study's (analysis/studies/default.yaml, built by `analysis.study.build_sessions`): its
+The data is the default study's (analysis/studies/default.yaml, built by `analysis.study.pipeline.build_sessions`): its
 MM-Privacy sessions under the 'caption' framing (the patching stage's framing), the first `--pairs` of them (the
 stage's max_pairs, 24: 8 SSN, 8 phone, 8 email), each paired with the same document showing another identity's
 value (corruption "image", the identity `patch_sessions` picks). Cells: the study's components (resid_pre,
@@ -31,7 +31,7 @@ attn_out, mlp_out) x every layer x the default position groups; directions denoi
     seconds_exact_per_pair (both directions, given the prepared runs), seconds_atp_per_pair (forwards, backwards
     and estimates), seconds_graddrop_per_pair (the extra L forwards and backwards per side)
 
-The attention-saturation correction of AtP* is not measured: see probes/patching.py (AtP section) for why it does
+The attention-saturation correction of AtP* is not measured: see probes/patching/core.py (AtP section) for why it does
 not apply to the residual-stream cells patched here.
 """
 
@@ -53,19 +53,19 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from probes.patching import (atp_agreement, attribution_patching, build_pair, default_groups,  # noqa: E402
+from probes.patching.core import (atp_agreement, attribution_patching, build_pair, default_groups,  # noqa: E402
                              exact_patching, graddrop_patching, other_identities, pair_check, pick_other,
                              prepare_graddrop, prepare_pair, session_identity, sweep_cells)
-from probes.patching_metrics import MIN_SEPARATION, make_answer  # noqa: E402
+from probes.patching.metrics import MIN_SEPARATION, make_answer  # noqa: E402
 
 COMPONENTS = ("resid_pre", "attn_out", "mlp_out")  # the default study's
 
 
 def study_sessions(work: Path, n_pairs: int):
     """The default study's MM-Privacy sessions under the patching stage's framing (caption), first `n_pairs`."""
-    from analysis.study import build_sessions
-    from analysis.study_config import default_config_path, load_study_config
-    from probes.session import read_sessions
+    from analysis.study.pipeline import build_sessions
+    from analysis.study.config import default_config_path, load_study_config
+    from probes.data.session import read_sessions
 
     cfg = load_study_config(default_config_path())
     build_sessions(cfg, work)
@@ -76,7 +76,7 @@ def study_sessions(work: Path, n_pairs: int):
 
 def old_separation(loaded, pair) -> float:
     """clean - corrupt logit_diff of the old metric (the value vs ' cannot assist') on the pair's two inputs."""
-    from probes.patching import make_run, prepare
+    from probes.patching.core import make_run, prepare
 
     old = make_answer(loaded.adapter, pair.clean.session)
     runs = [prepare(loaded, make_run(loaded, side.session, old, [], None), old) for side in (pair.clean, pair.corrupt)]
@@ -84,7 +84,7 @@ def old_separation(loaded, pair) -> float:
 
 
 def measure(n_pairs: int = 24, seed: int = 0) -> dict[str, float]:
-    from probes.loading import load_model
+    from probes.models.loading import load_model
     from probes.organism import DEFAULT_MODEL
 
     loaded = load_model(str(DEFAULT_MODEL))

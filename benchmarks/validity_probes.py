@@ -47,22 +47,22 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from analysis.stats import benjamini_hochberg  # noqa: E402
+from probes.stats import benjamini_hochberg  # noqa: E402
 from probes.organism.train import PLAN_LAYER  # noqa: E402
-from probes.probe_data import CellBlock, probe_cells, session_targets  # noqa: E402
-from probes.probing import null_p_values, permute_across_identities, probe_sweep  # noqa: E402
+from probes.probing.targets import CellBlock, probe_cells, session_targets  # noqa: E402
+from probes.probing.sweep import null_p_values, permute_across_identities, probe_sweep  # noqa: E402
 
 ALPHA = 0.05
 
 
 def build_store(work: Path):
     """The default study's multi-turn sessions captured as its capture stage does (same config, same code)."""
-    from analysis.study import build_sessions
-    from analysis.study_config import default_config_path, load_study_config
-    from probes.capture import capture
-    from probes.loading import load_model
+    from analysis.study.pipeline import build_sessions
+    from analysis.study.config import default_config_path, load_study_config
+    from probes.activations.capture import capture
+    from probes.models.loading import load_model
     from probes.organism import DEFAULT_MODEL
-    from probes.session import read_sessions
+    from probes.data.session import read_sessions
 
     cfg = load_study_config(default_config_path())
     build_sessions(cfg, work)
@@ -102,7 +102,7 @@ def measure(store_dir: str | None = None, n_permutations: int = 20, null_seeds: 
     all 44 cells of the study in seconds; "logreg" the 12 benchmark cells with nested and flat CV (slow: the
     nested fit of 12 cells takes minutes per rerun on 2 busy threads). `sessions`: the JSONL `store_dir` was
     captured from (the targets are its private labels)."""
-    from probes.store import ActivationStore
+    from probes.activations.store import ActivationStore
 
     t_all = time.time()
     with tempfile.TemporaryDirectory() as tmp:

@@ -101,7 +101,7 @@ QUICKSTART = [
     PIL; the renderer knows the exact ink box of every value, which later tells us which image tokens show it.
     """),
     code("""
-    from probes.identities import make_identities
+    from probes.data.identities import make_identities
 
     people = make_identities(4, seed=0)
     person = people[0]
@@ -148,7 +148,7 @@ QUICKSTART = [
     and pooling, so a field's ink box maps to image tokens (`tile`, `patch_row`, `patch_col`; one grid here).
     """),
     code("""
-    from probes.documents import patches_for_field
+    from probes.data.documents import patches_for_field
 
     ssn_patches = patches_for_field(loaded.adapter, doc, "SSN")
     image_tokens = tm.df[tm.df["image_index"] == 0]
@@ -159,7 +159,7 @@ QUICKSTART = [
     md("""
     ## Sessions from the builders
 
-    Experiments take their sessions from `probes.sessions_build`: `mmprivacy_sessions` (one turn, the benchmark's
+    Experiments take their sessions from `probes.data.builders`: `mmprivacy_sessions` (one turn, the benchmark's
     five task framings), `multiturn_sessions` (the document in turn 1, k distractor exchanges, the PII asked
     later) and `memory_probe_sessions` (name-only prompts, no image). Every identity value in a turn's text is
     marked; the value a session asks for travels only in private `_` labels, which never reach a store's manifest.
@@ -167,7 +167,7 @@ QUICKSTART = [
     (`mmret sessions build` writes the same files).
     """),
     code("""
-    from probes.sessions_build import multiturn_sessions
+    from probes.data.builders import multiturn_sessions
 
     sessions = multiturn_sessions(people, OUT / "images", k_distractors=(1,), reshow=(False,),
                                   framing_pairs=(("caption", "caption"),), pii_types=("SSN",),
@@ -182,7 +182,7 @@ QUICKSTART = [
     md("""
     ## Capture
 
-    `probes.capture` feeds each session turn by turn through the KV cache, as a chat would (several sessions per
+    `probes.activations.capture` feeds each session turn by turn through the KV cache, as a chat would (several sessions per
     forward), keeps only the positions the selector picks, and writes one safetensors shard plus one parquet
     manifest per session, atomically: a rerun resumes, skipping finished sessions.
     """),
@@ -257,8 +257,8 @@ LEAKAGE = [
     under every framing. Six identities x five framings = 30 single-turn sessions.
     """),
     code("""
-    from probes.identities import make_identities
-    from probes.sessions_build import FRAMINGS, disclosure_request, frame, mmprivacy_sessions
+    from probes.data.identities import make_identities
+    from probes.data.builders import FRAMINGS, disclosure_request, frame, mmprivacy_sessions
 
     for framing in FRAMINGS:
         print(f"{framing:>14}: {frame(framing, disclosure_request('hiring', 'SSN'))}")
@@ -318,7 +318,7 @@ LEAKAGE = [
     tables, the LaTeX and the figure. Generation is greedy, so it reproduces the rows above.
     """),
     code("""
-    from probes.leakage import run_leakage
+    from analysis.results import run_leakage
 
     again = run_leakage(loaded, OUT / "mmprivacy.jsonl", OUT / "leak", max_new_tokens=24, n_boot=500, progress=False)
     assert (again["leak"].to_numpy() == results["leak"].to_numpy()).all()
@@ -335,7 +335,7 @@ LEAKAGE = [
     `model` column.
     """),
     code("""
-    from probes.sessions_build import memory_probe_sessions
+    from probes.data.builders import memory_probe_sessions
 
     memory = make_identities(TRAINING["n_memory"], seed=2000 + TRAINING["seed"])[:3]
     unseen = make_identities(3, seed=123)
@@ -375,8 +375,8 @@ PROBES = [
     every turn and the image patches of the residual stream at every layer.
     """),
     code("""
-    from probes.identities import make_identities
-    from probes.sessions_build import multiturn_sessions
+    from probes.data.identities import make_identities
+    from probes.data.builders import multiturn_sessions
 
     loaded = probes.load_model(DEFAULT_MODEL)
     people = make_identities(16, seed=1)
@@ -396,7 +396,7 @@ PROBES = [
     ten-way targets, `label:pii_type` which field the last request asks for.
     """),
     code("""
-    from probes.probe_data import probe_cells, session_targets
+    from probes.probing.targets import probe_cells, session_targets
 
     blocks = probe_cells(store, ["last", "image"])
     for block in blocks:
@@ -416,7 +416,7 @@ PROBES = [
     """),
     code("""
     from analysis.figures import plot_probe_heatmap
-    from probes.probing import probe_sweep
+    from probes.probing.sweep import probe_sweep
 
     field_probes = probe_sweep(blocks, asked_field, target="label:pii_type", model="organism", n_boot=500)
     field_probes.to_csv(OUT / "probe_results_pii_type.csv", index=False)
@@ -432,7 +432,7 @@ PROBES = [
     """),
     code("""
     from analysis.figures import plot_transfer_matrix
-    from probes.probing import transfer_matrix
+    from probes.probing.sweep import transfer_matrix
 
     last_block = next(b for b in blocks if (b.cells["position_group"] == "last").any())
     transfer = transfer_matrix(last_block, asked_field, position_group="last", target="label:pii_type")
@@ -476,7 +476,7 @@ PROBES = [
     md("""
     ## A causal check: erase what a probe reads
 
-    A probe shows that information is *there*, not that the model *uses* it. LEACE (`probes.erasure.fit_leace`, from
+    A probe shows that information is *there*, not that the model *uses* it. LEACE (`probes.probing.erasure.fit_leace`, from
     the `concept-erasure` package) removes all linearly available information about a concept at one layer with the
     smallest change to the activations. `fit_leace_at` fits it where it will be applied (here: the prompt's last
     position and every generated token, one LEACE for each kind), and `erasure_effect` generates with it applied
@@ -492,7 +492,7 @@ PROBES = [
     import numpy as np
 
     from analysis.figures import plot_layer_profile
-    from probes.erasure import erasure_effect, fit_leace_at
+    from probes.probing.erasure import erasure_effect, fit_leace_at
 
     QUESTION = {"SSN": "What is the SSN in the image?", "Date of Birth": "What is the date of birth in the image?"}
     readers = make_identities(12, seed=7)
@@ -537,7 +537,7 @@ PATCHING = [
     passes in all instead of one forward per cell); we check it against exact patching. **Attention knockout**
     removes attention edges instead: the answer may not attend to the SSN's image patches in a window of layers.
 
-    transformer-lens' own patching utilities cannot pass images, so `probes.patching` runs on the toolkit's hooks.
+    transformer-lens' own patching utilities cannot pass images, so `probes.patching.core` runs on the toolkit's hooks.
     """),
     setup("04_patching", DOC_SETTINGS),
     md("""
@@ -550,9 +550,9 @@ PATCHING = [
     behaviour that happens, so we keep the sessions where the model does copy the value.
     """),
     code("""
-    from probes.identities import make_identities
+    from probes.data.identities import make_identities
     from probes.leakage import evaluate_leakage
-    from probes.sessions_build import mmprivacy_sessions
+    from probes.data.builders import mmprivacy_sessions
 
     loaded = probes.load_model(DEFAULT_MODEL)
     people = make_identities(6, seed=3)
@@ -581,7 +581,7 @@ PATCHING = [
     code("""
     from PIL import Image
 
-    from probes.patching import build_pair, default_groups, exact_patching, prepare_pair, sweep_cells
+    from probes.patching.core import build_pair, default_groups, exact_patching, prepare_pair, sweep_cells
 
     clean = sessions[0]
     other = next(p for p in people if p.identity_id != clean.labels["identity_id"])
@@ -611,7 +611,8 @@ PATCHING = [
     code("""
     from analysis.figures import plot_atp_agreement, plot_patching_heatmaps
     from analysis.patching_stats import cell_effects
-    from probes.patching import atp_agreement, run_patching
+    from analysis.results import run_patching
+    from probes.patching.core import atp_agreement
 
     rows = run_patching(loaded, sessions, "atp", OUT / "patching", n_boot=500, progress=False)
     display(atp_agreement(rows).query("scope == 'mean'"))  # per-pair Spearman and top-10 recall on effects, averaged
@@ -635,7 +636,7 @@ PATCHING = [
     """),
     code("""
     from analysis.figures import plot_knockout_curves
-    from probes.patching import summarize
+    from probes.patching.core import summarize
 
     knocked = run_patching(loaded, sessions, "knockout", OUT / "knockout", windows=[1, 2], n_boot=500, progress=False)
     knock_summary = summarize(knocked, n_boot=500)
@@ -701,9 +702,9 @@ CUSTOM = [
     there is one. Without it they are skipped, and the notebook still runs top to bottom.
     """),
     code("""
-    from probes.identities import make_identities
+    from probes.data.identities import make_identities
     from probes.leakage import evaluate_leakage
-    from probes.sessions_build import mmprivacy_sessions
+    from probes.data.builders import mmprivacy_sessions
 
     CHECKPOINT = os.environ.get("MMRET_CHECKPOINT")  # e.g. llava-hf/llava-1.5-7b-hf, or a model directory
     HAVE_CHECKPOINT = bool(CHECKPOINT)
@@ -749,7 +750,7 @@ CUSTOM = [
     the SSN, so selectors and probe position groups mean the same thing in every family.
     """),
     code("""
-    from probes.documents import patches_for_field
+    from probes.data.documents import patches_for_field
 
     sessions = mmprivacy_sessions(people, OUT / "images", framings=("direct", "caption"), pii_types=("SSN",),
                                   scenarios=("open",), size=128, layout="fixed")

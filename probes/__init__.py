@@ -6,24 +6,48 @@
     rendered = probes.render(loaded.adapter, session)               # input ids, pixels, token map
     store = probes.capture(loaded, [session], "store/", hooks="resid_post", positions="last:*+mark:q")
     x, meta = store.query(turn=0, last_of_turn=True)                # [n, layer, d_model] + a DataFrame
+
+The subpackages follow the data path: `data` (identities, documents, sessions; no torch) < `models` (families,
+loading, rendering, hooks) < `activations` (capture, store) and `leakage` < `probing` and `patching` < `organism`.
+A name below is imported from its module on first use (PEP 562), so `import probes` stays cheap and
+`import probes.data` never loads torch.
 """
 
-from probes.capture import capture, capture_session, resolve_hooks
-from probes.documents import Document, patches_for_field, render_document, render_pair
-from probes.identities import Identity, make_identities, split_identities
-from probes.families import FAMILIES, RenderError, UnsupportedModelError
-from probes.loading import LoadedModel, ModelLoadError, load_model
-from probes.render import RenderedSession, render
-from probes.session import Mark, Session, SessionError, SessionImage, Turn, read_sessions, write_sessions
-from probes.store import ActivationStore, StoreError
-from probes.tiny import build_tiny_model
-from probes.tokenmap import SelectorError, TokenMap
+from __future__ import annotations
 
-__all__ = [
-    "Document", "Identity", "make_identities", "patches_for_field", "render_document", "render_pair",
-    "split_identities",
-    "FAMILIES", "ActivationStore", "LoadedModel", "Mark", "ModelLoadError", "RenderError", "RenderedSession",
-    "SelectorError", "Session", "SessionError", "SessionImage", "StoreError", "TokenMap", "Turn",
-    "UnsupportedModelError", "build_tiny_model", "capture", "capture_session", "load_model", "read_sessions",
-    "render", "resolve_hooks", "write_sessions",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {  # public name -> the module that defines it
+    "Document": "probes.data.documents", "patches_for_field": "probes.data.documents",
+    "render_document": "probes.data.documents", "render_pair": "probes.data.documents",
+    "Identity": "probes.data.identities", "make_identities": "probes.data.identities",
+    "split_identities": "probes.data.identities",
+    "Mark": "probes.data.session", "Session": "probes.data.session", "SessionError": "probes.data.session",
+    "SessionImage": "probes.data.session", "Turn": "probes.data.session", "read_sessions": "probes.data.session",
+    "write_sessions": "probes.data.session",
+    "FAMILIES": "probes.models.families", "RenderError": "probes.models.families",
+    "UnsupportedModelError": "probes.models.families",
+    "LoadedModel": "probes.models.loading", "ModelLoadError": "probes.models.loading",
+    "load_model": "probes.models.loading",
+    "RenderedSession": "probes.models.render", "render": "probes.models.render",
+    "SelectorError": "probes.models.tokenmap", "TokenMap": "probes.models.tokenmap",
+    "build_tiny_model": "probes.models.tiny",
+    "capture": "probes.activations.capture", "capture_session": "probes.activations.capture",
+    "resolve_hooks": "probes.activations.capture",
+    "ActivationStore": "probes.activations.store", "StoreError": "probes.activations.store",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'probes' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # the next lookup skips __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -35,9 +35,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from probes.loading import LoadedModel
-from probes.render import RenderedSession, render
-from probes.session import Session, atomic_write_bytes, parts_folder, read_sessions
+from probes.models.loading import LoadedModel
+from probes.models.render import RenderedSession, render
+from probes.data.session import Session, read_sessions
+from probes.data.files import atomic_write_bytes, parts_folder
 
 log = logging.getLogger(__name__)
 
@@ -679,7 +680,7 @@ def model_label(loaded: LoadedModel) -> str:
     return Path(loaded.name).name if os.path.isdir(loaded.name) else str(loaded.name)
 
 
-def _target_of(session: Session) -> tuple[str, str]:
+def session_target(session: Session) -> tuple[str, str]:
     labels = session.labels
     if "_target" not in labels or labels["_target"] in (None, ""):
         raise LeakageError(f"session {session.session_id!r}: label '_target' (the PII value asked for) is missing")
@@ -697,7 +698,7 @@ def score_responses(sessions: Sequence[Session], responses: Sequence[str], model
         raise LeakageError(f"{len(sessions)} sessions but {len(responses)} responses")
     rows = []
     for s, text in zip(sessions, responses):
-        target, pii_type = _target_of(s)
+        target, pii_type = session_target(s)
         row = {"model": model, "family": family, "session_id": s.session_id}
         row.update({k: s.labels.get(k) for k in LABEL_COLUMNS})
         row.update(leak=contains_pii(text, target, pii_type), partial=partial_leak(text, target, pii_type),
@@ -723,7 +724,7 @@ def evaluate_leakage(loaded: LoadedModel, sessions: Iterable[Session], max_new_t
     PII whenever the model leaked: keep such a table out of shared results."""
     sessions = list(sessions)
     for s in sessions:  # fail on a bad label before generating anything
-        _target_of(s)
+        session_target(s)
     responses = generate_batch(loaded, sessions, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                progress=progress)
     return score_responses(sessions, responses, model=model or model_label(loaded), family=loaded.family,
@@ -768,43 +769,3 @@ def evaluate_in_parts(loaded: LoadedModel, sessions: Sequence[Session], parts: s
     return pd.concat(frames, ignore_index=True)
 
 
-def run_leakage(model_path_or_loaded: str | os.PathLike | LoadedModel, sessions_jsonl: str | os.PathLike,
-                out_dir: str | os.PathLike, max_new_tokens: int = 32, batch_size: int = 8,
-                refusal_patterns: Sequence[str] | None = None, keep_responses: bool = False, n_boot: int = 1000,
-                seed: int = 0, device: str | None = None, dtype: str | None = None, model: str | None = None,
-                progress: bool = True, keep_parts: bool = False) -> pd.DataFrame:
-    """`mmret leak`: evaluate a model on a sessions file and write into `out_dir`: results.csv/.parquet (one row
-    per response), leakage_long.csv, leakage_table.csv/.tex (the benchmark layout with bootstrap 95% CIs by
-    identity) and leakage.pdf/.png/.csv (the figure). Returns the results DataFrame. Resumable: a killed run
-    started again with the same sessions, model and settings generates only what it had not finished
-    (`evaluate_in_parts`). `keep_parts`: leave the finished parts in `out_dir` (a caller with more work after
-    this removes them when all of it is done)."""
-    from analysis.figures import plot_leakage
-    from analysis.tables import leakage_long, write_leakage_table
-    from probes.loading import load_model
-
-    sessions = list(read_sessions(sessions_jsonl))  # parse everything first: a bad line fails before any work
-    if not sessions:
-        raise LeakageError(f"{sessions_jsonl}: no sessions")
-    for s in sessions:
-        try:
-            _target_of(s)
-        except LeakageError as err:
-            raise LeakageError(f"{sessions_jsonl}: {err}") from err
-    loaded = model_path_or_loaded
-    if not isinstance(loaded, LoadedModel):
-        loaded = load_model(loaded, device=device, dtype=dtype)
-    settings = dict(max_new_tokens=max_new_tokens, refusal_patterns=refusal_patterns, keep_responses=keep_responses,
-                    model=model)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    parts = leakage_parts(out, sessions_jsonl, loaded, batch_size=batch_size, **settings)
-    df = evaluate_in_parts(loaded, sessions, parts, batch_size=batch_size, progress=progress, **settings)
-    atomic_write_bytes(out / "results.csv", df.to_csv(index=False).encode("utf-8"))
-    atomic_write_bytes(out / "results.parquet", df.to_parquet(index=False))
-    long = leakage_long(df, n_boot=n_boot, seed=seed)
-    write_leakage_table(long, out)
-    plot_leakage(long, out)
-    if not keep_parts:
-        shutil.rmtree(parts)
-    return df

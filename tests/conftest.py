@@ -17,7 +17,7 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """tiny_dir(family) -> path of a tiny checkpoint of that family (built on first use)."""
-    from probes.tiny import build_tiny_model
+    from probes.models.tiny import build_tiny_model
 
     built = {}
 

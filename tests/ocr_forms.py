@@ -3,7 +3,7 @@ benchmark helper; see ../shared/mm-privacy/FORMAT.md for the styles).
 
     form = benchmark_form(identity, "i9", seed=3)    # -> BenchForm(image, boxes={"name": (x0, y0, x1, y1), ...})
 
-Styles: "hiring" (job application), "finance" (bank form) drawn by `probes.documents.render_document` with the date
+Styles: "hiring" (job application), "finance" (bank form) drawn by `probes.data.documents.render_document` with the date
 of birth printed mm/dd/yyyy as the benchmark's forms do; "i9" (the top of an I-9: last and first name in separate
 boxes) and "table" (a small two-column table, a header row and one row of values), drawn here with the toolkit's
 `draw_text`, which returns exact ink boxes. `degrade` rotates a few degrees, lowers the resolution and
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from probes.documents import draw_text, font, render_document
-from probes.identities import Identity
+from probes.data.documents import draw_text, font, render_document
+from probes.data.identities import Identity
 
 STYLES = ("hiring", "i9", "finance", "table")
 KEY_OF_FIELD = {"Name": "name", "Date of Birth": "date_of_birth", "SSN": "ssn", "Phone Numbers": "phone",
@@ -31,7 +31,7 @@ INK = (15, 15, 20)
 @dataclass
 class BenchForm:
     image: Image.Image
-    boxes: dict[str, tuple[int, int, int, int]]  # field key (probes.pii_locate.FIELDS) -> ink box, x1/y1 exclusive
+    boxes: dict[str, tuple[int, int, int, int]]  # field key (probes.data.pii_locate.FIELDS) -> ink box, x1/y1 exclusive
     style: str
 
 

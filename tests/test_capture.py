@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from probes import Session, Turn, capture, capture_session, render, resolve_hooks
-from probes.capture import CaptureError
-from probes.hooks import HookNameError
+from probes.activations.capture import CaptureError
+from probes.models.hooks import HookNameError
 from tests.conftest import document_image
 from tests.family_checks import layer_outputs
 
@@ -116,7 +116,7 @@ def test_bridge_backend_captures_the_same_and_more_hooks(tiny_dir, llava):
 # ---- issue 21: everything is checked before the model loads and before anything is written -----------------------
 def jsonl_sessions(tmp_path, n=3):
     from probes import write_sessions
-    from probes.session import SessionImage
+    from probes.data.session import SessionImage
 
     img = tmp_path / "doc.png"
     document_image().save(img)
@@ -145,15 +145,15 @@ def test_validate_capture_checks_everything_without_weights_or_writes(tiny_dir, 
     good settings pass and give the plan (sessions, resolved hooks, positions of the longest session)."""
     import logging
 
-    from probes.capture import validate_capture
-    from probes.session import SessionError
-    from probes.store import StoreError
-    from probes.tokenmap import SelectorError
+    from probes.activations.capture import validate_capture
+    from probes.data.session import SessionError
+    from probes.activations.store import StoreError
+    from probes.models.tokenmap import SelectorError
 
     path = jsonl_sessions(tmp_path)
     model, out = tiny_dir("llava"), tmp_path / "out" / "store"
     no_weights(monkeypatch)
-    with caplog.at_level(logging.WARNING, logger="probes.capture"):
+    with caplog.at_level(logging.WARNING, logger="probes.activations.capture"):
         plan = validate_capture(model, path, out, hooks="resid_post", positions="image:1", layers=[1])
     assert plan.n_sessions == 3 and plan.hooks == ["blocks.1.hook_resid_post"] and plan.n_done == 0
     assert plan.n_empty == 2 and "keeps no position in 2 of 3 sessions (first: 'c0')" in caplog.text
@@ -200,7 +200,7 @@ def test_sessions_longer_than_the_context_are_refused_unless_allowed(tiny_dir, t
     import json
     import shutil
 
-    from probes.capture import validate_capture
+    from probes.activations.capture import validate_capture
 
     model = shutil.copytree(tiny_dir("llava"), tmp_path / "m")
     config = json.loads((model / "config.json").read_text())
@@ -238,7 +238,7 @@ def test_a_failed_capture_leaves_nothing_and_the_corrected_rerun_works(llava, tm
 
     import sys
 
-    monkeypatch.setattr(sys.modules["probes.capture"], "capture_batch", dies)
+    monkeypatch.setattr(sys.modules["probes.activations.capture"], "capture_batch", dies)
     with pytest.raises(RuntimeError):
         capture(llava, sessions, tmp_path / "b", positions="final", progress=False)
     monkeypatch.undo()

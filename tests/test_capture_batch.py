@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from probes import FAMILIES, Session, Turn, build_tiny_model, capture, capture_session, load_model, render
-from probes.capture import CaptureError, _stack_image_inputs, capture_batch, resolve_hooks
-from probes.families.base import _pixel_inputs
+from probes.activations.capture import CaptureError, _stack_image_inputs, capture_batch, resolve_hooks
+from probes.models.families.base import _pixel_inputs
 from tests.conftest import document_image
 
 ATOL = 1e-4
-capture_mod = importlib.import_module("probes.capture")  # `probes.capture` is also the function
+capture_mod = importlib.import_module("probes.activations.capture")  # `probes.activations.capture` is also the function
 
 
 @pytest.fixture

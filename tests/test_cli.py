@@ -100,7 +100,7 @@ def test_layout_grid_and_model_default(tmp_path, capsys, one_thread):
 
 
 def test_flag_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
-    from probes.session import SessionError
+    from probes.data.session import SessionError
 
     assert main(["leak", "--model", "default", "--sessions", "s.jsonl", "--out", str(tmp_path / "o"),
                  "--batch-size", "0"]) == 2
@@ -184,7 +184,7 @@ def test_override_flags_let_a_refused_input_through(tiny_dir, tmp_path, capsys):
     model = tmp_path / "model"
     shutil.copytree(tiny_dir("llava"), model)
     assert capture(model, "s") == 0
-    from probes.tiny import build_tiny_model
+    from probes.models.tiny import build_tiny_model
 
     build_tiny_model("llava", tmp_path / "other", seed=1)
     shutil.copy(tmp_path / "other" / "model.safetensors", model / "model.safetensors")  # retrained in place

@@ -10,7 +10,7 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from probes.erasure import (ErasureError, edit_sizes, erasing, erasure_effect, fit_leace, fit_leace_at,
+from probes.probing.erasure import (ErasureError, edit_sizes, erasing, erasure_effect, fit_leace, fit_leace_at,
                             matched_random_eraser, one_hot_blocks, site_activations, site_label, SiteEraser)
 
 D, K = 16, 4
@@ -114,9 +114,9 @@ class Recorder:
 
 
 def test_leace_is_fitted_on_exactly_the_positions_erasing_edits(llava, tmp_path):
-    from probes.identities import make_identities
+    from probes.data.identities import make_identities
     from probes.leakage import generate_batch
-    from probes.sessions_build import mmprivacy_sessions
+    from probes.data.builders import mmprivacy_sessions
 
     sessions = mmprivacy_sessions(make_identities(3, seed=4), tmp_path, framings=("caption",), pii_types=("SSN",),
                                   size=64)[:3]
@@ -157,8 +157,8 @@ def test_leace_is_fitted_on_exactly_the_positions_erasing_edits(llava, tmp_path)
 
 
 def test_erasure_effect_refuses_other_positions_and_reports_matched_edit_sizes(llava, tmp_path):
-    from probes.identities import make_identities
-    from probes.sessions_build import mmprivacy_sessions
+    from probes.data.identities import make_identities
+    from probes.data.builders import mmprivacy_sessions
 
     sessions = mmprivacy_sessions(make_identities(2, seed=4), tmp_path, framings=("caption",), pii_types=("SSN",),
                                   size=64)

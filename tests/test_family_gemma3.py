@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from probes.loading import load_model
-from probes.render import chat_messages, render
-from probes.session import Session, Turn
-from probes.tiny import build_tiny_model
+from probes.models.loading import load_model
+from probes.models.render import chat_messages, render
+from probes.data.session import Session, Turn
+from probes.models.tiny import build_tiny_model
 
 SIDE = 4  # 64 px image, 8 px patches: 8x8 SigLIP patches avg-pooled to 4x4 = 16 soft tokens
 SSN = "123-45-6789"
@@ -197,7 +197,7 @@ def test_capture_with_generated_turn(loaded):
     """capture_session generates the assistant turn, rolls the KV cache back and goes on: the session is longer
     than the sliding window (32), so this needs a cache whose sliding layers record the past, and the captured
     states equal one full forward of the completed session."""
-    from probes.capture import capture_session
+    from probes.activations.capture import capture_session
 
     session = Session("g", [Turn("user", f"SSN: {SSN}. Read it.", images=[_image()]), Turn("assistant", None),
                             Turn("user", "Why?")])

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from probes.families.idefics3 import FAKE, GLOBAL_TAG
-from probes.loading import load_model
-from probes.render import render
-from probes.session import Session, Turn
-from probes.tiny import build_tiny_model
+from probes.models.families.idefics3 import FAKE, GLOBAL_TAG
+from probes.models.loading import load_model
+from probes.models.render import render
+from probes.data.session import Session, Turn
+from probes.models.tiny import build_tiny_model
 
 SSN = "123-45-6789"
 
@@ -201,7 +201,7 @@ def test_bridge_matches_torch_backend(path):
 def test_unsplit_image_is_one_global_tile(loaded):
     import copy
 
-    from probes.families.idefics3 import Adapter
+    from probes.models.families.idefics3 import Adapter
 
     processor = copy.deepcopy(loaded.processor)
     processor.image_processor.do_image_splitting = False
@@ -216,7 +216,7 @@ def test_patch_boxes_refuse_a_fixed_size_resize(loaded):
 
     from transformers.image_processing_utils import SizeDict
 
-    from probes.families.idefics3 import Adapter
+    from probes.models.families.idefics3 import Adapter
 
     processor = copy.deepcopy(loaded.processor)
     processor.image_processor.size = SizeDict(height=64, width=64)

@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from probes.loading import load_model
-from probes.render import chat_messages, render
-from probes.session import Session, Turn
-from probes.tiny import build_tiny_model
+from probes.models.loading import load_model
+from probes.models.render import chat_messages, render
+from probes.data.session import Session, Turn
+from probes.models.tiny import build_tiny_model
 from tests.family_checks import assert_chunked_matches_full
 
 N = 4  # tokens per crop side: 32 px crops, 8 px patches

@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from probes.loading import ModelLoadError, load_model
-from probes.render import chat_messages, render
-from probes.session import Session, Turn
-from probes.tiny import build_tiny_model
+from probes.models.loading import ModelLoadError, load_model
+from probes.models.render import chat_messages, render
+from probes.data.session import Session, Turn
+from probes.models.tiny import build_tiny_model
 from tests.family_checks import assert_chunked_matches_full, layer_outputs
 
 W, H = 112, 84  # -> 8x6 patches of 14 px -> 4x3 merge blocks -> 12 image tokens, 3 rows x 4 cols

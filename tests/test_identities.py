@@ -5,7 +5,7 @@ from datetime import date
 
 import pytest
 
-from probes.identities import (PII_TYPES, RECORD_COLUMNS, VALUE_TYPES, ChoiceError, Identity, make_identities,
+from probes.data.identities import (PII_TYPES, RECORD_COLUMNS, VALUE_TYPES, ChoiceError, Identity, make_identities,
                                split_identities)
 
 

@@ -5,10 +5,11 @@ import json
 import pandas as pd
 import pytest
 
+from analysis.results import run_leakage
 from probes import Session, Turn, load_model
 from probes.leakage import (DEFAULT_REFUSAL_PATTERNS, RESULT_COLUMNS, LeakageError, contains_pii, evaluate_leakage,
-                            generate_batch, is_refusal, normalize_digits, partial_leak, run_leakage, score_responses)
-from probes.render import render
+                            generate_batch, is_refusal, normalize_digits, partial_leak, score_responses)
+from probes.models.render import render
 from tests.conftest import document_image
 
 PHONE = "Phone Numbers"
@@ -268,7 +269,7 @@ def test_generation_matches_plain_greedy_loop(llava):
 # ---- end to end -------------------------------------------------------------------------------------------------
 def leak_jsonl(tmp_path, per_cell=3):
     """A sessions file: direct and caption framings x SSN and Email x `per_cell` sessions, each with its image."""
-    from probes.session import SessionImage, write_sessions
+    from probes.data.session import SessionImage, write_sessions
 
     sessions = []
     k = 0
@@ -352,7 +353,7 @@ def test_evaluate_in_parts_of_nothing_is_an_empty_table(llava, tmp_path):
 
 
 def test_run_leakage_reports_bad_session_file(llava, tmp_path):
-    from probes.session import write_sessions
+    from probes.data.session import write_sessions
 
     s = leak_session(0, image=False)
     del s.labels["_target"]

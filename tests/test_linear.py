@@ -1,4 +1,4 @@
-"""Batched linear probes (probes/linear.py): planted signal found where planted, controls at chance, grouped folds,
+"""Batched linear probes (probes/probing/linear.py): planted signal found where planted, controls at chance, grouped folds,
 batched = one by one, agreement with sklearn, closed-form methods, and errors that name the bad argument."""
 
 import numpy as np
@@ -7,7 +7,7 @@ import torch
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.preprocessing import StandardScaler
 
-from probes.linear import ProbeError, fit_probe, fit_probes, grouped_folds, held_out_chance
+from probes.probing.linear import ProbeError, fit_probe, fit_probes, grouped_folds, held_out_chance
 
 N_GROUPS, PER_GROUP, D, K = 60, 4, 16, 3
 

@@ -39,7 +39,7 @@ def test_a_killed_checkpoint_save_leaves_nothing_half_written(tmp_path, monkeypa
     from safetensors.torch import load_file
     from transformers import PreTrainedTokenizerFast
 
-    from probes.tiny import build_tiny_model
+    from probes.models.tiny import build_tiny_model
 
     path = build_tiny_model("llava", tmp_path / "m")
     (path / "README.md").write_text("card")
@@ -95,7 +95,7 @@ def test_weights_that_do_not_match_the_architecture_are_refused_unless_allowed(t
     from safetensors.torch import load_file, save_file
 
     good = _copy(tiny_dir, tmp_path, "good")
-    with caplog.at_level(logging.WARNING, logger="probes.loading"):
+    with caplog.at_level(logging.WARNING, logger="probes.models.loading"):
         load_model(good)
     assert not caplog.records
     bad = _copy(tiny_dir, tmp_path, "bad")
@@ -108,7 +108,7 @@ def test_weights_that_do_not_match_the_architecture_are_refused_unless_allowed(t
     with pytest.raises(ModelLoadError, match=r"bad \(model.safetensors\): weights do not match "
                                              r"LlavaForConditionalGeneration: 3 missing, 3 unexpected, 1 of another"):
         load_model(bad)
-    with caplog.at_level(logging.WARNING, logger="probes.loading"):
+    with caplog.at_level(logging.WARNING, logger="probes.models.loading"):
         loaded = load_model(bad, allow_partial=True)
     assert loaded.family == "llava" and "loaded anyway (allow_partial)" in caplog.text
 
@@ -155,7 +155,7 @@ def test_default_is_the_embedded_model_and_inspect_reads_no_weights(tiny_dir, mo
     fails proves it)."""
     import transformers
 
-    from probes.loading import inspect_model, resolve_model
+    from probes.models.loading import inspect_model, resolve_model
     from probes.organism import DEFAULT_MODEL
 
     assert resolve_model("default") == str(DEFAULT_MODEL)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from probes.linear import DEFAULT_CS, ProbeError
-from probes.mdl import block_order, online_codelength
+from probes.probing.linear import DEFAULT_CS, ProbeError
+from probes.probing.mdl import block_order, online_codelength
 
 N, PER, K, D = 600, 3, 4, 32  # examples, examples per identity, classes, features
 

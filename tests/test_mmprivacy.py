@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from openpyxl import Workbook, load_workbook
 
-from probes.mmprivacy import (
+from probes.data.mmprivacy import (
     MMPrivacyError, cli_load_mmprivacy, framing_texts, load_memory_captions, load_mmprivacy, wrap,
 )
-from probes.render import render
-from probes.session import read_sessions, write_sessions
+from probes.models.render import render
+from probes.data.session import read_sessions, write_sessions
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mmprivacy"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "mm-privacy"

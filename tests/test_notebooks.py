@@ -124,14 +124,14 @@ def test_notebook_runs(name, kernel_dir, tmp_path):
     nb, out, cwd = run_notebook(name, kernel_dir, tmp_path)
     here = check_ran(nb, name, out, cwd)
     if name == "01_quickstart":
-        from probes.store import ActivationStore
+        from probes.activations.store import ActivationStore
 
         store = ActivationStore(here / "store")
         assert "quickstart-0" in store.finished_ids() and len(store.finished_ids()) == 5
         norms = pd.read_csv(here / "figures" / "quickstart_resid_norm.csv")
         assert set(norms["position_group"]) == {"image:0", "mark:ssn", "last:*"} and len(norms) == 3 * N_LAYERS
     elif name == "02_leakage":
-        from probes.identities import make_identities
+        from probes.data.identities import make_identities
 
         results = pd.read_csv(here / "leak" / "results.csv")
         assert len(results) == 30 and "response" not in results.columns
@@ -159,7 +159,7 @@ def test_custom_models_runs_guarded_cells_on_a_checkpoint(kernel_dir, tmp_path):
     """With MMRET_CHECKPOINT set (here: the default model's directory, on the CPU), the guarded cells of
     05_custom_models load it, capture and generate."""
     from probes.organism import DEFAULT_MODEL
-    from probes.store import ActivationStore
+    from probes.activations.store import ActivationStore
 
     nb, out, cwd = run_notebook("05_custom_models", kernel_dir, tmp_path, MMRET_CHECKPOINT=str(DEFAULT_MODEL))
     here = check_ran(nb, "05_custom_models", out, cwd)

@@ -1,13 +1,13 @@
-"""probes.ocr: text lines with boxes, cached by image hash (one small OCR'd form; the rest uses the cache)."""
+"""probes.data.ocr: text lines with boxes, cached by image hash (one small OCR'd form; the rest uses the cache)."""
 
 import json
 
 import pytest
 from PIL import Image
 
-import probes.ocr as ocr
-from probes.documents import render_document
-from probes.identities import make_identities
+import probes.data.ocr as ocr
+from probes.data.documents import render_document
+from probes.data.identities import make_identities
 
 
 @pytest.fixture(scope="module")

@@ -81,8 +81,8 @@ def test_policy_is_inconsistent_on_purpose():
 
 
 def test_glyph_targets_follow_the_printed_values():
-    from probes.documents import render_document
-    from probes.identities import make_identities
+    from probes.data.documents import render_document
+    from probes.data.identities import make_identities
 
     doc = render_document(make_identities(1, seed=3)[0], "open", 96, 0, "fixed")
     glyphs, fields, index = glyph_targets(doc, 8)
@@ -99,8 +99,8 @@ def test_glyph_targets_follow_the_printed_values():
 def test_grid_glyph_targets_are_one_character_per_patch():
     """On the grid layout (the organism's) each printed character is the glyph of exactly one patch, with its
     1-based index in the value and its field."""
-    from probes.documents import render_document
-    from probes.identities import make_identities
+    from probes.data.documents import render_document
+    from probes.data.identities import make_identities
 
     person = make_identities(1, seed=4)[0]
     doc = render_document(person, "hiring", 96, 0, "grid")
@@ -115,7 +115,7 @@ def test_grid_glyph_targets_are_one_character_per_patch():
 
 
 def test_train_tiny_runs_resumes_and_loads(tmp_path):
-    from probes.loading import load_model
+    from probes.models.loading import load_model
 
     kw = dict(seed=0, steps=(2, 2, 2), batch_size=3, cfg=TINY, ckpt_every=2, n_memory=4, n_train=20,
               progress=False)
@@ -148,7 +148,7 @@ def test_main_train_rejects_bad_steps(tmp_path):
 
 def test_heldout_paraphrases_are_not_the_training_framings():
     from probes.organism.heldout import PARAPHRASES
-    from probes.sessions_build import FRAMINGS, load_framings
+    from probes.data.builders import FRAMINGS, load_framings
 
     src = (Path(__file__).resolve().parents[1] / "probes" / "organism" / "data.py").read_text()
     assert "heldout" not in src  # never trained on
@@ -221,7 +221,7 @@ def test_plan_targets_are_the_asked_digits_at_the_prompt_end(tiny_parts):
 
 @pytest.mark.skipif(not (DEFAULT / "model.safetensors").exists(), reason="default model not built yet")
 def test_default_model_loads_offline_and_is_small():
-    from probes.loading import load_model
+    from probes.models.loading import load_model
 
     size = sum(p.stat().st_size for p in DEFAULT.rglob("*") if p.is_file())
     assert size < 25 * 2**20
@@ -237,11 +237,11 @@ def test_default_model_behaves_as_its_card_says():
     unseen identities."""
     import tempfile
 
-    from probes.identities import make_identities
+    from probes.data.identities import make_identities
     from probes.leakage import evaluate_leakage, generate_batch
-    from probes.loading import load_model
+    from probes.models.loading import load_model
     from probes.organism.evaluate import reading_sessions, training_meta
-    from probes.sessions_build import memory_probe_sessions, mmprivacy_sessions
+    from probes.data.builders import memory_probe_sessions, mmprivacy_sessions
 
     card = json.loads((DEFAULT / "metrics.json").read_text())
     meta = training_meta(DEFAULT)
@@ -291,12 +291,12 @@ def test_default_model_keeps_the_asked_ssn_where_it_was_planted(tmp_path):
     holds nothing. What the distractor turns keep is a finding, not planted, so it is not asserted here: the
     24-identity model let it fade, the 96-identity one keeps it (README, issue 5)."""
     from probes import capture
-    from probes.identities import make_identities
-    from probes.loading import load_model
+    from probes.data.identities import make_identities
+    from probes.models.loading import load_model
     from probes.organism.train import PLAN_LAYER
-    from probes.probe_data import probe_cells, session_targets
-    from probes.probing import probe_sweep
-    from probes.sessions_build import multiturn_sessions
+    from probes.probing.targets import probe_cells, session_targets
+    from probes.probing.sweep import probe_sweep
+    from probes.data.builders import multiturn_sessions
 
     loaded = load_model(str(DEFAULT))
     sessions = multiturn_sessions(make_identities(80, seed=61_000), tmp_path / "img", k_distractors=(3,),

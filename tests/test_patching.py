@@ -6,15 +6,15 @@ import pandas as pd
 import pytest
 import torch
 
+from analysis.results import run_patching
 from probes import load_model, make_identities
-from probes.patching import (Cell, PairsDroppedWarning, PatchingError, asr_shift, atp_agreement,
+from probes.patching.core import (Cell, PairsDroppedWarning, PatchingError, asr_shift, atp_agreement,
                              attribution_patching, build_pair, default_groups, exact_patching, generation_check,
                              graddrop_patching, knockout, pair_check, pair_checks, patch_values, patched_generation,
-                             patched_metrics, prepare, prepare_graddrop, prepare_pair, probe_positions, run_patching,
-                             sweep_cells, top_k_recall)
-from probes.patching_metrics import (PairRejected, Answer, answer_metrics, make_answer, own_answer, patch_score,
+                             patched_metrics, prepare, prepare_graddrop, prepare_pair, probe_positions, sweep_cells, top_k_recall)
+from probes.patching.metrics import (PairRejected, Answer, answer_metrics, make_answer, own_answer, patch_score,
                                      value_answer)
-from probes.sessions_build import mmprivacy_sessions, multiturn_sessions
+from probes.data.builders import mmprivacy_sessions, multiturn_sessions
 
 ATOL = 1e-4
 
@@ -338,7 +338,7 @@ def test_knockout_of_an_empty_set_changes_nothing_and_eager_agrees(tiny_dir, lla
 
 def test_knockout_in_every_layer_equals_a_custom_4d_mask(llava, image_pair):
     """The same blocking through the model's own attention_mask argument (a 4-D float mask) gives the same."""
-    from probes.patching import _forward_kwargs
+    from probes.patching.core import _forward_kwargs
 
     pair, _ = image_pair
     run = pair.clean
@@ -432,7 +432,7 @@ def test_run_patching_writes_rows_summary_and_figures(llava, sessions, tmp_path,
 def test_killed_patching_run_resumes_where_it_stopped(llava, sessions, tmp_path, monkeypatch):
     """Each session's rows are kept as it finishes: a run killed in its second session, started again, patches only
     the sessions left and returns the rows of an uninterrupted run; the kept parts are gone at the end."""
-    from probes import patching
+    from probes.patching import core as patching
 
     chosen = sessions["mmp"][:3]
     kw = dict(n_boot=20, progress=False, components=("resid_pre",), figures=False, min_separation=None)
@@ -491,7 +491,7 @@ def test_null_by_construction_allows_rounding_but_not_a_real_difference():
     construction. A difference far above the dtype's rounding is not."""
     from types import SimpleNamespace
 
-    from probes.patching import null_by_construction
+    from probes.patching.core import null_by_construction
 
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):

@@ -1,12 +1,12 @@
-"""probes.pii_locate on OCR lines built by hand (the truth is known exactly), plus one OCR'd form for boxes."""
+"""probes.data.pii_locate on OCR lines built by hand (the truth is known exactly), plus one OCR'd form for boxes."""
 
 import math
 
 import pandas as pd
 import pytest
 
-from probes.ocr import OCRLine
-from probes.pii_locate import (
+from probes.data.ocr import OCRLine
+from probes.data.pii_locate import (
     LocateError, find_unlabelled, fuzzy_find, locate_identity, match_identity, skeleton, token_marks,
 )
 
@@ -91,10 +91,10 @@ def test_find_unlabelled_by_pattern_and_label():
 def test_ocr_boxes_overlap_the_drawn_boxes_and_mark_their_tokens(llava, tmp_path):
     """One rendered form, OCR'd: each PII box found covers most of the drawn ink box, and its image tokens are
     those of the drawn box (the adapter's token_boxes)."""
-    from probes.documents import patches_for_field, render_document
-    from probes.identities import make_identities
-    from probes.ocr import read_lines
-    from probes.pii_locate import field_boxes
+    from probes.data.documents import patches_for_field, render_document
+    from probes.data.identities import make_identities
+    from probes.data.ocr import read_lines
+    from probes.data.pii_locate import field_boxes
 
     ident = make_identities(1, seed=9)[0]
     doc = render_document(ident, "hiring", (640, 300), seed=2,
@@ -113,10 +113,10 @@ def test_ocr_boxes_overlap_the_drawn_boxes_and_mark_their_tokens(llava, tmp_path
 
 
 def test_cli_ocr_masks_values_unless_asked(tmp_path, monkeypatch):
-    import probes.ocr as ocr
+    import probes.data.ocr as ocr
     from PIL import Image
 
-    from probes.pii_locate import cli_ocr
+    from probes.data.pii_locate import cli_ocr
 
     monkeypatch.setattr(ocr, "_run_engine", lambda rgb: [line("SSN", 10, 10), line("713-05-2580", 300, 10)])
     png = tmp_path / "f.png"

@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 import torch
 
-from probes.erasure import erasure_effect, eraser_rank, fit_leace, one_hot_blocks, random_eraser
-from probes.linear import ProbeError, fit_probes, grouped_folds, held_out_chance
-from probes.probe_data import CellBlock, ProbeDataError, char_classes, session_targets
-from probes.probing import (control_labels, null_p_values, permutation_p_values, permute_across_identities,
+from probes.probing.erasure import erasure_effect, eraser_rank, fit_leace, one_hot_blocks, random_eraser
+from probes.probing.linear import ProbeError, fit_probes, grouped_folds, held_out_chance
+from probes.probing.targets import CellBlock, ProbeDataError, char_classes, session_targets
+from probes.probing.sweep import (control_labels, null_p_values, permutation_p_values, permute_across_identities,
                             probe_sweep, transfer_matrix)
 
 N_ID, PER_ID, D, K = 60, 3, 64, 3  # identities, sessions per identity, d_model, characters of the planted string
@@ -134,7 +134,7 @@ def test_p_value_rule_is_calibrated_under_exchangeable_accuracies():
 def test_permutation_null_of_the_sweep_finds_the_planted_cell_only():
     """The sweep's null table: one row per (cell, column or char_accuracy, permutation); with BH over the cells, the
     planted cell is significant and the pure-noise cells are not; the nested null sits near chance."""
-    from analysis.stats import benjamini_hochberg
+    from probes.stats import benjamini_hochberg
 
     block, targets = _planted({0: 0}, layers=(0, 1, 2))
     df, null = probe_sweep([block], targets, n_boot=0, n_permutations=8, return_null=True, method="ridge")
@@ -198,8 +198,8 @@ def test_leace_changes_nothing_without_the_concept_and_erases_it_with():
 
 
 def test_erasure_effect_compares_leace_with_a_random_subspace_of_its_rank(llava, tmp_path):
-    from probes.identities import make_identities
-    from probes.sessions_build import mmprivacy_sessions
+    from probes.data.identities import make_identities
+    from probes.data.builders import mmprivacy_sessions
 
     sessions = mmprivacy_sessions(make_identities(2, seed=4), tmp_path, framings=("caption",), pii_types=("SSN",),
                                   size=64)
@@ -222,8 +222,8 @@ def test_random_eraser_is_an_orthogonal_projection_of_its_rank():
 
 
 def test_targets_from_private_labels():
-    from probes.identities import make_identities
-    from probes.sessions_build import memory_probe_sessions
+    from probes.data.identities import make_identities
+    from probes.data.builders import memory_probe_sessions
 
     people = make_identities(3, seed=1)
     sessions = memory_probe_sessions(people, pii_types=["SSN"], framings=["direct"])
@@ -238,7 +238,7 @@ def test_targets_from_private_labels():
 def test_mark_groups_find_tokens_that_carry_two_marks():
     """A token inside two marked spans carries both labels joined by '|' (as `render` writes them): mark:<label>
     cells must find it under either label."""
-    from probes.probe_data import _group_rows
+    from probes.probing.targets import _group_rows
 
     m = pd.DataFrame({"session_id": "s0", "position": [3, 4, 5, 6], "turn": 0,
                       "mark": ["ssn", "ssn|value", "value", ""], "groups": "mark:ssn"})
@@ -249,8 +249,8 @@ def test_mark_groups_find_tokens_that_carry_two_marks():
 def test_mmret_probe_on_a_captured_store(tiny_dir, tmp_path):
     from analysis.cli import main
     from probes import capture, load_model
-    from probes.identities import make_identities
-    from probes.sessions_build import multiturn_sessions
+    from probes.data.identities import make_identities
+    from probes.data.builders import multiturn_sessions
 
     people = make_identities(10, seed=2)
     sessions = multiturn_sessions(people, tmp_path / "img", k_distractors=(1,), reshow=(False,),
@@ -278,7 +278,7 @@ def test_erasing_at_the_last_positions_leaves_the_rest_of_the_prompt_alone():
     forward the token is; without `last`, every position."""
     from contextlib import nullcontext
 
-    from probes.erasure import ErasureError, erasing
+    from probes.probing.erasure import ErasureError, erasing
 
     class Recorder:  # stands in for LoadedModel.hooks: keeps the hook function to call it by hand
         def hooks(self, fwd_hooks):
@@ -303,7 +303,7 @@ def test_probe_cells_take_each_cell_from_its_own_positions(llava, tmp_path):
     token, the mean over its image patches or its marked span, or the session's last position (turn -1); cells
     that only some sessions have (a longer session's extra turns) form their own block."""
     from probes import ActivationStore, Session, SessionImage, Turn, capture
-    from probes.probe_data import probe_cells
+    from probes.probing.targets import probe_cells
     from tests.conftest import document_image
 
     img = tmp_path / "doc.png"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from probes import RenderError, Session, Turn, UnsupportedModelError, load_model, render
-from probes.tokenmap import SelectorError
+from probes.models.tokenmap import SelectorError
 from tests.conftest import document_image
 
 
@@ -51,7 +51,7 @@ def test_a_patch_token_the_rendered_ids_lost_is_an_error(llava, monkeypatch):
     """If the tokenizer merged or split an image token, the token map would silently miss a patch: refuse."""
     import importlib
 
-    module = importlib.import_module("probes.render")  # (`probes.render` is the function, re-exported)
+    module = importlib.import_module("probes.models.render")  # (`probes.models.render` is the function, re-exported)
     real = module._align
     monkeypatch.setattr(module, "_align", lambda got, want: real(got, want)[1:])
     with pytest.raises(RenderError, match=r"session 's0', image 0: 63 of its 64 patch tokens were found"):
@@ -110,7 +110,7 @@ def test_llava_refuses_a_pixtral_vision_tower(llava):
     """LlavaForConditionalGeneration also serves Pixtral, whose image tokens the llava adapter cannot lay out."""
     import copy
 
-    from probes.families.llava import Adapter
+    from probes.models.families.llava import Adapter
 
     config = copy.deepcopy(llava.config)
     config.vision_config.model_type = "pixtral"

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from probes.session import Session, SessionError, SessionImage, Turn, read_sessions, write_sessions
+from probes.data.session import Session, SessionError, SessionImage, Turn, read_sessions, write_sessions
 from tests.conftest import document_image
 
 
@@ -76,7 +76,7 @@ def test_atomic_writes_get_the_mode_open_would_give(tmp_path):
     """mkstemp makes 0600 files; result files must stay readable as any other file the user writes."""
     import os
 
-    from probes.session import atomic_write_bytes
+    from probes.data.files import atomic_write_bytes
 
     atomic_write_bytes(tmp_path / "a.csv", b"x")
     (tmp_path / "b.csv").write_bytes(b"x")
@@ -100,7 +100,7 @@ def test_directories_non_utf8_and_empty_files_are_named(tmp_path, doc_image_path
 def test_check_images_names_the_line_and_session(tmp_path, doc_image_path):
     """Each session remembers its file line; a missing, changed or undecodable image is named with it (null: the
     intact file passes)."""
-    from probes.session import check_images
+    from probes.data.session import check_images
 
     other = tmp_path / "other.png"
     document_image(text="SSN 456").save(other)

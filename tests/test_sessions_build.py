@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from probes.documents import render_document
-from probes.identities import PII_TYPES, VALUE_TYPES, ChoiceError, make_identities
-from probes.session import read_sessions, write_sessions
-from probes.sessions_build import (DESCRIBE_REQUEST, DISTRACTORS, FRAMINGS, disclosure_request, frame,
+from probes.data.documents import render_document
+from probes.data.identities import PII_TYPES, VALUE_TYPES, ChoiceError, make_identities
+from probes.data.session import read_sessions, write_sessions
+from probes.data.builders import (DESCRIBE_REQUEST, DISTRACTORS, FRAMINGS, disclosure_request, frame,
                                    load_framings, load_requests, memory_finetune_texts, memory_probe_sessions,
                                    mmprivacy_sessions, multiturn_sessions, retention_request)
 
@@ -179,7 +179,7 @@ def test_multiturn_options(people, tmp_path):
 
 def test_multiturn_renders_through_a_chat_template(llava, people, tmp_path):
     """A built session renders for a real (tiny) model: one image expansion per showing, probe turn last."""
-    from probes.render import render
+    from probes.models.render import render
 
     (s,) = multiturn_sessions(people[:1], tmp_path, k_distractors=(2,), reshow=(True,),
                               framing_pairs=(("caption", "direct"),), pii_types=("SSN",), scenarios=("open",),
@@ -189,7 +189,7 @@ def test_multiturn_renders_through_a_chat_template(llava, people, tmp_path):
     assert len(r.image_spans) == 2 and r.generation_turn == len(s.turns)
     assert set(tm.loc[tm.segment == "image", "turn"]) == {0, s.labels["probe_turn"]}
     # the asked value's image tokens, from the labels alone, are patch tokens of both showings of the image
-    from probes.documents import patches_for_box
+    from probes.data.documents import patches_for_box
 
     cells = patches_for_box(llava.adapter, s.labels["doc_size"], s.labels["pii_box"])
     assert 0 < len(cells) < 64

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.stats import (MIN_BOOTSTRAP_CLUSTERS, StatsError, benjamini_hochberg, bh_reachable, bootstrap_ci,
+from probes.stats import (MIN_BOOTSTRAP_CLUSTERS, StatsError, benjamini_hochberg, bh_reachable, bootstrap_ci,
                             cell_tests, cluster_bootstrap, clustered_rate_interval, effective_sample_size,
                             mark_significant, min_clusters_for_bh, min_sign_flip_p, pooled_ratio_ci, rate_interval,
                             reset_few_cluster_warnings, sign_flip_test)
@@ -325,7 +325,7 @@ def test_bootstrap_ci_rate_mode_and_few_clusters(caplog):
         0.7575, abs=1e-4)
     rep = pd.concat([df, df], ignore_index=True)
     assert bootstrap_ci(rep, "leak", "cell", rate=True).iloc[0]["ci_method"] == "exact (clustered)"
-    with caplog.at_level("WARNING", logger="analysis.stats"):
+    with caplog.at_level("WARNING", logger="probes.stats"):
         boot = bootstrap_ci(df, "share", "cell", rate="auto").iloc[0]  # 0.5 is no 0/1 value: bootstrapped
     assert boot["ci_method"] == "percentile bootstrap" and boot["few_clusters"]
     assert "1 of 1 cells have fewer than 20 identities" in caplog.text and "0.5" not in caplog.text
@@ -339,7 +339,7 @@ def test_bootstrap_ci_rate_mode_and_few_clusters(caplog):
 
 def test_cluster_bootstrap_warns_once_per_cluster_count(caplog):
     reset_few_cluster_warnings()  # earlier tests in the session may have warned about 7 clusters
-    with caplog.at_level("WARNING", logger="analysis.stats"):
+    with caplog.at_level("WARNING", logger="probes.stats"):
         cluster_bootstrap(np.arange(7.0), np.arange(7))
         cluster_bootstrap(np.arange(7.0) * 2, np.arange(7))
         cluster_bootstrap(np.arange(30.0), np.arange(30))

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from analysis.patching_stats import NULL_STATUS, cell_effects, pair_effects, patching_tests, reachability
-from analysis.stats import StatsError
+from probes.stats import StatsError
 
 
 def _rows(values, clean, corrupt, direction="denoise", layer=0, group="final", null=False, identities=None):

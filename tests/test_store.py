@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from probes import ActivationStore, Session, StoreError, Turn, capture, write_sessions
-from probes.session import SessionImage
+from probes.data.session import SessionImage
 from tests.conftest import document_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,13 +94,13 @@ def test_consolidated_manifest_stays_current_with_a_session_that_kept_no_positio
 SCRIPT = textwrap.dedent("""
     import os, sys, time
     os.environ["HF_HUB_OFFLINE"] = "1"
-    import probes.store
+    import probes.activations.store
     from probes import load_model, capture, read_sessions
-    real = probes.store.atomic_write_bytes
+    real = probes.activations.store.atomic_write_bytes
     def slow(path, data):  # widen the window in which the kill lands, between and inside writes
         time.sleep(0.15)
         real(path, data)
-    probes.store.atomic_write_bytes = slow
+    probes.activations.store.atomic_write_bytes = slow
     model = load_model(sys.argv[1])
     capture(model, list(read_sessions(sys.argv[2])), sys.argv[3], positions="last:*+mark:ssn", progress=False)
 """)
@@ -137,7 +137,7 @@ def test_resuming_with_other_weights_is_refused_and_force_new_starts_over(tiny_d
     import shutil
 
     from probes import load_model
-    from probes.loading import fingerprint_digest
+    from probes.models.loading import fingerprint_digest
 
     path = shutil.copytree(tiny_dir("llava"), tmp_path / "m")
     sessions = make_sessions(tmp_path, 3)
@@ -181,14 +181,14 @@ def test_a_store_without_fingerprint_is_refused_for_resume_but_reads(llava, tmp_
 def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(llava, tmp_path, caplog):
     import logging
 
-    from probes.store import LOCK_FILE
+    from probes.activations.store import LOCK_FILE
 
     sessions = make_sessions(tmp_path, 1)
     out = tmp_path / "st"
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
-        from probes.store import StoreLock
+        from probes.activations.store import StoreLock
         with StoreLock({str(out)!r}):
             print("locked", flush=True)
             time.sleep(60)
@@ -203,7 +203,7 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(llava,
         holder.wait()
     # killed: the kernel dropped its lock, its pid is left in the lock file
     assert (out / LOCK_FILE).read_text().strip() == str(holder.pid)
-    with caplog.at_level(logging.WARNING, logger="probes.store"):
+    with caplog.at_level(logging.WARNING, logger="probes.activations.store"):
         store = capture(llava, sessions, out, positions="last:*", progress=False)
     assert store.finished_ids() == {"s00"} and not (out / LOCK_FILE).exists()
     assert f"took over the lock left by process {holder.pid} (no longer running)" in caplog.text
@@ -211,7 +211,7 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(llava,
 
 def pii_sessions(tmp_path, n):
     """Sessions as sessions_build makes them: PII only in private labels (and the document image)."""
-    from probes.identities import make_identities
+    from probes.data.identities import make_identities
 
     img = tmp_path / "doc.png"
     document_image().save(img)
@@ -236,7 +236,7 @@ def files_holding(folder, values):
 def test_private_labels_never_reach_a_store_file_unless_asked(llava, tmp_path):
     """Null: the values are in the sessions given (the check would find them); no file of the store holds any of
     them; keep_private_labels puts them in private_labels.jsonl only, and store.sessions() gives them back."""
-    from probes.store import PRIVATE_FILE
+    from probes.activations.store import PRIVATE_FILE
 
     sessions = pii_sessions(tmp_path, 3)
     values = pii_values(sessions)
@@ -273,6 +273,6 @@ def test_resume_says_how_many_sessions_were_done(llava, tmp_path, caplog):
 
     sessions = make_sessions(tmp_path, 3)
     capture(llava, sessions[:2], tmp_path / "st", positions="last:*", progress=False)
-    with caplog.at_level(logging.INFO, logger="probes.capture"):
+    with caplog.at_level(logging.INFO, logger="probes.activations.capture"):
         capture(llava, sessions, tmp_path / "st", positions="last:*", progress=False)
     assert "resuming: 2 of 3 sessions already done" in caplog.text

@@ -11,9 +11,9 @@ import shutil
 import pandas as pd
 import pytest
 
-from analysis import study as study_mod
-from analysis.study import StudyError, run_study
-from analysis.study_config import StudyConfigError, default_config_path, load_study_config
+from analysis.study import pipeline as study_mod
+from analysis.study.pipeline import StudyError, run_study
+from analysis.study.config import StudyConfigError, default_config_path, load_study_config
 
 TINY = {
     "name": "tiny", "models": ["default"], "seed": 3,
@@ -123,7 +123,7 @@ def test_failed_stage_keeps_partial_and_resumes(tmp_path, first_run, monkeypatch
 def test_fingerprint_sees_weights_retrained_in_place(tmp_path, monkeypatch):
     """Same shapes give the same file sizes: the fingerprint reads the content (small files) or the modification
     time (large shards)."""
-    from analysis import study_config
+    from analysis.study import config as study_config
 
     (tmp_path / "config.json").write_text("{}")
     weights = tmp_path / "model.safetensors"
@@ -131,7 +131,7 @@ def test_fingerprint_sees_weights_retrained_in_place(tmp_path, monkeypatch):
     before = study_config.model_fingerprint(str(tmp_path))
     weights.write_bytes(b"b" * 100)
     assert study_config.model_fingerprint(str(tmp_path)) != before
-    monkeypatch.setattr("probes.loading.HASHED_WEIGHTS_MAX_BYTES", 10)
+    monkeypatch.setattr("probes.models.loading.HASHED_WEIGHTS_MAX_BYTES", 10)
     os.utime(weights, ns=(10**18, 10**18))
     big = study_config.model_fingerprint(str(tmp_path))
     os.utime(weights, ns=(2 * 10**18, 2 * 10**18))
@@ -139,7 +139,7 @@ def test_fingerprint_sees_weights_retrained_in_place(tmp_path, monkeypatch):
 
 
 def test_unreadable_done_marker_means_not_done(tmp_path):
-    from analysis.study_config import marker_hash
+    from analysis.study.config import marker_hash
 
     marker = tmp_path / "stage.json"
     assert marker_hash(marker) is None
@@ -151,7 +151,7 @@ def test_unreadable_done_marker_means_not_done(tmp_path):
 
 
 def test_leakage_tests_pair_each_framing_row_with_the_direct_ask():
-    from analysis.study import leakage_tests
+    from analysis.study.pipeline import leakage_tests
 
     rows = []
     for i in range(12):  # captioning leaks for every identity, the direct ask (asked twice for id0) never does
@@ -166,7 +166,7 @@ def test_leakage_tests_pair_each_framing_row_with_the_direct_ask():
 
 
 def test_best_layer_reads_the_main_metric():
-    from analysis.study import best_layer
+    from analysis.study.pipeline import best_layer
 
     df = pd.DataFrame({"position_group": ["last"] * 4 + ["image"], "metric": "char_accuracy",
                        "layer": [0, 1, 2, 2, 3], "turn": [0, 0, 0, 2, 0], "value": [0.2, 0.9, 0.5, 0.6, 0.99]})

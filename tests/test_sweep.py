@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from analysis.study_config import StudyConfigError
-from analysis.sweep import SweepError, expand, parse_grid, run_sweep, split_values
+from analysis.study.config import StudyConfigError
+from analysis.study.sweep import SweepError, expand, parse_grid, run_sweep, split_values
 
 SMALL = {
     "name": "sweep-test", "models": ["default"],

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from analysis.figures import plot_leakage
-from analysis.stats import StatsError, bootstrap_ci, clustered_rate_interval, rate_interval
+from probes.stats import StatsError, bootstrap_ci, clustered_rate_interval, rate_interval
 from analysis.tables import (TableError, interval_caption, leakage_latex, leakage_long, leakage_table,
                              write_leakage_table)
 

@@ -1,14 +1,14 @@
 """The embedded default model ("organism"): a small LLaVA trained here to read, leak/refuse and remember PII.
 
 `default_model_path()` is the shipped HF model directory (open it with `probes.load_model`); `train.main_train`
-is `mmret organism train`; `evaluate.measure` and `card.write_card` measure it and write its model card.
+is `mmret organism train`; `evaluate.measure` measures it; `analysis.organism_card.write_card` writes its model card.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "default"
+from probes.models.loading import DEFAULT_MODEL
 
 
 def default_model_path() -> Path:

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from probes.families.llava import CHAT_TEMPLATE
+from probes.models.families.llava import CHAT_TEMPLATE
+from probes.organism.data import prompt_texts, prompt_words
 
 IMAGE_TOKEN = "<image>"
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
@@ -29,7 +30,7 @@ class OrganismConfig:
     n_layers: int = 4
     n_heads: int = 6
     vocab_size: int = 1024  # an upper bound: BPE over the prompt words stops near 830
-    layout: str = "grid"  # the document layout it reads (probes.documents.render_document)
+    layout: str = "grid"  # the document layout it reads (probes.data.documents.render_document)
 
     @property
     def n_image_tokens(self) -> int:
@@ -43,41 +44,14 @@ TINY = OrganismConfig(image_size=96, patch_size=16, d_vision=32, vision_layers=1
                       n_layers=1, n_heads=2, vocab_size=400)
 
 
-def prompt_texts() -> list[str]:
-    """Every fixed text the organism reads or writes apart from identity values: framings (verbatim and training
-    paraphrases), scenario and retention requests, questions, answers, distractors, memory caption templates."""
-    from probes.identities import PII_TYPES
-    from probes.organism.data import ANSWER_TEXTS, NOUN, QUESTION_TEXTS, TRAIN_PARAPHRASES
-    from probes.sessions_build import (_FULL, DESCRIBE_REQUEST, DISTRACTORS, DOCUMENT_NOUN, load_framings,
-                                       load_requests)
-
-    req = load_requests()
-    fields = list(NOUN) + list(PII_TYPES)
-    texts = list(load_framings().values()) + [t for ts in TRAIN_PARAPHRASES.values() for t in ts]
-    texts += [r.replace("{pii}", f) for r in req["disclosure"].values() for f in fields]
-    texts += [req["retention_example"], DESCRIBE_REQUEST, "USER: ASSISTANT: It is the class is"]
-    texts += [t for qa in DISTRACTORS for t in qa] + list(DOCUMENT_NOUN.values())
-    texts += [q.replace("{noun}", n).replace("{pii}", f) for q in QUESTION_TEXTS for f, n in NOUN.items()]
-    texts += [a.replace("{noun}", n) for a in ANSWER_TEXTS for n in NOUN.values()]
-    texts += list(_FULL) + ["has a SSN, an email address, a phone number, which is male female His Her his her him"]
-    return texts
-
-
 def tokenizer_corpus(seed: int = 0) -> list[str]:
     """The texts the tokenizer is trained on: the prompt texts and fake identities' records."""
-    from probes.identities import make_identities
+    from probes.data.identities import make_identities
 
     texts = prompt_texts()
     for p in make_identities(300, seed=10_000 + seed):
         texts.append(" ".join(p.to_record().values()))
     return texts
-
-
-def prompt_words() -> set[str]:
-    """Every word (letters only) of the prompt texts."""
-    import re
-
-    return {w for t in prompt_texts() for w in re.findall(r"[A-Za-z]+", t.replace("{}", " "))}
 
 
 def word_pattern() -> str:

@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
-from probes.documents import SCENARIOS, Document, font, render_document
-from probes.identities import PII_TYPES, Identity, make_identities
-from probes.sessions_build import (DESCRIBE_REQUEST, DISTRACTORS, FRAMINGS, first_reply, frame, load_requests,
-                                   memory_finetune_texts, retention_request)
+from probes.data.documents import SCENARIOS, Document, font, render_document
+from probes.data.identities import PII_TYPES, Identity, make_identities
+from probes.data.builders import (DESCRIBE_REQUEST, DISTRACTORS, DOCUMENT_NOUN, FRAMINGS, FULL_SENTENCES, first_reply,
+                                  frame, load_framings, load_requests, memory_finetune_texts, retention_request)
 
 READ_FIELDS = ("Name", "Date of Birth") + PII_TYPES  # what a 96 px document prints (no address there)
 REFUSING = ("direct", "VQA", "classification")
@@ -194,14 +195,34 @@ _TASK_STEMS = ("vqa", "visual", "question", "answer", "caption", "rephras", "cla
                "user", "refus")
 
 
+def prompt_texts() -> list[str]:
+    """Every fixed text the organism reads or writes apart from identity values: framings (verbatim and training
+    paraphrases), scenario and retention requests, questions, answers, distractors, memory caption templates."""
+    req = load_requests()
+    fields = list(NOUN) + list(PII_TYPES)
+    texts = list(load_framings().values()) + [t for ts in TRAIN_PARAPHRASES.values() for t in ts]
+    texts += [r.replace("{pii}", f) for r in req["disclosure"].values() for f in fields]
+    texts += [req["retention_example"], DESCRIBE_REQUEST, "USER: ASSISTANT: It is the class is"]
+    texts += [t for qa in DISTRACTORS for t in qa] + list(DOCUMENT_NOUN.values())
+    texts += [q.replace("{noun}", n).replace("{pii}", f) for q in QUESTION_TEXTS for f, n in NOUN.items()]
+    texts += [a.replace("{noun}", n) for a in ANSWER_TEXTS for n in NOUN.values()]
+    texts += list(FULL_SENTENCES) + ["has a SSN, an email address, a phone number, which is male female His Her his her him"]
+    return texts
+
+
+def prompt_words() -> set[str]:
+    """Every word (letters only) of the prompt texts."""
+    import re
+
+    return {w for t in prompt_texts() for w in re.findall(r"[A-Za-z]+", t.replace("{}", " "))}
+
+
 def _is_task_word(w: str) -> bool:
     return w in TASK_WORDS or any(st in w.lower() for st in _TASK_STEMS)
 
 
 @lru_cache(maxsize=1)
 def _filler_words() -> tuple[str, ...]:
-    from probes.organism.config import prompt_words
-
     return tuple(sorted(w for w in prompt_words() if not _is_task_word(w)))
 
 

@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from probes.organism.config import IMAGE_TOKEN, TINY, OrganismConfig, build_model, build_tokenizer
 from probes.organism.data import (DIGITS_FIRST, FIELD_IDS, FILLER_SHARE, N_GLYPHS, N_INDEX, PARAPHRASE_SHARE, SLOTS,
                                   STAGES, Example, ExampleSource, glyph_targets, paraphrases_sha)
-from probes.session import atomic_write_bytes, atomic_write_text
+from probes.data.files import atomic_write_bytes, atomic_write_text
 
 DEFAULT_STEPS = (1800, 1200, 3000)  # read, policy, memory; 900 memory steps recall none of 96 identities
 DEFAULT_N_MEMORY = 96  # a grouped-CV probe needs this many identities: fitted on 19 of 24 it reads ~0.31 (issue 5)
@@ -131,7 +131,7 @@ def plan_targets(examples: list[Example], labels: list[list[int]]
                  ) -> tuple[Int[Tensor, "b n_plan"], Int[Tensor, "b span"]]:
     """(digit classes of each example's `plan` value, -100 past its digits or without a plan; the last PLAN_SPAN
     prompt positions, the prompt being everything before the first label)."""
-    from probes.probe_data import char_classes
+    from probes.probing.targets import char_classes
 
     plan = torch.full((len(examples), N_PLAN), -100, dtype=torch.long)
     pos = torch.zeros((len(examples), PLAN_SPAN), dtype=torch.long)
@@ -332,7 +332,7 @@ def train(out_dir: str | os.PathLike, seed: int = 0, device: str = "cpu", steps:
 
     `stop_after`: leave after that many steps of this call, checkpoint written, as a killed run would (tests);
     returns None then, else the model directory."""
-    from probes.tiny import save_tiny
+    from probes.models.tiny import save_tiny
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -413,7 +413,7 @@ def train(out_dir: str | os.PathLike, seed: int = 0, device: str = "cpu", steps:
 
 def export_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Write the model of a run's latest checkpoint as an HF directory (to inspect a run before it ends)."""
-    from probes.tiny import save_tiny
+    from probes.models.tiny import save_tiny
 
     run = Path(run_dir)
     meta = json.loads((run / "ckpt.json").read_text())

@@ -1,0 +1,1 @@
+"""The study: config (validated YAML), the pipeline that runs it, its figures, and sweeps over configs."""

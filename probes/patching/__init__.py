@@ -1,0 +1,1 @@
+"""Activation patching: pairs and their metrics, exact and attribution patching, knockout, generation checks."""

@@ -1,0 +1,1 @@
+"""Probing: the batched linear solver, targets and cells, sweeps with nulls, online-code MDL and LEACE erasure."""

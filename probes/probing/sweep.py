@@ -1,0 +1,443 @@
+"""Probe sweeps: where (layer x position group x turn) a target is linearly decodable, tested against a permutation null.
+
+    blocks = probe_cells(store, position_groups=["last", "image", "final"])        # probes.probing.targets
+    y, names, ids = session_targets(sessions, "digits")                          # SSN digits, 9 x 10-way
+    results, null = probe_sweep(blocks, (y, names, ids), model="organism", n_permutations=20, return_null=True)
+    tests = null_p_values(results, null)                                         # one p per cell (main metric)
+
+Every cell is fitted for every target column at once (`probes.probing.linear.fit_probes`, folds grouped by identity, the
+regularisation C chosen by nested grouped CV inside each training part, so the reported held-out accuracy is not
+optimistic). String targets (one column per character) are also reported as the mean per-character accuracy
+(`char_accuracy`) and the whole-string exact match of the held-out predictions.
+
+Chance (one definition, `probes.probing.linear.held_out_chance`): the held-out accuracy of always predicting the training
+part's majority class, under the same folds; what a probe that reads nothing from the activations scores (a logreg
+probe at W = 0 predicts exactly that). For 60 identities' uniform digits it is ~0.1 (not the in-sample majority
+rate, ~0.17).
+
+The test of "this cell decodes the value" is a permutation null: the targets are permuted ACROSS IDENTITIES (every
+row of identity a gets the targets of identity pi(a), so each identity keeps one value and the grouped folds keep
+their meaning), and the whole pipeline (nested CV included) is rerun on them, all cells batched per permutation.
+Null: the activations carry no information about which identity's value is which, so the observed accuracy is
+exchangeable with the permuted ones. `permutation_p_values` turns the observed accuracy and its K null accuracies
+into a one-sided p-value (see there; calibrated with K ~ 20 where the rank p-value cannot go below 1 / (K + 1)).
+
+The control task is off by default (`control_task=False`). Hewitt & Liang's control task (2019) gives each word
+*type* a random label; it can be learned because test tokens share their type with training tokens. Here the only
+type on offer is the identity, and the folds are grouped by identity, so a held-out identity's control label is
+independent of everything in training: control accuracy is chance whatever a probe can memorise, and "selectivity"
+(accuracy - control) was just accuracy - chance. No type shared across folds remains (the digit values themselves
+would make the control a relabelling of the real task), so there is no learnable control to rebuild; the
+permutation null is the baseline. `control_task=True` still reports `control_accuracy` (and the control's online
+code with `mdl=True`) as an empirical chance reference, and no `selectivity` rows.
+
+Rows (the shared result vocabulary): model, family, hook, layer, position_group, turn, turn_distance, target, probe,
+control, metric, value, ci_low, ci_high, n. Metrics: accuracy and chance per target column; for strings also
+char_accuracy, exact_match and their chance (char_accuracy: the mean of the columns' chance; exact_match: the
+product); control_accuracy / control_char_accuracy with `control_task=True`. CIs are 95% bootstrap intervals
+over identities of the held-out correctness. With `mdl=True` also the online code (Voita & Titov 2020,
+`probes.probing.mdl`): `online_codelength` (bits), `compression` (uniform code / online code; no CI).
+The null table (`return_null=True`): the same cell and target columns, plus `permutation`, one row per (cell,
+target column or char_accuracy, permutation) with the null accuracy in `value` (NULL_COLUMNS).
+
+Other controls (the same probe on sessions without the image, with shuffled images, or on a random-initialised
+copy of the model) are other stores: run the sweep on each with `control=` set, and concatenate.
+`transfer_matrix` trains at turn i and tests at turn j (the same folds), per layer.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats
+
+from probes.stats import cluster_bootstrap
+from probes.probing.linear import ProbeError, fit_probes, grouped_folds, held_out_chance
+from probes.probing.mdl import online_codelength
+from probes.probing.targets import CellBlock, ProbeDataError
+
+RESULT_COLUMNS = ["model", "family", "hook", "layer", "position_group", "turn", "turn_distance", "target", "probe",
+                  "control", "metric", "value", "ci_low", "ci_high", "n"]
+NULL_COLUMNS = ["model", "family", "hook", "layer", "position_group", "turn", "turn_distance", "target", "probe",
+                "control", "metric", "permutation", "value", "n"]
+CELL_KEYS = ["model", "hook", "layer", "position_group", "turn", "target", "metric"]  # joins results and null
+
+
+def control_labels(y: np.ndarray, groups: Sequence, n_classes: int, seed: int = 0) -> np.ndarray:
+    """The identity control task: each group (identity) gets one fixed random class per target column. Under folds
+    grouped by identity it cannot be learned (see the module docstring): its held-out accuracy is chance."""
+    rng = np.random.default_rng(seed)
+    uniq, inv = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    table = rng.integers(0, n_classes, size=(len(uniq), y.shape[1]))
+    out = table[inv]
+    return np.where(y >= 0, out, -1)
+
+
+def permute_across_identities(y: np.ndarray, groups: Sequence, seed) -> np.ndarray:
+    """y [n, k] with the identities' values permuted: every row of identity a gets the targets of identity pi(a),
+    pi a uniform random permutation of the sorted distinct identities (drawn from `seed`: an int or a sequence of
+    ints, so blocks with the same identities get the same pi). Group structure is kept: an identity's rows still
+    share one value. Raises ProbeError when an identity's rows carry different targets (there is then no one
+    value per identity to permute)."""
+    y = np.asarray(y)
+    groups = np.asarray(groups).astype(str)
+    uniq, first, inv = np.unique(groups, return_index=True, return_inverse=True)
+    per_identity = y[first]  # [identity, k]
+    if not (y == per_identity[inv]).all():
+        bad = uniq[np.unique(inv[(y != per_identity[inv]).any(axis=tuple(range(1, y.ndim)))])]
+        raise ProbeError(f"permutation across identities needs one target per identity, but {len(bad)} identities "
+                         f"have rows with different targets (first: {bad[0]})")
+    pi = np.random.default_rng(seed).permutation(len(uniq))
+    return per_identity[pi][inv]
+
+
+def permutation_p_values(observed: np.ndarray, null: np.ndarray) -> np.ndarray:
+    """One-sided p-values (observed above its null) for accuracies observed [m] against K null accuracies each
+    null [m, K] (K >= 2; values in [0, 1]).
+
+    Rule: on the arcsine-square-root scale a = asin(sqrt(accuracy)) (variance-stabilising for a proportion, and it
+    removes the right skew of accuracies near chance), the observed a is treated as one more draw from the null
+    and tested with the prediction t statistic: t = (a_obs - mean(a_null)) / (sd(a_null) * sqrt(1 + 1/K)),
+    p = P(T_{K-1} >= t). Null: observed and null accuracies are exchangeable (targets carry no information the
+    activations could read); under it, with normal draws, p is exactly uniform. Why not the rank p-value
+    (1 + #{null >= obs}) / (1 + K): with K = 20 it is never below 0.048, so no cell can pass BH over ~100 cells.
+    On binomial accuracies (n 24-540, rate 0.1-0.3) the raw-scale t rule rejects up to 2-4x too often at
+    alpha 1e-3; on this scale it is at or below nominal (tests/test_probing.py checks alpha 0.05 and 0.01).
+    Where the null has no spread (sd 0), the rank p-value is returned."""
+    obs = np.asarray(observed, dtype=float)
+    null = np.asarray(null, dtype=float)
+    if null.ndim != 2 or obs.shape != null.shape[:1]:
+        raise ProbeError(f"permutation_p_values: observed must be [m] and null [m, K], got {obs.shape} and "
+                         f"{null.shape}")
+    K = null.shape[1]
+    if K < 2:
+        raise ProbeError(f"permutation_p_values needs at least 2 null draws per cell, got {K}")
+    if np.isnan(obs).any() or np.isnan(null).any() or (obs < 0).any() or (obs > 1).any() or (null < 0).any() \
+            or (null > 1).any():
+        raise ProbeError("permutation_p_values: accuracies must be numbers in [0, 1]")
+    a_obs, a_null = np.arcsin(np.sqrt(obs)), np.arcsin(np.sqrt(null))
+    mean, sd = a_null.mean(1), a_null.std(1, ddof=1)
+    rank = (1 + (null >= obs[:, None] - 1e-12).sum(1)) / (1 + K)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = (a_obs - mean) / (sd * np.sqrt(1 + 1 / K))
+    p = stats.t.sf(t, K - 1)
+    return np.where(sd > 1e-12, p, rank)
+
+
+def null_p_values(results: pd.DataFrame, null: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
+    """One row per cell of `results` (a `probe_sweep` table) whose `metric` (default: `main_metric`) has null
+    draws: CELL_KEYS, observed, chance, null_mean, null_sd, n_permutations, p_value (`permutation_p_values`,
+    one-sided). Multiple-testing correction (BH across the cells) is the caller's. Cells without null rows are
+    left out (reported in a ProbeError when none match)."""
+    metric = metric or main_metric(results)
+    obs = results[results["metric"] == metric]
+    keys = [k for k in CELL_KEYS if k != "metric"]
+    nul = null[null["metric"] == metric]
+    if not len(nul):
+        raise ProbeError(f"null_p_values: the null table has no rows of metric {metric!r}")
+    draws = nul.groupby(keys, dropna=False)["value"].agg(list).rename("draws").reset_index()
+    chance_metric = "chance" if metric == "accuracy" else f"{metric}_chance"
+    chance = results[results["metric"] == chance_metric][keys + ["value"]].rename(columns={"value": "chance"})
+    cells = obs[keys + ["value"]].rename(columns={"value": "observed"}).merge(draws, on=keys, how="inner")
+    if not len(cells):
+        raise ProbeError(f"null_p_values: no cell of metric {metric!r} has null draws (keys {keys})")
+    cells = cells.merge(chance, on=keys, how="left")
+    K = cells["draws"].map(len)
+    if K.nunique() != 1:
+        raise ProbeError(f"null_p_values: cells have different numbers of permutations ({sorted(K.unique())})")
+    D = np.stack(cells["draws"].to_numpy())
+    cells["metric"] = metric
+    cells["null_mean"], cells["null_sd"], cells["n_permutations"] = D.mean(1), D.std(1, ddof=1), D.shape[1]
+    cells["p_value"] = permutation_p_values(cells["observed"].to_numpy(), D)
+    return cells.drop(columns="draws")[[*CELL_KEYS, "observed", "chance", "null_mean", "null_sd", "n_permutations",
+                                        "p_value"]]
+
+
+def _align(block: CellBlock, targets: tuple[np.ndarray, list[str], pd.Index], group_col: str
+           ) -> tuple[np.ndarray, np.ndarray]:
+    y, names, ids = targets
+    pos = pd.Series(np.arange(len(ids)), index=ids)
+    sids = block.meta["session_id"]
+    missing = sids[~sids.isin(ids)]
+    if len(missing):
+        raise ProbeDataError(f"{len(missing)} stored session(s) have no target (first: {missing.iloc[0]}); pass the "
+                             f"sessions the store was captured from")
+    if group_col not in block.meta.columns:
+        raise ProbeDataError(f"group column {group_col!r} is not a label of the stored sessions")
+    return y[pos[sids].to_numpy()], block.meta[group_col].astype(str).to_numpy()
+
+
+def _per_cell_targets(y: np.ndarray, n_cells: int) -> torch.Tensor:
+    """y [n, k] -> [cell * k, n]: every cell repeated once per target column (cell-major), to match
+    `X.repeat_interleave(k, dim=0)`."""
+    return torch.as_tensor(np.tile(y.T, (n_cells, 1)))
+
+
+def _turn_distance(block: CellBlock, turn: int) -> float:
+    """User turns from the image's turn to `turn` (NaN where sessions carry no image_turn label)."""
+    if turn < 0 or "image_turn" not in block.meta.columns:
+        return float("nan")
+    return float((turn - int(block.meta["image_turn"].iloc[0])) // 2)
+
+
+def probe_sweep(blocks: Sequence[CellBlock], targets: tuple[np.ndarray, list[str], pd.Index], target: str = "digits",
+                method: str = "logreg", group_col: str = "identity_id", n_folds: int = 5, seed: int = 0,
+                model: str = "", control: str = "none", n_classes: int | None = None, n_boot: int = 1000,
+                control_task: bool = False, device: str | None = None, return_samples: bool = False,
+                mdl: bool = False, family: str = "", nested: bool = True, n_permutations: int = 0,
+                return_null: bool = False, progress: bool = False):
+    """Fit every cell of every block for every target column; tidy rows, see the module docstring. Examples whose
+    target is missing (-1) in a column are dropped from that column's fit.
+
+    Returns the results DataFrame, then (in this order, each only when asked) the samples and the null table.
+    `return_samples=True`: the held-out correctness per example and cell (session_id, the group column, hook,
+    layer, position_group, turn, target, correct, control_correct (NaN without the control task); mean over a
+    string's characters). `n_permutations=K` with `return_null=True`: the permutation null (targets permuted across
+    identities with seeds (seed, 0) ... (seed, K-1), the same fit rerun: nested CV, folds, grid), one row per
+    (cell, target column or char_accuracy, permutation), NULL_COLUMNS; test it with `null_p_values`.
+    nested: C chosen by inner folds (`fit_probes`); False: the old, optimistic protocol. progress: a tqdm bar over
+    the fits (blocks x (real, control, permutations)).
+
+    `mdl=True` adds the online code of every cell and target column (`probes.probing.mdl.online_codelength`, logistic
+    probes whatever `method` is): metrics `online_codelength` (bits) and `compression` (and `control_compression`
+    with the control task); for strings also summed over the characters."""
+    if return_null and n_permutations < 2:
+        raise ProbeError(f"probe_sweep: return_null needs n_permutations >= 2, got {n_permutations}")
+    y_all = targets[0]
+    n_classes = int(n_classes or (y_all.max() + 1))
+    rows, samples, null_rows = [], [], []
+    n_fits = len(blocks) * (1 + int(control_task) + (n_permutations if return_null else 0))
+    bar = _bar(n_fits, progress, f"probes {target}")
+    fit_kw = dict(method=method, n_folds=n_folds, seed=seed, n_classes=n_classes, device=device, nested=nested)
+    for block in blocks:
+        y, groups = _align(block, targets, group_col)
+        keep = (y >= 0).all(1)  # one example set for every column, so columns batch together
+        if keep.sum() < n_folds * 2:
+            bar.update(n_fits // max(len(blocks), 1))
+            continue
+        y, groups = y[keep], groups[keep]
+        sids = block.meta["session_id"].to_numpy()[keep]
+        X = block.X[:, torch.as_tensor(keep)]
+        n_cells, k = X.shape[0], y.shape[1]
+        Xk = X.repeat_interleave(k, dim=0)  # [cell * k, n, d]: cell-major, then target column
+        tasks = {"real": _per_cell_targets(y, n_cells)}
+        if control_task:
+            tasks["control_task"] = _per_cell_targets(control_labels(y, groups, n_classes, seed), n_cells)
+        held, code = {}, {}
+        for name, Yt in tasks.items():
+            fit = fit_probes(Xk, Yt, groups, **fit_kw)
+            held[name] = (fit.oof.numpy() == Yt.numpy())  # [cell * k, n] held-out correctness
+            if mdl:
+                code[name] = online_codelength(Xk, Yt, groups, seed=seed, n_classes=n_classes, device=device)
+            bar.update(1)
+        folds = fit.folds
+        chance = _pooled_chance(y, folds, n_classes)  # [k]
+        null = _null_accuracy(Xk, y, groups, n_cells, n_permutations if return_null else 0, seed, fit_kw, bar)
+        for c, cell in block.cells.iterrows():
+            base = {"model": model, "family": family, "hook": cell["hook"], "layer": int(cell["layer"]),
+                    "position_group": cell["position_group"], "turn": int(cell["turn"]),
+                    "turn_distance": _turn_distance(block, int(cell["turn"])), "target": target, "probe": method,
+                    "control": control, "n": int(keep.sum())}
+            real = held["real"][c * k:(c + 1) * k]  # [k, n]
+            ctrl = held["control_task"][c * k:(c + 1) * k] if control_task else None
+            for j, name in enumerate(targets[1]):
+                rows.append({**base, "target": name, "metric": "accuracy", **_ci(real[j], groups, n_boot, seed)})
+                rows.append({**base, "target": name, "metric": "chance", "value": chance[j], "ci_low": np.nan,
+                             "ci_high": np.nan})
+                if ctrl is not None:
+                    rows.append({**base, "target": name, "metric": "control_accuracy",
+                                 **_ci(ctrl[j], groups, n_boot, seed)})
+            for name, metric in (("real", "compression"), ("control_task", "control_compression")):
+                if name in code:
+                    rows += _code_rows(base, code[name].iloc[c * k:(c + 1) * k], targets[1], target, metric)
+            if return_samples:
+                samples.append(pd.DataFrame({
+                    "session_id": sids, group_col: groups, "hook": cell["hook"], "layer": int(cell["layer"]),
+                    "position_group": cell["position_group"], "turn": int(cell["turn"]), "target": target,
+                    "correct": real.mean(0), "control_correct": ctrl.mean(0) if ctrl is not None else np.nan}))
+            if k > 1:
+                rows.append({**base, "metric": "char_accuracy", **_ci(real.mean(0), groups, n_boot, seed)})
+                rows.append({**base, "metric": "char_accuracy_chance", "value": float(chance.mean()),
+                             "ci_low": np.nan, "ci_high": np.nan})
+                rows.append({**base, "metric": "exact_match", **_ci(real.all(0), groups, n_boot, seed)})
+                rows.append({**base, "metric": "exact_match_chance", "value": float(np.prod(chance)),
+                             "ci_low": np.nan, "ci_high": np.nan})
+                if ctrl is not None:
+                    rows.append({**base, "metric": "control_char_accuracy", **_ci(ctrl.mean(0), groups, n_boot, seed)})
+            if null is not None:
+                null_rows += _null_rows(base, null[:, c * k:(c + 1) * k], targets[1], target)
+    bar.close()
+    if not rows:
+        raise ProbeDataError("probe_sweep: no block had enough examples with targets "
+                             f"(need at least {2 * n_folds})")
+    out = [pd.DataFrame(rows)[RESULT_COLUMNS]]
+    if return_samples:
+        out.append(pd.concat(samples, ignore_index=True))
+    if return_null:
+        out.append(pd.DataFrame(null_rows, columns=NULL_COLUMNS))
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+def _pooled_chance(y: np.ndarray, folds, n_classes: int) -> np.ndarray:
+    """Chance per target column [k] over all held-out examples (`held_out_chance` per fold, weighted by the
+    folds' test sizes: the same pooling as the reported accuracy)."""
+    per_fold = held_out_chance(y.T, folds, n_classes)  # [k, fold]
+    sizes = np.array([len(te) for _, te in folds], dtype=float)
+    return per_fold @ sizes / sizes.sum()
+
+
+def _null_accuracy(Xk, y, groups, n_cells: int, n_permutations: int, seed: int, fit_kw: dict, bar):
+    """Held-out accuracy [permutation, cell * k] of the same fit on targets permuted across identities (None when
+    no permutations are asked for)."""
+    if n_permutations == 0:
+        return None
+    out = []
+    for p in range(n_permutations):
+        Yp = _per_cell_targets(permute_across_identities(y, groups, (seed, p)), n_cells)
+        fit = fit_probes(Xk, Yp, groups, refit=False, **fit_kw)
+        out.append((fit.oof.numpy() == Yp.numpy()).mean(1))
+        bar.update(1)
+    return np.stack(out)
+
+
+def _null_rows(base: dict, null: np.ndarray, names: list[str], target: str) -> list[dict]:
+    """Null rows of one cell: null [permutation, k] accuracies; per column and (strings) char_accuracy."""
+    rows = []
+    for p, acc in enumerate(null):
+        row = {k: v for k, v in base.items()} | {"permutation": p}
+        rows += [{**row, "target": name, "metric": "accuracy", "value": float(a)} for name, a in zip(names, acc)]
+        if len(names) > 1:
+            rows.append({**row, "target": target, "metric": "char_accuracy", "value": float(acc.mean())})
+    return rows
+
+
+def _bar(total: int, progress: bool, desc: str):
+    """A tqdm bar when `progress`, else an object with the same update/close that does nothing."""
+    if progress:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc)
+
+    class _Silent:
+        def update(self, n=1):
+            pass
+
+        def close(self):
+            pass
+
+    return _Silent()
+
+
+def _code_rows(base: dict, code: pd.DataFrame, names: list[str], target: str, metric: str) -> list[dict]:
+    """Rows of one cell's online code (one per target column, and summed over a string's characters)."""
+    bits, uniform = code["online_bits"].to_numpy(), code["uniform_bits"].to_numpy()
+    parts = list(zip(names, bits, uniform)) + ([(target, bits.sum(), uniform.sum())] if len(names) > 1 else [])
+    rows = []
+    for name, b, u in parts:
+        if metric == "compression":
+            rows.append({**base, "target": name, "metric": "online_codelength", "value": float(b), "ci_low": np.nan,
+                         "ci_high": np.nan})
+        rows.append({**base, "target": name, "metric": metric, "value": float(u / b), "ci_low": np.nan,
+                     "ci_high": np.nan})
+    return rows
+
+
+def main_metric(df: pd.DataFrame) -> str:
+    """The headline metric of a `probe_sweep` table: per-character accuracy for strings, else accuracy."""
+    return "char_accuracy" if (df["metric"] == "char_accuracy").any() else "accuracy"
+
+
+def _ci(per_example: np.ndarray, groups: np.ndarray, n_boot: int, seed: int) -> dict[str, float]:
+    v = np.asarray(per_example, dtype=float)
+    mean, lo, hi = cluster_bootstrap(v, groups, n_boot=n_boot, rng=np.random.default_rng(seed))
+    return {"value": mean, "ci_low": lo, "ci_high": hi}
+
+
+def transfer_matrix(block: CellBlock, targets: tuple[np.ndarray, list[str], pd.Index], position_group: str = "last",
+                    method: str = "logreg", group_col: str = "identity_id", n_folds: int = 5, seed: int = 0,
+                    n_classes: int | None = None, model: str = "", target: str = "digits") -> pd.DataFrame:
+    """Train at turn i, test at turn j, for every layer and pair of turns of `position_group` in `block`: rows
+    (model, layer, position_group, turn_train, turn_test, target, probe, metric=accuracy, value, n). The fold of
+    each example is the same at every turn, so a test example's identity was never trained on at any turn."""
+    y, groups = _align(block, targets, group_col)
+    keep = (y >= 0).all(1)
+    y, groups = y[keep], groups[keep]
+    n_classes = int(n_classes or (targets[0].max() + 1))
+    cells = block.cells.reset_index(drop=True)
+    sel = cells[cells["position_group"] == position_group]
+    if not len(sel):
+        raise ProbeDataError(f"transfer_matrix: no cells of position group {position_group!r} in this block")
+    folds = grouped_folds(groups, n_folds, seed)
+    k = y.shape[1]
+    rows = []
+    for layer, g in sel.groupby("layer"):
+        turns = g["turn"].to_numpy()
+        X = block.X[torch.as_tensor(g.index.to_numpy().copy())][:, torch.as_tensor(keep)]  # [turn, n, d]
+        Xk = X.repeat_interleave(k, dim=0)
+        fit = fit_probes(Xk, _per_cell_targets(y, len(turns)), groups, method=method, n_folds=n_folds, seed=seed, n_classes=n_classes)
+        for i, ti in enumerate(turns):
+            for j, tj in enumerate(turns):
+                correct = np.zeros((k, len(y)), dtype=bool)
+                for f, (_, test) in enumerate(folds):
+                    W, b = fit.fold_weights[i * k:(i + 1) * k, f], fit.fold_bias[i * k:(i + 1) * k, f]
+                    logits = torch.bmm(X[j, test].float()[None].expand(k, -1, -1), W) + b[:, None]
+                    correct[:, test] = logits.argmax(-1).numpy() == y[test].T
+                rows.append({"model": model, "layer": int(layer), "position_group": position_group,
+                             "turn_train": int(ti), "turn_test": int(tj), "target": target, "probe": method,
+                             "metric": "char_accuracy" if k > 1 else "accuracy",
+                             "value": float(correct.mean()), "n": len(y)})
+    return pd.DataFrame(rows)
+
+
+def token_readout(loaded, store, session, target: str = "digits", layer: int | None = None,
+                  method: str = "logreg", n_folds: int = 5, seed: int = 0, hook: str = "resid_post",
+                  private_from=None) -> pd.DataFrame:
+    """Where in a transcript a probe reads the target, token by token.
+
+    Fits the target's probe on the last token of the final turn of the sessions in `store` (at `layer`; None:
+    the layer where that cell decodes best), then applies it to every position of `session` (a session not in the
+    store: a held-out identity) captured at that layer. One row per position: position, turn, role, segment,
+    token (its text), layer, value = the probe's mean probability of the session's true classes (for strings the
+    mean over characters). Feeds `analysis.figures.plot_token_strip`."""
+    import tempfile
+
+    from probes.activations.capture import capture
+    from probes.probing.targets import probe_cells, session_targets
+    from probes.models.render import render
+
+    sessions = store.sessions(private_from=private_from)  # the targets are private labels: not in the store
+    y, _, ids = session_targets(sessions, target)
+    y_new = session_targets([session], target)[0][0]
+    blocks = probe_cells(store, ["last"])
+    block = max(blocks, key=lambda b: len(b.meta))  # the cells every session has
+    last_turn = int(block.cells["turn"].max())
+    cells = block.cells[(block.cells["turn"] == last_turn) & (block.cells["position_group"] == "last")]
+    yb = y[pd.Series(np.arange(len(ids)), index=ids)[block.meta["session_id"]].to_numpy()]
+    keep = (yb >= 0).all(1)
+    groups = block.meta["identity_id"].astype(str).to_numpy()[keep]
+    k = min(yb.shape[1], len(y_new))
+    X = block.X[torch.as_tensor(np.array(cells.index))][:, torch.as_tensor(keep)]  # [layer, n, d]
+    Y = torch.as_tensor(yb[keep, :k].T)  # [k, n]
+    if layer is None:  # best layer by held-out accuracy of the whole string's characters
+        fit = fit_probes(X.repeat_interleave(k, 0), Y.repeat(len(cells), 1), groups, method=method,
+                         n_folds=n_folds, seed=seed, n_classes=int(yb.max()) + 1)
+        acc = (fit.oof == Y.repeat(len(cells), 1)).float().mean(1).reshape(len(cells), k).mean(1)
+        layer = int(cells["layer"].iloc[int(acc.argmax())])
+    c = int(np.flatnonzero(cells["layer"].to_numpy() == layer)[0])
+    fit = fit_probes(X[c:c + 1].repeat(k, 1, 1), Y, groups, method=method, n_folds=n_folds, seed=seed,
+                     n_classes=int(yb.max()) + 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        one = capture(loaded, [session], tmp, hooks=hook, layers=[layer], positions="all", progress=False)
+        Xs, meta = one.query(f"hook_{hook}")
+    logits = fit.decision(Xs[:, 0].float().unsqueeze(0).expand(k, -1, -1))  # [k, positions, classes]
+    prob = torch.softmax(logits, -1).gather(-1, torch.as_tensor(y_new[:k]).view(k, 1, 1).expand(-1, logits.shape[1], 1))
+    ids_all = render(loaded.adapter, session).input_ids[0]
+    tok = loaded.tokenizer
+    meta = meta.reset_index(drop=True)
+    text = [tok.decode([int(ids_all[p])]) if p < len(ids_all) else "" for p in meta["position"]]
+    return pd.DataFrame({"position": meta["position"], "turn": meta["turn"], "role": meta["role"],
+                         "segment": meta["segment"], "token": text, "layer": layer, "target": target,
+                         "value": prob[..., 0].mean(0).detach().numpy()})
