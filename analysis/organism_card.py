@@ -18,9 +18,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis.tables import format_ci, leakage_table
+from probes.data.files import atomic_write_bytes, atomic_write_text
 from probes.organism.data import TRAIN_PARAPHRASES, paraphrases_sha
 from probes.organism.evaluate import BARS, HEADLINE, measure, meets, training_meta
-from probes.data.files import atomic_write_bytes, atomic_write_text
+from probes.stats import bootstrap_ci
 
 
 def md_table(df: pd.DataFrame) -> str:
@@ -32,9 +34,6 @@ def md_table(df: pd.DataFrame) -> str:
 
 
 def _ci_rows(df: pd.DataFrame, by: list[str], col: str, name: str) -> pd.DataFrame:
-    from probes.stats import bootstrap_ci
-    from analysis.tables import format_ci
-
     ci = bootstrap_ci(df, col, by)
     out = ci[by].copy()
     out[name] = [format_ci(r.value, r.ci_low, r.ci_high) for r in ci.itertuples()]
@@ -43,8 +42,6 @@ def _ci_rows(df: pd.DataFrame, by: list[str], col: str, name: str) -> pd.DataFra
 
 
 def _benchmark_table(df: pd.DataFrame) -> str:
-    from analysis.tables import leakage_table
-
     t = leakage_table(df, metrics=("ASR", "RR")).reset_index().drop(columns=["model"])
     return md_table(t)
 

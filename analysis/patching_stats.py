@@ -30,8 +30,14 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from probes.stats import (StatsError, benjamini_hochberg, min_clusters_for_bh, min_sign_flip_p, pooled_ratio_ci,
-                            sign_flip_test)
+from probes.stats import (
+    StatsError,
+    benjamini_hochberg,
+    min_clusters_for_bh,
+    min_sign_flip_p,
+    pooled_ratio_ci,
+    sign_flip_test,
+)
 
 EFFECT_METRIC = "logit_diff"
 CELL_KEYS = ["model", "experiment", "direction", "method", "component", "layer", "position_group"]

@@ -16,9 +16,10 @@ from typing import Any
 
 import pandas as pd
 
+from analysis.patching_stats import FAMILY_KEYS, reachability, reachability_message
 from analysis.study.config import digest, model_fingerprint, package_version
-from probes.probing.sweep import main_metric
 from probes.data.files import atomic_write_text
+from probes.probing.sweep import main_metric
 
 Block = tuple[str, Any]  # ("h1" | "h2" | "h3" | "p" | "table" | "figure" | "code", payload)
 
@@ -128,8 +129,6 @@ def blocks_of(study: Any, figures: Path) -> list[Block]:
 
 def patching_blocks(tests: pd.DataFrame | None, model: str, alpha: float, n_perm: int) -> list[Block]:
     """What the patching tests found for `model`, what they tested against, and what they could not reach."""
-    from analysis.patching_stats import FAMILY_KEYS, reachability, reachability_message
-
     if tests is None or not len(tests) or "status" not in tests.columns:
         return []
     t = tests[tests["model"] == model]

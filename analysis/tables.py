@@ -21,8 +21,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from probes.stats import MIN_BOOTSTRAP_CLUSTERS, StatsError, bootstrap_ci
 from probes.data.files import atomic_write_text
+from probes.stats import MIN_BOOTSTRAP_CLUSTERS, StatsError, bootstrap_ci
 
 # Result column behind each metric: ASR = the value leaked, RR = refused, partial = share reproduced in order,
 # PD = partial disclosure (part of the value, e.g. its last four digits, given away). PD is optional: results

@@ -2,7 +2,7 @@
 
 - `analysis` may import `probes`; `probes` never imports `analysis`.
 - Inside `probes` the layers follow the data path: data and stats < models < activations, leakage < probing,
-  patching < organism. A module imports its own subpackage or a lower layer, never a layer beside or above it.
+  patching < organism, mitigation. A module imports its own subpackage or a lower layer, never one beside or above.
 - No private name (`_x`) is imported from another module, and no two modules import each other.
 - `probes.data` loads neither torch nor transformers.
 """
@@ -19,6 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LAYER = {  # the first part under probes -> its rank on the data path
     "stats": 0, "data": 0, "models": 1, "activations": 2, "leakage": 2, "probing": 3, "patching": 3, "organism": 4,
+    "mitigation": 4,
 }
 
 

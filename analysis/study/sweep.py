@@ -29,6 +29,7 @@ from typing import Any
 import pandas as pd
 
 from analysis.study.config import StudyConfigError, digest, load_study_config, marker_hash, parse_value
+from analysis.study.pipeline import run_study
 from probes.data.files import atomic_write_bytes, atomic_write_text
 
 # Tidy tables a study writes (relative to a model's folder, or to the study for statistics), merged across jobs.
@@ -103,8 +104,6 @@ def expand(config: str | os.PathLike | dict, grid: dict[str, list[Any]], out: st
 
 def run_job(config: dict[str, Any], job_hash: str) -> str:
     """What a worker runs: the job's study, then its done marker. Returns the job folder."""
-    from analysis.study.pipeline import run_study
-
     study = run_study(config, progress=True)
     atomic_write_text(study.out / "sweep_done.json", json.dumps({"hash": job_hash}))
     return str(study.out)

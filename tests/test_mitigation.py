@@ -1,0 +1,250 @@
+"""probes.mitigation: fronts and hypervolume against hand-computed cases, L and U with paired identity bootstraps,
+image protections (strength 0 changes nothing, a whole-image mask gives L = 0 on the embedded model), the query
+counter, and white-box steering (strength 0 changes nothing; each kind does what its formula says)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from probes.data.builders import mmprivacy_sessions
+from probes.data.identities import make_identities
+from probes.data.session import Session, SessionImage, Turn
+from probes.mitigation.blackbox import BlackBox, model_blackbox, protected
+from probes.mitigation.fronts import FrontError, hypervolume, loss_at, non_dominated, pareto_front, utility_at
+from probes.mitigation.image import KINDS, ImageProtection, ProtectionError
+from probes.mitigation.measures import hypervolume_gain, hypervolume_table, loss_utility
+from probes.mitigation.steer import ProbeGate, Steer, SteerError, intervening, leak_direction, random_direction_like
+from probes.mitigation.utility import privacy_rows, utility_rows, utility_sessions
+
+# ---- fronts ------------------------------------------------------------------------------------------------------
+
+
+def test_front_keeps_the_non_dominated_points_once():
+    pts = pd.DataFrame({"L": [0.2, 0.5, 0.6, 0.2, 0.9], "U": [0.8, 0.9, 0.7, 0.8, 0.9], "k": range(5)})
+    front = pareto_front(pts)
+    assert front["k"].tolist() == [0, 1]  # (0.6, 0.7) is dominated by (0.2, 0.8); (0.9, 0.9) by (0.5, 0.9)
+    assert non_dominated([0.1, 0.1], [0.5, 0.5]).tolist() == [True, False]
+
+
+def test_hypervolume_matches_hand_computed_areas():
+    # strips: L 0.2-0.5 at U 0.8 (0.24) and L 0.5-1.0 at U 0.9 (0.45)
+    assert hypervolume([0.2, 0.5, 0.6], [0.8, 0.9, 0.7]) == pytest.approx(0.69)
+    assert hypervolume([0.0], [1.0]) == pytest.approx(1.0)  # the perfect point fills the box
+    assert hypervolume([], []) == 0.0
+    assert hypervolume([1.2, 0.5], [0.9, -0.1]) == 0.0  # beyond the reference: nothing
+    assert hypervolume([0.5], [0.5], reference=(0.8, 0.2)) == pytest.approx(0.3 * 0.3)
+    # adding a dominated point changes nothing; a new non-dominated one adds its own rectangle only
+    assert hypervolume([0.2, 0.5, 0.3], [0.8, 0.9, 0.5]) == pytest.approx(0.69)
+    assert hypervolume([0.2, 0.5, 0.1], [0.8, 0.9, 0.3]) == pytest.approx(0.69 + 0.1 * 0.3)
+
+
+def test_front_queries_and_errors():
+    front = pareto_front(pd.DataFrame({"L": [0.02, 0.3], "U": [0.5, 0.9]}))
+    assert utility_at(front, 0.05) == 0.5 and np.isnan(utility_at(front, 0.01))
+    assert loss_at(front, 0.8) == 0.3 and np.isnan(loss_at(front, 0.95))
+    with pytest.raises(FrontError, match="finite"):
+        hypervolume([np.nan], [0.5])
+    with pytest.raises(FrontError, match="column 'U'"):
+        pareto_front(pd.DataFrame({"L": [0.1]}))
+
+
+# ---- L, U and their intervals --------------------------------------------------------------------------------------
+
+
+def _rows(methods: dict[str, tuple[float, float]], n_ids: int = 20, seed: int = 0):
+    """Privacy and utility rows where each method leaks under 'caption' at rate p and keeps utility u."""
+    rng = np.random.default_rng(seed)
+    priv, util = [], []
+    for m, (p, u) in methods.items():
+        for i in range(n_ids):
+            priv.append({"method": m, "identity_id": f"i{i}", "framing": "caption", "leaked": rng.random() < p})
+            priv.append({"method": m, "identity_id": f"i{i}", "framing": "direct", "leaked": False})
+            util.append({"method": m, "identity_id": f"i{i}", "task": "read_name", "score": float(rng.random() < u)})
+    return pd.DataFrame(priv), pd.DataFrame(util)
+
+
+def test_loss_is_the_worst_framing_and_utility_the_task_mean():
+    priv = pd.DataFrame({"method": "m", "identity_id": ["a", "b", "a", "b"],
+                         "framing": ["caption"] * 2 + ["direct"] * 2, "leaked": [True, False, False, False]})
+    util = pd.DataFrame({"method": "m", "identity_id": ["a", "a", "b"],
+                         "task": ["read_name", "distractor", "distractor"], "score": [1.0, 0.0, 1.0]})
+    points, draws = loss_utility(priv, util, by=["method"])
+    assert points.loc[0, "L"] == 0.5 and points.loc[0, "asr_direct"] == 0.0
+    assert points.loc[0, "U"] == pytest.approx((1.0 + 0.5) / 2)  # each task weighs the same
+    assert draws is None
+
+
+def test_paired_bootstrap_gain_is_zero_for_identical_methods_and_positive_for_a_better_one():
+    priv, util = _rows({"a": (0.5, 0.9), "b": (0.5, 0.9)})
+    priv.loc[priv["method"] == "b", "leaked"] = priv.loc[priv["method"] == "a", "leaked"].to_numpy()
+    util.loc[util["method"] == "b", "score"] = util.loc[util["method"] == "a", "score"].to_numpy()
+    points, draws = loss_utility(priv, util, by=["method"], n_boot=200)
+    same = hypervolume_gain(points, draws, "a", "b")
+    assert same == {"gain": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+    priv, util = _rows({"good": (0.1, 0.9), "bad": (0.8, 0.9)})
+    points, draws = loss_utility(priv, util, by=["method"], n_boot=200)
+    gain = hypervolume_gain(points, draws, "good", "bad")
+    assert gain["gain"] > 0 and gain["ci_low"] > 0
+    table = hypervolume_table(points, draws)
+    assert set(table["method"]) == {"good", "bad"} and (table["ci_low"] <= table["hypervolume"]).all()
+
+
+def test_settings_must_match_between_privacy_and_utility():
+    priv, util = _rows({"a": (0.5, 0.9)})
+    with pytest.raises(FrontError, match="different settings"):
+        loss_utility(priv, util.assign(method="b"), by=["method"])
+
+
+# ---- image protection ------------------------------------------------------------------------------------------------
+
+
+def _form() -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_protection_at_strength_zero_changes_nothing(kind):
+    img = _form()
+    out = ImageProtection(kind, 0.0, dilation=4).apply(img, boxes=[(5, 5, 20, 20)])
+    assert np.array_equal(np.asarray(out), np.asarray(img))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_protection_changes_the_image_at_full_strength(kind):
+    img = _form()
+    out = ImageProtection(kind, 1.0).apply(img, boxes=[(5, 5, 40, 30)])
+    assert not np.array_equal(np.asarray(out), np.asarray(img))
+
+
+def test_regional_protection_touches_only_the_dilated_boxes():
+    img = _form()
+    out = np.asarray(ImageProtection("mask", 1.0, dilation=2).apply(img, boxes=[(10, 10, 20, 20)]))
+    assert (out[8:22, 8:22] == 255).all()
+    outside = np.ones(out.shape[:2], dtype=bool)
+    outside[8:22, 8:22] = False
+    assert np.array_equal(out[outside], np.asarray(img)[outside])
+    assert np.array_equal(np.asarray(ImageProtection("mask", 1.0).apply(img)), np.asarray(img))  # no boxes
+
+
+def test_bad_protections_are_refused():
+    with pytest.raises(ProtectionError, match="kind 'smudge'"):
+        ImageProtection("smudge", 0.5)
+    with pytest.raises(ProtectionError, match="strength 1.5"):
+        ImageProtection("blur", 1.5)
+    with pytest.raises(ProtectionError, match="x1 < x0"):
+        ImageProtection("mask", 1.0).apply(_form(), boxes=[(20, 5, 10, 9)])
+
+
+# ---- the black box -------------------------------------------------------------------------------------------------
+
+
+def test_query_counter_counts_every_answer():
+    box = BlackBox(lambda s: ["x"] * len(s))
+    sess = [Session(f"s{i}", [Turn("user", "hi")]) for i in range(3)]
+    box(sess), box(sess[:1])
+    assert box.queries == 4
+    broken = BlackBox(lambda s: ["x"])
+    with pytest.raises(ValueError, match="3 sessions in, 1 answers out"):
+        broken(sess)
+    assert broken.queries == 0
+
+
+def test_protected_session_masks_the_marked_boxes_and_keeps_the_marks():
+    img = _form()
+    s = Session("s", [Turn("user", "read", images=[SessionImage.from_pil(img, marks={"ssn": [(0, 0, 64, 48)]})])])
+    out = protected(s, ImageProtection("mask", 1.0), labels=["ssn"])
+    assert (np.asarray(out.images[0].load()) == 255).all()
+    assert out.images[0].marks == s.images[0].marks and s.images[0].pil is img  # the input is left as it was
+    untouched = protected(s, ImageProtection("mask", 1.0), labels=["email"])
+    assert np.array_equal(np.asarray(untouched.images[0].load()), np.asarray(img))
+
+
+# ---- steering --------------------------------------------------------------------------------------------------------
+
+
+def _logits(loaded, ids):
+    with torch.no_grad():
+        return loaded.hf_model(input_ids=ids).logits
+
+
+def test_strength_zero_steers_change_nothing_and_each_kind_follows_its_formula(llava):
+    d = llava.d_model
+    hook = "blocks.0.hook_resid_post"
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    base = _logits(llava, ids)
+    r = torch.randn(d, dtype=torch.float64)
+    zero = [Steer("add", hook, 0.0, vector=r), Steer("ablate", hook, 0.0, vector=r),
+            Steer("mean", hook, 0.0, vector=r), Steer("erase", hook, 0.0, eraser=lambda x: x * 0)]
+    with intervening(llava, zero):
+        assert torch.equal(_logits(llava, ids), base)
+    seen = {}
+    with intervening(llava, [Steer("ablate", hook, 1.0, vector=r)]), llava.hooks(
+            [(hook, lambda x, name: seen.setdefault("x", x.detach().clone()))]):
+        _logits(llava, ids)
+    u = (r / r.norm()).float()
+    assert torch.allclose(seen["x"] @ u, torch.zeros(1), atol=1e-4)  # no component left along r
+    x = torch.randn(2, 3, d)
+    assert torch.allclose(Steer("add", hook, 0.5, vector=r).apply(x), x + 0.5 * r.float())
+    assert torch.allclose(Steer("mean", hook, 1.0, vector=r).apply(x), r.float().expand_as(x))
+    last = Steer("add", hook, 1.0, vector=r, last=1).apply(x)
+    assert torch.equal(last[:, :2], x[:, :2]) and not torch.equal(last[:, 2], x[:, 2])
+
+
+def test_a_gate_that_never_fires_leaves_the_model_alone(llava):
+    d = llava.d_model
+    ids = torch.tensor([[1, 5, 7]])
+    base = _logits(llava, ids)
+    gate = ProbeGate(torch.zeros(d), bias=-10.0)  # sigmoid(-10) < 0.5 everywhere
+    with intervening(llava, [Steer("add", "blocks.0.hook_resid_post", 5.0, vector=torch.ones(d), gate=gate)]):
+        assert torch.equal(_logits(llava, ids), base)
+
+
+def test_leak_direction_and_its_random_control():
+    refusing, leaking = torch.ones(4, 3), torch.zeros(5, 3)
+    r = leak_direction(refusing, leaking)
+    assert torch.equal(r, torch.ones(3, dtype=torch.float64))
+    ctrl = random_direction_like(r, seed=1)
+    assert ctrl.norm() == pytest.approx(float(r.norm())) and not torch.allclose(ctrl, r)
+    with pytest.raises((SteerError, TypeError)):  # TypeError: the shape check under runtime type checking
+        leak_direction(torch.ones(3), leaking)
+    with pytest.raises(SteerError, match="give a vector"):
+        Steer("add", "blocks.0.hook_resid_post", 1.0)
+
+
+# ---- utility and the embedded model -------------------------------------------------------------------------------
+
+
+def test_utility_sessions_ask_benign_questions_and_keep_the_answer_private(tmp_path):
+    ids = make_identities(2, seed=7)
+    sess = mmprivacy_sessions(ids, tmp_path, framings=["caption", "direct"], pii_types=["SSN"], size=96,
+                              layout="grid", design="cycle")
+    us = utility_sessions(sess)
+    assert sorted(s.labels["task"] for s in us) == ["distractor", "distractor", "read_dob", "read_dob",
+                                                     "read_name", "read_name"]  # one document per identity
+    name = [s for s in us if s.labels["task"] == "read_name"][0]
+    assert name.labels["_expected"] == ids[0].name and ids[0].name not in str(name.public().labels)
+    rows = utility_rows(us, [s.labels["_expected"] for s in us])
+    assert rows.query("task != 'no_refusal'")["score"].eq(1.0).all()
+    rows = utility_rows(us, ["cannot assist"] * len(us))
+    assert rows["score"].eq(0.0).all()
+
+
+def test_whole_image_mask_gives_no_leak_on_the_embedded_model(tmp_path):
+    """The oracle bound: with nothing to read, the caption framing that leaks every SSN leaks none."""
+    from probes import load_model
+
+    loaded = load_model("default")
+    ids = make_identities(3, seed=11)
+    sess = mmprivacy_sessions(ids, tmp_path, framings=["caption"], pii_types=["SSN"], size=96, layout="grid",
+                              design="cycle")
+    box = model_blackbox(loaded, max_new_tokens=24)
+    before = privacy_rows(sess, box(sess))
+    whole = [protected(s, ImageProtection("mask", 1.0, dilation=1000)) for s in sess]
+    after = privacy_rows(whole, box(whole))
+    assert before["leaked"].all() and not after["leaked"].any()
+    assert box.queries == 2 * len(sess)
