@@ -248,3 +248,118 @@ def test_whole_image_mask_gives_no_leak_on_the_embedded_model(tmp_path):
     after = privacy_rows(whole, box(whole))
     assert before["leaked"].all() and not after["leaked"].any()
     assert box.queries == 2 * len(sess)
+
+
+# ---- evaluating settings ---------------------------------------------------------------------------------------------
+
+
+def test_settings_are_measured_resumably_and_every_query_is_counted(llava, tmp_path, monkeypatch):
+    from probes.mitigation import evaluate as ev
+
+    ids = make_identities(2, seed=3)
+    sess = mmprivacy_sessions(ids, tmp_path / "img", framings=["caption", "direct"], pii_types=["SSN"], size=64,
+                              design="cycle")
+    util = utility_sessions(sess)
+    d = llava.d_model
+    settings = [ev.Setting("none", 0.0), ev.Setting("mask", 1.0, protection=ImageProtection("mask", 1.0)),
+                ev.Setting("add", 2.0, steers=(Steer("add", "blocks.0.hook_resid_post", 2.0, vector=torch.ones(d)),))]
+    kw = dict(max_new_tokens=3, progress=False)
+    priv, ut, queries = ev.evaluate_settings(llava, settings, sess, util, out_dir=tmp_path / "a", **kw)
+    assert queries == len(settings) * (len(sess) + len(util))
+    assert set(priv["method"]) == {"none", "mask", "add"} and len(priv) == len(settings) * len(sess)
+    assert len(ut) == 2 * len(settings) * len(util)  # each benign answer: its task and no_refusal
+    calls = []
+    real = ev.evaluate_setting
+
+    def killed_after_first(*args, **kwargs):
+        calls.append(args[2].method)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "evaluate_setting", killed_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate_settings(llava, settings, sess, util, out_dir=tmp_path / "b", **kw)
+    monkeypatch.setattr(ev, "evaluate_setting", real)
+    again, again_u, queries = ev.evaluate_settings(llava, settings, sess, util, out_dir=tmp_path / "b", **kw)
+    assert queries == 2 * (len(sess) + len(util))  # the first setting was kept, only two ran
+    pd.testing.assert_frame_equal(again, priv)
+    pd.testing.assert_frame_equal(again_u, ut)
+
+
+def test_benign_kl_is_zero_at_strength_zero_and_grows_with_strength(llava, tmp_path):
+    from probes.mitigation.evaluate import benign_kl
+
+    sess = [Session(f"b{i}", [Turn("user", q)]) for i, q in enumerate(["hello there", "what is this"])]
+    r = torch.randn(llava.d_model)
+    kls = [benign_kl(llava, sess, [Steer("add", "blocks.0.hook_resid_post", s, vector=r)]) for s in (0.0, 1.0, 4.0)]
+    assert kls[0] == 0.0 and 0 < kls[1] < kls[2]
+
+
+# ---- the learned protector -------------------------------------------------------------------------------------------
+
+
+def test_cell_masker_paints_the_cells_its_score_selects():
+    from probes.mitigation.learned import N_FEATURES, CellMasker, features
+
+    img = _form()
+    everything = CellMasker((1.0,) + (0.0,) * (N_FEATURES - 1))
+    assert (np.asarray(everything.apply(img)) == 255).all()
+    nothing = CellMasker((-1.0,) + (0.0,) * (N_FEATURES - 1))
+    assert np.array_equal(np.asarray(nothing.apply(img)), np.asarray(img))
+    top = CellMasker((0.5, 0, 0, 0, 0, -1.0, 0, 0))  # y < 0.5: the upper half of the cells
+    out = np.asarray(top.apply(img))
+    assert (out[:24] == 255).all() and np.array_equal(out[24:], np.asarray(img)[24:])
+    assert features(img).shape == (6, 8, N_FEATURES)
+    with pytest.raises(ValueError, match="8 finite numbers"):
+        CellMasker((1.0,))
+
+
+def _toy_docs(n: int = 6):
+    from probes.mitigation.learned import Document
+
+    s = Session("x", [Turn("user", "q")])
+    return [Document(f"d{i}", (s, s), (s,)) for i in range(n)]
+
+
+def _toy_evaluate(calls: list):
+    """Leak when theta[0] < 1 (the bias: mask nothing), utility falls as the bias grows (masking more)."""
+
+    def evaluate(docs, theta):
+        calls.append(len(docs))
+        leak = float(theta[0] < 1.0)
+        return ({d.key: {"caption": leak, "direct": 0.0} for d in docs},
+                {d.key: float(np.exp(-max(theta[0], 0) / 4)) for d in docs})
+    return evaluate
+
+
+def test_optimiser_counts_queries_finds_the_trade_off_and_resumes_to_the_same_run(tmp_path):
+    from probes.mitigation.learned import optimise
+
+    docs = _toy_docs()
+    calls = []
+    full = optimise(docs, _toy_evaluate(calls), weights=(0.5,), budget=120, batch=2, popsize=4, seed=3,
+                    cache_path=tmp_path / "full.json")
+    assert full.queries == sum(calls) * 3 and 120 <= full.queries < 120 + 4 * 2 * 3  # stops within a generation
+    assert min(e["L"] for e in full.evaluations) == 0.0  # it finds settings that stop the leak
+    killed = []
+
+    def dies(docs_, theta):
+        if len(killed) == 5:
+            raise KeyboardInterrupt
+        return _toy_evaluate(killed)(docs_, theta)
+
+    with pytest.raises(KeyboardInterrupt):
+        optimise(docs, dies, weights=(0.5,), budget=120, batch=2, popsize=4, seed=3, cache_path=tmp_path / "r.json")
+    resumed = optimise(docs, _toy_evaluate([]), weights=(0.5,), budget=120, batch=2, popsize=4, seed=3,
+                       cache_path=tmp_path / "r.json")
+    assert resumed.evaluations == full.evaluations and resumed.front == full.front
+    assert resumed.queries == full.queries and 0 < resumed.new_queries < full.queries
+
+
+def test_optimiser_runs_without_the_archive():
+    from probes.mitigation.learned import optimise
+
+    run = optimise(_toy_docs(), _toy_evaluate([]), weights=(0.25, 0.75), budget=96, batch=2, popsize=4,
+                   archive=False)
+    assert {e["weight"] for e in run.evaluations} == {0.25, 0.75} and run.front

@@ -9,11 +9,12 @@ PII marks (`SessionImage.marks`: the drawn document's exact boxes, or the boxes 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence, runtime_checkable
+
+from PIL import Image
 
 from probes.data.session import Session, SessionImage, Turn
 from probes.leakage import generate_batch
-from probes.mitigation.image import ImageProtection
 from probes.models.loading import LoadedModel
 
 Generate = Callable[[list[Session]], list[str]]
@@ -40,7 +41,14 @@ def model_blackbox(loaded: LoadedModel, max_new_tokens: int = 32, batch_size: in
     return BlackBox(lambda s: generate_batch(loaded, s, max_new_tokens=max_new_tokens, batch_size=batch_size))
 
 
-def protected_image(image: SessionImage, protection: ImageProtection, labels: Sequence[str] | None = None
+@runtime_checkable
+class Protection(Protocol):
+    """Anything with `apply(image, boxes) -> image`: an `ImageProtection`, a learned `CellMasker`."""
+
+    def apply(self, image: Image.Image, boxes: Sequence = ()) -> Image.Image: ...
+
+
+def protected_image(image: SessionImage, protection: Protection, labels: Sequence[str] | None = None
                     ) -> SessionImage:
     """The image with `protection` applied, in memory (its marks kept: the regions do not move). Regional kinds
     protect the boxes of every mark, or only those of `labels`."""
@@ -48,7 +56,7 @@ def protected_image(image: SessionImage, protection: ImageProtection, labels: Se
     return SessionImage.from_pil(protection.apply(image.load(), boxes), marks=image.marks)
 
 
-def protected(session: Session, protection: ImageProtection, labels: Sequence[str] | None = None) -> Session:
+def protected(session: Session, protection: Protection, labels: Sequence[str] | None = None) -> Session:
     """The session with every image protected (each image file read and transformed once per call)."""
     done: dict[int, SessionImage] = {}
     turns = []
