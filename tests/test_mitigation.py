@@ -363,3 +363,36 @@ def test_optimiser_runs_without_the_archive():
     run = optimise(_toy_docs(), _toy_evaluate([]), weights=(0.25, 0.75), budget=96, batch=2, popsize=4,
                    archive=False)
     assert {e["weight"] for e in run.evaluations} == {0.25, 0.75} and run.front
+
+
+# ---- sites ---------------------------------------------------------------------------------------------------------
+
+
+def test_located_hooks_take_the_strongest_cells_and_random_hooks_avoid_them():
+    from probes.mitigation.sites import located_hooks, random_hooks
+
+    summary = pd.DataFrame({"layer": [0, 1, 1, 2, 3], "component": ["attn_out", "mlp_out", "mlp_out", "resid_pre",
+                                                                     "attn_out"],
+                            "value": [0.1, 0.9, 0.7, 0.5, np.nan]})
+    assert located_hooks(summary, k=2) == ["blocks.1.hook_mlp_out", "blocks.2.hook_resid_pre"]
+    probes_ = pd.DataFrame({"layer": [0, 2], "accuracy": [0.3, 0.8]})
+    assert located_hooks(probes_, score="accuracy", component="resid_post") == ["blocks.2.hook_resid_post"]
+    ctrl = random_hooks(["blocks.1.hook_mlp_out"], n_layers=4, seed=0)
+    assert len(ctrl) == 1 and ctrl[0].endswith("hook_mlp_out") and not ctrl[0].startswith("blocks.1.")
+    with pytest.raises(ValueError, match="components \\['head'\\]"):
+        located_hooks(summary.assign(component="head"))
+
+
+def test_select_steer_picks_the_lowest_loss_within_the_kl_budget(llava, tmp_path):
+    from probes.mitigation.sites import select_steer
+
+    ids = make_identities(2, seed=4)
+    sess = mmprivacy_sessions(ids, tmp_path, framings=["caption"], pii_types=["SSN"], size=64, design="cycle")
+    benign = [Session("b", [Turn("user", "hello there")])]
+    r = torch.randn(llava.d_model)
+    cands = [Steer("add", "blocks.0.hook_resid_post", s, vector=r) for s in (0.0, 3.0)]
+    table = select_steer(llava, cands, sess, benign, kl_budget=0.0, max_new_tokens=3)
+    assert table["kl"].iloc[0] == 0.0 and table["kl"].iloc[1] > 0
+    assert table["chosen"].tolist() == [True, False]  # only strength 0 fits a zero budget
+    none = select_steer(llava, cands[1:], sess, benign, kl_budget=0.0, max_new_tokens=3)
+    assert not none["chosen"].any()
