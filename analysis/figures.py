@@ -1,4 +1,10 @@
-"""Figures: one function per figure type, each taking the tidy DataFrame it plots, saved as PDF + PNG + CSV.
+"""Figures: one function per figure type, each taking the tidy DataFrame it plots and returning a matplotlib Figure.
+
+Every `plot_*` draws into the `ax` (or `axes`, for a figure of several panels) it is given, else into a new figure
+of its own. Given an output folder it also saves the figure as PDF + PNG + the CSV of the data it shows
+(`save_figure`) and closes a figure it made (pipelines draw hundreds); without one, nothing is written and the open
+figure is returned, for a notebook to show. The backend is matplotlib's choice (without a display it picks a
+non-interactive one; in Jupyter, the inline backend).
 
 Style: colour-blind-safe palette (Okabe-Ito), sized for a single paper column (3.4 in) unless asked otherwise.
 """
@@ -6,13 +12,14 @@ Style: colour-blind-safe palette (Okabe-Ito), sized for a single paper column (3
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
 COLUMN_IN = 3.4
@@ -40,36 +47,86 @@ def figure_size(width: str | float = "single", aspect: float = 0.65) -> tuple[fl
     return float(width), float(width) * float(aspect)
 
 
-def save_figure(fig: plt.Figure, data: pd.DataFrame, out_dir: str | Path, name: str) -> list[Path]:
-    """Write name.pdf, name.png and name.csv (the data the figure shows) into out_dir, each whole or not at all
-    (rendered in memory, then written to a temp file and renamed); the figure is closed either way."""
+def save_figure(fig: Figure, out_dir: str | os.PathLike, name: str,
+                data: pd.DataFrame | None = None) -> list[Path]:
+    """Write name.pdf and name.png into out_dir, and name.csv (the tidy data the figure was drawn from) when `data`
+    is given: results are saved beside the figure made from them. Each file is whole or absent (rendered in memory,
+    written to a temp file and renamed). The figure stays open (`plt.close(fig)` when done with it). Returns the
+    paths written, in that order."""
     # imported here, not at the top, so that importing this module stays light (`import probes` loads transformers)
     from probes.data.files import atomic_write_bytes
 
+    if not isinstance(name, str) or not name or Path(name).name != name:
+        raise ValueError(f"save_figure: name {name!r}: expected a file name without a folder or suffix")
+    if data is not None and not isinstance(data, pd.DataFrame):
+        raise ValueError(f"save_figure: data of type {type(data).__name__}: expected a pandas DataFrame or None")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{name}.pdf", out_dir / f"{name}.png", out_dir / f"{name}.csv"]
-    try:
-        for path, dpi in ((paths[0], "figure"), (paths[1], 200)):
-            buf = io.BytesIO()
-            fig.savefig(buf, format=path.suffix[1:], dpi=dpi)
-            atomic_write_bytes(path, buf.getvalue())
-        atomic_write_bytes(paths[2], data.to_csv(index=False).encode())
-    finally:
-        plt.close(fig)
+    paths = [out_dir / f"{name}.pdf", out_dir / f"{name}.png"]
+    for path, dpi in ((paths[0], "figure"), (paths[1], 200)):
+        buf = io.BytesIO()
+        fig.savefig(buf, format=path.suffix[1:], dpi=dpi)
+        atomic_write_bytes(path, buf.getvalue())
+    if data is not None:
+        paths.append(out_dir / f"{name}.csv")
+        atomic_write_bytes(paths[-1], data.to_csv(index=False).encode())
     return paths
 
 
-def plot_layer_profile(df: pd.DataFrame, out_dir: str | Path, name: str = "layer_profile",
+def _one_axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes, bool]:
+    """(figure, axes, made): the given `ax` and its figure, or a new figure of `figsize` with one axes."""
+    if ax is None:
+        fig, ax = plt.subplots(figsize=figsize)
+        return fig, ax, True
+    if not isinstance(ax, Axes):
+        raise ValueError(f"ax of type {type(ax).__name__}: expected a matplotlib Axes or None")
+    return ax.figure, ax, False
+
+
+def _panel_axes(axes, n_panels: int, nrows: int, ncols: int, figsize: tuple[float, float], fn: str,
+                **subplots) -> tuple[Figure, object, bool]:
+    """(figure, [row, col] array of axes, made): a new nrows x ncols grid, or the `n_panels` axes given (one Axes
+    or a sequence or array of them, all of one figure), laid out as nrows x ncols when that is their number, else as
+    one row. `subplots` (sharex, sharey ...) apply to a new grid only."""
+    import numpy as np
+
+    if axes is None:
+        fig, grid = plt.subplots(nrows, ncols, figsize=figsize, squeeze=False, **subplots)
+        return fig, grid, True
+    flat = np.ravel(np.asarray(axes, dtype=object))
+    if not all(isinstance(a, Axes) for a in flat):
+        raise ValueError(f"{fn}: axes must be matplotlib Axes (got {sorted({type(a).__name__ for a in flat})})")
+    if len(flat) != n_panels:
+        raise ValueError(f"{fn}: {len(flat)} axes given; this figure has {n_panels} panel(s) ({nrows} x {ncols})")
+    if len({id(a.figure) for a in flat}) > 1:
+        raise ValueError(f"{fn}: the axes given belong to different figures")
+    shape = (nrows, ncols) if nrows * ncols == n_panels else (1, n_panels)
+    return flat[0].figure, flat.reshape(shape), False
+
+
+def _finish(fig: Figure, made: bool, out_dir: str | os.PathLike | None, name: str,
+            data: pd.DataFrame | None) -> Figure:
+    """Save `fig` (with the data it shows) when an output folder is given, then close it if this module made it:
+    pipelines draw hundreds of figures. Returns the figure either way (a closed figure still displays)."""
+    if out_dir is not None:
+        try:
+            save_figure(fig, out_dir, name, data)
+        finally:
+            if made:
+                plt.close(fig)
+    return fig
+
+
+def plot_layer_profile(df: pd.DataFrame, out_dir: str | os.PathLike | None = None, name: str = "layer_profile",
                        value: str = "value", hue: str = "position_group", ylabel: str | None = None,
-                       x: str = "layer") -> list[Path]:
+                       x: str = "layer", *, ax: Axes | None = None) -> Figure:
     """A line per `hue` group: `value` (mean with its ci_low/ci_high band if present) against `x` (default the
-    layer; e.g. turn_distance for ASR by turn distance)."""
+    layer; e.g. turn_distance for ASR by turn distance). The CSV is `df`."""
     for col in (x, value, hue):
         if col not in df.columns:
             raise ValueError(f"plot_layer_profile: the DataFrame lacks column {col!r}")
     paper_style()
-    fig, ax = plt.subplots(figsize=(COLUMN_IN, 2.2))
+    fig, ax, made = _one_axes(ax, (COLUMN_IN, 2.2))
     for key, g in df.groupby(hue):
         g = g.sort_values(x)
         ax.plot(g[x], g[value], marker="o", ms=3, label=str(key))
@@ -78,14 +135,15 @@ def plot_layer_profile(df: pd.DataFrame, out_dir: str | Path, name: str = "layer
     ax.set_xlabel(x.replace("_", " "))
     ax.set_ylabel(ylabel or (df["metric"].iloc[0] if "metric" in df.columns else value))
     ax.legend(frameon=False, loc="best")
-    return save_figure(fig, df, out_dir, name)
+    return _finish(fig, made, out_dir, name, df)
 
 
-def plot_leakage(long_df: pd.DataFrame, out_dir: str | Path, name: str = "leakage",
-                 metrics: tuple[str, ...] = ("ASR", "RR")) -> list[Path]:
+def plot_leakage(long_df: pd.DataFrame, out_dir: str | os.PathLike | None = None, name: str = "leakage",
+                 metrics: tuple[str, ...] = ("ASR", "RR"), *, axes=None) -> Figure:
     """Grouped bars of each metric (a panel each, ASR above RR) per framing, one bar per PII type, with the long
     form's interval (its ci_method; exact by default) as error bars; one column of panels per model. Takes
-    `analysis.tables.leakage_long` output."""
+    `analysis.tables.leakage_long` output. `axes`: len(metrics) x n_models axes to draw into (rows are metrics);
+    the PII legend then sits above the first panel instead of above the figure."""
     import numpy as np
 
     from analysis.tables import FRAMING_ORDER, MISSING, PII_ORDER, sort_rows
@@ -103,8 +161,8 @@ def plot_leakage(long_df: pd.DataFrame, out_dir: str | Path, name: str = "leakag
     piis = [p for p in PII_ORDER if p in set(data["pii_type"])] + sorted(set(data["pii_type"]) - set(PII_ORDER))
     paper_style()
     width = COLUMN_IN if len(models) == 1 else min(DOUBLE_COLUMN_IN, COLUMN_IN * len(models) * 0.7)
-    fig, axes = plt.subplots(len(metrics), max(1, len(models)), figsize=(width, 1.5 * len(metrics) + 0.4),
-                             sharex=True, sharey="row", squeeze=False)
+    fig, axes, made = _panel_axes(axes, len(metrics) * max(1, len(models)), len(metrics), max(1, len(models)),
+                                  (width, 1.5 * len(metrics) + 0.4), "plot_leakage", sharex=True, sharey="row")
     x = np.arange(len(framings))
     bar = 0.8 / max(1, len(piis))
     for j, model in enumerate(models):
@@ -129,10 +187,14 @@ def plot_leakage(long_df: pd.DataFrame, out_dir: str | Path, name: str = "leakag
             ax.set_xticks(x)
             ax.set_xticklabels(framings, rotation=30, ha="right")
     handles, labels = axes[0, 0].get_legend_handles_labels()  # above the panels: bars may reach 1
-    fig.legend(handles, labels, frameon=False, loc="lower center", bbox_to_anchor=(0.5, 1.0),
-               ncols=min(3, len(piis)))
-    fig.tight_layout()
-    return save_figure(fig, data, out_dir, name)
+    if made:
+        fig.legend(handles, labels, frameon=False, loc="lower center", bbox_to_anchor=(0.5, 1.0),
+                   ncols=min(3, len(piis)))
+        fig.tight_layout()
+    else:  # someone else's figure: the legend belongs to the panels drawn here
+        axes[0, 0].legend(handles, labels, frameon=False, loc="lower left", bbox_to_anchor=(0, 1.0),
+                          ncols=min(3, len(piis)))
+    return _finish(fig, made, out_dir, name, data)
 
 
 SIGNIFICANCE_LABEL = "significant after BH correction"
@@ -172,13 +234,14 @@ def _cell_label(group: str, turn: int) -> str:
     return group if turn < 0 else f"{group} @ turn {turn}"
 
 
-def plot_probe_heatmap(df: pd.DataFrame, out_dir: str | Path, name: str = "probe_heatmap",
+def plot_probe_heatmap(df: pd.DataFrame, out_dir: str | os.PathLike | None = None, name: str = "probe_heatmap",
                        metric: str = "char_accuracy", control: str = "none", title: str | None = None,
-                       significance_label: str = SIGNIFICANCE_LABEL) -> list[Path]:
+                       significance_label: str = SIGNIFICANCE_LABEL, *, ax: Axes | None = None) -> Figure:
     """Layer (x) by position group and turn (y): the probe `metric` per cell, annotated; the best cell boxed.
     Takes `probes.probing.sweep.probe_sweep` output (rows of other metrics and controls are ignored). With a boolean
     `significant` column (`probes.stats.mark_significant`) the cells that survive correction get a star, explained
-    below the axes; averaged over several targets, a cell is starred only when it is significant for all of them."""
+    below the axes; averaged over several targets, a cell is starred only when it is significant for all of them.
+    The CSV holds the cells drawn."""
     import numpy as np
 
     need = {"layer", "position_group", "turn", "metric", "value"}
@@ -197,7 +260,7 @@ def plot_probe_heatmap(df: pd.DataFrame, out_dir: str | Path, name: str = "probe
     order = data.drop_duplicates("cell").sort_values(["turn", "position_group"])["cell"].tolist()
     grid = data.pivot_table(index="cell", columns="layer", values="value").reindex(order)
     paper_style()
-    fig, ax = plt.subplots(figsize=(COLUMN_IN, 0.6 + 0.22 * len(grid)))
+    fig, ax, made = _one_axes(ax, (COLUMN_IN, 0.6 + 0.22 * len(grid)))
     im = ax.imshow(grid.to_numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
     ax.set_xticks(range(grid.shape[1]), [str(c) for c in grid.columns])
     ax.set_yticks(range(grid.shape[0]), grid.index)
@@ -216,12 +279,12 @@ def plot_probe_heatmap(df: pd.DataFrame, out_dir: str | Path, name: str = "probe
             _significance_legend(ax, marks, significance_label)
     if title:
         ax.set_title(title)
-    return save_figure(fig, data, out_dir, name)
+    return _finish(fig, made, out_dir, name, data)
 
 
-def plot_retention_curves(df: pd.DataFrame, out_dir: str | Path, name: str = "retention_curves",
-                          metric: str = "char_accuracy", position_group: str = "last", control: str = "none",
-                          chance: float | None = None) -> list[Path]:
+def plot_retention_curves(df: pd.DataFrame, out_dir: str | os.PathLike | None = None,
+                          name: str = "retention_curves", metric: str = "char_accuracy", position_group: str = "last",
+                          control: str = "none", chance: float | None = None, *, ax: Axes | None = None) -> Figure:
     """Probe `metric` against turn distance since the image was shown, one line per layer with its bootstrap CI
     band (from `probe_sweep` output, cells of `position_group`)."""
     data = df[(df["metric"] == metric) & (df["position_group"] == position_group)
@@ -231,7 +294,7 @@ def plot_retention_curves(df: pd.DataFrame, out_dir: str | Path, name: str = "re
                          f"turn distance")
     data = data.groupby(["layer", "turn_distance"], as_index=False)[["value", "ci_low", "ci_high"]].mean()
     paper_style()
-    fig, ax = plt.subplots(figsize=(COLUMN_IN, 2.2))
+    fig, ax, made = _one_axes(ax, (COLUMN_IN, 2.2))
     for k, (layer, g) in enumerate(data.groupby("layer")):
         g = g.sort_values("turn_distance")
         c = OKABE_ITO[k % len(OKABE_ITO)]
@@ -243,12 +306,13 @@ def plot_retention_curves(df: pd.DataFrame, out_dir: str | Path, name: str = "re
     ax.set_ylabel(metric.replace("_", " "))
     ax.set_ylim(0, 1.02)
     ax.legend(frameon=False, fontsize=6, ncols=2)
-    return save_figure(fig, data, out_dir, name)
+    return _finish(fig, made, out_dir, name, data)
 
 
-def plot_transfer_matrix(df: pd.DataFrame, out_dir: str | Path, name: str = "transfer_matrix",
-                         layers: list[int] | None = None) -> list[Path]:
-    """Train turn (y) x test turn (x) accuracy, one panel per layer (from `probes.probing.sweep.transfer_matrix`)."""
+def plot_transfer_matrix(df: pd.DataFrame, out_dir: str | os.PathLike | None = None, name: str = "transfer_matrix",
+                         layers: list[int] | None = None, *, axes=None) -> Figure:
+    """Train turn (y) x test turn (x) accuracy, one panel per layer (from `probes.probing.sweep.transfer_matrix`);
+    `axes`: one axes per layer to draw into."""
     import numpy as np
 
     layers = sorted(df["layer"].unique()) if layers is None else layers
@@ -256,7 +320,8 @@ def plot_transfer_matrix(df: pd.DataFrame, out_dir: str | Path, name: str = "tra
     ncols = min(4, len(layers))
     nrows = -(-len(layers) // ncols)
     width = COLUMN_IN if ncols <= 2 else DOUBLE_COLUMN_IN
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width, 0.3 + width / ncols * nrows), squeeze=False)
+    fig, axes, made = _panel_axes(axes, len(layers), nrows, ncols, (width, 0.3 + width / ncols * nrows),
+                                  "plot_transfer_matrix")
     for ax, layer in zip(axes.flat, layers):
         g = df[df["layer"] == layer].pivot_table(index="turn_train", columns="turn_test", values="value")
         ax.imshow(g.to_numpy(), cmap="viridis", vmin=0, vmax=1)
@@ -269,13 +334,14 @@ def plot_transfer_matrix(df: pd.DataFrame, out_dir: str | Path, name: str = "tra
         ax.set_ylabel("train turn")
     for ax in list(axes.flat)[len(layers):]:
         ax.axis("off")
-    fig.tight_layout()
-    return save_figure(fig, df[df["layer"].isin(layers)], out_dir, name)
+    if made:
+        fig.tight_layout()
+    return _finish(fig, made, out_dir, name, df[df["layer"].isin(layers)])
 
 
 # ---- patching figures
 def _group_order(groups) -> list[str]:
-    """PII patches, other patches, turns in order, the final token last (as `probes.patching.core.default_groups`)."""
+    """PII patches, other patches, turns in order, the final token last (as `probes.patching.sweep.default_groups`)."""
     def key(g: str):
         if g == "pii_patches":
             return (0, 0, g)
@@ -287,18 +353,19 @@ def _group_order(groups) -> list[str]:
     return sorted(set(groups), key=key)
 
 
-def plot_patching_heatmaps(df: pd.DataFrame, out_dir: str | Path, name: str = "patching",
+def plot_patching_heatmaps(df: pd.DataFrame, out_dir: str | os.PathLike | None = None, name: str = "patching",
                            metric: str = "score_logit_diff", direction: str = "denoise", method: str = "exact",
-                           annotate: bool | None = None,
-                           significance_label: str = SIGNIFICANCE_LABEL) -> list[Path]:
+                           annotate: bool | None = None, significance_label: str = SIGNIFICANCE_LABEL, *,
+                           axes=None) -> Figure:
     """Layer (x) by position group (y), one panel per component: the mean `metric` over pairs of each cell
-    (`probes.patching.core.summarize` output, or per-pair rows, averaged here), diverging around 0; a score's 1 is
+    (`probes.patching.sweep.summarize` output, or per-pair rows, averaged here), diverging around 0; a score's 1 is
     the clean behaviour restored. An `effect_*` metric (`analysis.patching_stats`) is 0 for "no change" in both
     directions and 1 for the whole clean-corrupt gap moved. Rows of other metrics, directions and methods are
     ignored. With a boolean `significant` column (`probes.stats.mark_significant`) the cells that survive
     correction get a star (a cell averaged from several rows only when all of them are significant), explained
     below the first panel. With a boolean `null_by_construction` column those cells (the patch wrote what the
-    base run already held) are left blank: they cannot have changed, and were not tested."""
+    base run already held) are left blank: they cannot have changed, and were not tested. `axes`: one axes per
+    component to draw into. The CSV holds the cells drawn."""
     import numpy as np
 
     need = {"layer", "component", "position_group", "metric", "value", "direction", "method"}
@@ -328,8 +395,8 @@ def plot_patching_heatmaps(df: pd.DataFrame, out_dir: str | Path, name: str = "p
     annotate = (len(layers) * len(groups) <= 120) if annotate is None else annotate
     paper_style()
     width = COLUMN_IN if len(comps) == 1 else DOUBLE_COLUMN_IN
-    fig, axes = plt.subplots(1, len(comps), figsize=(width, 0.7 + 0.22 * len(groups)), squeeze=False,
-                             sharey=True)
+    fig, axes, made = _panel_axes(axes, len(comps), 1, len(comps), (width, 0.7 + 0.22 * len(groups)),
+                                  "plot_patching_heatmaps", sharey=True)
     im, n_marked = None, 0
     for ax, comp, grid in zip(axes[0], comps, grids):
         im = ax.imshow(grid, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim)
@@ -356,13 +423,14 @@ def plot_patching_heatmaps(df: pd.DataFrame, out_dir: str | Path, name: str = "p
     if blanked:
         axes[0, -1].text(1.0, -0.32, "blank: null by construction (not tested)", transform=axes[0, -1].transAxes,
                          ha="right", va="top", fontsize=6)
-    return save_figure(fig, data.assign(metric=metric, direction=direction, method=method), out_dir, name)
+    return _finish(fig, made, out_dir, name, data.assign(metric=metric, direction=direction, method=method))
 
 
-def plot_knockout_curves(df: pd.DataFrame, out_dir: str | Path, name: str = "knockout",
-                         metric: str = "logit_diff") -> list[Path]:
+def plot_knockout_curves(df: pd.DataFrame, out_dir: str | os.PathLike | None = None, name: str = "knockout",
+                         metric: str = "logit_diff", *, axes=None) -> Figure:
     """Change of `metric` when the probe turn may not attend to a source set, against the first layer of the
-    knocked-out window: a line per source, a panel per window size (with its CI band when given)."""
+    knocked-out window: a line per source, a panel per window size (with its CI band when given); `axes`: one axes
+    per window size to draw into."""
     need = {"layer", "window", "position_group", "metric", "value", "clean"}
     if not need <= set(df.columns):
         raise ValueError(f"plot_knockout_curves: the DataFrame lacks column(s) {sorted(need - set(df.columns))}")
@@ -377,7 +445,8 @@ def plot_knockout_curves(df: pd.DataFrame, out_dir: str | Path, name: str = "kno
     windows = sorted(data["window"].unique())
     paper_style()
     width = COLUMN_IN if len(windows) == 1 else DOUBLE_COLUMN_IN
-    fig, axes = plt.subplots(1, len(windows), figsize=(width, 2.2), squeeze=False, sharey=True)
+    fig, axes, made = _panel_axes(axes, len(windows), 1, len(windows), (width, 2.2), "plot_knockout_curves",
+                                  sharey=True)
     for ax, w in zip(axes[0], windows):
         for k, g in enumerate(_group_order(data.loc[data["window"] == w, "position_group"])):
             d = data[(data["window"] == w) & (data["position_group"] == g)].sort_values("layer")
@@ -392,14 +461,16 @@ def plot_knockout_curves(df: pd.DataFrame, out_dir: str | Path, name: str = "kno
         ax.set_xlabel("first knocked-out layer")
     axes[0, 0].set_ylabel(f"\u0394 {metric.replace('_', ' ')}")
     axes[0, 0].legend(frameon=False, fontsize=6)
-    fig.tight_layout()
-    return save_figure(fig, data.assign(metric=metric), out_dir, name)
+    if made:
+        fig.tight_layout()
+    return _finish(fig, made, out_dir, name, data.assign(metric=metric))
 
 
-def plot_atp_agreement(df: pd.DataFrame, out_dir: str | Path, name: str = "atp_agreement",
-                       metric: str = "logit_diff") -> list[Path]:
+def plot_atp_agreement(df: pd.DataFrame, out_dir: str | os.PathLike | None = None, name: str = "atp_agreement",
+                       metric: str = "logit_diff", *, axes=None) -> Figure:
     """AtP's estimated change of `metric` (y) against exact patching's (x), a dot per pair and cell, a panel per
-    direction, with the Spearman correlation (per-pair rows of `probes.patching.core`, methods atp and exact)."""
+    direction, with the Spearman correlation (per-pair rows of `probes.patching`, methods atp and exact);
+    `axes`: one axes per direction to draw into."""
     from scipy.stats import spearmanr
 
     keys = ["session_id", "direction", "layer", "component", "position_group"]
@@ -411,8 +482,8 @@ def plot_atp_agreement(df: pd.DataFrame, out_dir: str | Path, name: str = "atp_a
     both = both.assign(exact=both["value_exact"] - base, atp=both["value_atp"] - base)
     directions = list(dict.fromkeys(both["direction"]))
     paper_style()
-    fig, axes = plt.subplots(1, len(directions), figsize=(COLUMN_IN * (1 if len(directions) == 1 else 1.6), 2.0),
-                             squeeze=False)
+    fig, axes, made = _panel_axes(axes, len(directions), 1, len(directions),
+                                  (COLUMN_IN * (1 if len(directions) == 1 else 1.6), 2.0), "plot_atp_agreement")
     for ax, direction in zip(axes[0], directions):
         g = both[both["direction"] == direction]
         for k, comp in enumerate(sorted(g["component"].unique())):
@@ -425,8 +496,9 @@ def plot_atp_agreement(df: pd.DataFrame, out_dir: str | Path, name: str = "atp_a
         ax.set_xlabel(f"exact \u0394 {metric.replace('_', ' ')}")
         ax.set_ylabel(f"AtP \u0394 {metric.replace('_', ' ')}")
     axes[0, 0].legend(frameon=False, fontsize=6)
-    fig.tight_layout()
-    return save_figure(fig, both[[*keys, "exact", "atp"]], out_dir, name)
+    if made:
+        fig.tight_layout()
+    return _finish(fig, made, out_dir, name, both[[*keys, "exact", "atp"]])
 
 
 # ---- where in the document and the transcript
@@ -475,17 +547,19 @@ def patch_grid(df: pd.DataFrame, value: str = "value", grid: tuple[int, int] | N
     return out
 
 
-def plot_patch_overlay(df: pd.DataFrame, image, out_dir: str | Path, name: str = "patch_overlay",
-                       value: str = "value", title: str | None = None, cmap: str = "viridis", alpha: float = 0.6,
-                       width: str | float = "single", grid: tuple[int, int] | None = None,
-                       vmin: float | None = None, vmax: float | None = None) -> list[Path]:
+def plot_patch_overlay(df: pd.DataFrame, image, out_dir: str | os.PathLike | None = None,
+                       name: str = "patch_overlay", value: str = "value", title: str | None = None,
+                       cmap: str = "viridis", alpha: float = 0.6, width: str | float = "single",
+                       grid: tuple[int, int] | None = None, vmin: float | None = None, vmax: float | None = None, *,
+                       axes=None) -> Figure:
     """Per-patch values drawn over the document image itself: a translucent heat layer, one cell per vision patch,
     stretched over the whole image with imshow(extent=...) so patch (r, c) covers exactly its pixels.
 
     `df`: tidy rows with patch_row, patch_col and `value` (several rows per patch are averaged); a `panel` column
     gives one panel per panel value (e.g. per layer), all on one colour scale. The grid is max row/col + 1 unless
     `grid=(rows, cols)` is given. Pass the image as the model saw it (after the processor's resize or crop), and the
-    rows of one image tile (multi-tile families: filter on `tile` first). The CSV is `df`."""
+    rows of one image tile (multi-tile families: filter on `tile` first). `axes`: one axes per panel to draw into
+    (the title then goes on the first panel, not above the figure). The CSV is `df`."""
     import numpy as np
 
     fn = "plot_patch_overlay"
@@ -508,9 +582,8 @@ def plot_patch_overlay(df: pd.DataFrame, image, out_dir: str | Path, name: str =
     fig_w, _ = figure_size(width)
     panel_w = (fig_w - 0.5) / ncols  # room for the colourbar
     paper_style()
-    fig, axes = plt.subplots(nrows, ncols, figsize=(fig_w, nrows * (panel_w * h / w + (0.2 if panels[0] is not None
-                                                                                        or title else 0.05))),
-                             squeeze=False)
+    panel_h = panel_w * h / w + (0.2 if panels[0] is not None or title else 0.05)
+    fig, axes, made = _panel_axes(axes, len(panels), nrows, ncols, (fig_w, nrows * panel_h), fn)
     im = None
     for ax, panel, heat in zip(axes.flat, panels, heats):
         ax.imshow(pixels, extent=(0, w, h, 0), interpolation="bilinear", cmap="gray" if pixels.ndim == 2 else None)
@@ -524,9 +597,12 @@ def plot_patch_overlay(df: pd.DataFrame, image, out_dir: str | Path, name: str =
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.colorbar(im, ax=list(axes.flat), fraction=0.05, pad=0.02, label=_metric_label(df, value))
-    if title:
+    if title and made:
         fig.suptitle(title)
-    return save_figure(fig, df, out_dir, name)
+    elif title:
+        first = axes.flat[0]
+        first.set_title(title if panels[0] is None else f"{title}\n{panels[0]}")
+    return _finish(fig, made, out_dir, name, df)
 
 
 IMAGE_TOKEN = "<image>"
@@ -586,15 +662,19 @@ def token_boxes(df: pd.DataFrame, value: str = "value", max_tokens_per_line: int
     return pd.DataFrame(boxes, columns=cols)
 
 
-def plot_token_strip(df: pd.DataFrame, out_dir: str | Path, name: str = "token_strip", value: str = "value",
-                     title: str | None = None, width: str | float = "double", max_tokens_per_line: int = 40,
-                     cmap: str | None = None, vmin: float | None = None, vmax: float | None = None,
-                     fontsize: float = 5.0) -> list[Path]:
+def plot_token_strip(df: pd.DataFrame, out_dir: str | os.PathLike | None = None, name: str = "token_strip",
+                     value: str = "value", title: str | None = None, width: str | float = "double",
+                     max_tokens_per_line: int = 40, cmap: str | None = None, vmin: float | None = None,
+                     vmax: float | None = None, fontsize: float = 5.0) -> Figure:
     """The chat transcript as wrapped lines of token boxes, turn by turn, each box coloured by a per-position value
     (e.g. a probe's accuracy or a patching effect at that position); "turn k (role)" at the left of each turn's
     first line, runs of image tokens collapsed into one "[image ×N]" box (see `token_boxes`), boxes without a value
     grey. The colour map is diverging around 0 when the values take both signs, else sequential. `df`: position,
-    turn, role, token (the decoded text), `value`, optionally segment. The CSV holds the boxes drawn."""
+    turn, role, token (the decoded text), `value`, optionally segment. The CSV holds the boxes drawn.
+
+    It always makes its own figure (no `ax`): the boxes are laid out in inches, sized to their text at `fontsize`
+    points, and the figure's height follows from the number of wrapped lines, so it cannot fit an axes of a size
+    chosen beforehand."""
     import numpy as np
     from matplotlib.colors import Normalize
     from matplotlib.patches import Rectangle
@@ -653,4 +733,4 @@ def plot_token_strip(df: pd.DataFrame, out_dir: str | Path, name: str = "token_s
     cax.tick_params(labelsize=fontsize + 1, length=2, pad=1)
     note = "  (grey outline: no value)" if boxes["value"].isna().any() else ""
     cax.set_title(_metric_label(df, value) + note, fontsize=fontsize + 1.5, loc="left", pad=2)
-    return save_figure(fig, boxes, out_dir, name)
+    return _finish(fig, True, out_dir, name, boxes)

@@ -18,7 +18,7 @@ Test per cell. Null: the patch has no effect on the population of pairs, so each
 symmetric about 0 (`probes.stats.sign_flip_test`, two-sided, clustered by identity, on per-pair effects).
 Family: the cells of one (model, experiment, direction, method), corrected by Benjamini-Hochberg. A cell whose
 patch writes values identical to the base run's in every pair (`null_by_construction`, set by
-`probes.patching.core`) cannot have changed anything: it is reported with status "null by construction", gets no
+`probes.patching`) cannot have changed anything: it is reported with status "null by construction", gets no
 p-value and stays out of the family. Before testing, `reachability` says what the smallest p-value n identities
 allow and whether it can pass the correction for the family's size.
 """

@@ -1,33 +1,34 @@
-"""Figure sizes, significance marks on the heatmaps, the patch overlay on a document image and the token strip."""
+"""Figures: returned as matplotlib Figures (drawn into given axes when asked), saved as PDF + PNG + CSV only when a
+folder is given; sizes, significance marks on the heatmaps, the patch overlay on a document image, the token strip."""
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.backend_bases import MouseEvent
+from matplotlib.figure import Figure
 from PIL import Image
 
 from analysis import figures
-from analysis.figures import (COLUMN_IN, DOUBLE_COLUMN_IN, figure_size, plot_patch_overlay, plot_patching_heatmaps,
-                              plot_probe_heatmap, plot_token_strip, token_boxes)
+from analysis.figures import (COLUMN_IN, DOUBLE_COLUMN_IN, figure_size, plot_atp_agreement, plot_knockout_curves,
+                              plot_layer_profile, plot_leakage, plot_patch_overlay, plot_patching_heatmaps,
+                              plot_probe_heatmap, plot_retention_curves, plot_token_strip, plot_transfer_matrix,
+                              token_boxes)
 
 
-@pytest.fixture
-def drawn(monkeypatch):
-    """The figures (and the data) handed to save_figure, kept for inspection after it closes them."""
-    seen = []
-    real = figures.save_figure
-
-    def spy(fig, data, out_dir, name):
-        seen.append((fig, data.copy()))
-        return real(fig, data, out_dir, name)
-
-    monkeypatch.setattr(figures, "save_figure", spy)
-    return seen
+@pytest.fixture(autouse=True)
+def no_open_figures():
+    """Every test starts and ends with no open figure, so `plt.get_fignums()` says what a call left open."""
+    plt.close("all")
+    yield
+    plt.close("all")
 
 
-def wrote_all(paths, name):
-    assert [p.name for p in paths] == [f"{name}.pdf", f"{name}.png", f"{name}.csv"]
-    assert all(p.stat().st_size > 0 for p in paths)
+def wrote_all(out_dir, name):
+    paths = [out_dir / f"{name}.{x}" for x in ("pdf", "png", "csv")]
+    assert all(p.is_file() and p.stat().st_size > 0 for p in paths), sorted(p.name for p in out_dir.iterdir())
+    assert paths[0].read_bytes().startswith(b"%PDF") and paths[1].read_bytes().startswith(b"\x89PNG")
+    return paths
 
 
 def test_figure_size():
@@ -40,16 +41,20 @@ def test_figure_size():
 
 def test_save_figure_writes_whole_files_or_none(tmp_path, monkeypatch):
     """Each file is rendered in memory and renamed into place: a save that fails leaves no file of that name and no
-    temp file, and the figure is closed either way."""
-    import matplotlib.pyplot as plt
-
+    temp file. save_figure leaves the figure open; the CSV is written only when data is given."""
     fig, ax = plt.subplots()
     ax.plot([0, 1], [1, 0])
     data = pd.DataFrame({"x": [0, 1], "y": [1, 0]})
-    wrote_all(figures.save_figure(fig, data, tmp_path, "ok"), "ok")
-    assert pd.read_csv(tmp_path / "ok.csv").equals(data) and not plt.get_fignums()
+    paths = figures.save_figure(fig, tmp_path, "ok", data)
+    assert paths == wrote_all(tmp_path, "ok")
+    assert pd.read_csv(tmp_path / "ok.csv").equals(data) and plt.get_fignums() == [fig.number]
+    assert [p.name for p in figures.save_figure(fig, tmp_path / "new", "bare")] == ["bare.pdf", "bare.png"]
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["bare.pdf", "bare.png"]
+    with pytest.raises(ValueError, match="file name"):
+        figures.save_figure(fig, tmp_path, "sub/name")
+    with pytest.raises(ValueError, match="DataFrame"):
+        figures.save_figure(fig, tmp_path, "x", data={"x": [0]})
 
-    fig, ax = plt.subplots()
     real = fig.savefig
 
     def png_fails(buf, format, **kw):
@@ -60,9 +65,137 @@ def test_save_figure_writes_whole_files_or_none(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fig, "savefig", png_fails)
     with pytest.raises(OSError, match="disk full"):
-        figures.save_figure(fig, data, tmp_path, "broken")
+        figures.save_figure(fig, tmp_path, "broken", data)
     assert sorted(p.name for p in tmp_path.iterdir() if "broken" in p.name) == ["broken.pdf"]
+
+
+def test_a_plot_that_fails_to_save_still_closes_its_figure(tmp_path, monkeypatch):
+    def disk_full(*args, **kw):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(figures, "save_figure", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        plot_layer_profile(profile_rows(), tmp_path)
     assert not plt.get_fignums()
+
+
+# ---- every figure: returned, shown or saved -----------------------------------------------------------------------
+def profile_rows():
+    return pd.DataFrame([{"layer": layer, "position_group": g, "value": layer * (k + 1), "ci_low": 0.0,
+                          "ci_high": 5.0} for layer in range(3) for k, g in enumerate(("last", "pii"))])
+
+
+def leakage_rows(models=("m",)):
+    return pd.DataFrame([{"model": m, "framing": f, "pii_type": p, "metric": metric, "value": 0.5, "ci_low": 0.2,
+                          "ci_high": 0.8} for m in models for f in ("direct", "caption") for p in ("SSN", "Email")
+                         for metric in ("ASR", "RR")])
+
+
+def retention_rows():
+    return pd.DataFrame([{"layer": layer, "position_group": "last", "metric": "char_accuracy", "control": "none",
+                          "turn_distance": d, "value": 0.5, "ci_low": 0.4, "ci_high": 0.6}
+                         for layer in range(2) for d in range(3)])
+
+
+def transfer_rows(layers=(0, 1)):
+    return pd.DataFrame([{"layer": layer, "turn_train": a, "turn_test": b, "value": 0.5 + 0.1 * (a == b)}
+                         for layer in layers for a in range(3) for b in range(3)])
+
+
+def patching_rows(seed=1):
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame([{"layer": layer, "component": c, "position_group": g, "metric": "score_logit_diff",
+                          "direction": "denoise", "method": "exact", "value": rng.normal()}
+                         for layer in range(3) for c in ("resid_post", "attn_out")
+                         for g in ("pii_patches", "other_image", "final")])
+
+
+def knockout_rows(windows=(1, 2)):
+    return pd.DataFrame([{"layer": layer, "window": w, "position_group": g, "metric": "logit_diff",
+                          "value": 1.0 - 0.1 * layer, "clean": 1.0} for w in windows for layer in range(3)
+                         for g in ("pii_patches", "final")])
+
+
+def atp_rows(directions=("denoise", "noise")):
+    rng = np.random.default_rng(2)
+    return pd.DataFrame([{"session_id": s, "direction": d, "layer": layer, "component": "resid_pre",
+                          "position_group": "final", "metric": "logit_diff", "method": m, "value": rng.normal(),
+                          "clean": 2.0, "corrupt": -1.0} for s in ("a", "b") for d in directions
+                         for layer in range(3) for m in ("atp", "exact")])
+
+
+FIGURES = {  # name -> (draw(out_dir, **ax_or_axes), the keyword for axes, how many panels these rows make)
+    "layer_profile": (lambda out, **kw: plot_layer_profile(profile_rows(), out, **kw), "ax", 1),
+    "leakage": (lambda out, **kw: plot_leakage(leakage_rows(), out, **kw), "axes", 2),
+    "probe_heatmap": (lambda out, **kw: plot_probe_heatmap(probe_rows(), out, **kw), "ax", 1),
+    "retention_curves": (lambda out, **kw: plot_retention_curves(retention_rows(), out, **kw), "ax", 1),
+    "transfer_matrix": (lambda out, **kw: plot_transfer_matrix(transfer_rows(), out, **kw), "axes", 2),
+    "patching": (lambda out, **kw: plot_patching_heatmaps(patching_rows(), out, **kw), "axes", 2),
+    "knockout": (lambda out, **kw: plot_knockout_curves(knockout_rows(), out, **kw), "axes", 2),
+    "atp_agreement": (lambda out, **kw: plot_atp_agreement(atp_rows(), out, **kw), "axes", 2),
+    "patch_overlay": (lambda out, **kw: plot_patch_overlay(overlay_rows(), np.zeros((60, 100, 3)), out, **kw),
+                      "axes", 1),
+    "token_strip": (lambda out, **kw: plot_token_strip(session_rows(), out, **kw), None, 1),
+}
+
+
+@pytest.mark.parametrize("name", list(FIGURES))
+def test_figure_is_returned_open_without_a_folder_and_saved_and_closed_with_one(name, tmp_path, monkeypatch):
+    draw = FIGURES[name][0]
+    monkeypatch.chdir(tmp_path)
+    fig = draw(None)
+    assert isinstance(fig, Figure) and fig.axes
+    assert plt.get_fignums() == [fig.number]  # open: a notebook shows it
+    assert not any(tmp_path.iterdir())  # and nothing written
+    plt.close(fig)
+
+    out = tmp_path / "figures"
+    saved = draw(out)
+    assert isinstance(saved, Figure) and saved.axes
+    assert not plt.get_fignums()  # saved and closed: a pipeline draws hundreds
+    wrote_all(out, name)  # each figure's default name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figures"]
+
+
+@pytest.mark.parametrize("name", [n for n, (_, kw, _) in FIGURES.items() if kw])
+def test_figure_draws_into_the_axes_it_is_given(name, tmp_path):
+    draw, keyword, n_panels = FIGURES[name]
+    fig, axes = plt.subplots(1, n_panels + 1, squeeze=False)  # one more, left alone
+    mine, spare = list(axes[0, :n_panels]), axes[0, n_panels]
+    given = mine[0] if keyword == "ax" else mine
+    assert draw(None, **{keyword: given}) is fig
+    drawn = [ax for ax in mine if ax.lines or ax.patches or ax.images or ax.collections]
+    assert drawn == mine, f"{name}: drew into {len(drawn)} of the {n_panels} axes given"
+    assert not (spare.lines or spare.patches or spare.images or spare.collections)
+    assert plt.get_fignums() == [fig.number]
+    # with a folder: the figure is saved, and stays open (it is the caller's)
+    draw(tmp_path, **{keyword: given})
+    wrote_all(tmp_path, name)
+    assert plt.get_fignums() == [fig.number]
+
+
+@pytest.mark.parametrize("name", [n for n, (_, kw, _) in FIGURES.items() if kw == "axes"])
+def test_figure_refuses_the_wrong_number_of_axes(name):
+    draw, _, n_panels = FIGURES[name]
+    fig, axes = plt.subplots(1, n_panels + 1)
+    with pytest.raises(ValueError, match=f"{n_panels + 1} axes given"):
+        draw(None, axes=axes)
+    with pytest.raises(ValueError, match="Axes"):
+        draw(None, axes=["not an axes"] * n_panels)
+
+
+def test_leakage_axes_are_metrics_by_models():
+    fig, axes = plt.subplots(2, 2)
+    plot_leakage(leakage_rows(models=("a", "b")), axes=axes)
+    assert [ax.get_title() for ax in axes[0]] == ["a", "b"]
+    assert [ax.get_ylabel() for ax in axes[:, 0]] == ["ASR", "RR"]
+    assert all(len(ax.patches) == 4 for ax in axes.flat)  # two framings x two PII types each
+
+
+def test_transfer_matrix_own_grid_turns_spare_panels_off():
+    fig = plot_transfer_matrix(transfer_rows(layers=(0, 1, 2, 3, 4)))
+    assert len(fig.axes) == 8 and sum(ax.axison for ax in fig.axes) == 5
+    assert [ax.get_title() for ax in fig.axes[:5]] == [f"layer {k}" for k in range(5)]
 
 
 # ---- significance marks -------------------------------------------------------------------------------------------
@@ -80,42 +213,36 @@ def probe_rows(significant=None, seed=0):
     return df
 
 
-def test_probe_heatmap_marks_only_significant_cells(tmp_path, drawn):
-    plot_probe_heatmap(probe_rows(), tmp_path, name="plain")
-    fig, _ = drawn[-1]
+def test_probe_heatmap_marks_only_significant_cells(tmp_path):
+    fig = plot_probe_heatmap(probe_rows(), tmp_path, name="plain")
     assert not marks(fig) and fig.axes[0].get_legend() is None  # no column, no marks: unchanged
 
     sig = probe_rows(lambda d: (d["layer"] == 2) & (d["position_group"] == "pii"))
-    wrote_all(plot_probe_heatmap(sig, tmp_path, name="marked"), "marked")
-    fig, data = drawn[-1]
+    fig = plot_probe_heatmap(sig, tmp_path, name="marked")
+    wrote_all(tmp_path, "marked")
     (dots,) = marks(fig)
     # rows of the grid: last @ turn 0, pii @ turn 0, last @ turn 2, pii @ turn 2; star at the cell's top right
     cells = sorted((round(x - 0.32), round(y + 0.28)) for x, y in dots.get_offsets())
     assert cells == [(2, 1), (2, 3)]
     assert "BH" in fig.axes[0].get_legend().get_texts()[0].get_text()
-    assert data["significant"].sum() == 2  # the CSV says which cells are marked
+    assert pd.read_csv(tmp_path / "marked.csv")["significant"].sum() == 2  # the CSV says which cells are marked
 
     # averaged over two targets: starred only where both targets are significant
     other = sig.assign(target="dob", significant=(sig["layer"] == 2) & (sig["turn"] == 0))
-    plot_probe_heatmap(pd.concat([sig, other]), tmp_path, name="two_targets")
-    assert len(marks(drawn[-1][0])[0].get_offsets()) == 1
+    fig = plot_probe_heatmap(pd.concat([sig, other]), tmp_path, name="two_targets")
+    assert len(marks(fig)[0].get_offsets()) == 1
 
     with pytest.raises(ValueError, match="'significant'"):
         plot_probe_heatmap(sig.assign(significant="yes"), tmp_path)
 
 
-def test_patching_heatmaps_mark_significant_cells(tmp_path, drawn):
-    rng = np.random.default_rng(1)
-    df = pd.DataFrame([{"layer": layer, "component": c, "position_group": g, "metric": "score_logit_diff",
-                        "direction": "denoise", "method": "exact", "value": rng.normal()}
-                       for layer in range(3) for c in ("resid_post", "attn_out")
-                       for g in ("pii_patches", "other_image", "final")])
-    plot_patching_heatmaps(df, tmp_path, name="plain")
-    assert not marks(drawn[-1][0])
+def test_patching_heatmaps_mark_significant_cells(tmp_path):
+    df = patching_rows()
+    assert not marks(plot_patching_heatmaps(df, tmp_path, name="plain"))
     # significant only in the second panel: its cells are starred, the note still appears once
     df["significant"] = (df["component"] == "attn_out") & (df["layer"] >= 1)
-    wrote_all(plot_patching_heatmaps(df, tmp_path, name="marked"), "marked")
-    fig, _ = drawn[-1]
+    fig = plot_patching_heatmaps(df, tmp_path, name="marked")
+    wrote_all(tmp_path, "marked")
     assert [len(m.get_offsets()) for m in marks(fig)] == [0, 6]
     legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
     assert len(legends) == 1 and "BH" in legends[0].get_texts()[0].get_text()
@@ -136,14 +263,14 @@ def heat_at(fig, x, y):
     return im.get_cursor_data(MouseEvent("motion_notify_event", fig.canvas, sx, sy))
 
 
-def test_patch_overlay_aligns_patches_with_pixels(tmp_path, drawn):
+def test_patch_overlay_aligns_patches_with_pixels(tmp_path):
     w, h = 200, 120  # 10 x 6 patches of 20 x 20 pixels
     image = Image.new("RGB", (w, h), "white")
     df = overlay_rows()
     df = pd.concat([df, df.assign(value=df["value"] + 0.2)])  # two rows per patch: averaged
-    wrote_all(plot_patch_overlay(df, image, tmp_path, title="probe accuracy"), "patch_overlay")
-    fig, data = drawn[-1]
-    assert len(data) == len(df)
+    fig = plot_patch_overlay(df, image, tmp_path, title="probe accuracy")
+    wrote_all(tmp_path, "patch_overlay")
+    assert len(pd.read_csv(tmp_path / "patch_overlay.csv")) == len(df)
     im = next(i for i in fig.axes[0].images if i.get_gid() == "heat")
     assert im.get_extent() == pytest.approx([0, w, h, 0])  # the heat layer covers the image exactly
     assert im.get_array().shape == (6, 10)
@@ -154,12 +281,11 @@ def test_patch_overlay_aligns_patches_with_pixels(tmp_path, drawn):
     assert fig.axes[-1].get_ylabel() == "value"  # the colourbar names the metric
 
 
-def test_patch_overlay_panels_grid_and_errors(tmp_path, drawn):
+def test_patch_overlay_panels_grid_and_errors(tmp_path):
     df = pd.concat([overlay_rows(hot=(0, 0)).assign(panel="layer 3", metric="char_accuracy"),
                     overlay_rows(hot=(5, 9)).assign(panel="layer 9", metric="char_accuracy")])
     df = pd.concat([df, df.head(1).assign(patch_row=-1, patch_col=-1, value=50.0)])  # a newline token: no patch
-    plot_patch_overlay(df, np.zeros((60, 100, 3)), tmp_path, grid=(6, 10), width="double")
-    fig, _ = drawn[-1]
+    fig = plot_patch_overlay(df, np.zeros((60, 100, 3)), tmp_path, grid=(6, 10), width="double")
     heats = [i for ax in fig.axes for i in ax.images if i.get_gid() == "heat"]
     assert [ax.get_title() for ax in fig.axes[:2]] == ["layer 3", "layer 9"]
     assert [np.unravel_index(np.nanargmax(i.get_array()), (6, 10)) for i in heats] == [(0, 0), (5, 9)]
@@ -193,12 +319,14 @@ def session_rows(seed=0):
     return pd.DataFrame(rows).sample(frac=1, random_state=0)  # any row order
 
 
-def test_token_strip_collapses_images_and_labels_turns(tmp_path, drawn):
+def test_token_strip_collapses_images_and_labels_turns(tmp_path):
     df = session_rows()
     assert len(df) > 240
-    wrote_all(plot_token_strip(df, tmp_path, title="probe accuracy", max_tokens_per_line=16), "token_strip")
-    fig, boxes = drawn[-1]
-    assert (pd.read_csv(tmp_path / "token_strip.csv")["label"] == boxes["label"]).all()
+    fig = plot_token_strip(df, tmp_path, title="probe accuracy", max_tokens_per_line=16)
+    wrote_all(tmp_path, "token_strip")
+    boxes = pd.read_csv(tmp_path / "token_strip.csv", keep_default_na=False, na_values={"value": [""]})
+    tokens = [t.get_text() for t in fig.axes[0].texts if t.get_gid() == "token"]
+    assert tokens == boxes["label"].str.replace("$", r"\$").tolist()  # the CSV holds the boxes drawn
     images = boxes[boxes["is_image"]]
     assert images["label"].tolist() == ["[image \u00d764]"] * 2  # two runs, not one, not 128 boxes
     first = df[df["token"] == "<image>"].sort_values("position").head(64)
@@ -210,7 +338,6 @@ def test_token_strip_collapses_images_and_labels_turns(tmp_path, drawn):
     assert boxes.groupby("line").size().max() <= 16  # wrapped
     assert boxes.groupby("line")["turn"].nunique().max() == 1  # every turn starts its own line
     assert boxes.groupby("turn")["line"].nunique()[1] == 2  # 30 tokens at 16 a line
-    tokens = [t.get_text() for t in fig.axes[0].texts if t.get_gid() == "token"]
     assert len(tokens) == len(boxes) and "\u21b5" in tokens and r"\$" in tokens  # visible newline, literal $
     drawn_boxes = [p for p in fig.axes[0].patches]
     nan_box = drawn_boxes[int(np.flatnonzero(boxes["value"].isna().to_numpy())[0])]

@@ -170,13 +170,14 @@ def test_write_leakage_table_and_figure(tmp_path):
     tex = paths["latex"].read_text()
     assert r"\begin{table*}" in tex and r"\label{tab:leakage}" in tex and r"\caption{" in tex
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
-    files = plot_leakage(long, tmp_path)
-    assert [f.name for f in files] == ["leakage.pdf", "leakage.png", "leakage.csv"]
+    fig = plot_leakage(long, tmp_path)
+    files = [tmp_path / f"leakage.{x}" for x in ("pdf", "png", "csv")]
     assert all(f.stat().st_size > 0 for f in files)
+    assert len(fig.axes) == 2 * long["model"].nunique()  # ASR and RR per model
     shown = pd.read_csv(files[2])
     assert set(shown["metric"]) == {"ASR", "RR"} and len(shown) == 36
-    one = plot_leakage(long[long["model"] == "tiny_llava"], tmp_path, name="one")
-    assert one[1].stat().st_size > 0
+    plot_leakage(long[long["model"] == "tiny_llava"], tmp_path, name="one")
+    assert (tmp_path / "one.png").stat().st_size > 0
     with pytest.raises(ValueError, match="metric"):
         plot_leakage(long.drop(columns="metric"), tmp_path)
 
