@@ -21,6 +21,7 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 test: venv
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 
 lint: venv

@@ -31,7 +31,10 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
+
+if TYPE_CHECKING:  # imported where used: the CLI starts without loading torch
+    from probes.patching import PatchingConfig
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -303,9 +306,9 @@ def _build_sessions(args: argparse.Namespace, out: Path, image_dir: Path, finetu
     import json
 
     from probes.data import builders as sb
+    from probes.data.files import atomic_write_text
     from probes.data.identities import make_identities, split_identities
     from probes.data.session import write_sessions
-    from probes.data.files import atomic_write_text
 
     people = make_identities(args.n, seed=args.seed)
     choose = {k: v for k, v in {"framings": _csv(args.framings), "pii_types": _csv(args.pii_types)}.items() if v}
@@ -339,7 +342,8 @@ def cmd_sessions_load_mmprivacy(args: argparse.Namespace) -> int:
     return 0
 
 
-OCR_CACHE_HELP = "OCR cache folder (default $MMRET_OCR_CACHE or ~/.cache/mm-retention/ocr; it holds PII read off images)"
+OCR_CACHE_HELP = ("OCR cache folder (default $MMRET_OCR_CACHE or ~/.cache/mm-retention/ocr; "
+                  "it holds PII read off images)")
 
 
 def cmd_ocr(args: argparse.Namespace) -> int:
@@ -394,8 +398,8 @@ PRIVATE_TARGETS = ("digits", "chars")  # probe targets read from the sessions' p
 
 def cmd_probe(args: argparse.Namespace) -> int:
     from analysis.results import run_probes
-    from probes.probing.sweep import main_metric
     from probes.activations.store import PRIVATE_FILE, StoreError
+    from probes.probing.sweep import main_metric
 
     layers = _layers(args.layers)
     turns = _ints(args.turns, "--turns")
@@ -438,6 +442,21 @@ def _ints(text: str | None, flag: str, low: int = 0) -> list[int] | None:
 def cmd_patch(args: argparse.Namespace) -> int:
     from analysis.results import run_patching
 
+    config = patching_config_of(args)  # checked before anything is loaded or written
+    check_out_folder(args.out)
+    read_sessions_checked(args)
+    claim(args, args.out)
+    loaded = load_checked(args)
+    df = run_patching(loaded, args.sessions, args.experiment, args.out, config, progress=not args.no_progress)
+    print(f"{args.experiment}: {len(df)} rows over {df['session_id'].nunique() if 'session_id' in df else '?'} "
+          f"pair(s); results and figures in {args.out}")
+    return 0
+
+
+def patching_config_of(args: argparse.Namespace) -> PatchingConfig:
+    """The PatchingConfig of `mmret patch`'s flags; a bad value is named by its flag."""
+    from probes.patching import PatchingConfig, PatchingError
+
     replacements = None
     if args.replace:
         pairs = [r.split("=", 1) for r in args.replace]
@@ -446,18 +465,18 @@ def cmd_patch(args: argparse.Namespace) -> int:
         replacements = dict(pairs)
     layers = _layers(args.layers)
     windows = _ints(args.window, "--window", low=1)
-    check_out_folder(args.out)
-    read_sessions_checked(args)
-    claim(args, args.out)
-    loaded = load_checked(args)
-    df = run_patching(loaded, args.sessions, args.experiment, args.out, corruption=args.corruption,
-                      components=tuple(_csv(args.components)), layers=layers, groups=_csv(args.groups),
-                      batch_size=args.batch_size, corrupt_framing=args.corrupt_framing, replacements=replacements,
-                      windows=windows, max_pairs=args.max_pairs, n_boot=args.n_boot, seed=args.seed,
-                      progress=not args.no_progress)
-    print(f"{args.experiment}: {len(df)} rows over {df['session_id'].nunique() if 'session_id' in df else '?'} "
-          f"pair(s); results and figures in {args.out}")
-    return 0
+    try:
+        return PatchingConfig(args.experiment, corruption=args.corruption,
+                              components=tuple(_csv(args.components) or ()), layers=layers,
+                              groups=_csv(args.groups), batch_size=args.batch_size,
+                              corrupt_framing=args.corrupt_framing, atp_method=args.atp_method,
+                              replacements=replacements, windows=windows,
+                              max_pairs=args.max_pairs, n_boot=args.n_boot, seed=args.seed)
+    except PatchingError as err:  # the message starts with the config's field: name the flag instead
+        field, _, rest = str(err).partition(" ")
+        name = field.rstrip(":")
+        flag = {"replacements": "--replace", "windows": "--window"}.get(name, "--" + name.replace("_", "-"))
+        raise CliError(f"{flag}{':' if field.endswith(':') else ''} {rest}") from None
 
 
 def check_remote_code(models: Iterable[dict[str, Any]], where: str, allowed: bool, command: str) -> None:
@@ -502,8 +521,8 @@ def _in_hf_cache(repo_id: str) -> bool:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from analysis.study.pipeline import run_study
     from analysis.study.config import default_config_path, load_study_config, parse_value
+    from analysis.study.pipeline import run_study
 
     overrides = {}
     for item in args.set or []:
@@ -539,7 +558,8 @@ def sweep_main(argv: list[str]) -> int:
     """`mmret sweep`: checks what the command line must allow (trust_remote_code in any grid point) and the sweep
     folder, then hands the arguments to analysis.study.sweep's own parser."""
     from analysis.study.config import load_study_config
-    from analysis.study.sweep import expand, main as main_sweep, parse_grid
+    from analysis.study.sweep import expand, parse_grid
+    from analysis.study.sweep import main as main_sweep
 
     pre = Parser(prog="mmret sweep", add_help=False)
     pre.add_argument("config", nargs="?")
@@ -691,6 +711,8 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--groups", default=None,
                     help="position groups (default: PII patches, other patches, turns, final)")
     pa.add_argument("--corrupt-framing", default="direct", help="the other framing of a framing swap")
+    pa.add_argument("--atp-method", default="atp", help="the estimator of --experiment atp: atp, atp_graddrop, "
+                    "atp_qk, atp_layer or atp_star (AtP*; see probes.patching.atp_star)")
     pa.add_argument("--replace", action="append", default=None, metavar="OLD=NEW", help="text corruption")
     pa.add_argument("--window", default=None, help="knockout layer windows, e.g. 1,2,4")
     pa.add_argument("--batch-size", type=positive_int, default=16)

@@ -21,6 +21,9 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from analysis.tables import FRAMING_ORDER, MISSING, PII_ORDER, sort_rows
+from probes.data.files import atomic_write_bytes
+
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
 COLUMN_IN = 3.4
 DOUBLE_COLUMN_IN = 7.0
@@ -54,7 +57,6 @@ def save_figure(fig: Figure, out_dir: str | os.PathLike, name: str,
     written to a temp file and renamed). The figure stays open (`plt.close(fig)` when done with it). Returns the
     paths written, in that order."""
     # imported here, not at the top, so that importing this module stays light (`import probes` loads transformers)
-    from probes.data.files import atomic_write_bytes
 
     if not isinstance(name, str) or not name or Path(name).name != name:
         raise ValueError(f"save_figure: name {name!r}: expected a file name without a folder or suffix")
@@ -146,7 +148,6 @@ def plot_leakage(long_df: pd.DataFrame, out_dir: str | os.PathLike | None = None
     the PII legend then sits above the first panel instead of above the figure."""
     import numpy as np
 
-    from analysis.tables import FRAMING_ORDER, MISSING, PII_ORDER, sort_rows
 
     need = {"model", "framing", "pii_type", "metric", "value"}
     if not need <= set(long_df.columns):

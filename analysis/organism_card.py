@@ -83,8 +83,9 @@ def card_text(model_dir: Path, metrics: dict, df: pd.DataFrame, meta: dict, n: i
                    "per image patch, each field on its own fixed rows after a one-letter label cell"
                    if layout == "grid" else f"{layout} layout")
     n_para = sum(len(v) for v in TRAIN_PARAPHRASES.values())
-    filler_text = (f"; {meta['filler_share']:.0%} get 1-4 filler words (a non-task prompt word, a common English word "
-                   "from Faker's word list, or a made-up one) and half of those a filler sentence of English words (drawn "
+    filler_text = (f"; {meta['filler_share']:.0%} get 1-4 filler words (a non-task prompt word, a common English "
+                   "word from Faker's word list, or a made-up one) and half of those a filler sentence of English words "
+                   "(drawn "
                    "without regard to the evaluation: common words of its paraphrases such as 'you', 'use' or 'write' "
                    "do occur in training, as fillers)"
                    if meta.get("filler_share") else "")

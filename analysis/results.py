@@ -8,21 +8,35 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import asdict
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Sequence
 
 import pandas as pd
 
-from analysis.figures import (plot_atp_agreement, plot_knockout_curves, plot_leakage, plot_patching_heatmaps,
-                              plot_probe_heatmap, plot_retention_curves)
+from analysis.figures import (
+    plot_atp_agreement,
+    plot_knockout_curves,
+    plot_leakage,
+    plot_patching_heatmaps,
+    plot_probe_heatmap,
+    plot_retention_curves,
+)
 from analysis.tables import leakage_long, write_leakage_table
 from probes.activations.store import ActivationStore
 from probes.data.files import atomic_write_bytes, parts_folder
 from probes.data.session import Session, read_sessions
 from probes.leakage import LeakageError, evaluate_in_parts, leakage_parts, session_target
 from probes.models.loading import LoadedModel, load_model
-from probes.patching.core import (DEFAULT_COMPONENTS, EXPERIMENTS, MIN_SEPARATION, PatchingError, atp_agreement,
-                                  pair_checks, patch_sessions, summarize)
+from probes.patching import (
+    PatchingConfig,
+    PatchingError,
+    atp_agreement,
+    pair_checks,
+    patch_sessions,
+    patching_config,
+    summarize,
+)
 from probes.probing.sweep import main_metric, probe_sweep
 from probes.probing.targets import probe_cells, session_targets
 
@@ -96,18 +110,12 @@ def run_probes(store_dir: str, out_dir: str, target: str = "digits", position_gr
 
 
 def run_patching(loaded: LoadedModel | str | os.PathLike, sessions: Sequence[Session] | str | os.PathLike,
-                 experiment: str, out_dir: str | os.PathLike, *, corruption: str | None = None,
-                 directions: Sequence[str] | None = None, components: Sequence[str] = DEFAULT_COMPONENTS,
-                 layers: Iterable[int] | None = None, groups: Sequence[str] | None = None, batch_size: int = 16,
-                 align: str = "last", corrupt_framing: str = "direct", replacements: dict[str, str] | None = None,
-                 swap: Sequence[str] | None = None, noise_std: float = 3.0, sources: Sequence[str] | None = None,
-                 windows: Sequence[int] | None = None, check_exact: bool = True, leak: str | None = None,
-                 refusal: str | None = None, max_pairs: int | None = None, n_boot: int = 1000, seed: int = 0,
-                 model: str | None = None, figures: bool = True, device: str | None = None,
-                 dtype: str | None = None, progress: bool = True, keep_parts: bool = False,
-                 min_separation: float | None = MIN_SEPARATION) -> pd.DataFrame:
+                 experiment: str, out_dir: str | os.PathLike, config: PatchingConfig | None = None, *,
+                 figures: bool = True, device: str | None = None, dtype: str | None = None, progress: bool = True,
+                 keep_parts: bool = False, **options: Any) -> pd.DataFrame:
     """`mmret patch`: run `experiment` (denoise, noise, atp, taskswap, knockout) on `sessions` (a list or a JSONL
-    path; each the clean side of a pair) and write into `out_dir`:
+    path; each the clean side of a pair) under `config` (a `PatchingConfig` of this experiment; `options`: its
+    fields, which build one or override the given one's) and write into `out_dir`:
 
     - patching_<experiment>.csv: one row per pair, cell and metric (see `ROW_COLUMNS`, plus `contrast` and
       `null_by_construction`; no PII);
@@ -118,45 +126,41 @@ def run_patching(loaded: LoadedModel | str | os.PathLike, sessions: Sequence[Ses
     - figures: layer x position heatmaps per component for each direction (patching_<experiment>_<direction>),
       knockout curves by window (knockout), AtP-vs-exact scatter (atp).
 
-    Resumable: each session's rows are kept as it finishes, and a killed run started again with the same sessions
-    and settings patches only the rest. `keep_parts`: leave those parts in `out_dir` when done (a caller with more
-    work after this removes them when all of it is done).
+    `device`, `dtype`: where a model given by its path is loaded. Resumable: each session's rows are kept as it
+    finishes, and a killed run started again with the same sessions and config patches only the rest.
+    `keep_parts`: leave those parts in `out_dir` when done (a caller with more work after this removes them when all
+    of it is done).
 
     Returns the per-pair rows."""
 
-    if experiment not in EXPERIMENTS:  # before loading anything or making the output folder
-        raise PatchingError(f"experiment {experiment!r}: expected one of {EXPERIMENTS}")
+    # the config first: a bad option fails before anything is loaded or the output folder is made
+    config = patching_config(config if config is not None else experiment, options)
+    if config.experiment != experiment:
+        raise PatchingError(f"experiment {experiment!r}: the config is for {config.experiment!r}")
     if not isinstance(loaded, LoadedModel):
         loaded = load_model(loaded, device=device, dtype=dtype)
     if not isinstance(sessions, (list, tuple)):
         sessions = list(read_sessions(sessions))
-    sessions = list(sessions)[:max_pairs] if max_pairs else list(sessions)
-    layers = None if layers is None else [int(x) for x in layers]  # a generator would hash by its address
-    settings = dict(corruption=corruption, directions=directions, components=components, layers=layers,
-                    groups=groups, batch_size=batch_size, align=align, corrupt_framing=corrupt_framing,
-                    replacements=replacements, swap=swap, noise_std=noise_std, seed=seed, sources=sources,
-                    windows=windows, check_exact=check_exact, leak=leak, refusal=refusal, model=model,
-                    min_separation=min_separation)
+    sessions = list(sessions)[:config.max_pairs] if config.max_pairs else list(sessions)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Finished sessions are kept under a name that hashes everything the rows depend on: a killed run started
     # again resumes, and a run with anything changed starts afresh in a folder of its own.
-    parts = parts_folder(out, f"patching-parts-{experiment}", {**loaded.run_key, **settings},
+    parts = parts_folder(out, f"patching-parts-{experiment}", {**loaded.run_key, **asdict(config)},
                          [s.to_json() for s in sessions])
-    df = patch_sessions(loaded, sessions, experiment, progress=progress, parts=parts, **settings)
+    df = patch_sessions(loaded, sessions, config, progress=progress, parts=parts)
     pairs = pair_checks(df)
     if not len(df):
         shutil.rmtree(parts)
         raise PatchingError(f"experiment {experiment!r}: no pair left to patch ({int((~pairs['kept']).sum())} of "
                             f"{len(pairs)} pairs dropped by the pair check; other sessions are already under the "
-                            f"corrupt framing {corrupt_framing!r})")
+                            f"corrupt framing {config.corrupt_framing!r})")
     if experiment != "knockout":
         atomic_write_bytes(out / f"patching_{experiment}_pairs.csv", pairs.to_csv(index=False).encode("utf-8"))
     atomic_write_bytes(out / f"patching_{experiment}.csv", df.to_csv(index=False).encode("utf-8"))
-    summary = summarize(df, n_boot=n_boot, seed=seed)
+    summary = summarize(df, n_boot=config.n_boot, seed=config.seed)
     atomic_write_bytes(out / f"patching_{experiment}_summary.csv", summary.to_csv(index=False).encode("utf-8"))
-    agreement = None
-    if experiment == "atp" and check_exact:
+    if experiment == "atp" and config.check_exact:
         agreement = atp_agreement(df)
         atomic_write_bytes(out / "atp_agreement.csv", agreement.to_csv(index=False).encode("utf-8"))
     if figures:

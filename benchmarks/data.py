@@ -21,10 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from probes.data.builders import multiturn_sessions  # noqa: E402
 from probes.data.documents import SCENARIOS, render_document  # noqa: E402
 from probes.data.identities import make_identities  # noqa: E402
 from probes.data.session import write_sessions  # noqa: E402
-from probes.data.builders import multiturn_sessions  # noqa: E402
 
 
 def timed(fn):

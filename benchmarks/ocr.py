@@ -12,16 +12,19 @@ ink box is known exactly. No cache: every form is OCR'd afresh.
     skip_rate                share skipped (no confident match, tie, conflicting values)
     field_box_iou_median     median IoU of found value box vs drawn ink box, over every value on every form
                              (a value not found counts 0); field_box_found_rate: share of values found
-    pii_patch_recall         share of the image tokens (LLaVA organism adapter, `token_boxes`) over the drawn SSN /
-                             phone / email boxes that the OCR boxes select (pooled over forms)
-    pii_patch_precision      share of the selected tokens that lie over the drawn box
-    seconds_per_image        mean OCR seconds on 1,280 x 600 job-application forms (this CPU, shared)
-    seconds_per_form         mean OCR seconds over all forms
+    pii_patch_recall         share of the image tokens over the drawn SSN / phone / email ink boxes (LLaVA organism
+                             adapter, `patches_for_box`) that `mark:<label>` selects after the OCR boxes ride on the
+                             image as marks (`SessionImage.marks`) and the session is rendered (pooled over forms)
+    pii_patch_precision      share of the tokens `mark:<label>` selects that lie over the drawn box
+    seconds_per_image        mean wall seconds of OCR on 1,280 x 600 job-application forms (this CPU, shared: see
+                             load_average; cpu_seconds_per_image is the process CPU time, less sensitive to sharing)
+    seconds_per_form         mean OCR wall seconds over all forms
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import time
@@ -37,7 +40,11 @@ from ocr_forms import STYLES, benchmark_form, degrade, random_condition  # noqa:
 from probes.data.documents import patches_for_box, render_document  # noqa: E402
 from probes.data.identities import make_identities  # noqa: E402
 from probes.data.ocr import read_lines  # noqa: E402
-from probes.data.pii_locate import candidate_texts, locate_identity, match_identity  # noqa: E402
+from probes.data.pii_locate import candidate_texts, field_boxes, locate_identity, match_identity  # noqa: E402
+from probes.data.session import Session, SessionImage, Turn  # noqa: E402
+from probes.models.render import render  # noqa: E402
+
+PII_KEYS = ("ssn", "phone", "email")  # field keys here are also the mark labels (pii_locate.FIELDS)
 
 
 def iou(a, b) -> float:
@@ -53,6 +60,20 @@ def adapter():
     from probes.organism import DEFAULT_MODEL
 
     return load_model(str(DEFAULT_MODEL)).adapter
+
+
+def marked_cells(ad, image, located) -> dict[str, set]:
+    """{label: (tile, row, col) of the image tokens `mark:<label>`} after the located boxes ride on the image as
+    marks and a one-turn session is rendered: the path a loaded MM-Privacy session takes."""
+    marks = {k: [v] for k, v in field_boxes(located).items()}
+    tm = render(ad, Session("bench", [Turn("user", "Read the form.", images=[SessionImage.from_pil(image, marks)])])
+                ).token_map
+    out = {}
+    for label in PII_KEYS:
+        rows = tm.df.loc[tm.select(f"mark:{label}")]
+        rows = rows[rows.segment == "image"]
+        out[label] = set(zip(rows.tile.astype(int), rows.patch_row.astype(int), rows.patch_col.astype(int)))
+    return out
 
 
 def main() -> None:
@@ -86,25 +107,26 @@ def main() -> None:
             right += 1
         else:
             wrong += 1
-        loc = locate_identity(lines, table[row], form.image, texts=texts).set_index("field")
+        located = locate_identity(lines, table[row], form.image, texts=texts)
+        loc = located.set_index("field")
+        marked = marked_cells(ad, form.image, located)
         for key, truth in form.boxes.items():
             r = loc.loc[key]
             ok = bool(r.found)
             found.append(ok)
             ious.append(iou((r.x0, r.y0, r.x1, r.y1), truth) if ok else 0.0)
-            if key in ("ssn", "phone", "email"):
-                want = set(map(tuple, patches_for_box(ad, form.image.size, truth).to_numpy()))
-                got = set(map(tuple, patches_for_box(ad, form.image.size, (int(r.x0), int(r.y0), int(r.x1),
-                                                                             int(r.y1))).to_numpy())) if ok else set()
+            if key in PII_KEYS:
+                want = set(map(tuple, patches_for_box(ad, form.image.size, truth).to_numpy().tolist()))
                 tok_true += len(want)
-                tok_hit += len(want & got)
-                tok_sel += len(got)
-    timing = []
+                tok_hit += len(want & marked[key])
+                tok_sel += len(marked[key])
+    timing, cpu = [], []
     for k in range(args.n_timing):
         doc = render_document(people[k], "hiring", (1280, 600), seed=k, layout="random")
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         read_lines(doc.image, use_cache=False)
         timing.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
     n = args.n
     print(f"forms: {n}")
     print(f"table_rows: {len(people)}")
@@ -118,6 +140,8 @@ def main() -> None:
     print(f"pii_patch_recall: {tok_hit / max(1, tok_true):.4f}")
     print(f"pii_patch_precision: {tok_hit / max(1, tok_sel):.4f}")
     print(f"seconds_per_image: {float(np.mean(timing)):.3f}")
+    print(f"cpu_seconds_per_image: {float(np.mean(cpu)):.3f}")
+    print(f"load_average_1min: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus")
     print(f"seconds_per_form: {float(np.mean(secs)):.3f}")
 
 

@@ -25,7 +25,7 @@ Batches of cells share one forward but not its arithmetic: on a CPU that one row
 costs what its rows cost one by one. What saves compute in both is the KV-cache prefix (`patched_metrics`): a
 cell patching only late positions (later turns, the final token) runs just the suffix after them.
 
-`python benchmarks/patching.py --organism DIR --out OUT` instead runs every experiment of `probes.patching.core` on
+`python benchmarks/patching.py --organism DIR --out OUT` instead runs every experiment of `probes.patching` on
 the organism (a trained model directory, `probes/organism/default` once trained) and writes its CSVs and figures:
 see `organism_figures`.
 """
@@ -48,10 +48,17 @@ import torch  # noqa: E402
 
 from analysis.results import run_patching
 from probes import build_tiny_model, load_model, make_identities  # noqa: E402
-from probes.patching.core import (atp_agreement, attribution_patching, build_pair, exact_patching,  # noqa: E402
-                             patched_metrics, prepare_pair, sweep_cells)
-from probes.patching.metrics import answer_metrics  # noqa: E402
 from probes.data.builders import mmprivacy_sessions, multiturn_sessions  # noqa: E402
+from probes.patching import (  # noqa: E402
+    atp_agreement,
+    attribution_patching,
+    build_pair,
+    exact_patching,
+    patched_metrics,
+    prepare_pair,
+    sweep_cells,
+)
+from probes.patching.metrics import answer_metrics  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import interleaved  # noqa: E402  (benchmarks/timing.py)
@@ -197,7 +204,7 @@ def organism_headlines(loaded, rows: dict[str, pd.DataFrame], sessions, out_dir:
     organism_taskswap_max_effect (the largest mean normalised score of one task-swap cell, leaking framing
     patched into the refusing one) and the cell; organism_generation_asr_shift (greedy answers of the refusing
     framing with that cell's layer patched at the same positions, every component there: patched - unpatched ASR)."""
-    from probes.patching.core import Cell, asr_shift, atp_agreement, generation_check
+    from probes.patching import Cell, asr_shift, atp_agreement, generation_check
 
     agree = atp_agreement(rows["atp"])
     mean = agree[(agree["scope"] == "mean") & (agree["direction"] == "denoise") & (agree["metric"] == "logit_diff")

@@ -86,13 +86,13 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from probes import capture, load_model  # noqa: E402
+from probes.data.builders import memory_probe_sessions, multiturn_sessions  # noqa: E402
 from probes.data.identities import make_identities  # noqa: E402
+from probes.data.session import Session, Turn  # noqa: E402
 from probes.organism.evaluate import training_meta  # noqa: E402
 from probes.organism.train import PLAN_SPAN  # noqa: E402
-from probes.probing.targets import probe_cells, session_targets  # noqa: E402
 from probes.probing.sweep import control_labels, probe_sweep, transfer_matrix  # noqa: E402
-from probes.data.session import Session, Turn  # noqa: E402
-from probes.data.builders import memory_probe_sessions, multiturn_sessions  # noqa: E402
+from probes.probing.targets import probe_cells, session_targets  # noqa: E402
 
 DEFAULT = ROOT / "probes" / "organism" / "default"
 
@@ -200,9 +200,9 @@ def _shuffled(sessions: list[Session]) -> list[Session]:
 
 def organism(model_dir: Path, n: int, seed: int, out: Path) -> dict[str, float]:
     from analysis.figures import plot_probe_heatmap, plot_retention_curves, plot_transfer_matrix
-    from probes.probing.erasure import eraser_rank, erasure_effect, fit_leace_at
-    from probes.organism.config import OrganismConfig, build_model, build_tokenizer
     from probes.models.tiny import save_tiny
+    from probes.organism.config import OrganismConfig, build_model, build_tokenizer
+    from probes.probing.erasure import eraser_rank, erasure_effect, fit_leace_at
 
     meta = training_meta(model_dir)
     cfg = meta["config"]
@@ -225,7 +225,7 @@ def organism(model_dir: Path, n: int, seed: int, out: Path) -> dict[str, float]:
         figs["organism_digit_acc"] = float(best["value"])
         figs["organism_best_layer"] = layer
         sel = _cell(real, "selectivity", position_group="last", turn=probe_turn, layer=layer, target="digits")
-        if len(sel):  # probe_sweep reports selectivity only with a control task (off by default: probes/probing/sweep.py)
+        if len(sel):  # probe_sweep reports selectivity only with a control task (off by default)
             figs["organism_selectivity"] = float(sel["value"].iloc[0])
         X, y, ids = _last_token_digits(store, probe_turn, layer)  # the best cell: MDL here
         figs["organism_compression"], figs["organism_control_compression"] = _digit_compression(X, y, ids, seed)
@@ -241,7 +241,8 @@ def organism(model_dir: Path, n: int, seed: int, out: Path) -> dict[str, float]:
         save_tiny(model.eval(), processor, rand_dir)
         df, _, _ = _sweep(load_model(str(rand_dir)), ctx, work, "randinit", "last:*", ["last"], "random_init", seed)
         frames.append(df)
-        figs["organism_randinit_digit_acc"] = float(_cell(df, "char_accuracy", turn=probe_turn, layer=layer)["value"].iloc[0])
+        rand_cell = _cell(df, "char_accuracy", turn=probe_turn, layer=layer)
+        figs["organism_randinit_digit_acc"] = float(rand_cell["value"].iloc[0])
 
         block = next(b for b in blocks if (b.cells["position_group"] == "last").any())
         tm = transfer_matrix(block, session_targets(store.sessions(), "digits"), model="organism")

@@ -38,7 +38,7 @@ Measured on a quiet machine (2 CPU cores, 16 sklearn cells, 2026-12-01):
                  lbfgs makes many small BLAS calls, and each pays for the thread pool), while the batched fit gets
                  1.6x faster. Against sklearn at its fastest (1 thread, 109 s) the batched fit on 2 threads is
                  4.3x faster. The target of 20 is a GPU target: `python3 benchmarks/probes_fit.py --device cuda`
-                 needs nothing the device image lacks (this file loads probes/probing/linear.py alone, see _load_linear;
+                 needs nothing the device image lacks (it imports probes.probing.linear only: the package is lazy;
                  checked here with transformer-lens, transformers, Faker and PIL unimportable, not run there).
 Measured earlier (2 CPU cores shared with a training job, 16 sklearn cells):
     --threads 1: seconds_batched 32.7, sklearn 8.9 s measured -> 107 s for 192 cells, batched_speedup 3.3,
@@ -50,7 +50,6 @@ Measured earlier (2 CPU cores shared with a training job, 16 sklearn cells):
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import time
 import warnings
@@ -66,17 +65,9 @@ from threadpoolctl import threadpool_info, threadpool_limits
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_linear():
-    """probes/probing/linear.py alone (it needs numpy, pandas, torch and jaxtyping), loaded by path: `import probes` would
-    pull in transformer-lens and Faker, which a bare CUDA image lacks, and this benchmark needs neither."""
-    spec = importlib.util.spec_from_file_location("probes_linear", ROOT / "probes" / "linear.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(ROOT))  # run as a script from a checkout: import the probes package next to it
+from probes.probing import linear  # noqa: E402  (imports only numpy, pandas, torch and jaxtyping: probes is lazy)
 
-
-linear = _load_linear()
 DEFAULT_CS, fit_probes, grouped_folds = linear.DEFAULT_CS, linear.fit_probes, linear.grouped_folds
 
 LAYERS, POSITION_GROUPS, TURNS = 8, 6, 4
@@ -114,14 +105,88 @@ def sklearn_loop(X: torch.Tensor, y: np.ndarray, folds, cells, Cs) -> tuple[floa
     return time.perf_counter() - t0, out
 
 
+def load_b2288cf():
+    """probes/linear.py as of commit b2288cf (before nested CV, issue 16), read with `git show` into a temporary
+    module: the flat fit's reference for speed and results. None when git or the commit is not there."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    try:
+        text = subprocess.run(["git", "-C", str(ROOT), "show", "b2288cf:probes/linear.py"], check=True,
+                              capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    path = Path(tempfile.mkdtemp()) / "linear_b2288cf.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location("linear_b2288cf", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def study_like(n: int = 60, d: int = 192, n_cells: int = 4, k: int = 9, seed: int = 0):
+    """The default study's probe shape: one session per identity (n 60), d_model 192, 9 SSN digits as 9 cells per
+    activation cell (10-way), a label planted in the first cell only."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 10, (n, k), generator=g)
+    X = 3 * torch.randn(n_cells, n, d, generator=g) + 5 * torch.randn(d, generator=g)
+    X[0] += 2 * torch.randn(10, d, generator=g)[y[:, 0]]
+    return X.repeat_interleave(k, 0), y.T.repeat(n_cells, 1), np.arange(n)
+
+
+def compare_b2288cf(args) -> None:
+    """Flat (nested=False) logreg against b2288cf's fit on the same inputs: seconds side by side (the best of
+    `--repeats` alternating runs, so load changes hit both) and the largest difference in any table value."""
+    old = load_b2288cf()
+    if old is None:
+        print("b2288cf_available: 0")
+        return
+    X, y, groups, _ = make_sweep(n_groups=args.compare_groups)
+    cells = np.linspace(0, X.shape[0] - 1, args.compare_cells).round().astype(int)
+    inputs = {"sweep": (X[cells].contiguous(), y, groups), "study_like": study_like()}
+    for name, (Xc, yc, gc) in inputs.items():
+        seconds = {"b2288cf": [], "flat": [], "nested": []}
+        fits = {}
+        for _ in range(args.repeats):
+            for which in seconds:
+                t0 = time.perf_counter()
+                if which == "b2288cf":
+                    fits[which] = old.fit_probes(Xc, yc, gc, n_classes=10, device=args.device)
+                else:
+                    fits[which] = fit_probes(Xc, yc, gc, n_classes=10, device=args.device,
+                                             nested=which == "nested")
+                seconds[which].append(time.perf_counter() - t0)
+        a, b = fits["b2288cf"].table, fits["flat"].table
+        best = {k: min(v) for k, v in seconds.items()}
+        print(f"{name}_cells: {Xc.shape[0]}")
+        print(f"{name}_seconds_b2288cf: {best['b2288cf']:.2f}")
+        print(f"{name}_seconds_flat: {best['flat']:.2f}")
+        print(f"{name}_seconds_nested: {best['nested']:.2f}")
+        print(f"{name}_flat_vs_b2288cf_seconds_ratio: {best['flat'] / best['b2288cf']:.2f}")
+        print(f"{name}_flat_vs_b2288cf_max_accuracy_difference: {np.abs(a.accuracy - b.accuracy).max():.2e}")
+        print(f"{name}_flat_vs_b2288cf_same_C: {int(np.allclose(a.C, b.C))}")
+        print(f"{name}_flat_vs_b2288cf_max_weight_difference: "
+              f"{(fits['b2288cf'].weights - fits['flat'].weights).abs().max().item():.2e}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sklearn-cells", type=int, default=16, help="cells the sklearn loop runs on (spread evenly)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cells-per-batch", type=int, default=16)
+    ap.add_argument("--b2288cf-only", action="store_true",
+                    help="only the flat fit against b2288cf's (issue 16's speed regression check; about a minute)")
+    ap.add_argument("--compare-cells", type=int, default=8, help="cells of the sweep compared with b2288cf")
+    ap.add_argument("--compare-groups", type=int, default=100, help="identity groups of that comparison")
+    ap.add_argument("--repeats", type=int, default=2, help="alternating runs of that comparison (best kept)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.b2288cf_only:
+        compare_b2288cf(args)
+        return
     X, y, groups, strength = make_sweep()
     n_cells = X.shape[0]
     cells = np.unique(np.linspace(0, n_cells - 1, min(args.sklearn_cells, n_cells)).round().astype(int))
@@ -171,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"converged_fraction: {fit.table.converged.mean():.3f}")
     print(f"mean_accuracy: {per_cell.mean():.3f}")
     print(f"mean_chance: {fit.table.chance.mean():.3f}")
+    compare_b2288cf(args)
 
 
 if __name__ == "__main__":

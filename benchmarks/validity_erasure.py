@@ -61,8 +61,17 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from probes.probing.erasure import (edit_sizes, erasing, erasure_effect, fit_leace, fit_leace_at,  # noqa: E402
-                            matched_control, matched_random_eraser, site_activations, site_edit_sizes)
+from probes.probing.erasure import (  # noqa: E402
+    edit_sizes,
+    erasing,
+    erasure_effect,
+    fit_leace,
+    fit_leace_at,
+    matched_control,
+    matched_random_eraser,
+    site_activations,
+    site_edit_sizes,
+)
 
 DEFAULT = ROOT / "probes" / "organism" / "default"
 SYN_D, SYN_K, SYN_N, SYN_STRENGTH = 32, 5, 2000, 3.0
@@ -125,12 +134,12 @@ def synthetic() -> dict[str, float]:
 
 def organism(model_dir: Path, n: int, draws: int, seed: int) -> dict[str, float]:
     from probes import load_model
+    from probes.data.builders import multiturn_sessions
     from probes.data.identities import make_identities
-    from probes.organism.evaluate import training_meta
     from probes.leakage import evaluate_leakage
+    from probes.organism.evaluate import training_meta
     from probes.organism.train import PLAN_SPAN
     from probes.probing.targets import session_targets
-    from probes.data.builders import multiturn_sessions
 
     meta = training_meta(model_dir)
     cfg = meta["config"]

@@ -46,8 +46,17 @@ COMPONENTS = ("resid_pre", "attn_out", "mlp_out")  # the default study's
 
 def identical_run_rows(loaded, sessions, seed: int = 0) -> pd.DataFrame:
     """Exact patching of every cell with source = base (nothing can change), both directions, per image pair."""
-    from probes.patching.core import (Pair, build_pair, default_groups, exact_patching, other_identities, pick_other,
-                                 prepare_pair, session_identity, sweep_cells)
+    from probes.patching import (
+        Pair,
+        build_pair,
+        default_groups,
+        exact_patching,
+        other_identities,
+        pick_other,
+        prepare_pair,
+        session_identity,
+        sweep_cells,
+    )
 
     pool = other_identities(sessions, seed)
     rows = []
@@ -69,9 +78,10 @@ def identical_run_rows(loaded, sessions, seed: int = 0) -> pd.DataFrame:
 
 def shared_position_rows(loaded, sessions, seed: int = 0) -> pd.DataFrame:
     """Task-swap rows of the cells that are null by construction in every pair."""
-    from probes.patching.core import patch_sessions
+    from probes.patching import PatchingConfig, patch_sessions
 
-    rows = patch_sessions(loaded, sessions, "taskswap", components=COMPONENTS, seed=seed, model="organism")
+    config = PatchingConfig("taskswap", components=COMPONENTS, seed=seed, model="organism")
+    rows = patch_sessions(loaded, sessions, config)
     keys = ["direction", "component", "layer", "position_group"]
     null_everywhere = rows.groupby(keys)["null_by_construction"].transform("all")
     return rows[null_everywhere.astype(bool)]
@@ -103,8 +113,9 @@ def simulated_null(n_families: int = 200, n_cells: int = 60, n_ids: int = 24, se
 
 
 def measure(n_pairs: int = 16, seed: int = 0) -> dict[str, float]:
-    from probes.models.loading import load_model
     from validity_patching import study_sessions
+
+    from probes.models.loading import load_model
 
     loaded = load_model("default")
     with tempfile.TemporaryDirectory() as tmp:

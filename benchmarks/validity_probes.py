@@ -47,22 +47,22 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from probes.stats import benjamini_hochberg  # noqa: E402
 from probes.organism.train import PLAN_LAYER  # noqa: E402
-from probes.probing.targets import CellBlock, probe_cells, session_targets  # noqa: E402
 from probes.probing.sweep import null_p_values, permute_across_identities, probe_sweep  # noqa: E402
+from probes.probing.targets import CellBlock, probe_cells, session_targets  # noqa: E402
+from probes.stats import benjamini_hochberg  # noqa: E402
 
 ALPHA = 0.05
 
 
 def build_store(work: Path):
     """The default study's multi-turn sessions captured as its capture stage does (same config, same code)."""
-    from analysis.study.pipeline import build_sessions
     from analysis.study.config import default_config_path, load_study_config
+    from analysis.study.pipeline import build_sessions
     from probes.activations.capture import capture
+    from probes.data.session import read_sessions
     from probes.models.loading import load_model
     from probes.organism import DEFAULT_MODEL
-    from probes.data.session import read_sessions
 
     cfg = load_study_config(default_config_path())
     build_sessions(cfg, work)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import unicodedata
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -35,10 +34,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from probes.data.files import atomic_write_bytes, parts_folder
+from probes.data.session import Session
 from probes.models.loading import LoadedModel
 from probes.models.render import RenderedSession, render
-from probes.data.session import Session, read_sessions
-from probes.data.files import atomic_write_bytes, parts_folder
 
 log = logging.getLogger(__name__)
 

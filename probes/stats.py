@@ -22,7 +22,8 @@ Which interval for what:
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any, Hashable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -32,6 +33,14 @@ log = logging.getLogger(__name__)
 
 class StatsError(ValueError):
     """A column the statistic needs is missing or not numeric; the message names it."""
+
+
+# What the functions below read as a column: a numpy array, a pandas Series, or a list/tuple of numbers (missing
+# ones as None or nan) or of cluster ids (anything hashable: identity ids are strings, row numbers ints).
+Numbers = np.ndarray | pd.Series | Sequence[float | int | np.number | np.bool_ | None]
+ClusterIds = np.ndarray | pd.Series | pd.Index | Sequence[Hashable]
+# A count or a number, as Python or numpy gives it (a column's sum is a numpy integer).
+Real = float | int | np.integer | np.floating
 
 
 # Coverage of the nominal 95% percentile cluster bootstrap of a mean, by number of clusters (seeded simulations,
@@ -47,7 +56,7 @@ RATE_METHODS = ("exact", "wilson")
 _warned_cluster_counts: set[int] = set()  # warn once per number of clusters and process, not once per cell
 
 
-def _check_level(level: float, fn: str) -> None:
+def _check_level(level: float | int, fn: str) -> None:
     if not 0.0 < level < 1.0:
         raise StatsError(f"{fn}: level {level}: expected a number between 0 and 1")
 
@@ -66,7 +75,8 @@ def _warn_few_clusters(n_clusters: int, what: str) -> None:
 
 
 # ---- intervals for rates ------------------------------------------------------------------------------------------
-def rate_interval(k: float, n: float, level: float = 0.95, method: str = "wilson") -> tuple[float, float, float]:
+def rate_interval(k: Real, n: Real, level: float | int = 0.95, method: str = "wilson"
+                  ) -> tuple[float, float, float]:
     """(rate, low, high): k successes of n trials and a two-sided interval at `level` for the success probability.
 
     method "exact" (Clopper-Pearson): inverts two one-sided binomial tests, so its coverage is at least `level` for
@@ -101,13 +111,13 @@ def rate_interval(k: float, n: float, level: float = 0.95, method: str = "wilson
     return p, float(min(max(low, 0.0), p)), float(max(min(high, 1.0), p))
 
 
-def _cluster_sums(values: np.ndarray, clusters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _cluster_sums(values: np.ndarray, clusters: ClusterIds) -> tuple[np.ndarray, np.ndarray]:
     """(sums, sizes) per cluster."""
     _, inverse = np.unique(np.asarray(clusters).astype(str), return_inverse=True)
     return np.bincount(inverse, weights=values), np.bincount(inverse).astype(float)
 
 
-def effective_sample_size(values, clusters) -> float:
+def effective_sample_size(values: Numbers, clusters: ClusterIds) -> float:
     """n / design effect of the rate mean(values) under the clustering (Kish; Korn & Graubard 1998).
 
     design effect = (variance of the ratio estimator sum(y_c) / sum(m_c) over clusters c, by linearisation:
@@ -127,7 +137,7 @@ def effective_sample_size(values, clusters) -> float:
     return n / max(1.0, deff)
 
 
-def clustered_rate_interval(values, clusters, level: float = 0.95,
+def clustered_rate_interval(values: Numbers, clusters: ClusterIds, level: float | int = 0.95,
                             method: str = "exact") -> tuple[float, float, float, float]:
     """(rate, low, high, n_eff): the mean of `values` (0/1, or shares in 0..1) and the `rate_interval` of `method`
     for rate * n_eff successes of n_eff trials, n_eff the `effective_sample_size` under `clusters`.
@@ -156,14 +166,14 @@ def clustered_rate_interval(values, clusters, level: float = 0.95,
 
 
 # ---- bootstrap ----------------------------------------------------------------------------------------------------
-def _boot_draws(n_clusters: int, n_boot: int, rng: np.random.Generator):
+def _boot_draws(n_clusters: int, n_boot: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
     """Yields [draws, n_clusters] cluster indices in chunks, bounding the index matrix to ~32 MB."""
     step = max(1, 4_000_000 // n_clusters)
     for a in range(0, n_boot, step):
         yield rng.integers(0, n_clusters, size=(min(step, n_boot - a), n_clusters))
 
 
-def cluster_bootstrap(values: np.ndarray, clusters: np.ndarray, n_boot: int = 1000, level: float = 0.95,
+def cluster_bootstrap(values: Numbers, clusters: ClusterIds, n_boot: int = 1000, level: float | int = 0.95,
                       rng: np.random.Generator | None = None, warn: bool = True) -> tuple[float, float, float]:
     """(mean, low, high): the mean of `values` and the percentile interval of its bootstrap distribution when the
     clusters are drawn with replacement (each draw keeps all rows of a drawn cluster; the mean is over rows).
@@ -188,24 +198,108 @@ def _is_rate_column(vals: pd.Series) -> bool:
     return bool(len(vals)) and bool(vals.isin([0.0, 1.0]).all())
 
 
-def _cell_interval(v: np.ndarray, groups: np.ndarray, use_rate: bool, rate_method: str, n_boot: int, level: float,
+@dataclass(frozen=True)
+class IntervalOptions:
+    """How `bootstrap_ci` makes each cell's interval (see there); checked once, here.
+
+    group: the column of cluster ids (identities); n_boot, seed: the bootstrap's draws and generator; level: the
+    interval's coverage; rate: False, True or "auto"; rate_method: "exact" or "wilson"."""
+
+    group: str = "identity_id"
+    n_boot: int = 1000
+    seed: int = 0
+    level: float | int = 0.95
+    rate: bool | str = False
+    rate_method: str = "exact"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.level < 1.0:
+            raise StatsError(f"level {self.level}: expected a number between 0 and 1")
+        if self.rate not in (True, False, "auto"):
+            raise StatsError(f"rate {self.rate!r}: expected True, False or 'auto'")
+        if self.rate_method not in RATE_METHODS:
+            raise StatsError(f"rate_method {self.rate_method!r}: expected one of {RATE_METHODS}")
+
+
+@dataclass(frozen=True)
+class CellTestOptions:
+    """How `cell_tests` tests each cell (see there); checked once, here.
+
+    group: the column of cluster ids; n_perm, seed: the sign-flip test's draws and generator; alpha: the false
+    discovery rate of Benjamini-Hochberg; alternative: "greater", "less" or "two-sided"."""
+
+    group: str = "identity_id"
+    n_perm: int = 10000
+    alpha: float | int = 0.05
+    seed: int = 0
+    alternative: str = "greater"
+
+    def __post_init__(self) -> None:
+        if self.alternative not in ALTERNATIVES:
+            raise StatsError(f"alternative {self.alternative!r}: expected one of {ALTERNATIVES}")
+        if self.n_perm < 1:
+            raise StatsError(f"n_perm {self.n_perm}: expected at least 1")
+        if not 0.0 < self.alpha < 1.0:
+            raise StatsError(f"alpha {self.alpha}: expected a number between 0 and 1")
+
+
+def _options(cls: type, fn: str, config: Any, options: dict[str, Any]) -> Any:
+    """`config` (an instance of `cls`, or None for the defaults) with `options` (keywords) replacing its fields;
+    a bad value raises StatsError, an unknown keyword TypeError, both naming `fn`."""
+    if config is not None and not isinstance(config, cls):
+        raise TypeError(f"{fn}: options must be a {cls.__name__}, got {type(config).__name__}")
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise TypeError(f"{fn}() got unexpected keyword argument(s) {unknown}; options: {known}")
+    try:
+        return replace(config, **options) if config is not None else cls(**options)
+    except StatsError as err:
+        raise StatsError(f"{fn}: {err}") from None
+
+
+def _check_columns(df: pd.DataFrame, columns: Sequence[str], fn: str) -> None:
+    for col in columns:
+        if col not in df.columns:
+            raise StatsError(f"{fn}: column {col!r} not in the DataFrame (columns: {list(df.columns)})")
+
+
+def _numeric(df: pd.DataFrame, col: str, fn: str) -> pd.Series:
+    """Column `col` as float64 (booleans as 0/1, missing values as nan), or StatsError naming it."""
+    try:
+        return pd.to_numeric(df[col].astype("float64"), errors="raise")
+    except (TypeError, ValueError) as err:
+        raise StatsError(f"{fn}: column {col!r} is not numeric ({err})") from err
+
+
+def _cells(data: pd.DataFrame, by: list[str]) -> Iterator[tuple[tuple, pd.DataFrame]]:
+    """(key tuple, rows) of each cell of `by`, sorted, missing keys kept as cells; no `by`: one cell of all rows."""
+    if not by:
+        yield (), data
+        return
+    for key, cell in data.groupby(by, dropna=False, sort=True):
+        yield (key if isinstance(key, tuple) else (key,)), cell
+
+
+def _cell_interval(v: np.ndarray, groups: np.ndarray, use_rate: bool, opts: IntervalOptions,
                    rng: np.random.Generator) -> tuple[float, float, float, str]:
     if use_rate:
         clustered = pd.Series(groups).duplicated().any()
-        mean, low, high, _ = clustered_rate_interval(v, groups, level, rate_method)
-        return mean, low, high, f"{rate_method} (clustered)" if clustered else rate_method
-    mean, low, high = cluster_bootstrap(v, groups, n_boot, level, rng, warn=False)
+        mean, low, high, _ = clustered_rate_interval(v, groups, opts.level, opts.rate_method)
+        return mean, low, high, f"{opts.rate_method} (clustered)" if clustered else opts.rate_method
+    mean, low, high = cluster_bootstrap(v, groups, opts.n_boot, opts.level, rng, warn=False)
     return mean, low, high, "percentile bootstrap"
 
 
-def bootstrap_ci(df: pd.DataFrame, value: str, by: str | Sequence[str], group: str = "identity_id",
-                 n_boot: int = 1000, seed: int = 0, level: float = 0.95, rate: bool | str = False,
-                 rate_method: str = "exact") -> pd.DataFrame:
+def bootstrap_ci(df: pd.DataFrame, value: str, by: str | Sequence[str], options: IntervalOptions | None = None,
+                 **kw: Any) -> pd.DataFrame:
     """Mean of `value` per cell of `by`, with an interval at `level` that treats whole `group`s (identities) as
     the unit: a percentile bootstrap resampling groups with replacement within the cell, or, for a rate, the
     `clustered_rate_interval` of `rate_method` (exact Clopper-Pearson or Wilson; it is the plain exact / Wilson
     interval when every identity has one row in the cell).
 
+    Options (keywords, or an `IntervalOptions`, which keywords override): group="identity_id", n_boot=1000,
+    seed=0, level=0.95, rate=False, rate_method="exact".
     rate: False (default) always bootstraps; True treats `value` as a rate (its values must lie in [0, 1]);
     "auto" treats it as a rate when every non-missing value of the column is 0 or 1 (booleans included) and
     bootstraps otherwise (shares in 0..1, e.g. `partial`, are not auto-detected: pass rate=True).
@@ -215,31 +309,18 @@ def bootstrap_ci(df: pd.DataFrame, value: str, by: str | Sequence[str], group: s
     few_clusters (True where a percentile bootstrap had fewer than `MIN_BOOTSTRAP_CLUSTERS` groups, so its interval
     is too narrow; one warning per call counts such cells). Rows whose value is missing are left out; booleans
     count as 0/1. Cells keep missing keys (a session without a framing)."""
+    opts = _options(IntervalOptions, "bootstrap_ci", options, kw)
     by = [by] if isinstance(by, str) else list(by)
-    for col in [value, group, *by]:
-        if col not in df.columns:
-            raise StatsError(f"bootstrap_ci: column {col!r} not in the DataFrame (columns: {list(df.columns)})")
-    _check_level(level, "bootstrap_ci")
-    if rate not in (True, False, "auto"):
-        raise StatsError(f"bootstrap_ci: rate {rate!r}: expected True, False or 'auto'")
-    if rate_method not in RATE_METHODS:
-        raise StatsError(f"bootstrap_ci: rate_method {rate_method!r}: expected one of {RATE_METHODS}")
-    try:
-        vals = pd.to_numeric(df[value].astype("float64"), errors="raise")
-    except (TypeError, ValueError) as err:
-        raise StatsError(f"bootstrap_ci: column {value!r} is not numeric ({err})") from err
-    use_rate = _is_rate_column(vals.dropna()) if rate == "auto" else bool(rate)
+    _check_columns(df, [value, opts.group, *by], "bootstrap_ci")
+    vals = _numeric(df, value, "bootstrap_ci")
+    use_rate = _is_rate_column(vals.dropna()) if opts.rate == "auto" else bool(opts.rate)
     if use_rate and ((vals < 0) | (vals > 1)).any():
         raise StatsError(f"bootstrap_ci: column {value!r} is treated as a rate but has values outside [0, 1]")
-    data = df.assign(_v=vals).dropna(subset=["_v"])
-    rng = np.random.default_rng(seed)
-    cells = data.groupby(by, dropna=False, sort=True) if by else [((), data)]
+    rng = np.random.default_rng(opts.seed)
     rows = []
-    for key, cell in cells:
-        key = key if isinstance(key, tuple) else (key,)
-        groups = cell[group].astype(str).to_numpy()  # missing ids become one 'nan' cluster
-        mean, low, high, method = _cell_interval(cell["_v"].to_numpy(), groups, use_rate, rate_method, n_boot,
-                                                 level, rng)
+    for key, cell in _cells(df.assign(_v=vals).dropna(subset=["_v"]), by):
+        groups = cell[opts.group].astype(str).to_numpy()  # missing ids become one 'nan' cluster
+        mean, low, high, method = _cell_interval(cell["_v"].to_numpy(), groups, use_rate, opts, rng)
         n_groups = int(pd.unique(groups).size)
         rows.append({**dict(zip(by, key)), "value": mean, "ci_low": low, "ci_high": high, "n": len(cell),
                      "n_groups": n_groups, "ci_method": method,
@@ -254,7 +335,7 @@ def bootstrap_ci(df: pd.DataFrame, value: str, by: str | Sequence[str], group: s
     return out
 
 
-def pooled_ratio_ci(num, den, clusters, n_boot: int = 1000, level: float = 0.95,
+def pooled_ratio_ci(num: Numbers, den: Numbers, clusters: ClusterIds, n_boot: int = 1000, level: float | int = 0.95,
                     seed: int = 0) -> tuple[float, float, float, int]:
     """(ratio, low, high, n_clusters): the pooled ratio sum(num) / sum(den) over rows (pairs) and the percentile
     interval at `level` of its cluster bootstrap (clusters drawn with replacement, each with all its rows, numerator
@@ -308,7 +389,7 @@ def _sign_matrix(n: int, n_perm: int, rng: np.random.Generator) -> tuple[np.ndar
     return rng.integers(0, 2, size=(n_perm, n), dtype=np.int8) * 2 - 1, False
 
 
-def sign_flip_test(diffs, clusters=None, n_perm: int = 10000, seed: int = 0,
+def sign_flip_test(diffs: Numbers, clusters: ClusterIds | None = None, n_perm: int = 10000, seed: int = 0,
                    alternative: str = "greater") -> float:
     """p-value of a paired sign-flip permutation test that the mean of `diffs` is > 0 ("greater"), < 0 ("less")
     or != 0 ("two-sided").
@@ -349,7 +430,7 @@ def sign_flip_test(diffs, clusters=None, n_perm: int = 10000, seed: int = 0,
     return extreme / len(signs) if exact else (1 + extreme) / (1 + len(signs))
 
 
-def benjamini_hochberg(p_values, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+def benjamini_hochberg(p_values: Numbers, alpha: float | int = 0.05) -> tuple[np.ndarray, np.ndarray]:
     """(reject, q): the Benjamini-Hochberg step-up procedure controlling the false discovery rate at `alpha`.
 
     q[i] is the smallest FDR level at which hypothesis i would be rejected (m * p_(k) / k, made monotone from the
@@ -376,7 +457,7 @@ def benjamini_hochberg(p_values, alpha: float = 0.05) -> tuple[np.ndarray, np.nd
 
 
 # ---- what a number of clusters can reach --------------------------------------------------------------------------
-def min_sign_flip_p(n_clusters: int, alternative: str = "two-sided", n_perm: int = 10000) -> float:
+def min_sign_flip_p(n_clusters: Real, alternative: str = "two-sided", n_perm: int = 10000) -> float:
     """The smallest p-value `sign_flip_test` can return with `n_clusters` clusters and `n_perm`.
 
     When 2^n_clusters <= n_perm the test enumerates all sign vectors and is exact: the observed sign vector and (for
@@ -395,8 +476,8 @@ def min_sign_flip_p(n_clusters: int, alternative: str = "two-sided", n_perm: int
     return 1.0 / (1 + n_perm)
 
 
-def bh_reachable(n_clusters: int, n_tests: int, alpha: float = 0.05, alternative: str = "two-sided",
-                 n_perm: int = 10000, n_effects: int = 1) -> bool:
+def bh_reachable(n_clusters: Real, n_tests: Real, alpha: float | int = 0.05,
+                 alternative: str = "two-sided", n_perm: int = 10000, n_effects: Real = 1) -> bool:
     """Whether `n_effects` cells at the smallest attainable p-value (`min_sign_flip_p` of `n_clusters`) are
     rejected by Benjamini-Hochberg at `alpha` in a family of `n_tests` cells, all other cells having larger p.
 
@@ -414,8 +495,8 @@ def bh_reachable(n_clusters: int, n_tests: int, alpha: float = 0.05, alternative
     return bool(min_sign_flip_p(n_clusters, alternative, n_perm) * n_tests / n_effects <= alpha)
 
 
-def min_clusters_for_bh(n_tests: int, alpha: float = 0.05, alternative: str = "two-sided", n_perm: int = 10000,
-                        n_effects: int = 1) -> int | None:
+def min_clusters_for_bh(n_tests: Real, alpha: float | int = 0.05, alternative: str = "two-sided",
+                        n_perm: int = 10000, n_effects: Real = 1) -> int | None:
     """The fewest clusters (pairs' identities) for which `bh_reachable` holds, or None when no number of clusters
     reaches it at this n_perm (the Monte Carlo floor 1 / (1 + n_perm) is too high: raise n_perm). E.g. 180 cells,
     alpha 0.05, two-sided, n_perm 10000: 13 (2 / 2^13 = 0.00024 <= 0.05 / 180 = 0.00028)."""
@@ -425,39 +506,32 @@ def min_clusters_for_bh(n_tests: int, alpha: float = 0.05, alternative: str = "t
     return None
 
 
-def cell_tests(df: pd.DataFrame, value: str, control: str, by: str | Sequence[str], group: str = "identity_id",
-               n_perm: int = 10000, alpha: float = 0.05, seed: int = 0,
-               alternative: str = "greater") -> pd.DataFrame:
+def cell_tests(df: pd.DataFrame, value: str, control: str, by: str | Sequence[str],
+               options: CellTestOptions | None = None, **kw: Any) -> pd.DataFrame:
     """Does `value` beat `control` in each cell of `by`? A clustered sign-flip test per cell, then BH across cells.
 
     `df` has one row per held-out sample per cell, e.g. value = 1/0 correct of the real probe and control = the same
     sample under the control task. Per cell: the differences value - control, clustered by `group` (an identity's
     rows are not independent), tested with `sign_flip_test` (the same seed in every cell, so a cell's p does not
     depend on which other cells are present); then `benjamini_hochberg` over all cells at `alpha`.
+    Options (keywords, or a `CellTestOptions`, which keywords override): group="identity_id", n_perm=10000,
+    alpha=0.05, seed=0, alternative="greater".
 
     Returns one row per cell: the `by` columns, effect (mean difference), p_value, q_value, significant, n (rows
     with both numbers), n_groups. Booleans count as 0/1; rows missing either number are left out."""
+    opts = _options(CellTestOptions, "cell_tests", options, kw)
     by = [by] if isinstance(by, str) else list(by)
-    for col in [value, control, group, *by]:
-        if col not in df.columns:
-            raise StatsError(f"cell_tests: column {col!r} not in the DataFrame (columns: {list(df.columns)})")
-    nums = {}
-    for col in (value, control):
-        try:
-            nums[col] = pd.to_numeric(df[col].astype("float64"), errors="raise")
-        except (TypeError, ValueError) as err:
-            raise StatsError(f"cell_tests: column {col!r} is not numeric ({err})") from err
-    data = df.assign(_d=nums[value] - nums[control]).dropna(subset=["_d"])
-    cells = data.groupby(by, dropna=False, sort=True) if by else [((), data)]
+    _check_columns(df, [value, control, opts.group, *by], "cell_tests")
+    diffs = _numeric(df, value, "cell_tests") - _numeric(df, control, "cell_tests")
     rows = []
-    for key, cell in cells:
-        key = key if isinstance(key, tuple) else (key,)
-        groups = cell[group].astype(str).to_numpy()
-        p = sign_flip_test(cell["_d"].to_numpy(), groups, n_perm=n_perm, seed=seed, alternative=alternative)
+    for key, cell in _cells(df.assign(_d=diffs).dropna(subset=["_d"]), by):
+        groups = cell[opts.group].astype(str).to_numpy()
+        p = sign_flip_test(cell["_d"].to_numpy(), groups, n_perm=opts.n_perm, seed=opts.seed,
+                           alternative=opts.alternative)
         rows.append({**dict(zip(by, key)), "effect": float(cell["_d"].mean()), "p_value": p, "n": len(cell),
                      "n_groups": int(pd.unique(groups).size)})
     out = pd.DataFrame(rows, columns=[*by, "effect", "p_value", "n", "n_groups"])
-    reject, q = benjamini_hochberg(out["p_value"].to_numpy(), alpha)
+    reject, q = benjamini_hochberg(out["p_value"].to_numpy(), opts.alpha)
     out.insert(len(by) + 2, "q_value", q)
     out.insert(len(by) + 3, "significant", reject)
     return out

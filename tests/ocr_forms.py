@@ -160,6 +160,18 @@ def degrade(form: BenchForm, angle: float = 0.0, scale: float = 1.0, jpeg: int |
     return BenchForm(img, boxes, form.style)
 
 
+def pad_square(form: BenchForm) -> BenchForm:
+    """The form centred on a white square canvas, boxes shifted: a centre-cropping processor (CLIP's) then sees
+    the whole form."""
+    w, h = form.image.size
+    side = max(w, h)
+    ox, oy = (side - w) // 2, (side - h) // 2
+    img = Image.new("RGB", (side, side), (255, 255, 255))
+    img.paste(form.image, (ox, oy))
+    boxes = {k: (b[0] + ox, b[1] + oy, b[2] + ox, b[3] + oy) for k, b in form.boxes.items()}
+    return BenchForm(img, boxes, form.style)
+
+
 def random_condition(rng: random.Random, style: str) -> dict:
     """A draw of the degradations the benchmark's images show: some rotated, some low resolution, most JPEG."""
     small = style == "table"

@@ -1,12 +1,12 @@
 """Capture through the KV cache equals one full forward; generation; hook backends; the store round trip."""
 
-import numpy as np
 import pytest
 import torch
 
 from probes import Session, Turn, capture, capture_session, render, resolve_hooks
-from probes.activations.capture import CaptureError
+from probes.activations.capture import CaptureConfig, CaptureError, store_spec
 from probes.models.hooks import HookNameError
+from probes.models.tokenmap import SelectorError
 from tests.conftest import document_image
 from tests.family_checks import layer_outputs
 
@@ -146,8 +146,8 @@ def test_validate_capture_checks_everything_without_weights_or_writes(tiny_dir, 
     import logging
 
     from probes.activations.capture import validate_capture
-    from probes.data.session import SessionError
     from probes.activations.store import StoreError
+    from probes.data.session import SessionError
     from probes.models.tokenmap import SelectorError
 
     path = jsonl_sessions(tmp_path)
@@ -244,3 +244,21 @@ def test_a_failed_capture_leaves_nothing_and_the_corrected_rerun_works(llava, tm
     monkeypatch.undo()
     assert not (tmp_path / "b").exists()
     assert capture(llava, sessions, tmp_path / "b", positions="last:*", progress=False).finished_ids() == {"c0"}
+
+
+def test_capture_config_checks_its_settings_once_and_names_the_store_identity():
+    """Bad settings are refused when the config is built (no model needed); the store's identity is the same
+    fields store.json always held, whatever else the config says (batch size, progress)."""
+    with pytest.raises(CaptureError, match=r"batch_size 0: expected an integer >= 1"):
+        CaptureConfig(batch_size=0)
+    with pytest.raises(CaptureError, match=r"mode 'all'"):
+        CaptureConfig(mode="all")
+    with pytest.raises(SelectorError, match="position selector"):
+        CaptureConfig(positions=" ")
+    c = CaptureConfig(hooks=["resid_post"], layers=range(2), batch_size=3, progress=False)
+    assert c.hooks == ("resid_post",) and c.layers == (0, 1)
+    spec = store_spec("m", "llava", ["blocks.0.hook_resid_post"], c, "torch", {"files": [], "config": "x"})
+    assert set(spec) == {"model", "family", "hooks", "positions", "mode", "max_new_tokens", "dtype", "backend",
+                         "fingerprint", "fingerprint_files"}
+    assert spec == store_spec("m", "llava", ["blocks.0.hook_resid_post"], CaptureConfig(), "torch",
+                              {"files": [], "config": "x"})

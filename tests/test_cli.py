@@ -60,6 +60,16 @@ def test_bad_input_is_an_error_message_not_a_traceback(tmp_path, capsys):
     assert not (tmp_path / "o").exists()  # nothing half-written
     assert main(["probe", "--store", str(tmp_path), "--out", str(tmp_path / "p"), "--layers", "a-b"]) == 2
     assert "--layers 'a-b': expected layer numbers and ranges" in capsys.readouterr().err
+    # a patching option the config refuses is named by its flag, before any model is loaded or folder made
+    patch = ["patch", "--model", str(tmp_path / "no-model"), "--sessions", str(bad), "--experiment", "taskswap",
+             "--out", str(tmp_path / "q")]
+    assert main([*patch, "--corrupt-framing", "shout"]) == 2
+    assert "--corrupt-framing 'shout': expected one of" in capsys.readouterr().err
+    assert main([*patch, "--components", "resid"]) == 2
+    assert "--components ['resid']: expected some of" in capsys.readouterr().err
+    assert main([*patch, "--corruption", "text"]) == 2
+    assert "--replace: the text corruption needs" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
 
 
 def test_patch_command(tmp_path, one_thread):

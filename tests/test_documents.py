@@ -13,12 +13,21 @@ import torch
 from PIL import Image, ImageDraw
 from transformers import AutoConfig
 
-from probes.data.documents import (SCENARIOS, Document, DocumentError, FieldBox, font, font_dir, patches_for_field,
-                              render_document, render_pair)
+from probes.data.documents import (
+    SCENARIOS,
+    Document,
+    DocumentError,
+    FieldBox,
+    font,
+    font_dir,
+    patches_for_field,
+    render_document,
+    render_pair,
+)
+from probes.data.identities import PII_TYPES, ChoiceError, make_identities
 from probes.models.families import get_family
 from probes.models.families.base import BOX_COLUMNS
 from probes.models.processors import load_processor, without_video
-from probes.data.identities import PII_TYPES, ChoiceError, make_identities
 
 FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_5_vl", "idefics3", "gemma3")
 

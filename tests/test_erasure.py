@@ -10,8 +10,19 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from probes.probing.erasure import (ErasureError, edit_sizes, erasing, erasure_effect, fit_leace, fit_leace_at,
-                            matched_random_eraser, one_hot_blocks, site_activations, site_label, SiteEraser)
+from probes.probing.erasure import (
+    ErasureError,
+    SiteEraser,
+    edit_sizes,
+    erasing,
+    erasure_effect,
+    fit_leace,
+    fit_leace_at,
+    matched_random_eraser,
+    one_hot_blocks,
+    site_activations,
+    site_label,
+)
 
 D, K = 16, 4
 DIRS = np.linalg.qr(np.random.default_rng(7).normal(size=(D, K + 1)))[0]  # fixed: one distribution for every draw
@@ -114,9 +125,9 @@ class Recorder:
 
 
 def test_leace_is_fitted_on_exactly_the_positions_erasing_edits(llava, tmp_path):
+    from probes.data.builders import mmprivacy_sessions
     from probes.data.identities import make_identities
     from probes.leakage import generate_batch
-    from probes.data.builders import mmprivacy_sessions
 
     sessions = mmprivacy_sessions(make_identities(3, seed=4), tmp_path, framings=("caption",), pii_types=("SSN",),
                                   size=64)[:3]
@@ -157,8 +168,8 @@ def test_leace_is_fitted_on_exactly_the_positions_erasing_edits(llava, tmp_path)
 
 
 def test_erasure_effect_refuses_other_positions_and_reports_matched_edit_sizes(llava, tmp_path):
-    from probes.data.identities import make_identities
     from probes.data.builders import mmprivacy_sessions
+    from probes.data.identities import make_identities
 
     sessions = mmprivacy_sessions(make_identities(2, seed=4), tmp_path, framings=("caption",), pii_types=("SSN",),
                                   size=64)

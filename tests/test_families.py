@@ -4,7 +4,7 @@ compare with one full forward, generate a turn, and round-trip the store. (Layou
 import pytest
 import torch
 
-from probes import FAMILIES, Session, Turn, capture, capture_session, load_model, render, resolve_hooks
+from probes import FAMILIES, Session, Turn, capture, capture_session, render, resolve_hooks
 from tests.conftest import document_image
 from tests.test_capture import full_forward_hidden
 

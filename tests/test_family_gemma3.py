@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from probes.data.session import Session, Turn
 from probes.models.loading import load_model
 from probes.models.render import chat_messages, render
-from probes.data.session import Session, Turn
 from probes.models.tiny import build_tiny_model
 
 SIDE = 4  # 64 px image, 8 px patches: 8x8 SigLIP patches avg-pooled to 4x4 = 16 soft tokens
@@ -170,7 +170,8 @@ def test_chunked_kv_forward_matches_full(loaded, make):
     assert ids.shape[1] > model.config.text_config.sliding_window
     layers = ad.lm_layers(model)
     full_kw = ad.image_inputs(rendered.images)
-    ref = _layer_outputs(model, layers, lambda: model(input_ids=ids, **full_kw, **ad.forward_extras(ids, 0, ids.shape[1])))
+    extras = ad.forward_extras(ids, 0, ids.shape[1])
+    ref = _layer_outputs(model, layers, lambda: model(input_ids=ids, **full_kw, **extras))
 
     def chunked(extras):
         cache = None
@@ -235,7 +236,8 @@ def test_torch_hooks(loaded):
     ids = rendered.input_ids
     seen = {}
     hooks = [(n, lambda x, n: seen.__setitem__(n, tuple(x.shape)))
-             for n in ("vision_encoder.encoder_layers.0.hook_out", "vision_projector.hook_out", "blocks.1.hook_resid_post")]
+             for n in ("vision_encoder.encoder_layers.0.hook_out", "vision_projector.hook_out",
+                       "blocks.1.hook_resid_post")]
     with torch.no_grad(), loaded.hooks(hooks):
         loaded.hf_model(input_ids=ids, **loaded.adapter.image_inputs(rendered.images),
                         **loaded.adapter.forward_extras(ids, 0, ids.shape[1]))
@@ -252,8 +254,9 @@ def test_bridge_matches_torch_hooks(tiny_path):
     ids = rendered.input_ids
     kw = {**loaded.adapter.image_inputs(rendered.images), **loaded.adapter.forward_extras(ids, 0, ids.shape[1])}
     torch_out = {}
-    with torch.no_grad(), loaded.hooks([(f"blocks.{i}.hook_resid_post", lambda x, n: torch_out.__setitem__(n, x.clone()))
-                                        for i in range(loaded.n_layers)]):
+    keep = [(f"blocks.{i}.hook_resid_post", lambda x, n: torch_out.__setitem__(n, x.clone()))
+            for i in range(loaded.n_layers)]
+    with torch.no_grad(), loaded.hooks(keep):
         loaded.hf_model(input_ids=ids, **kw)
     bridge = loaded.bridge
     bridge_out = {}
@@ -264,3 +267,16 @@ def test_bridge_matches_torch_hooks(tiny_path):
     for name in torch_out:
         torch.testing.assert_close(bridge_out[name], torch_out[name], atol=1e-4, rtol=0)
     assert "vision_encoder.encoder_layers.0.hook_out" in bridge.hook_dict
+
+
+def test_tiny_config_is_checked_before_anything_is_written(tmp_path):
+    from probes.models.families.gemma3 import TinyConfig
+
+    with pytest.raises(ValueError, match="mm_tokens_per_image 15"):
+        TinyConfig(mm_tokens_per_image=15)
+    with pytest.raises(ValueError, match="multiple of n_heads"):
+        TinyConfig(d_model=30)
+    with pytest.raises(TypeError, match="window"):
+        build_tiny_model("gemma3", tmp_path / "g", window=8)
+    assert not (tmp_path / "g").exists()
+    assert TinyConfig(sliding_window=8) == TinyConfig.of(TinyConfig(), {"sliding_window": 8})

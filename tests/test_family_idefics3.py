@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
+from probes.data.session import Session, Turn
 from probes.models.families.idefics3 import FAKE, GLOBAL_TAG
 from probes.models.loading import load_model
 from probes.models.render import render
-from probes.data.session import Session, Turn
 from probes.models.tiny import build_tiny_model
 
 SSN = "123-45-6789"

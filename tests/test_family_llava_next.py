@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from probes.data.session import Session, Turn
 from probes.models.loading import load_model
 from probes.models.render import chat_messages, render
-from probes.data.session import Session, Turn
 from probes.models.tiny import build_tiny_model
 from tests.family_checks import assert_chunked_matches_full
 

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape
 
+from probes.data.session import Session, Turn
 from probes.models.loading import load_model
 from probes.models.render import chat_messages, render
-from probes.data.session import Session, Turn
 from probes.models.tiny import build_tiny_model
 from tests.family_checks import assert_chunked_matches_full
 
@@ -184,7 +184,8 @@ def test_torch_hook_names_and_vision_hook(loaded, rendered):
 def test_bridge_matches_torch_hooks_and_installs_nothing(loaded, rendered, monkeypatch):
     """The transformer-lens bridge wraps LLaVA-OneVision; its resid_post equals the torch backend's (on a second copy
     of the model: the bridge rewraps the HF model in place). Booting it runs no installer: TL 4.3 would
-    `pip install torchvision` here, because OneVision's AutoProcessor needs it (see `probes.models.loading.boot_bridge`)."""
+    `pip install torchvision` here, because OneVision's AutoProcessor needs it (see
+    `probes.models.loading.boot_bridge`)."""
     import subprocess
 
     ran = []

@@ -10,10 +10,22 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from analysis import figures
-from analysis.figures import (COLUMN_IN, DOUBLE_COLUMN_IN, figure_size, plot_atp_agreement, plot_knockout_curves,
-                              plot_layer_profile, plot_leakage, plot_patch_overlay, plot_patching_heatmaps,
-                              plot_probe_heatmap, plot_retention_curves, plot_token_strip, plot_transfer_matrix,
-                              token_boxes)
+from analysis.figures import (
+    COLUMN_IN,
+    DOUBLE_COLUMN_IN,
+    figure_size,
+    plot_atp_agreement,
+    plot_knockout_curves,
+    plot_layer_profile,
+    plot_leakage,
+    plot_patch_overlay,
+    plot_patching_heatmaps,
+    plot_probe_heatmap,
+    plot_retention_curves,
+    plot_token_strip,
+    plot_transfer_matrix,
+    token_boxes,
+)
 
 
 @pytest.fixture(autouse=True)

@@ -5,8 +5,15 @@ from datetime import date
 
 import pytest
 
-from probes.data.identities import (PII_TYPES, RECORD_COLUMNS, VALUE_TYPES, ChoiceError, Identity, make_identities,
-                               split_identities)
+from probes.data.identities import (
+    PII_TYPES,
+    RECORD_COLUMNS,
+    VALUE_TYPES,
+    ChoiceError,
+    Identity,
+    make_identities,
+    split_identities,
+)
 
 
 @pytest.fixture(scope="module")

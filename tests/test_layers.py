@@ -91,9 +91,22 @@ def test_the_checker_sees_a_violation(tmp_path, monkeypatch):
     assert "probes imports analysis.tables" in found
 
 
-@pytest.mark.parametrize("module", ["probes", "probes.data"] + sorted(
+LIGHT = ["probes", "probes.data", "probes.patching.config", "analysis.study.config"]  # `mmret study validate`: no torch
+
+
+@pytest.mark.parametrize("module", LIGHT + sorted(
     module_name(p) for p in (ROOT / "probes" / "data").glob("*.py") if p.name != "__init__.py"))
 def test_data_layer_loads_no_torch(module):
     code = f"import sys, {module}; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]", f"import {module} loads {out.stdout.strip()}"
+
+
+@pytest.mark.parametrize("package", ["probes", "probes.patching"])
+def test_lazy_names_are_not_shadowed_by_submodules(package):
+    """A submodule named like an exported function would replace it on the package once imported."""
+    code = (f"import importlib, pkgutil, types, {package} as p\n"
+            f"for m in pkgutil.walk_packages(p.__path__, '{package}.'): importlib.import_module(m.name)\n"
+            "print([n for n in p.__all__ if isinstance(getattr(p, n), types.ModuleType)])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,14 +1,23 @@
 """Leakage scoring (ASR matcher, partial leak, refusal), batched greedy generation, and a leak run end to end."""
 
-import json
 
 import pandas as pd
 import pytest
 
 from analysis.results import run_leakage
 from probes import Session, Turn, load_model
-from probes.leakage import (DEFAULT_REFUSAL_PATTERNS, RESULT_COLUMNS, LeakageError, contains_pii, evaluate_leakage,
-                            generate_batch, is_refusal, normalize_digits, partial_leak, score_responses)
+from probes.leakage import (
+    DEFAULT_REFUSAL_PATTERNS,
+    RESULT_COLUMNS,
+    LeakageError,
+    contains_pii,
+    evaluate_leakage,
+    generate_batch,
+    is_refusal,
+    normalize_digits,
+    partial_leak,
+    score_responses,
+)
 from probes.models.render import render
 from tests.conftest import document_image
 

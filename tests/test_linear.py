@@ -1,5 +1,5 @@
-"""Batched linear probes (probes/probing/linear.py): planted signal found where planted, controls at chance, grouped folds,
-batched = one by one, agreement with sklearn, closed-form methods, and errors that name the bad argument."""
+"""Batched linear probes (probes/probing/linear.py): planted signal found where planted, controls at chance, grouped
+folds, batched = one by one, agreement with sklearn, closed-form methods, and errors that name the bad argument."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,7 @@ import torch
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.preprocessing import StandardScaler
 
-from probes.probing.linear import ProbeError, fit_probe, fit_probes, grouped_folds, held_out_chance
+from probes.probing.linear import ProbeConfig, ProbeError, fit_probe, fit_probes, grouped_folds, held_out_chance
 
 N_GROUPS, PER_GROUP, D, K = 60, 4, 16, 3
 
@@ -226,3 +226,25 @@ def test_nested_cv_is_not_optimistic_under_the_null():
     X[:5] += 4 * torch.nn.functional.one_hot(y[:5], 24).float()
     planted = fit_probes(X[:6], y[:6], groups, method="ridge", Cs=Cs).table.groupby("cell").accuracy.mean()
     assert (planted[:5] > 0.8).all() and planted[5] < 0.5
+
+
+def test_a_config_fits_as_its_fields_given_as_keywords():
+    """fit_probes(config) and fit_probes(**fields) are the same fit; keywords replace a config's fields; a bad
+    field is refused when the config is built, naming it."""
+    torch.manual_seed(0)
+    X, y, groups = torch.randn(2, 120, 8), torch.randint(0, 3, (120,)), np.arange(120) // 2
+    X[1] += 2 * torch.nn.functional.one_hot(y, 8).float()
+    by_keywords = fit_probes(X, y, groups, method="ridge", n_folds=3, Cs=[0.1, 1.0])
+    by_config = fit_probes(X, y, groups, ProbeConfig(method="ridge", n_folds=3, Cs=np.array([0.1, 1.0])))
+    replaced = fit_probes(X, y, groups, ProbeConfig(method="dim"), method="ridge", n_folds=3, Cs=(0.1, 1.0))
+    for fit in (by_config, replaced):
+        assert fit.table.equals(by_keywords.table)
+        assert torch.equal(fit.weights, by_keywords.weights)
+    assert by_keywords.table.accuracy[by_keywords.table.cell == 1].mean() > 0.8  # the fit is not empty
+    assert hash(ProbeConfig(Cs=np.array([1.0, 2.0]))) == hash(ProbeConfig(Cs=[1.0, 2.0]))  # frozen, one key
+    with pytest.raises(ProbeError, match=r"inner_folds must be an int >= 2"):
+        ProbeConfig(inner_folds=1)
+    with pytest.raises(ProbeError, match=r"Cs must be .* ascending"):
+        fit_probes(X, y, groups, ProbeConfig(), Cs=[1.0, 0.1])
+    with pytest.raises(TypeError, match="n_fold"):
+        fit_probes(X, y, groups, n_fold=3)  # a misspelt setting is not silently ignored

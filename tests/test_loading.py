@@ -3,8 +3,10 @@
 import socket
 
 import pytest
+import torch
 
 from probes import ModelLoadError, load_model
+from probes.models.loading import LoadOptions
 
 
 def test_local_directory_loads_without_network(tiny_dir, monkeypatch):
@@ -145,7 +147,8 @@ def test_corrupt_weights_bad_configs_and_pickles_are_named(tiny_dir, tmp_path):
             return (open, (str(marker), "w"))
 
     (m / "pytorch_model.bin").write_bytes(pickle.dumps({"w": Payload()}))
-    with pytest.raises(ModelLoadError, match=r"torch refused to unpickle pytorch_model.bin .*expected model.safetensors"):
+    with pytest.raises(ModelLoadError,
+                       match=r"torch refused to unpickle pytorch_model.bin .*expected model.safetensors"):
         load_model(m)
     assert not marker.exists()
 
@@ -173,3 +176,19 @@ def test_default_is_the_embedded_model_and_inspect_reads_no_weights(tiny_dir, mo
     assert default.source == str(DEFAULT_MODEL) and default.n_layers == 4
     with pytest.raises(ModelLoadError, match="model path /nowhere is not a directory"):
         inspect_model("/nowhere")
+
+
+def test_load_options_are_checked_before_any_file_is_read(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(TypeError, match="devcie"):
+        load_model(missing, devcie="cpu")
+    with pytest.raises(ModelLoadError, match="dtype 'float31'"):
+        load_model(missing, dtype="float31")
+    with pytest.raises(ModelLoadError, match="backend 'tl'"):
+        load_model(missing, LoadOptions(), backend="tl")
+    assert LoadOptions(dtype="bfloat16").dtype is torch.bfloat16
+
+
+def test_load_options_object_loads_as_its_keywords(tiny_dir):
+    loaded = load_model(tiny_dir("llava"), LoadOptions(dtype="float64"), device="cpu")
+    assert loaded.dtype == torch.float64 and loaded.device.type == "cpu"

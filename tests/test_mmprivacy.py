@@ -11,10 +11,15 @@ import pytest
 from openpyxl import Workbook, load_workbook
 
 from probes.data.mmprivacy import (
-    MMPrivacyError, cli_load_mmprivacy, framing_texts, load_memory_captions, load_mmprivacy, wrap,
+    MMPrivacyError,
+    cli_load_mmprivacy,
+    framing_texts,
+    load_memory_captions,
+    load_mmprivacy,
+    wrap,
 )
-from probes.models.render import render
 from probes.data.session import read_sessions, write_sessions
+from probes.models.render import render
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mmprivacy"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "mm-privacy"
@@ -302,3 +307,28 @@ def test_name_shared_by_two_memory_rows_is_reported_not_guessed(copy):
         r = load_mmprivacy(copy, part="memory")
     assert r.skipped.values.tolist() == [[1, "ambiguous name"]]
     assert 1 not in {s.labels["prompt_id"] for s in r.sessions}
+
+
+def test_boxes_found_on_the_image_mark_its_tokens(llava):
+    """Issue 18 item 5: what OCR found for the joined identity rides on the image as marks ({label: [box]}, the same
+    boxes as the pii_boxes label), and after render `mark:<pii>` selects the image tokens over the asked value.
+    Null: a session whose image shows none of its values (prompt 1 asks for the SSN its table lacks) has no SSN
+    mark, and a text-only retention session no image mark."""
+    from probes.data.documents import patches_for_box
+    from probes.data.identities import MARK_LABELS
+
+    r = load()
+    for s in r.sessions:
+        (im,) = s.turns[0].images
+        assert im.marks == {k: [tuple(v)] for k, v in s.labels["pii_boxes"].items()}
+    assert "ssn" not in by_id(r, 1).turns[0].images[0].marks and "name" in by_id(r, 1).turns[0].images[0].marks
+    s = next(s for s in r.sessions if s.labels["pii_box"] is not None and s.labels["framing"] == "direct")
+    label = MARK_LABELS[s.labels["pii_type"]]
+    tm = render(llava.adapter, s).token_map
+    picked = tm.df.loc[tm.select(f"mark:{label}")]
+    want = patches_for_box(llava.adapter, s.labels["doc_size"], s.labels["pii_box"])
+    assert len(want) and (picked.segment == "image").all()
+    assert sorted(map(tuple, picked[["tile", "patch_row", "patch_col"]].to_numpy().tolist())) == \
+        sorted(map(tuple, want.to_numpy().tolist()))
+    memory = load(part="memory")
+    assert all(not im.marks for s in memory.sessions for im in s.turns[0].images)

@@ -1,6 +1,7 @@
 """The notebooks in notebooks/ run top to bottom on the embedded default model (offline, one thread, a kernel of this
-interpreter), write what they say they write, and write it under $MMRET_NOTEBOOK_OUT only. The committed files carry
-no outputs and are exactly what notebooks/build_notebooks.py writes."""
+interpreter), write what they say they write, and write it under $MMRET_NOTEBOOK_OUT only, and show their figures
+inline from the Figure objects the figure functions return. The committed files carry no outputs and are exactly what
+notebooks/build_notebooks.py writes from their sources in notebooks/src/."""
 
 import importlib.util
 import json
@@ -21,19 +22,22 @@ N_LAYERS = DEFAULT_CONFIG["text_config"]["num_hidden_layers"]  # of the default 
 KERNEL = "mmret-test"
 CELL_TIMEOUT = 240
 
-# Per notebook: files it must write (relative to $MMRET_NOTEBOOK_OUT/<notebook>) and text its outputs must show.
+# Per notebook: files it must write (relative to $MMRET_NOTEBOOK_OUT/<notebook>), text its outputs must show and how
+# many matplotlib figures it shows inline.
 FIGURE = ("pdf", "png", "csv")
 EXPECTED = {
     "01_quickstart": {
         "files": ["multiturn.jsonl", "store/store.json",
                   *[f"figures/quickstart_resid_norm.{x}" for x in FIGURE]],
         "outputs": ["blocks.0.hook_resid_post", "mark:ssn", f"hook_attn_out: layers {list(range(N_LAYERS))}"],
+        "figures": 1,
     },
     "02_leakage": {
         "files": ["mmprivacy.jsonl", "leakage/leakage_table.csv", "leakage/leakage_table.tex",
                   "leakage/leakage_long.csv", "leak/results.csv", "leak/leakage_table.csv", "leak/leakage.png",
                   *[f"figures/leakage.{x}" for x in FIGURE], *[f"figures/leakage_memory.{x}" for x in FIGURE]],
         "outputs": ["ASR", "RR", "classification", "memory_unseen"],
+        "figures": 2,
     },
     "03_probes": {
         "files": ["store/store.json", "probe_results_digits.csv",
@@ -42,6 +46,7 @@ EXPECTED = {
                                                         "probe_heatmap_digits", "retention_curves_digits",
                                                         "erasure_asr") for x in FIGURE]],
         "outputs": ["char_accuracy_chance", "random_subspace", "leace"],
+        "figures": 5,
     },
     "04_patching": {
         "files": ["patching/patching_atp.csv", "patching/patching_atp_summary.csv", "patching/atp_agreement.csv",
@@ -50,11 +55,13 @@ EXPECTED = {
                                                         "atp_agreement_pii_logprob", "knockout_pii_logprob")
                     for x in FIGURE]],
         "outputs": ["pii_patches", "spearman", "top_k_recall"],
+        "figures": 4,
     },
     "05_custom_models": {
         "files": ["tiny_qwen2_5_vl/config.json", "tiny_idefics3/config.json", "store_qwen2_5_vl/store.json",
                   "store_idefics3/store.json"],
         "outputs": ["Qwen2_5_VLForConditionalGeneration", "Idefics3ForConditionalGeneration", "gemma3"],
+        "figures": 0,
     },
 }
 
@@ -103,6 +110,13 @@ def shown_text(nb) -> str:
     return "\n".join(parts)
 
 
+def figures_shown(nb) -> int:
+    """How many matplotlib figures the executed notebook shows inline: PNG outputs of a Figure object (a picture read
+    back from a file, or a PIL image, shows another text/plain)."""
+    return sum(1 for cell in nb.cells for o in cell.get("outputs", [])
+               if "image/png" in o.get("data", {}) and o["data"].get("text/plain", "").startswith("<Figure size"))
+
+
 def check_ran(nb, name: str, out: Path, cwd: Path) -> Path:
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.execution_count is not None for c in code), f"{name}: a code cell did not run"
@@ -116,6 +130,7 @@ def check_ran(nb, name: str, out: Path, cwd: Path) -> Path:
     text = shown_text(nb)
     absent = [s for s in EXPECTED[name]["outputs"] if s not in text]
     assert not absent, f"{name}: its outputs do not show {absent}"
+    assert figures_shown(nb) == EXPECTED[name]["figures"], f"{name}: shows {figures_shown(nb)} figures inline"
     return here
 
 
@@ -158,8 +173,8 @@ def test_notebook_runs(name, kernel_dir, tmp_path):
 def test_custom_models_runs_guarded_cells_on_a_checkpoint(kernel_dir, tmp_path):
     """With MMRET_CHECKPOINT set (here: the default model's directory, on the CPU), the guarded cells of
     05_custom_models load it, capture and generate."""
-    from probes.organism import DEFAULT_MODEL
     from probes.activations.store import ActivationStore
+    from probes.organism import DEFAULT_MODEL
 
     nb, out, cwd = run_notebook("05_custom_models", kernel_dir, tmp_path, MMRET_CHECKPOINT=str(DEFAULT_MODEL))
     here = check_ran(nb, "05_custom_models", out, cwd)
@@ -168,12 +183,37 @@ def test_custom_models_runs_guarded_cells_on_a_checkpoint(kernel_dir, tmp_path):
     assert f"llava: {N_LAYERS} layers" in shown_text(nb)
 
 
-def test_committed_notebooks_are_the_builders_without_outputs():
+def test_committed_notebooks_are_their_sources_without_outputs():
     builder = _builder()
+    assert builder.main(["--check"]) == 0
     assert sorted(builder.NOTEBOOKS) == sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb")) == sorted(EXPECTED)
     for name in builder.NOTEBOOKS:
         path = NOTEBOOKS / f"{name}.ipynb"
         nb = nbformat.read(path, as_version=4)
         assert all(not c.get("outputs") and c.get("execution_count") is None for c in nb.cells
                    if c.cell_type == "code"), f"{path.name} carries outputs"
-        assert path.read_text() == builder.render_text(name), f"{path.name} differs from build_notebooks.py's"
+        assert path.read_text() == builder.render_text(name), f"{path.name} differs from src/{name}.py"
+
+
+def test_build_reads_percent_sources(tmp_path, monkeypatch):
+    """A percent-format source becomes markdown and code cells in order, its header (before the first `# %%`) left
+    out; a changed source makes --check fail; a source without a cell marker is refused, naming the file."""
+    builder = _builder()
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "00_demo.py").write_text(
+        "# header: not in the notebook\n# ruff: noqa: E402\n\n# %% [markdown]\n# # Title\n#\n# text\n\n"
+        "# %%\nx = 1\n\n\ndef f():\n    return x\n\n# %%\nf()\n")
+    monkeypatch.setattr(builder, "HERE", tmp_path)
+    monkeypatch.setattr(builder, "SOURCES", tmp_path / "src")
+    monkeypatch.setattr(builder, "NOTEBOOKS", ["00_demo"])
+    nb = builder.build("00_demo")
+    assert [(c.cell_type, c.source, c.id) for c in nb.cells] == [
+        ("markdown", "# Title\n\ntext", "00-demo-0"), ("code", "x = 1\n\n\ndef f():\n    return x", "00-demo-1"),
+        ("code", "f()", "00-demo-2")]
+    assert builder.main(["--check"]) == 1  # not written yet
+    assert builder.main([]) == 0 and builder.main(["--check"]) == 0
+    (tmp_path / "src" / "00_demo.py").write_text("# %%\nx = 2\n")
+    assert builder.main(["--check"]) == 1
+    (tmp_path / "src" / "00_demo.py").write_text("x = 2\n")
+    with pytest.raises(ValueError, match="00_demo.py: no cell marker"):
+        builder.build("00_demo")

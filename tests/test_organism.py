@@ -16,9 +16,8 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 from probes.organism.config import TINY, build_model, build_tokenizer  # noqa: E402
-from probes.organism.data import (FIELD_IDS, N_INDEX, READ_FIELDS, Example, ExampleSource, answer,  # noqa: E402
-                                  glyph_targets)
-from probes.organism.train import encode, pixels, prompt_text, train  # noqa: E402
+from probes.organism.data import FIELD_IDS, N_INDEX, READ_FIELDS, Example, ExampleSource, answer, glyph_targets  # noqa: E402
+from probes.organism.train import TrainingConfig, encode, pixels, prompt_text, train  # noqa: E402
 
 DEFAULT = Path(__file__).resolve().parents[1] / "probes" / "organism" / "default"
 
@@ -147,8 +146,8 @@ def test_main_train_rejects_bad_steps(tmp_path):
 
 
 def test_heldout_paraphrases_are_not_the_training_framings():
-    from probes.organism.heldout import PARAPHRASES
     from probes.data.builders import FRAMINGS, load_framings
+    from probes.organism.heldout import PARAPHRASES
 
     src = (Path(__file__).resolve().parents[1] / "probes" / "organism" / "data.py").read_text()
     assert "heldout" not in src  # never trained on
@@ -189,9 +188,8 @@ def test_fillers_never_add_a_task_word():
 
 
 def test_plan_targets_are_the_asked_digits_at_the_prompt_end(tiny_parts):
-    from probes.organism.train import N_PLAN, PLAN_SPAN, collate
-
     from probes.organism.config import OrganismConfig
+    from probes.organism.train import N_PLAN, PLAN_SPAN, collate
 
     _, _, _, source = tiny_parts
     tok = build_tokenizer(OrganismConfig().vocab_size)  # the default model's: " ASSISTANT" is one token there
@@ -237,11 +235,11 @@ def test_default_model_behaves_as_its_card_says():
     unseen identities."""
     import tempfile
 
+    from probes.data.builders import memory_probe_sessions, mmprivacy_sessions
     from probes.data.identities import make_identities
     from probes.leakage import evaluate_leakage, generate_batch
     from probes.models.loading import load_model
     from probes.organism.evaluate import reading_sessions, training_meta
-    from probes.data.builders import memory_probe_sessions, mmprivacy_sessions
 
     card = json.loads((DEFAULT / "metrics.json").read_text())
     meta = training_meta(DEFAULT)
@@ -291,12 +289,12 @@ def test_default_model_keeps_the_asked_ssn_where_it_was_planted(tmp_path):
     holds nothing. What the distractor turns keep is a finding, not planted, so it is not asserted here: the
     24-identity model let it fade, the 96-identity one keeps it (README, issue 5)."""
     from probes import capture
+    from probes.data.builders import multiturn_sessions
     from probes.data.identities import make_identities
     from probes.models.loading import load_model
     from probes.organism.train import PLAN_LAYER
-    from probes.probing.targets import probe_cells, session_targets
     from probes.probing.sweep import probe_sweep
-    from probes.data.builders import multiturn_sessions
+    from probes.probing.targets import probe_cells, session_targets
 
     loaded = load_model(str(DEFAULT))
     sessions = multiturn_sessions(make_identities(80, seed=61_000), tmp_path / "img", k_distractors=(3,),
@@ -314,3 +312,20 @@ def test_default_model_keeps_the_asked_ssn_where_it_was_planted(tmp_path):
     assert at[(*plan, "char_accuracy")] >= 0.4, at.to_dict()  # chance 0.1
     assert at[(*plan, "char_accuracy")] - at[(*plan, "char_accuracy_chance")] >= 0.2, at.to_dict()
     assert at[(*embed, "char_accuracy")] <= 0.2, at.to_dict()
+
+
+def test_training_config_records_what_a_resume_must_match(tmp_path):
+    """The checkpoint records every training setting under the keys earlier checkpoints used (so they still
+    resume), and none of the run controls (log, progress, ...): a resume may change those."""
+    record = TrainingConfig(organism=TINY).record()
+    assert set(record) == {"seed", "steps", "batch_size", "lr", "config", "aux_weight", "n_memory", "n_train",
+                           "device", "token_weight", "token_from", "copy_weight", "digits_first", "filler_share",
+                           "plan_weight", "plan_layer", "paraphrase_share", "paraphrases_sha"}
+    assert record["config"] == TINY.to_dict() and record["steps"] == list(TrainingConfig().steps)
+    assert TrainingConfig(organism=TINY, log="run.jsonl", progress=False, ckpt_every=7).record() == record
+    assert TrainingConfig(organism=TINY, lr=5e-4).record() != record
+    with pytest.raises(ValueError, match=r"steps \(1, 2\): expected 3"):
+        TrainingConfig(steps=(1, 2))
+    with pytest.raises(ValueError, match="batch_size"):
+        train(tmp_path / "run", batch_size=0)  # checked before anything is made
+    assert not (tmp_path / "run").exists()

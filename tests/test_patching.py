@@ -8,13 +8,43 @@ import torch
 
 from analysis.results import run_patching
 from probes import load_model, make_identities
-from probes.patching.core import (Cell, PairsDroppedWarning, PatchingError, asr_shift, atp_agreement,
-                             attribution_patching, build_pair, default_groups, exact_patching, generation_check,
-                             graddrop_patching, knockout, pair_check, pair_checks, patch_values, patched_generation,
-                             patched_metrics, prepare, prepare_graddrop, prepare_pair, probe_positions, sweep_cells, top_k_recall)
-from probes.patching.metrics import (PairRejected, Answer, answer_metrics, make_answer, own_answer, patch_score,
-                                     value_answer)
 from probes.data.builders import mmprivacy_sessions, multiturn_sessions
+from probes.patching import (
+    Cell,
+    PairsDroppedWarning,
+    PatchingConfig,
+    PatchingError,
+    asr_shift,
+    atp_agreement,
+    attribution_patching,
+    build_pair,
+    default_groups,
+    exact_patching,
+    generation_check,
+    graddrop_patching,
+    knockout,
+    pair_check,
+    pair_checks,
+    patch_values,
+    patched_generation,
+    patched_metrics,
+    patching_config,
+    prepare,
+    prepare_graddrop,
+    prepare_pair,
+    probe_positions,
+    sweep_cells,
+    top_k_recall,
+)
+from probes.patching.metrics import (
+    Answer,
+    PairRejected,
+    answer_metrics,
+    make_answer,
+    own_answer,
+    patch_score,
+    value_answer,
+)
 
 ATOL = 1e-4
 
@@ -338,7 +368,7 @@ def test_knockout_of_an_empty_set_changes_nothing_and_eager_agrees(tiny_dir, lla
 
 def test_knockout_in_every_layer_equals_a_custom_4d_mask(llava, image_pair):
     """The same blocking through the model's own attention_mask argument (a 4-D float mask) gives the same."""
-    from probes.patching.core import _forward_kwargs
+    from probes.patching import forward_kwargs
 
     pair, _ = image_pair
     run = pair.clean
@@ -347,7 +377,7 @@ def test_knockout_in_every_layer_equals_a_custom_4d_mask(llava, image_pair):
     allowed = torch.ones(run.n, run.n, dtype=torch.bool).tril()
     allowed[torch.as_tensor(tgt)[:, None], torch.as_tensor(src)[None, :]] = False
     mask = torch.zeros(1, 1, run.n, run.n).masked_fill(~allowed, torch.finfo(torch.float32).min)
-    kw = _forward_kwargs(llava, run, 1, run.embeds, pair.answer.n_logits)
+    kw = forward_kwargs(llava, run, run.embeds, pair.answer.n_logits)
     with torch.no_grad():
         logits = llava.hf_model(**kw, attention_mask=mask).logits[:, -pair.answer.n_logits:]
     want = answer_metrics(logits, pair.answer)
@@ -432,7 +462,7 @@ def test_run_patching_writes_rows_summary_and_figures(llava, sessions, tmp_path,
 def test_killed_patching_run_resumes_where_it_stopped(llava, sessions, tmp_path, monkeypatch):
     """Each session's rows are kept as it finishes: a run killed in its second session, started again, patches only
     the sessions left and returns the rows of an uninterrupted run; the kept parts are gone at the end."""
-    from probes.patching import core as patching
+    from probes.patching import sweep as patching  # where patch_sessions looks build_pair up
 
     chosen = sessions["mmp"][:3]
     kw = dict(n_boot=20, progress=False, components=("resid_pre",), figures=False, min_separation=None)
@@ -451,7 +481,9 @@ def test_killed_patching_run_resumes_where_it_stopped(llava, sessions, tmp_path,
     assert sorted(p.name for p in (tmp_path / "b").glob(".patching-parts-denoise-*/*")) == [
         "000000.pair.parquet", "000000.parquet"]
     calls.clear(), kill.clear()
-    resumed = run_patching(llava, chosen, "denoise", tmp_path / "b", **kw)
+    # the same settings as a PatchingConfig: the same parts key (its fields), so the run resumes
+    config = PatchingConfig("denoise", n_boot=20, components=["resid_pre"], min_separation=None)
+    resumed = run_patching(llava, chosen, "denoise", tmp_path / "b", config, progress=False, figures=False)
     assert calls == [s.session_id for s in chosen[1:]]
     pd.testing.assert_frame_equal(resumed, full)
     pd.testing.assert_frame_equal(pair_checks(resumed), pair_checks(full))
@@ -491,7 +523,7 @@ def test_null_by_construction_allows_rounding_but_not_a_real_difference():
     construction. A difference far above the dtype's rounding is not."""
     from types import SimpleNamespace
 
-    from probes.patching.core import null_by_construction
+    from probes.patching import null_by_construction
 
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
@@ -502,3 +534,32 @@ def test_null_by_construction_allows_rounding_but_not_a_real_difference():
         assert null_by_construction(base, cell, dst, have[dst].clone())
         assert null_by_construction(base, cell, dst, (have[dst].float() * (1 + 2 * eps)).to(dtype))
         assert not null_by_construction(base, cell, dst, have[dst] + 0.5)
+
+
+def test_patching_config_resolves_defaults_and_names_a_bad_field():
+    swap = PatchingConfig("taskswap")
+    assert (swap.corruption, swap.directions, swap.method) == ("framing", ("denoise", "noise"), "exact")
+    assert PatchingConfig("knockout").corruption is None and PatchingConfig("atp").method == "atp"
+    assert PatchingConfig("denoise", layers=iter([0, 2])).layers == (0, 2)  # an iterator, read once
+    assert PatchingConfig("denoise", components=["mlp_out"]) == PatchingConfig("denoise", components=("mlp_out",))
+    bad = [({"experiment": "ablate"}, "experiment 'ablate'"),
+           ({"components": ("resid",)}, r"components \['resid'\]: expected some of"),
+           ({"components": "mlp_out"}, "components 'mlp_out': expected a list of names, not one string"),
+           ({"directions": ["sideways"]}, r"directions \['sideways'\]"), ({"align": "first"}, "align 'first'"),
+           ({"batch_size": 0}, "batch_size 0: expected an integer >= 1"), ({"layers": [-1]}, r"layers \[-1\]"),
+           ({"corrupt_framing": "shout"}, "corrupt_framing 'shout'"), ({"corruption": "blur"}, "corruption 'blur'"),
+           ({"corruption": "text"}, "replacements: the text corruption needs"),
+           ({"noise_std": -1.0}, "noise_std -1.0"), ({"min_separation": float("nan")}, "min_separation nan"),
+           ({"atp_method": "atp_magic"}, "atp_method 'atp_magic'")]
+    for fields, match in bad:
+        with pytest.raises(PatchingError, match=match):
+            PatchingConfig(**{"experiment": "denoise", **fields})
+    with pytest.raises(PatchingError, match="windows"):
+        PatchingConfig("knockout", windows=[0])
+    with pytest.raises(PatchingError, match=r"patching options \['bogus'\]"):
+        patching_config("denoise", {"bogus": 1})
+    assert patching_config(swap, {"batch_size": 4}).batch_size == 4
+    with pytest.raises(PatchingError, match="batch_size 0"):  # an override is checked like a field
+        patching_config(swap, {"batch_size": 0})
+    with pytest.raises(PatchingError, match="experiment: give a new PatchingConfig"):
+        patching_config(swap, {"experiment": "denoise"})

@@ -8,11 +8,17 @@ import pandas as pd
 import pytest
 import torch
 
-from probes.probing.erasure import erasure_effect, eraser_rank, fit_leace, one_hot_blocks, random_eraser
+from probes.probing.erasure import eraser_rank, erasure_effect, fit_leace, one_hot_blocks, random_eraser
 from probes.probing.linear import ProbeError, fit_probes, grouped_folds, held_out_chance
+from probes.probing.sweep import (
+    control_labels,
+    null_p_values,
+    permutation_p_values,
+    permute_across_identities,
+    probe_sweep,
+    transfer_matrix,
+)
 from probes.probing.targets import CellBlock, ProbeDataError, char_classes, session_targets
-from probes.probing.sweep import (control_labels, null_p_values, permutation_p_values, permute_across_identities,
-                            probe_sweep, transfer_matrix)
 
 N_ID, PER_ID, D, K = 60, 3, 64, 3  # identities, sessions per identity, d_model, characters of the planted string
 
@@ -198,8 +204,8 @@ def test_leace_changes_nothing_without_the_concept_and_erases_it_with():
 
 
 def test_erasure_effect_compares_leace_with_a_random_subspace_of_its_rank(llava, tmp_path):
-    from probes.data.identities import make_identities
     from probes.data.builders import mmprivacy_sessions
+    from probes.data.identities import make_identities
 
     sessions = mmprivacy_sessions(make_identities(2, seed=4), tmp_path, framings=("caption",), pii_types=("SSN",),
                                   size=64)
@@ -222,8 +228,8 @@ def test_random_eraser_is_an_orthogonal_projection_of_its_rank():
 
 
 def test_targets_from_private_labels():
-    from probes.data.identities import make_identities
     from probes.data.builders import memory_probe_sessions
+    from probes.data.identities import make_identities
 
     people = make_identities(3, seed=1)
     sessions = memory_probe_sessions(people, pii_types=["SSN"], framings=["direct"])
@@ -249,8 +255,8 @@ def test_mark_groups_find_tokens_that_carry_two_marks():
 def test_mmret_probe_on_a_captured_store(tiny_dir, tmp_path):
     from analysis.cli import main
     from probes import capture, load_model
-    from probes.data.identities import make_identities
     from probes.data.builders import multiturn_sessions
+    from probes.data.identities import make_identities
 
     people = make_identities(10, seed=2)
     sessions = multiturn_sessions(people, tmp_path / "img", k_distractors=(1,), reshow=(False,),

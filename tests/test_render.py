@@ -21,7 +21,8 @@ def session(image):
 def messages(s):
     out = []
     for t in s.turns:
-        out.append({"role": t.role, "content": [{"type": "image"} for _ in t.images] + [{"type": "text", "text": t.text}]})
+        content = [{"type": "image"} for _ in t.images] + [{"type": "text", "text": t.text}]
+        out.append({"role": t.role, "content": content})
     return out
 
 
@@ -100,7 +101,8 @@ def test_text_only_model_refuses_images_and_renders_text(tiny_dir):
     r = render(text.adapter, Session("t", [Turn("user", "hello"), Turn("assistant", "hi"), Turn("user", "SSN?")]))
     ref = text.tokenizer.apply_chat_template(
         [{"role": "user", "content": [{"type": "text", "text": x}]} if i % 2 == 0 else
-         {"role": "assistant", "content": [{"type": "text", "text": x}]} for i, x in enumerate(["hello", "hi", "SSN?"])],
+         {"role": "assistant", "content": [{"type": "text", "text": x}]}
+         for i, x in enumerate(["hello", "hi", "SSN?"])],
         tokenize=True, add_generation_prompt=True)
     ref = ref["input_ids"] if isinstance(ref, dict) or hasattr(ref, "keys") else ref
     assert r.input_ids[0].tolist() == list(ref)
@@ -124,3 +126,71 @@ def test_unsupported_architecture_lists_families(tmp_path):
         load_model(tmp_path)
     with pytest.raises(ValueError, match="not a directory"):
         load_model(tmp_path / "missing" / "model")
+
+
+# ---- issue 18: image marks (PII boxes on an image) become marks on the image tokens that cover them ---------------
+def drawn_form_session(marks_of=None):
+    from probes.data.builders import document_marks
+    from probes.data.documents import render_document
+    from probes.data.identities import make_identities
+    from probes.data.session import SessionImage
+
+    doc = render_document(make_identities(1, seed=3)[0], "hiring", 128, seed=1)
+    marks = document_marks(doc) if marks_of is None else marks_of(doc)
+    s = Session("form", [Turn("user", "My SSN is 123-45-6789. Keep it.",
+                              images=[SessionImage.from_pil(doc.image, marks=marks)]).mark("ssn", "123-45-6789")])
+    return doc, s
+
+
+def image_cells(df, positions):
+    rows = df.loc[positions]
+    return {(int(t), int(r), int(c)) for t, r, c in zip(rows.tile, rows.patch_row, rows.patch_col)}
+
+
+def test_mark_selects_exactly_the_drawn_values_image_tokens(llava):
+    """On a drawn form, `mark:ssn` picks the SSN's text tokens plus exactly the image tokens `patches_for_field`
+    gives for the SSN (no tolerance: both go through the adapter's token_boxes with the same ink box); every field
+    likewise. Null: the same session without image marks marks no image token."""
+    from probes.data.documents import patches_for_field
+
+    doc, s = drawn_form_session()
+    tm = render(llava.adapter, s).token_map
+    df = tm.df
+    for field, label in (("SSN", "ssn"), ("Phone Numbers", "phone"), ("Email", "email"), ("Name", "name")):
+        picked = tm.select(f"mark:{label}")
+        on_image = picked[df.loc[picked, "segment"].to_numpy() == "image"]
+        want = {tuple(map(int, x)) for x in patches_for_field(llava.adapter, doc, field).to_numpy()}
+        assert want and image_cells(df, on_image) == want, field
+    text_ssn = df[(df.segment != "image") & (df.mark == "ssn")]
+    assert llava.tokenizer.decode(text_ssn.token_id).strip() == "123-45-6789"  # the text mark is unchanged
+    # tokens under two values carry both labels, joined with '|' as text marks are
+    both = set(tm.select("mark:ssn")) & set(tm.select("mark:email"))  # SSN and email rows share a patch row
+    assert both and all(set(df.loc[p, "mark"].split("|")) >= {"ssn", "email"} for p in both)
+    _, plain = drawn_form_session(lambda doc: {})
+    bare = render(llava.adapter, plain).token_map.df
+    assert (bare[bare.segment == "image"].mark == "").all()
+    assert bare.drop(columns="mark").equals(df.drop(columns="mark"))  # marks change nothing else
+
+
+def test_image_mark_outside_the_image_is_an_error(llava):
+    _, s = drawn_form_session(lambda doc: {"ssn": [(100, 100, 129, 110)]})
+    with pytest.raises(RenderError, match=r"session 'form', image 0: mark 'ssn' box \[100, 100, 129, 110\] lies "
+                                          r"outside the 128x128 image"):
+        render(llava.adapter, s)
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "idefics3", "qwen2_5_vl", "gemma3"])
+def test_image_marks_follow_each_familys_token_boxes(family_model, family):
+    """Every family's layout (tiles, crops, merged patches): `mark:<label>` on the image is `patches_for_field`."""
+    from probes.data.builders import document_marks
+    from probes.data.documents import patches_for_field, render_document
+    from probes.data.identities import make_identities
+    from probes.data.session import SessionImage
+
+    model = family_model(family)
+    doc = render_document(make_identities(1, seed=3)[0], "hiring", (200, 120), seed=1)
+    s = Session("f", [Turn("user", "Read.", images=[SessionImage.from_pil(doc.image, marks=document_marks(doc))])])
+    tm = render(model.adapter, s).token_map
+    for field, label in (("SSN", "ssn"), ("Email", "email")):
+        want = {tuple(map(int, x)) for x in patches_for_field(model.adapter, doc, field).to_numpy()}
+        assert want and image_cells(tm.df, tm.select(f"mark:{label}")) == want, (family, field)

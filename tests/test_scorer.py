@@ -13,8 +13,17 @@ from pathlib import Path
 import pytest
 
 from probes import Session, Turn
-from probes.leakage import (DEFAULT_REFUSAL_PATTERNS, PII_TYPES, RESULT_COLUMNS, contains_pii, is_refusal,
-                            normalize_digits, normalize_text, partial_disclosure, score_responses)
+from probes.leakage import (
+    DEFAULT_REFUSAL_PATTERNS,
+    PII_TYPES,
+    RESULT_COLUMNS,
+    contains_pii,
+    is_refusal,
+    normalize_digits,
+    normalize_text,
+    partial_disclosure,
+    score_responses,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("validity_scorer", ROOT / "benchmarks" / "validity_scorer.py")

@@ -111,10 +111,10 @@ def test_check_images_names_the_line_and_session(tmp_path, doc_image_path):
     assert [s.source for s in read] == [f"{path}:1", f"{path}:2"]
     check_images(read)
     document_image(text="changed").save(other)
-    with pytest.raises(SessionError, match=rf"s\.jsonl:2: session 's1': image file .*other\.png does not match"):
+    with pytest.raises(SessionError, match=r"s\.jsonl:2: session 's1': image file .*other\.png does not match"):
         check_images(read)
     other.unlink()
-    with pytest.raises(SessionError, match=rf"s\.jsonl:2: session 's1': image file not found: .*other\.png"):
+    with pytest.raises(SessionError, match=r"s\.jsonl:2: session 's1': image file not found: .*other\.png"):
         check_images(read)
 
 
@@ -123,3 +123,50 @@ def test_public_drops_private_labels_only():
     assert s.public().labels == {"pii_type": "SSN"}
     assert s.private_labels() == {"_target": "123-45-6789", "_identity": {}}
     assert s.labels["_target"] == "123-45-6789"  # the original keeps them
+
+
+# ---- issue 18: PII marks on images (label -> pixel boxes), saved in the JSONL ----------------------------------------
+def test_image_marks_round_trip_and_old_files_load_unchanged(tmp_path, doc_image_path):
+    """A session without image marks saves exactly as before (no "marks" key on its images), so an old file reads
+    back and re-saves byte for byte; image marks round-trip as {label: [[x0, y0, x1, y1], ...]}."""
+    old = three_turns(SessionImage.from_path(doc_image_path))
+    path = write_sessions([old], tmp_path / "old.jsonl")
+    line = json.loads(path.read_text())
+    assert set(line["turns"][0]["images"][0]) == {"path", "sha256"}  # what files written before issue 18 hold
+    (back,) = list(read_sessions(path))
+    assert back.turns[0].images[0].marks == {}
+    assert write_sessions([back], tmp_path / "again.jsonl").read_text() == path.read_text()
+
+    marked = three_turns(SessionImage.from_path(doc_image_path, marks={"ssn": [(4, 4, 40, 14)],
+                                                                        "name": [[1, 2, 3, 4], (10, 20, 30, 40)]}))
+    path = write_sessions([marked], tmp_path / "marked.jsonl")
+    assert json.loads(path.read_text())["turns"][0]["images"][0]["marks"] == {
+        "ssn": [[4, 4, 40, 14]], "name": [[1, 2, 3, 4], [10, 20, 30, 40]]}
+    (back,) = list(read_sessions(path))
+    assert back.turns[0].images[0].marks == {"ssn": [(4, 4, 40, 14)], "name": [(1, 2, 3, 4), (10, 20, 30, 40)]}
+    assert back.to_json() == marked.to_json()
+
+
+@pytest.mark.parametrize("marks, message", [
+    (None, r"image field 'marks' must be an object .*got NoneType"),
+    ([[1, 2, 3, 4]], r"image field 'marks' must be an object .*got list"),
+    ({"ssn": [1, 2, 3, 4]}, r"image field marks\['ssn'\]\[0\]: expected 4 integer pixels"),
+    ({"ssn": [[1, 2, 3]]}, r"image field marks\['ssn'\]\[0\]: expected 4 integer pixels \[x0, y0, x1, y1\], got "
+                           r"\[1, 2, 3\]"),
+    ({"ssn": [[1.5, 2, 3, 4]]}, r"image field marks\['ssn'\]\[0\]: expected 4 integer pixels"),
+    ({"ssn": [[0, 0, 5, 5], [5, 2, 3, 4]]},
+     r"image field marks\['ssn'\]\[1\]: box \[5, 2, 3, 4\] must have 0 <= x0 < x1"),
+    ({"ssn": [[-1, 0, 5, 5]]}, r"image field marks\['ssn'\]\[0\]: box .* must have 0 <= x0"),
+    ({"ssn": "1,2,3,4"}, r"image field marks\['ssn'\] must be a list of boxes"),
+    ({"ssn|phone": [[0, 0, 5, 5]]}, r"image field 'marks': label 'ssn\|phone' must be a non-empty string without"),
+    ({"": [[0, 0, 5, 5]]}, r"image field 'marks': label '' must be a non-empty string"),
+])
+def test_bad_image_marks_are_named_with_file_line_and_field(tmp_path, doc_image_path, marks, message):
+    path = write_sessions([three_turns(SessionImage.from_path(doc_image_path))], tmp_path / "s.jsonl")
+    obj = json.loads(path.read_text())
+    obj["turns"][0]["images"][0]["marks"] = marks
+    path.write_text(json.dumps(obj) + "\n")
+    with pytest.raises(SessionError, match=r"s\.jsonl:1: turns\[0\]: images\[0\]: " + message):
+        list(read_sessions(path))
+    with pytest.raises(SessionError, match=message):  # the same check in memory
+        SessionImage(path=str(doc_image_path), marks=marks)

@@ -9,12 +9,23 @@ from pathlib import Path
 
 import pytest
 
+from probes.data.builders import (
+    DESCRIBE_REQUEST,
+    DISTRACTORS,
+    FRAMINGS,
+    disclosure_request,
+    frame,
+    load_framings,
+    load_requests,
+    memory_finetune_texts,
+    memory_probe_sessions,
+    mmprivacy_sessions,
+    multiturn_sessions,
+    retention_request,
+)
 from probes.data.documents import render_document
-from probes.data.identities import PII_TYPES, VALUE_TYPES, ChoiceError, make_identities
+from probes.data.identities import MARK_LABELS, PII_TYPES, VALUE_TYPES, ChoiceError, make_identities
 from probes.data.session import read_sessions, write_sessions
-from probes.data.builders import (DESCRIBE_REQUEST, DISTRACTORS, FRAMINGS, disclosure_request, frame,
-                                   load_framings, load_requests, memory_finetune_texts, memory_probe_sessions,
-                                   mmprivacy_sessions, multiturn_sessions, retention_request)
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "mm-privacy"
 
@@ -84,6 +95,9 @@ def test_mmprivacy_sessions(people, tmp_path):
         doc = render_document(ident, lab["scenario"], lab["doc_size"], lab["doc_seed"], lab["doc_layout"])
         assert doc.png() == Path(im.path).read_bytes()  # the labels say how to render the image again
         assert lab["pii_box"] == list(doc.fields[lab["pii_type"]].box)
+        # the image carries every identity value's exact ink box as an image mark (the oracle OCR is held to)
+        assert im.marks == {MARK_LABELS[f]: [fb.box] for f, fb in doc.fields.items() if f in MARK_LABELS}
+        assert im.marks[MARK_LABELS[lab["pii_type"]]] == [tuple(lab["pii_box"])]
     _public_labels_have_no_pii(ss, people)
     cycle = mmprivacy_sessions(people, tmp_path / "img2", framings=("direct", "caption"), design="cycle")
     assert len(cycle) == 8 * 2
@@ -195,6 +209,11 @@ def test_multiturn_renders_through_a_chat_template(llava, people, tmp_path):
     assert 0 < len(cells) < 64
     img = tm[tm.segment == "image"].merge(cells, on=["tile", "patch_row", "patch_col"])
     assert sorted(img.image_index.value_counts().to_dict().items()) == [(0, len(cells)), (1, len(cells))]
+    # ... and `mark:ssn` selects exactly those tokens of both showings (the turns' texts hold no SSN)
+    picked = tm.loc[r.token_map.select("mark:ssn")]
+    assert (picked.segment == "image").all()
+    assert sorted(map(tuple, picked[["image_index", "tile", "patch_row", "patch_col"]].to_numpy().tolist())) == \
+        sorted(map(tuple, img[["image_index", "tile", "patch_row", "patch_col"]].to_numpy().tolist()))
 
 
 # ---- parametric retention ----------------------------------------------------------------------------------------

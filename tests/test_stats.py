@@ -8,10 +8,26 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from probes.stats import (MIN_BOOTSTRAP_CLUSTERS, StatsError, benjamini_hochberg, bh_reachable, bootstrap_ci,
-                            cell_tests, cluster_bootstrap, clustered_rate_interval, effective_sample_size,
-                            mark_significant, min_clusters_for_bh, min_sign_flip_p, pooled_ratio_ci, rate_interval,
-                            reset_few_cluster_warnings, sign_flip_test)
+from probes.stats import (
+    MIN_BOOTSTRAP_CLUSTERS,
+    CellTestOptions,
+    IntervalOptions,
+    StatsError,
+    benjamini_hochberg,
+    bh_reachable,
+    bootstrap_ci,
+    cell_tests,
+    cluster_bootstrap,
+    clustered_rate_interval,
+    effective_sample_size,
+    mark_significant,
+    min_clusters_for_bh,
+    min_sign_flip_p,
+    pooled_ratio_ci,
+    rate_interval,
+    reset_few_cluster_warnings,
+    sign_flip_test,
+)
 
 
 # ---- sign-flip test -----------------------------------------------------------------------------------------------
@@ -410,3 +426,19 @@ def test_bh_reachable_agrees_with_benjamini_hochberg():
         bh_reachable(10, 4, n_effects=5)
     with pytest.raises(StatsError, match="n_tests 0"):
         bh_reachable(10, 0)
+
+
+def test_options_objects_equal_their_keywords_and_bad_ones_are_named():
+    df = per_sample(n_ids=6)
+    pd.testing.assert_frame_equal(bootstrap_ci(df, "correct", "layer", IntervalOptions(n_boot=50, seed=2)),
+                                  bootstrap_ci(df, "correct", "layer", n_boot=50, seed=2))
+    keywords_win = bootstrap_ci(df, "correct", "layer", IntervalOptions(n_boot=50, seed=2), seed=3)
+    pd.testing.assert_frame_equal(keywords_win, bootstrap_ci(df, "correct", "layer", n_boot=50, seed=3))
+    pd.testing.assert_frame_equal(cell_tests(df, "correct", "control_correct", "layer", CellTestOptions(n_perm=200)),
+                                  cell_tests(df, "correct", "control_correct", "layer", n_perm=200))
+    with pytest.raises(TypeError, match="n_perms"):
+        cell_tests(df, "correct", "control_correct", "layer", n_perms=10)
+    with pytest.raises(StatsError, match="cell_tests: alternative 'bigger'"):
+        cell_tests(df, "correct", "control_correct", "layer", alternative="bigger")
+    with pytest.raises(StatsError, match="bootstrap_ci: rate_method 'exactly'"):
+        bootstrap_ci(df, "correct", "layer", rate=True, rate_method="exactly")

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 from analysis.study import pipeline as study_mod
-from analysis.study.pipeline import StudyError, run_study
 from analysis.study.config import StudyConfigError, default_config_path, load_study_config
+from analysis.study.pipeline import StudyError, run_study
 
 TINY = {
     "name": "tiny", "models": ["default"], "seed": 3,

@@ -7,9 +7,15 @@ import pandas as pd
 import pytest
 
 from analysis.figures import plot_leakage
+from analysis.tables import (
+    TableError,
+    interval_caption,
+    leakage_latex,
+    leakage_long,
+    leakage_table,
+    write_leakage_table,
+)
 from probes.stats import StatsError, bootstrap_ci, clustered_rate_interval, rate_interval
-from analysis.tables import (TableError, interval_caption, leakage_latex, leakage_long, leakage_table,
-                             write_leakage_table)
 
 FRAMINGS = ["caption", "direct", "classification"]  # deliberately not in the benchmark's order
 PII = ["SSN", "Email", "Phone Numbers"]

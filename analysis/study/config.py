@@ -23,9 +23,9 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from probes.data.identities import PII_TYPES
-from probes.patching.core import DEFAULT_COMPONENTS, EXPERIMENTS
 from probes.data.builders import FRAMINGS
+from probes.data.identities import PII_TYPES
+from probes.patching import ATP_METHODS, DEFAULT_COMPONENTS, EXPERIMENTS, PatchingConfig, PatchingError
 
 STAGES = ("sessions", "leakage", "capture", "probes", "patching", "statistics", "figures", "report")
 ANY = object()  # a list of this in DEFAULTS: any element type
@@ -52,7 +52,7 @@ DEFAULTS: dict[str, Any] = {
     "probes": {"enabled": True, "targets": ["digits"], "position_groups": ["last", "image"], "method": "logreg",
                "n_folds": 5, "mdl": False, "n_permutations": 20},
     "patching": {"enabled": True, "experiments": ["denoise", "taskswap"], "framings": ["caption"],
-                 "components": list(DEFAULT_COMPONENTS), "max_pairs": 24, "batch_size": 16},
+                 "components": list(DEFAULT_COMPONENTS), "max_pairs": 24, "batch_size": 16, "atp_method": "atp"},
     # allow_underpowered: run a patching stage whose pairs can never reach significance (a pipeline check), with
     # the warning instead of the refusal
     "statistics": {"alpha": 0.05, "n_boot": 500, "n_perm": 10000, "allow_underpowered": False},
@@ -70,6 +70,7 @@ CHOICES: dict[str, tuple] = {
     "sessions.multiturn.pii_types": PII_TYPES,
     "probes.method": ("logreg", "ridge", "dim"),
     "patching.experiments": EXPERIMENTS,
+    "patching.atp_method": ATP_METHODS,
     "patching.framings": FRAMINGS,
     "patching.components": ("resid_pre", "resid_post", "attn_out", "mlp_out"),
     "report.formats": ("html", "md"),
@@ -260,7 +261,21 @@ def load_study_config(source: str | os.PathLike | Mapping[str, Any],
         set_dotted(raw, key, value)
     data = _merge(where, "", raw, DEFAULTS)
     _check_patching_pairs(where, data)
+    for experiment in data["patching"]["experiments"]:  # each experiment's PatchingConfig checks its own fields
+        try:
+            patching_config(data, experiment)
+        except PatchingError as err:
+            raise _fail(where, "patching", str(err)) from None
     return StudyConfig(data, where, dict(overrides or {}))
+
+
+def patching_config(data: Mapping[str, Any], experiment: str, model: str | None = None) -> PatchingConfig:
+    """The PatchingConfig of one experiment of the study's patching stage (`data`: a validated study config's data;
+    `model`: the label its rows get)."""
+    pt = data["patching"]
+    return PatchingConfig(experiment, components=tuple(pt["components"]), batch_size=pt["batch_size"],
+                          max_pairs=pt["max_pairs"], n_boot=data["statistics"]["n_boot"], seed=data["seed"],
+                          atp_method=pt["atp_method"], model=model)
 
 
 def _check_patching_pairs(source: str, data: dict[str, Any]) -> None:
@@ -297,8 +312,8 @@ def digest(obj: Any) -> str:
 
 
 def model_fingerprint(path: str) -> dict[str, Any]:
-    """What identifies a model's weights: its config and `probes.models.loading.checkpoint_files` (content of files up to
-    256 MiB, the modification time of larger shards), so a model retrained in the same folder changes it; the HF
+    """What identifies a model's weights: its config and `probes.models.loading.checkpoint_files` (content of files
+    up to 256 MiB, the modification time of larger shards), so a model retrained in the same folder changes it; the HF
     id when not a local folder."""
     from probes.models.loading import checkpoint_files
     from probes.organism import DEFAULT_MODEL

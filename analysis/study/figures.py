@@ -13,8 +13,9 @@ from typing import Any
 import pandas as pd
 
 from analysis import figures as F
-from probes.stats import mark_significant
+from probes.data.session import read_sessions
 from probes.probing.sweep import main_metric
+from probes.stats import bootstrap_ci, mark_significant
 
 PROBE_KEYS = ["model", "target", "hook", "layer", "position_group", "turn"]
 
@@ -59,7 +60,6 @@ def write_all(study: Any, work: Path) -> None:
 def multiturn_asr(results: pd.DataFrame) -> pd.DataFrame:
     """ASR by turn distance and probe framing, with exact intervals over identities (`bootstrap_ci(rate=True)`), as
     a layer-profile-shaped table."""
-    from probes.stats import bootstrap_ci
 
     df = results.assign(leak=results["leak"].astype(float))
     out = bootstrap_ci(df, "leak", ["framing", "turn_distance"], n_boot=500, rate=True)
@@ -88,7 +88,6 @@ def patching_figures(tests: pd.DataFrame, work: Path, name: str) -> None:
 
 def first_document(study: Any):
     """The document image of the first multi-turn session (the probes' sessions), for the per-patch overlay."""
-    from probes.data.session import read_sessions
 
     path = study.out / "sessions" / "multiturn.jsonl"
     if not path.exists():

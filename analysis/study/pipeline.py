@@ -25,11 +25,32 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from analysis.study.config import (StudyConfig, default_config_path, load_study_config, marker_hash, model_fingerprint,
-                                   package_version, stage_hash)
-from probes.leakage import SCORER_VERSION
-from probes.probing.sweep import main_metric
+from analysis.patching_stats import patching_tests, reachability, reachability_message
+from analysis.report import write_report
+from analysis.results import run_leakage, run_patching
+from analysis.study import figures as study_figures
+from analysis.study.config import (
+    StudyConfig,
+    default_config_path,
+    load_study_config,
+    marker_hash,
+    model_fingerprint,
+    package_version,
+    patching_config,
+    stage_hash,
+)
+from probes.activations.capture import capture
+from probes.activations.store import ActivationStore
+from probes.data.builders import mmprivacy_sessions, multiturn_sessions
 from probes.data.files import atomic_write_bytes, atomic_write_text
+from probes.data.identities import make_identities
+from probes.data.session import read_sessions, write_sessions
+from probes.leakage import SCORER_VERSION, evaluate_in_parts, leakage_parts
+from probes.models.loading import load_model
+from probes.organism import DEFAULT_MODEL
+from probes.probing.sweep import main_metric, null_p_values, probe_sweep, token_readout
+from probes.probing.targets import patch_cells, probe_cells, session_targets
+from probes.stats import benjamini_hochberg, cell_tests
 
 
 class StudyError(RuntimeError):
@@ -59,8 +80,6 @@ class Study:
     def model(self, entry: dict[str, Any]):
         """The loaded model of a config entry (loaded on first use)."""
         if entry["name"] not in self._loaded:
-            from probes.models.loading import load_model
-            from probes.organism import DEFAULT_MODEL
 
             path = str(DEFAULT_MODEL) if entry["path"] == "default" else entry["path"]
             self._loaded[entry["name"]] = load_model(
@@ -107,7 +126,6 @@ class Study:
 def document_spec(cfg: StudyConfig) -> dict[str, Any]:
     """Size and layout of the rendered documents: the config's, or ('auto') the first model's own (the organism
     records them in training.json), else 336 px / fixed (llava-1.5's input size)."""
-    from probes.organism import DEFAULT_MODEL
 
     size, layout = cfg.get("sessions.image_size"), cfg.get("sessions.layout")
     path = cfg.data["models"][0]["path"]
@@ -121,9 +139,6 @@ def document_spec(cfg: StudyConfig) -> dict[str, Any]:
 
 
 def build_sessions(cfg: StudyConfig, work: Path) -> None:
-    from probes.data.identities import make_identities
-    from probes.data.session import write_sessions
-    from probes.data.builders import mmprivacy_sessions, multiturn_sessions
 
     doc, seed = document_spec(cfg), cfg.data["seed"]
     mmp, mt = cfg.get("sessions.mmprivacy"), cfg.get("sessions.multiturn")
@@ -139,9 +154,6 @@ def build_sessions(cfg: StudyConfig, work: Path) -> None:
 
 
 def run_leakage_stage(study: Study, entry: dict[str, Any], sessions: Path, work: Path) -> None:
-    from analysis.results import run_leakage
-    from probes.leakage import evaluate_in_parts, leakage_parts
-    from probes.data.session import read_sessions
 
     c, loaded = study.cfg.section("leakage"), study.model(entry)
     # Both evaluations keep their finished parts in the (partial) stage folder until the whole stage is done, so a
@@ -167,8 +179,6 @@ def _remove_parts(work: Path) -> None:
 
 
 def run_capture_stage(study: Study, entry: dict[str, Any], sessions: Path, work: Path) -> None:
-    from probes.activations.capture import capture
-    from probes.data.session import read_sessions
 
     c = study.cfg.section("capture")
     capture(study.model(entry), list(read_sessions(sessions / "multiturn.jsonl")), str(work / "store"),
@@ -177,9 +187,6 @@ def run_capture_stage(study: Study, entry: dict[str, Any], sessions: Path, work:
 
 
 def run_probes_stage(study: Study, entry: dict[str, Any], capture_dir: Path, work: Path) -> None:
-    from probes.probing.targets import patch_cells, probe_cells, session_targets
-    from probes.probing.sweep import probe_sweep
-    from probes.activations.store import ActivationStore
 
     c, seed = study.cfg.section("probes"), study.cfg.data["seed"]
     n_boot = study.cfg.get("statistics.n_boot")
@@ -228,9 +235,6 @@ def best_layer(df: pd.DataFrame, group: str, final_turn: bool = False) -> int | 
 def write_token_readout(study: Study, entry: dict[str, Any], store, target: str, layer: int | None,
                         work: Path) -> None:
     """Token-by-token read-out of the target's probe on a held-out identity's session (never in the store)."""
-    from probes.data.identities import make_identities
-    from probes.probing.sweep import token_readout
-    from probes.data.builders import multiturn_sessions
 
     c, seed = study.cfg.section("probes"), study.cfg.data["seed"]
     mt = study.cfg.section("sessions")["multiturn"]
@@ -245,10 +249,8 @@ def write_token_readout(study: Study, entry: dict[str, Any], store, target: str,
 
 
 def run_patching_stage(study: Study, entry: dict[str, Any], sessions: Path, work: Path) -> None:
-    from analysis.results import run_patching
-    from probes.data.session import read_sessions
 
-    c, seed = study.cfg.section("patching"), study.cfg.data["seed"]
+    c = study.cfg.section("patching")
     single = [s for s in read_sessions(sessions / "mmprivacy.jsonl") if s.labels.get("framing") in c["framings"]]
     # One pair per identity: the tests resample and flip identities, so max_pairs counts identities (a "cross"
     # design asks one identity several times; more pairs of one person add no power).
@@ -256,9 +258,8 @@ def run_patching_stage(study: Study, entry: dict[str, Any], sessions: Path, work
     multi = list(read_sessions(sessions / "multiturn.jsonl"))
     rows = []
     for exp in c["experiments"]:
-        df = run_patching(study.model(entry), multi if exp == "knockout" else single, exp, work / exp,
-                          components=tuple(c["components"]), batch_size=c["batch_size"], max_pairs=c["max_pairs"],
-                          n_boot=study.cfg.get("statistics.n_boot"), seed=seed, model=entry["name"],
+        config = patching_config(study.cfg.data, exp, model=entry["name"])
+        df = run_patching(study.model(entry), multi if exp == "knockout" else single, exp, work / exp, config,
                           progress=study.progress, keep_parts=True)
         rows.append(df)
     atomic_write_bytes(work / "patching_rows.csv", pd.concat(rows, ignore_index=True).to_csv(index=False).encode())
@@ -294,10 +295,8 @@ def run_statistics_stage(study: Study, work: Path) -> None:
 
 def probe_tests(results: pd.DataFrame, null: pd.DataFrame, model: str, alpha: float) -> pd.DataFrame:
     """Does a cell decode the target? Null: the targets carry nothing the activations can read (targets permuted
-    across identities, the whole pipeline rerun per draw; `probes.probing.sweep.null_p_values`, one-sided); family: every
-    cell of the model's sweep on the main metric, Benjamini-Hochberg at `alpha`."""
-    from probes.stats import benjamini_hochberg
-    from probes.probing.sweep import null_p_values
+    across identities, the whole pipeline rerun per draw; `probes.probing.sweep.null_p_values`, one-sided); family:
+    every cell of the model's sweep on the main metric, Benjamini-Hochberg at `alpha`."""
 
     tests = null_p_values(results.assign(model=model), null.assign(model=model))
     reject, q = benjamini_hochberg(tests["p_value"].to_numpy(), alpha)
@@ -309,7 +308,6 @@ def study_patching_tests(rows: pd.DataFrame, n_perm: int, alpha: float, seed: in
     whose identities cannot reach significance after correction."""
     import sys
 
-    from analysis.patching_stats import patching_tests, reachability, reachability_message
 
     exact = rows[rows["method"] == "exact"]
     if not len(exact):
@@ -324,7 +322,6 @@ def study_patching_tests(rows: pd.DataFrame, n_perm: int, alpha: float, seed: in
 def leakage_tests(results: pd.DataFrame, **kw) -> pd.DataFrame:
     """Each framing's leak against the direct ask of the same identity, PII type and scenario (one-sided: more
     leakage than the direct ask, the benchmark's task inconsistency)."""
-    from probes.stats import cell_tests
 
     keys = ["model", "identity_id", "pii_type", "scenario"]
     # The direct ask's leak rate per key: with several direct rows for one key (a loaded benchmark may ask twice),
@@ -337,13 +334,11 @@ def leakage_tests(results: pd.DataFrame, **kw) -> pd.DataFrame:
 
 
 def run_figures_stage(study: Study, work: Path) -> None:
-    from analysis.study import figures as study_figures
 
     study_figures.write_all(study, work)
 
 
 def run_report_stage(study: Study, work: Path) -> None:
-    from analysis.report import write_report
 
     write_report(study, work)
 

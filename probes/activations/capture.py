@@ -36,7 +36,7 @@ import copy
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterable
@@ -49,13 +49,20 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from probes.activations.store import (
+    ActivationStore,
+    SessionActivations,
+    StoreLock,
+    check_store_folder,
+    clear_store,
+    compare_spec,
+    write_private_labels,
+)
+from probes.data.session import Session, SessionError, Turn, check_images, read_sessions
 from probes.models.families.base import RenderError
 from probes.models.hooks import PROJECTOR_HOOK, HookNameError, lm_hook, split_hook, vision_hook
-from probes.models.loading import LoadedModel, ModelInfo, fingerprint_digest, inspect_model
+from probes.models.loading import LoadedModel, ModelInfo, fingerprint_digest, inspect_model, model_fingerprint
 from probes.models.render import RenderedSession, render
-from probes.data.session import Session, SessionError, Turn, check_images, read_sessions
-from probes.activations.store import (ActivationStore, SessionActivations, StoreLock, check_store_folder, clear_store,
-                          compare_spec, write_private_labels)
 from probes.models.tokenmap import COLUMNS, SelectorError, TokenMap
 
 log = logging.getLogger(__name__)
@@ -198,74 +205,22 @@ def capture_session(loaded: LoadedModel, session: Session, hooks: list[str], pos
     if rendered is not None:
         rendered = copy.copy(rendered)
         rendered.session = session
-    model, adapter = loaded.hf_model, loaded.adapter
-    device = loaded.device
     rec, kept = _Recorder(dtype), _Kept(hooks)
-    cache, done, prev_ids, logits = _new_cache(loaded), 0, None, None
-    stop_ids = adapter.stop_token_ids()
-
-    def run(ids: Tensor, a: int, b: int, pos: Tensor | None, images: dict[str, Tensor]) -> Tensor:
-        kw: dict[str, Any] = {"input_ids": ids[:, a:b].to(device), "past_key_values": cache, "use_cache": True}
-        if pos is not None:
-            kw["position_ids"] = pos[..., a:b].to(device)
-        if "logits_to_keep" in loaded.forward_params:
-            kw["logits_to_keep"] = 1
-        kw.update({k: v.to(device) for k, v in adapter.forward_extras(ids, a, b).items()})
-        kw.update({k: v.to(device) if isinstance(v, Tensor) else v for k, v in images.items()})
-        if loaded.backend == "bridge":  # through the bridge, so that every TL hook point fires
-            kw.pop("use_cache")
-            logits, new_cache = loaded.bridge(kw.pop("input_ids"), return_type="logits_and_cache", **kw)
-            return SimpleNamespace(logits=logits, past_key_values=new_cache)
-        return model(**kw)
-
+    state = _PassState(_new_cache(loaded))
     with loaded.hooks([(name, rec.fn) for name in hooks]):
         while True:
             if rendered is None:
-                rendered = render(adapter, session)
-            ids = rendered.input_ids
-            if prev_ids is not None:  # keep the cached prefix that the new rendering shares
-                p = _common_prefix(prev_ids[0, :done], ids[0])
-                p = _not_inside_image(p, rendered)
-                if p < done:
-                    _crop_to(cache, p)
-                    kept.crop(p)
-                    done = p
-            selected = rendered.token_map.select(positions)
-            everything = range(len(rendered.images)) if adapter.positions_need_images else ()
-            pos = adapter.position_ids(model, ids, rendered.image_inputs(adapter, everything))
-            spans = rendered.turn_chunks() if mode == "turns" else [(0, rendered.n_positions)]
-            for a, b in spans:
-                if b <= done:
-                    continue
-                a = max(a, done)
-                ks = rendered.images_in(a, b)
-                rec.run([_Chunk(a, b, selected[(selected >= a) & (selected < b)], ks, kept)])
-                images = rendered.image_inputs(adapter, ks)
-                out = run(ids, a, b, pos, images)
-                cache, logits, done = out.past_key_values, out.logits, b
-            rec.run([])
-            prev_ids = ids
+                rendered = render(loaded.adapter, session)
+            selected, pos = _feed(loaded, rendered, state, (rec, kept), positions, mode)
             t = rendered.generation_turn
             if t is None or t >= len(session.turns) or session.turns[t].text is not None:
                 break
             # Greedy generation of turn t, hooks off; then roll the cache back and re-render with the text.
             rec.on = False
-            new: list[int] = []
-            gen_ids, gen_pos = ids, pos
-            for _ in range(max_new_tokens):
-                nxt = int(logits[0, -1].argmax())
-                if nxt in stop_ids:
-                    break
-                new.append(nxt)
-                gen_ids = torch.cat([gen_ids, torch.tensor([[nxt]])], dim=1)
-                if gen_pos is not None:  # text positions simply continue after the last one
-                    gen_pos = torch.cat([gen_pos, gen_pos[..., -1:] + 1], dim=-1)
-                n = gen_ids.shape[1]
-                out = run(gen_ids, n - 1, n, gen_pos, {})
-                cache, logits = out.past_key_values, out.logits
-            _crop_to(cache, done)
+            new = _greedy(loaded, state, rendered.input_ids, pos, max_new_tokens)
+            _crop_to(state.cache, state.done)
             rec.on = True
-            session.turns[t].text = adapter.tokenizer.decode(new, skip_special_tokens=True).strip()
+            session.turns[t].text = loaded.adapter.tokenizer.decode(new, skip_special_tokens=True).strip()
             rendered = None  # render again, with the new text
     lm_names = [n for n in hooks if not _is_vision(n)]
     if lm_names:
@@ -275,6 +230,88 @@ def capture_session(loaded: LoadedModel, session: Session, hooks: list[str], pos
             # generated turn existed) did not: capture the completed session once more, with nothing to generate.
             return capture_session(loaded, session, hooks, positions, mode, max_new_tokens, dtype)
     return _assemble(session, rendered, kept, positions, hooks, selected)
+
+
+@dataclass
+class _PassState:
+    """One session's forward state across its renderings: the KV cache, how many positions it holds (`done`),
+    the ids it was built from and the last forward's logits."""
+
+    cache: Any
+    done: int = 0
+    prev_ids: Tensor | None = None
+    logits: Tensor | None = None
+
+
+def _feed(loaded: LoadedModel, rendered: RenderedSession, state: _PassState, recording: tuple, positions: str,
+          mode: str) -> tuple[np.ndarray, Tensor | None]:
+    """Feed a rendering's positions not yet in the cache (keeping the cached prefix it shares with the previous
+    rendering), chunk by chunk, with the hooks keeping the selected positions. Returns (selected positions, the
+    rendering's position ids or None)."""
+    rec, kept = recording
+    adapter, ids = loaded.adapter, rendered.input_ids
+    if state.prev_ids is not None:  # keep the cached prefix that the new rendering shares
+        p = _common_prefix(state.prev_ids[0, :state.done], ids[0])
+        p = _not_inside_image(p, rendered)
+        if p < state.done:
+            _crop_to(state.cache, p)
+            kept.crop(p)
+            state.done = p
+    selected = rendered.token_map.select(positions)
+    everything = range(len(rendered.images)) if adapter.positions_need_images else ()
+    pos = adapter.position_ids(loaded.hf_model, ids, rendered.image_inputs(adapter, everything))
+    spans = rendered.turn_chunks() if mode == "turns" else [(0, rendered.n_positions)]
+    for a, b in spans:
+        if b <= state.done:
+            continue
+        a = max(a, state.done)
+        ks = rendered.images_in(a, b)
+        rec.run([_Chunk(a, b, selected[(selected >= a) & (selected < b)], ks, kept)])
+        out = _forward(loaded, state.cache, ids, (a, b), pos, rendered.image_inputs(adapter, ks))
+        state.cache, state.logits, state.done = out.past_key_values, out.logits, b
+    rec.run([])
+    state.prev_ids = ids
+    return selected, pos
+
+
+def _forward(loaded: LoadedModel, cache: Any, ids: Tensor, span: tuple[int, int], pos: Tensor | None,
+             images: dict[str, Any]) -> Any:
+    """One forward of ids[:, a:b] on top of `cache`: the model's output (logits, past_key_values)."""
+    a, b = span
+    device = loaded.device
+    kw: dict[str, Any] = {"input_ids": ids[:, a:b].to(device), "past_key_values": cache, "use_cache": True}
+    if pos is not None:
+        kw["position_ids"] = pos[..., a:b].to(device)
+    if "logits_to_keep" in loaded.forward_params:
+        kw["logits_to_keep"] = 1
+    kw.update({k: v.to(device) for k, v in loaded.adapter.forward_extras(ids, a, b).items()})
+    kw.update({k: v.to(device) if isinstance(v, Tensor) else v for k, v in images.items()})
+    if loaded.backend == "bridge":  # through the bridge, so that every TL hook point fires
+        kw.pop("use_cache")
+        logits, new_cache = loaded.bridge(kw.pop("input_ids"), return_type="logits_and_cache", **kw)
+        return SimpleNamespace(logits=logits, past_key_values=new_cache)
+    return loaded.hf_model(**kw)
+
+
+def _greedy(loaded: LoadedModel, state: _PassState, ids: Tensor, pos: Tensor | None,
+            max_new_tokens: int) -> list[int]:
+    """Greedy tokens after `ids` (from the state's last logits) up to a stop token or `max_new_tokens`; the cache
+    grows with them (the caller rolls it back)."""
+    stop_ids = loaded.adapter.stop_token_ids()
+    new: list[int] = []
+    gen_ids, gen_pos = ids, pos
+    for _ in range(max_new_tokens):
+        nxt = int(state.logits[0, -1].argmax())
+        if nxt in stop_ids:
+            break
+        new.append(nxt)
+        gen_ids = torch.cat([gen_ids, torch.tensor([[nxt]])], dim=1)
+        if gen_pos is not None:  # text positions simply continue after the last one
+            gen_pos = torch.cat([gen_pos, gen_pos[..., -1:] + 1], dim=-1)
+        n = gen_ids.shape[1]
+        out = _forward(loaded, state.cache, gen_ids, (n - 1, n), gen_pos, {})
+        state.cache, state.logits = out.past_key_values, out.logits
+    return new
 
 
 def _copy_turns(session: Session) -> Session:
@@ -529,6 +566,52 @@ class CapturePlan:
         return len(self.sessions)
 
 
+@dataclass(frozen=True)
+class CaptureConfig:
+    """The settings of a capture, checked once here (CaptureError, SelectorError for a selector that does not parse):
+    which hooks (shorthands or TL names, comma-separated or a list) at which `layers` and `positions` (a TokenMap
+    selector), `mode`, `batch_size` sessions at a time, stored as `dtype`, turns to generate at most
+    `max_new_tokens`; `force_new`, `allow_long`, `keep_private_labels` and `progress` as in `capture`; `family`,
+    `backend`, `trust_remote_code` for a model given by name or path (`validate_capture`). The store's identity
+    (store.json) is `identity()`: the fields a resumed capture must match (not batch_size, progress, ...)."""
+
+    hooks: str | Iterable[str] | None = None  # a list or tuple is kept as a tuple
+    positions: str = "all"
+    layers: Iterable[int] | None = None  # kept as a tuple
+    mode: str = "auto"
+    batch_size: int = 8
+    dtype: str = "float32"
+    max_new_tokens: int = 32
+    force_new: bool = False
+    allow_long: bool = False
+    keep_private_labels: bool = False
+    progress: bool = True
+    family: str | None = None
+    backend: str = "torch"
+    trust_remote_code: bool = False
+
+    IDENTITY = ("positions", "mode", "max_new_tokens", "dtype")  # with the model, hooks and backend: store.json
+
+    def __post_init__(self):
+        if self.hooks is not None and not isinstance(self.hooks, str):
+            object.__setattr__(self, "hooks", tuple(self.hooks))
+        if self.layers is not None:
+            try:
+                object.__setattr__(self, "layers", tuple(self.layers))
+            except TypeError:
+                raise CaptureError(f"layers {self.layers!r}: expected integers") from None
+        _check_settings(self.positions, self.mode, self.batch_size, self.dtype, self.max_new_tokens)
+
+    def identity(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.IDENTITY}
+
+
+def _capture_config(config: CaptureConfig | None, options: dict[str, Any]) -> CaptureConfig:
+    """`config` with `options` (its fields as keywords) replacing its fields; validated."""
+    config = config or CaptureConfig()
+    return replace(config, **options) if options else config
+
+
 @dataclass
 class _View:
     """What validation needs of a model, loaded or not."""
@@ -545,7 +628,6 @@ class _View:
 
 def _view(model: LoadedModel | ModelInfo | str | os.PathLike, family: str | None, backend: str,
           trust_remote_code: bool) -> _View:
-    from probes.models.loading import model_fingerprint
 
     if isinstance(model, LoadedModel):
         text = model.text_config
@@ -558,23 +640,20 @@ def _view(model: LoadedModel | ModelInfo | str | os.PathLike, family: str | None
                  info.max_positions, model_fingerprint(info.source), None)
 
 
-def store_spec(model: str, family: str, hooks: list[str], positions: str, mode: str, max_new_tokens: int,
-               dtype: str, backend: str, fingerprint: dict[str, Any]) -> dict[str, Any]:
-    """store.json's settings: what a resumed capture must match."""
-    return {"model": model, "family": family, "hooks": hooks, "positions": positions, "mode": mode,
-            "max_new_tokens": max_new_tokens, "dtype": dtype, "backend": backend,
+def store_spec(model: str, family: str, hooks: list[str], config: CaptureConfig, backend: str,
+               fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """store.json's settings: what a resumed capture must match (the config's `identity()` fields among them)."""
+    return {"model": model, "family": family, "hooks": hooks, **config.identity(), "backend": backend,
             "fingerprint": fingerprint_digest(fingerprint), "fingerprint_files": fingerprint["files"]}
 
 
 def validate_capture(model: LoadedModel | ModelInfo | str | os.PathLike,
-                     sessions: Iterable[Session] | str | os.PathLike, out: str | os.PathLike, *,
-                     hooks: str | list[str] | None = None, positions: str = "all", layers: Iterable[int] | None = None,
-                     mode: str = "auto", batch_size: int = 8, dtype: str = "float32", max_new_tokens: int = 32,
-                     force_new: bool = False, allow_long: bool = False, family: str | None = None,
-                     backend: str = "torch", trust_remote_code: bool = False) -> CapturePlan:
+                     sessions: Iterable[Session] | str | os.PathLike, out: str | os.PathLike,
+                     config: CaptureConfig | None = None, **options) -> CapturePlan:
     """Check everything a capture needs, writing nothing and, for a model given by name or path, loading no weight
     (its config, architecture on the meta device and processor only). `capture` calls it before it writes; call
-    it yourself before `load_model` to fail in seconds rather than after the load.
+    it yourself before `load_model` to fail in seconds rather than after the load. Settings: a CaptureConfig, or
+    its fields as keywords (as `capture`).
 
     Raises, in this order: CaptureError for bad settings (mode, batch_size, dtype, max_new_tokens), SelectorError
     for a selector that does not parse, SessionError for no sessions or an image that is missing, changed or does
@@ -585,23 +664,23 @@ def validate_capture(model: LoadedModel | ModelInfo | str | os.PathLike,
     CaptureError for sessions longer than the model's context (unless `allow_long`) and for a selector (or a `+`
     part of it) that keeps no position in any session. A selector that keeps nothing in some sessions is logged
     with their count."""
-    _check_settings(positions, mode, batch_size, dtype, max_new_tokens)
+    cfg = _capture_config(config, options)  # bad settings raise here, first
     sessions = _sessions_of(sessions)
     check_images(sessions)
-    view = _view(model, family, getattr(model, "backend", backend), trust_remote_code)
-    names = resolve_hooks(view.info, hooks, layers)
+    backend = getattr(model, "backend", cfg.backend)
+    view = _view(model, cfg.family, backend, cfg.trust_remote_code)
+    names = resolve_hooks(view.info, list(cfg.hooks) if isinstance(cfg.hooks, tuple) else cfg.hooks, cfg.layers)
     _check_hook_names(view, names)
-    backend = getattr(model, "backend", backend)
-    spec = store_spec(view.name, view.family, names, positions, mode, max_new_tokens, dtype, backend, view.fingerprint)
+    spec = store_spec(view.name, view.family, names, cfg, backend, view.fingerprint)
     if view.model_dtype is not None:
         spec["model_dtype"] = view.model_dtype
     old = check_store_folder(out)
-    if old is not None and not force_new:
+    if old is not None and not cfg.force_new:
         if view.model_dtype is None:  # known once loaded: compared then, before anything is written
             old = {k: v for k, v in old.items() if k != "model_dtype"}
         compare_spec(Path(out) / "store.json", old, spec)
-    longest, n_empty = _check_renderings(view, sessions, positions, max_new_tokens, allow_long)
-    n_done = 0 if old is None or force_new else sum(ActivationStore(out).done(s.session_id) for s in sessions)
+    longest, n_empty = _check_renderings(view, sessions, cfg.positions, cfg.max_new_tokens, cfg.allow_long)
+    n_done = 0 if old is None or cfg.force_new else sum(ActivationStore(out).done(s.session_id) for s in sessions)
     return CapturePlan(sessions, names, spec, n_done, n_empty, longest, view.max_positions, old is not None)
 
 
@@ -698,12 +777,11 @@ def _filled(session: Session) -> Session:
     return Session(session.session_id, turns, session.labels, session.source)
 
 
-def capture(loaded: LoadedModel, sessions: Iterable[Session], out: str | os.PathLike,
-            hooks: str | list[str] | None = None, positions: str = "all", layers: Iterable[int] | None = None,
-            mode: str = "auto", max_new_tokens: int = 32, dtype: str = "float32", progress: bool = True,
-            batch_size: int = 8, *, force_new: bool = False, allow_long: bool = False,
-            keep_private_labels: bool = False) -> ActivationStore:
-    """Capture every session into the store at `out`; sessions already there are skipped (resume).
+def capture(loaded: LoadedModel, sessions: Iterable[Session] | str | os.PathLike, out: str | os.PathLike,
+            config: CaptureConfig | None = None, **options) -> ActivationStore:
+    """Capture every session into the store at `out`; sessions already there are skipped (resume). Settings: a
+    CaptureConfig, or its fields as keywords (`capture(loaded, sessions, out, hooks="resid_post",
+    positions="last:*")`; with both, the keywords replace the config's fields).
 
     Sessions go `batch_size` at a time through `capture_batch`, in the order given, and are written in that order
     once their batch is done (so memory holds what a batch keeps); `batch_size=1` captures one session at a time.
@@ -715,21 +793,19 @@ def capture(loaded: LoadedModel, sessions: Iterable[Session], out: str | os.Path
     `force_new=True` removes the old store's files and starts over. `allow_long` captures sessions longer than the
     model's context. One writer at a time: a lock file names the process writing. Private labels ("_" keys) stay
     out of the store unless `keep_private_labels=True`, which writes them to `<out>/private_labels.jsonl`."""
-    plan = validate_capture(loaded, sessions, out, hooks=hooks, positions=positions, layers=layers, mode=mode,
-                            batch_size=batch_size, dtype=dtype, max_new_tokens=max_new_tokens, force_new=force_new,
-                            allow_long=allow_long)
+    cfg = _capture_config(config, options)
+    plan = validate_capture(loaded, sessions, out, cfg)
     out = Path(out)
     made = [p for p in [out, *out.parents] if not p.exists()]
     out.mkdir(parents=True, exist_ok=True)
     try:
         with StoreLock(out):
-            if force_new and plan.existing:
+            if cfg.force_new and plan.existing:
                 clear_store(out)
                 log.info("%s: the old store was removed (force_new)", out)
             fresh = not (out / "store.json").exists()
             try:
-                store = _capture_into(loaded, plan, out, positions, mode, max_new_tokens, dtype, progress,
-                                      batch_size, keep_private_labels)
+                store = _capture_into(loaded, plan, out, cfg)
             except BaseException:
                 if fresh and not any((out / "shards").glob("*.parquet")):  # made here, no session written: a
                     clear_store(out)  # leftover store.json would refuse the corrected rerun as "other settings"
@@ -741,19 +817,19 @@ def capture(loaded: LoadedModel, sessions: Iterable[Session], out: str | os.Path
     return store
 
 
-def _capture_into(loaded: LoadedModel, plan: CapturePlan, out: Path, positions: str, mode: str, max_new_tokens: int,
-                  dtype: str, progress: bool, batch_size: int, keep_private_labels: bool) -> ActivationStore:
+def _capture_into(loaded: LoadedModel, plan: CapturePlan, out: Path, cfg: CaptureConfig) -> ActivationStore:
     store = ActivationStore(out, spec=plan.spec)  # compares the settings again, now under the lock
-    if keep_private_labels:
+    if cfg.keep_private_labels:
         write_private_labels(out, plan.sessions)
     todo = [s for s in plan.sessions if not store.done(s.session_id)]
     if len(todo) < len(plan.sessions):
-        _say(f"resuming: {len(plan.sessions) - len(todo)} of {len(plan.sessions)} sessions already done", progress)
-    with tqdm(total=len(todo), desc="capture", unit="session", disable=not progress) as bar:
-        for b0 in range(0, len(todo), batch_size):
-            group = todo[b0:b0 + batch_size]
-            for acts in capture_batch(loaded, group, plan.hooks, positions, mode, max_new_tokens,
-                                      getattr(torch, dtype)):
+        _say(f"resuming: {len(plan.sessions) - len(todo)} of {len(plan.sessions)} sessions already done",
+             cfg.progress)
+    with tqdm(total=len(todo), desc="capture", unit="session", disable=not cfg.progress) as bar:
+        for b0 in range(0, len(todo), cfg.batch_size):
+            group = todo[b0:b0 + cfg.batch_size]
+            for acts in capture_batch(loaded, group, plan.hooks, cfg.positions, cfg.mode, cfg.max_new_tokens,
+                                      getattr(torch, cfg.dtype)):
                 store.write(acts)
             bar.update(len(group))
     return store

@@ -46,8 +46,8 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from probes.data.session import Session, SessionError, read_sessions
 from probes.data.files import atomic_write_bytes, atomic_write_text
+from probes.data.session import Session, SessionError, read_sessions
 
 FORMAT = 1
 PRIVATE_FILE = "private_labels.jsonl"
@@ -105,7 +105,7 @@ def _files_that_differ(old: list, new: list) -> list[str]:
     return sorted(n for n in set(a) | set(b) if a.get(n) != b.get(n))
 
 
-def check_store_folder(path: str | Path) -> dict[str, Any] | None:
+def check_store_folder(path: str | os.PathLike) -> dict[str, Any] | None:
     """Whether a capture may write into `path`, checked without writing: None when there is no store there yet
     (the folder is absent or empty, and it or its nearest existing parent is writable), the settings of the store
     found there otherwise. A file, an unwritable place, or a non-empty folder that is not a store: StoreError."""
@@ -131,7 +131,7 @@ def check_store_folder(path: str | Path) -> dict[str, Any] | None:
     return None
 
 
-def clear_store(path: str | Path) -> None:
+def clear_store(path: str | os.PathLike) -> None:
     """Remove a store's own files (and nothing else) from `path`: the done-markers first, so that a clear killed
     half way leaves a store that resumes from scratch rather than one that trusts half its sessions."""
     path = Path(path)
@@ -151,7 +151,7 @@ class StoreLock:
     that holds the lock. The lock is the kernel's (flock), so a writer killed at any moment holds it no more; the
     pid it left in the lock file is then taken over, and the log says so."""
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | os.PathLike) -> None:
         self.path = Path(folder) / LOCK_FILE
         self.fd: int | None = None
 
@@ -208,7 +208,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def write_private_labels(path: str | Path, sessions: Iterable[Session]) -> Path:
+def write_private_labels(path: str | os.PathLike, sessions: Iterable[Session]) -> Path:
     """`<store>/private_labels.jsonl`: the private labels of `sessions`, added to those already there (PII: the
     file to leave out when sharing a store)."""
     target = Path(path) / PRIVATE_FILE
@@ -221,7 +221,7 @@ def write_private_labels(path: str | Path, sessions: Iterable[Session]) -> Path:
     return target
 
 
-def read_private_labels(path: str | Path) -> dict[str, dict[str, Any]]:
+def read_private_labels(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """session_id -> private labels, from `<store>/private_labels.jsonl` ({} when the store has none)."""
     target = Path(path) / PRIVATE_FILE
     if not target.exists():
@@ -253,7 +253,7 @@ SHARDS_KEY = b"mmret_shards"  # schema metadata of manifest.parquet: the shards 
 class ActivationStore:
     """A folder of captured activations; see the module docstring for the layout."""
 
-    def __init__(self, path: str | Path, spec: dict[str, Any] | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, spec: dict[str, Any] | None = None) -> None:
         """Open (or, with `spec`, create) a store. Reopening with a different spec is an error."""
         self.path = Path(path)
         self.shards = self.path / "shards"

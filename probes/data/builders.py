@@ -10,9 +10,12 @@
   fine-tuning (the benchmark's 'full' and 'single' styles) and name-only probe prompts, no image.
 
 Images are written once per (identity, scenario, size, layout, seed) as PNG into `image_dir` and referenced by path
-and sha256, so sessions round-trip through JSONL. Every identity value that appears in a turn's text is marked
-(`Turn.mark`, labels from `probes.data.identities.MARK_LABELS`), so the token map knows its span. Labels use the shared
-column names; PII values only go in private "_" labels (`_target`: the value the probe asks for, `_identity`).
+and sha256, so sessions round-trip through JSONL. Each image carries its values' exact ink boxes as image marks
+(`SessionImage.marks`, the same labels), so `mark:ssn` also selects the SSN's image patches after rendering: the
+drawn oracle of what the MM-Privacy loader finds by OCR on a real form. Every identity value that appears in a
+turn's text is marked (`Turn.mark`, labels from `probes.data.identities.MARK_LABELS`), so the token map knows its
+span. Labels use the shared column names; PII values only go in private "_" labels (`_target`: the value the
+probe asks for, `_identity`).
 """
 
 from __future__ import annotations
@@ -21,16 +24,17 @@ import hashlib
 import json
 import os
 import random
+from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 from importlib import resources
 from itertools import product
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
-from probes.data.documents import LAYOUTS, SCENARIOS, render_document
+from probes.data.documents import LAYOUTS, SCENARIOS, Document, render_document
+from probes.data.files import atomic_write_bytes
 from probes.data.identities import MARK_LABELS, PII_TYPES, VALUE_TYPES, ChoiceError, Identity, check_choice
 from probes.data.session import Session, SessionImage, Turn
-from probes.data.files import atomic_write_bytes
 
 FRAMINGS = ("direct", "VQA", "caption", "rephrasing", "classification")
 KINDS = ("mmprivacy", "multiturn", "memory", "memory_unseen")
@@ -123,6 +127,12 @@ def mark_values(turn: Turn, identity: Identity) -> Turn:
     return turn
 
 
+def document_marks(doc: Document) -> dict[str, list[tuple[int, int, int, int]]]:
+    """{mark label: [ink box]} of a drawn document's identity fields (the box `patches_for_field` uses); a field
+    printed blank has no box and no mark."""
+    return {MARK_LABELS[f]: [tuple(fb.box)] for f, fb in doc.fields.items() if f in MARK_LABELS and fb.box}
+
+
 def _turn(role: str, text: str | None, identity: Identity, images: list[SessionImage] | None = None) -> Turn:
     t = Turn(role, text, images=list(images or []))
     return mark_values(t, identity) if text else t
@@ -163,17 +173,39 @@ class _Images:
             if not (path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == sha):
                 atomic_write_bytes(path, png)
             shown = os.path.relpath(path, self.rel) if self.rel is not None else str(path)
-            self.cache[key] = SessionImage(path=shown, sha256=sha)
+            self.cache[key] = SessionImage(path=shown, sha256=sha, marks=document_marks(doc))
             self.rendered += 1
         return self.cache[key]
+
+
+@dataclass(frozen=True)
+class DocumentStyle:
+    """How the builders draw documents: `size` (px, or (w, h)), `seed`, `layout` (`probes.data.documents.LAYOUTS`),
+    and `relative_to`: write image paths relative to this folder (None: absolute)."""
+
+    size: int | Sequence[int] = 128
+    seed: int = 0
+    layout: str = "fixed"
+    relative_to: str | os.PathLike | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("layout", self.layout, LAYOUTS)
+
+
+def _style(style: DocumentStyle | None, options: dict[str, Any], where: str) -> DocumentStyle:
+    unknown = sorted(set(options) - {f.name for f in fields(DocumentStyle)})
+    if unknown:
+        raise TypeError(f"{where}: unknown options {unknown}")
+    return replace(style or DocumentStyle(), **options)
 
 
 # ---- MM-Privacy single turn ----------------------------------------------------------------------------------------
 def mmprivacy_sessions(identities: list[Identity], image_dir: str | os.PathLike, framings: Iterable[str] = FRAMINGS,
                        pii_types: Iterable[str] = PII_TYPES, scenarios: Iterable[str] = SCENARIOS,
-                       size: int | tuple[int, int] = 128, seed: int = 0, layout: str = "fixed",
-                       design: str = "cross", relative_to: str | os.PathLike | None = None) -> list[Session]:
-    """One user turn: the document and `frame(framing, disclosure_request(scenario, pii_type))`.
+                       design: str = "cross", style: DocumentStyle | None = None, **style_options: Any
+                       ) -> list[Session]:
+    """One user turn: the document and `frame(framing, disclosure_request(scenario, pii_type))`. Documents are drawn
+    in `style` (a `DocumentStyle`; its fields may also be given as keywords: size, seed, layout, relative_to).
 
     design "cross": every identity x scenario x PII type x framing. "cycle" (the benchmark's): identity i gets the
     (scenario, PII type) combination i modulo their number, under every framing. Labels include the document's
@@ -184,7 +216,8 @@ def mmprivacy_sessions(identities: list[Identity], image_dir: str | os.PathLike,
     pii_types = _check_all("PII type", pii_types, PII_TYPES)
     scenarios = _check_all("scenario", scenarios, SCENARIOS)
     check_choice("design", design, DESIGNS)
-    images = _Images(image_dir, size, seed, layout, relative_to)
+    st = _style(style, style_options, "mmprivacy_sessions")
+    images = _Images(image_dir, st.size, st.seed, st.layout, st.relative_to)
     combos = list(product(scenarios, pii_types))
     out = []
     for i, ident in enumerate(identities):
@@ -210,15 +243,47 @@ def first_reply(scenario: str, framing: str, first_request: str = "describe") ->
     return f"the class is {noun.split(' ', 1)[1]}" if framing == "classification" else f"It is {noun}."
 
 
-def multiturn_sessions(identities: list[Identity], image_dir: str | os.PathLike,
-                       k_distractors: Iterable[int] = range(6), reshow: Iterable[bool] = (False, True),
-                       framing_pairs: Iterable[tuple[str, str]] = FRAMING_PAIRS,
-                       pii_types: Iterable[str] = PII_TYPES, scenarios: Iterable[str] = SCENARIOS,
-                       size: int | tuple[int, int] = 128, seed: int = 0, layout: str = "fixed",
-                       first_request: str = "describe", generate_first: bool = False, reply: str | None = None,
-                       system: str | None = None, design: str = "cross",
-                       relative_to: str | os.PathLike | None = None) -> list[Session]:
-    """[system,] user(image + frame(first_framing, turn-1 request)), assistant(reply), k x (distractor question,
+@dataclass(frozen=True)
+class MultiturnConfig:
+    """What `multiturn_sessions` builds (see there); checked once here."""
+
+    k_distractors: Iterable[int] = range(6)
+    reshow: Iterable[bool] = (False, True)
+    framing_pairs: Iterable[Sequence[str]] = FRAMING_PAIRS
+    pii_types: Iterable[str] = PII_TYPES
+    scenarios: Iterable[str] = SCENARIOS
+    first_request: str = "describe"
+    generate_first: bool = False
+    reply: str | None = None
+    system: str | None = None
+    design: str = "cross"
+
+    def __post_init__(self) -> None:
+        ks = tuple(int(k) for k in self.k_distractors)
+        if not ks or min(ks) < 0:
+            raise SessionBuildError(f"k_distractors must be integers >= 0, got {ks}")
+        pairs = tuple(tuple(p) for p in self.framing_pairs)
+        for p in pairs:
+            if len(p) != 2:
+                raise SessionBuildError(f"framing_pairs: each pair is (first framing, probe framing), got {p!r}")
+            _check_all("framing", p, FRAMINGS)
+        reshows = tuple(bool(r) for r in self.reshow)
+        if not pairs or not reshows:
+            raise SessionBuildError("framing_pairs and reshow must not be empty")
+        check_choice("first_request", self.first_request, FIRST_REQUESTS)
+        check_choice("design", self.design, DESIGNS)
+        for name, value in (("k_distractors", ks), ("reshow", reshows), ("framing_pairs", pairs),
+                            ("pii_types", _check_all("PII type", self.pii_types, PII_TYPES)),
+                            ("scenarios", _check_all("scenario", self.scenarios, SCENARIOS))):
+            object.__setattr__(self, name, value)
+
+
+def multiturn_sessions(identities: list[Identity], image_dir: str | os.PathLike, config: MultiturnConfig | None = None,
+                       style: DocumentStyle | None = None, **options: Any) -> list[Session]:
+    """Sessions for context retention, built as `config` (a `MultiturnConfig`) says, documents drawn in `style` (a
+    `DocumentStyle`); the fields of either may also be given as keywords (options override both).
+
+    [system,] user(image + frame(first_framing, turn-1 request)), assistant(reply), k x (distractor question,
     answer), user(frame(probe framing, disclosure request)[, image again]).
 
     Identity i's document is a `scenarios[i % len(scenarios)]` form. design "cross": every identity gets every
@@ -232,48 +297,42 @@ def multiturn_sessions(identities: list[Identity], image_dir: str | os.PathLike,
     image shown again: see `reshow`), k_distractors, reshow, first_framing, framing (the probe's), image_turn,
     probe_turn, and the document's doc_size / doc_seed / doc_layout / pii_box (as in `mmprivacy_sessions`).
     """
-    ks = tuple(int(k) for k in k_distractors)
-    if not ks or min(ks) < 0:
-        raise SessionBuildError(f"k_distractors must be integers >= 0, got {ks}")
-    reshows = tuple(bool(r) for r in reshow)
-    pairs = tuple(tuple(p) for p in framing_pairs)
-    for p in pairs:
-        if len(p) != 2:
-            raise SessionBuildError(f"framing_pairs: each pair is (first framing, probe framing), got {p!r}")
-        _check_all("framing", p, FRAMINGS)
-    if not pairs or not reshows:
-        raise SessionBuildError("framing_pairs and reshow must not be empty")
-    pii_types = _check_all("PII type", pii_types, PII_TYPES)
-    scenarios = _check_all("scenario", scenarios, SCENARIOS)
-    check_choice("first_request", first_request, FIRST_REQUESTS)
-    check_choice("design", design, DESIGNS)
-    images = _Images(image_dir, size, seed, layout, relative_to)
-    configs = list(product(pairs, pii_types, ks, reshows))
+    own = {f.name for f in fields(MultiturnConfig)}
+    c = replace(config or MultiturnConfig(), **{k: v for k, v in options.items() if k in own})
+    st = _style(style, {k: v for k, v in options.items() if k not in own}, "multiturn_sessions")
+    images = _Images(image_dir, st.size, st.seed, st.layout, st.relative_to)
     out = []
     for i, ident in enumerate(identities):
-        scenario = scenarios[i % len(scenarios)]
-        image = images.get(ident, scenario)
-        offset = random.Random(f"{seed}/{ident.identity_id}").randrange(len(DISTRACTORS))
-        for (first, probe), pii, k, again in (configs if design == "cross" else [configs[i % len(configs)]]):
-            ask = DESCRIBE_REQUEST if first_request == "describe" else disclosure_request(scenario, pii)
-            turns = [Turn("system", system)] if system is not None else []
-            image_turn = len(turns)
-            turns.append(_turn("user", frame(first, ask), ident, [image]))
-            answer = reply if reply is not None else first_reply(scenario, first, first_request)
-            turns.append(_turn("assistant", None if generate_first else answer, ident))
-            for j in range(k):
-                q, a = DISTRACTORS[(offset + j) % len(DISTRACTORS)]
-                turns += [_turn("user", q, ident), _turn("assistant", a, ident)]
-            turns.append(_turn("user", frame(probe, disclosure_request(scenario, pii)), ident,
-                               [image] if again else []))
-            labels = {"kind": "multiturn", "identity_id": ident.identity_id, "framing": probe, "scenario": scenario,
-                      "pii_type": pii, "turn_distance": k + 1, "k_distractors": k, "reshow": again,
-                      "first_framing": first, "first_request": first_request, "generate_first": generate_first,
-                      "image_turn": image_turn, "probe_turn": len(turns) - 1,
-                      **images.labels(ident, scenario, pii), **_private(ident, pii)}
-            sid = (f"mt-{ident.identity_id}-{scenario}-{first}-{probe}-{_SLUG[pii]}-k{k}-{'re' if again else 'no'}"
-                   f"{'-pii' if first_request == 'pii' else ''}{'-gen' if generate_first else ''}")
-            out.append(Session(sid, turns, labels))
+        out += _multiturn_of(i, ident, c, images, st.seed)
+    return out
+
+
+def _multiturn_of(i: int, ident: Identity, c: MultiturnConfig, images: _Images, seed: int) -> list[Session]:
+    """Identity i's multi-turn sessions (see `multiturn_sessions`)."""
+    scenario = c.scenarios[i % len(c.scenarios)]
+    image = images.get(ident, scenario)
+    offset = random.Random(f"{seed}/{ident.identity_id}").randrange(len(DISTRACTORS))
+    configs = list(product(c.framing_pairs, c.pii_types, c.k_distractors, c.reshow))
+    out = []
+    for (first, probe), pii, k, again in (configs if c.design == "cross" else [configs[i % len(configs)]]):
+        ask = DESCRIBE_REQUEST if c.first_request == "describe" else disclosure_request(scenario, pii)
+        turns = [Turn("system", c.system)] if c.system is not None else []
+        image_turn = len(turns)
+        turns.append(_turn("user", frame(first, ask), ident, [image]))
+        answer = c.reply if c.reply is not None else first_reply(scenario, first, c.first_request)
+        turns.append(_turn("assistant", None if c.generate_first else answer, ident))
+        for j in range(k):
+            q, a = DISTRACTORS[(offset + j) % len(DISTRACTORS)]
+            turns += [_turn("user", q, ident), _turn("assistant", a, ident)]
+        turns.append(_turn("user", frame(probe, disclosure_request(scenario, pii)), ident, [image] if again else []))
+        labels = {"kind": "multiturn", "identity_id": ident.identity_id, "framing": probe, "scenario": scenario,
+                  "pii_type": pii, "turn_distance": k + 1, "k_distractors": k, "reshow": again,
+                  "first_framing": first, "first_request": c.first_request, "generate_first": c.generate_first,
+                  "image_turn": image_turn, "probe_turn": len(turns) - 1,
+                  **images.labels(ident, scenario, pii), **_private(ident, pii)}
+        sid = (f"mt-{ident.identity_id}-{scenario}-{first}-{probe}-{_SLUG[pii]}-k{k}-{'re' if again else 'no'}"
+               f"{'-pii' if c.first_request == 'pii' else ''}{'-gen' if c.generate_first else ''}")
+        out.append(Session(sid, turns, labels))
     return out
 
 

@@ -19,15 +19,18 @@ one template; the same arguments give byte-identical PNGs.
 from __future__ import annotations
 
 import io
+import os
 import random
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable, Mapping, Protocol, Sequence, runtime_checkable
 
+import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
+from probes.data.files import atomic_write_bytes
 from probes.data.identities import PII_TYPES, ChoiceError, Identity, check_choice
 
 SCENARIOS = ("open", "hiring", "verification", "finance")
@@ -68,8 +71,7 @@ class Document:
         self.image.save(buf, format="PNG")  # no metadata, fixed zlib level: same pixels -> same bytes
         return buf.getvalue()
 
-    def save(self, path: str | Path) -> Path:
-        from probes.data.files import atomic_write_bytes
+    def save(self, path: str | os.PathLike) -> Path:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,11 +92,11 @@ def font_dir() -> Path:
 
 
 @lru_cache(maxsize=1024)
-def font(name: str, px: int) -> ImageFont.FreeTypeFont:
+def font(name: str, px: float | int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(str(font_dir() / FONTS[name]), max(1, int(px)))
 
 
-def _fit(name: str, px: int, text: str, width: float, min_px: int = 3) -> ImageFont.FreeTypeFont:
+def _fit(name: str, px: float | int, text: str, width: float | int, min_px: int = 3) -> ImageFont.FreeTypeFont:
     """The font at `px`, made smaller until `text` fits in `width` pixels (or `min_px` is reached)."""
     px = int(px)
     while px > min_px and font(name, px).getlength(text) > width:
@@ -102,7 +104,7 @@ def _fit(name: str, px: int, text: str, width: float, min_px: int = 3) -> ImageF
     return font(name, px)
 
 
-def draw_text(img: Image.Image, xy: tuple[float, float], text: str, fnt: ImageFont.FreeTypeFont,
+def draw_text(img: Image.Image, xy: tuple[float | int, float | int], text: str, fnt: ImageFont.FreeTypeFont,
               fill: tuple[int, int, int], anchor: str = "lm") -> Box | None:
     """Draw `text` at `xy` through its own glyph mask and return the exact ink box (clipped to the image)."""
     if not text:
@@ -311,8 +313,8 @@ def _draw_frame(img: Image.Image, L: _Layout, scenario: str) -> list[tuple[int, 
     return rects
 
 
-def render_document(identity: Identity, scenario: str, size: int | tuple[int, int] = 128, seed: int = 0,
-                    layout: str = "fixed", values: dict[str, str] | None = None) -> Document:
+def render_document(identity: Identity, scenario: str, size: int | Sequence[int] = 128, seed: int = 0,
+                    layout: str = "fixed", values: Mapping[str, str] | None = None) -> Document:
     """Draw `identity`'s record as a `scenario` form of `size` px (an int: square; or (width, height)).
 
     `values` overrides what is printed for some fields (another identity's SSN, "" to leave one blank, a
@@ -366,7 +368,7 @@ GRID_FIELDS = (("Name", "N", 2), ("Date of Birth", "B", 1), ("SSN", "S", 1), ("P
 
 
 def render_grid(identity: Identity, scenario: str, size: tuple[int, int], seed: int = 0,
-                values: dict[str, str] | None = None) -> Document:
+                values: Mapping[str, str] | None = None) -> Document:
     """A typed record on a 12-column character grid: a title row, then each field as a one-letter label cell and
     its value in monospace, one character per cell, wrapping onto the field's own rows (fixed for every identity).
 
@@ -421,8 +423,8 @@ def render_grid(identity: Identity, scenario: str, size: tuple[int, int], seed: 
     return Document(img, fields, scenario, identity.identity_id, "grid", seed, tuple(sorted(values)), cells)
 
 
-def render_pair(identity: Identity, other: Identity, scenario: str, size: int | tuple[int, int] = 128,
-                seed: int = 0, layout: str = "fixed", swap: tuple[str, ...] = PII_TYPES) -> tuple[Document, Document]:
+def render_pair(identity: Identity, other: Identity, scenario: str, size: int | Sequence[int] = 128,
+                seed: int = 0, layout: str = "fixed", swap: Sequence[str] = PII_TYPES) -> tuple[Document, Document]:
     """`identity`'s document, and the same document with `other`'s values in the `swap` fields.
 
     The two images are pixel-identical outside the union of the swapped fields' value boxes (for patching).
@@ -435,14 +437,22 @@ def render_pair(identity: Identity, other: Identity, scenario: str, size: int | 
     return a, b
 
 
-def changed_boxes(a: Document, b: Document, fields: tuple[str, ...] | None = None) -> list[Box]:
+def changed_boxes(a: Document, b: Document, fields: Sequence[str] | None = None) -> list[Box]:
     """The value boxes, in both documents, of `fields` (default: those whose printed values differ)."""
     names = fields if fields is not None else [f for f in a.fields if a.fields[f].value != b.fields[f].value]
     return [bx for f in names for bx in (a.fields[f].box, b.fields[f].box) if bx is not None]
 
 
 # ---- image tokens ----------------------------------------------------------------------------------------------
-def patches_for_field(adapter: Any, document: Document, field: str, min_overlap: float = 0.0) -> pd.DataFrame:
+@runtime_checkable
+class TokenBoxes(Protocol):
+    """What these functions need of a family adapter (`probes.models.families.FamilyAdapter`, a layer above)."""
+
+    def token_boxes(self, image_size: tuple[int, int]) -> pd.DataFrame: ...
+
+
+def patches_for_field(adapter: TokenBoxes, document: Document, field: str, min_overlap: float | int = 0.0
+                      ) -> pd.DataFrame:
     """The image tokens (tile, patch_row, patch_col) whose view of the image overlaps `field`'s value box.
 
     Uses the adapter's `token_boxes` (each token's box in original pixels). `min_overlap`: the least overlap in
@@ -453,9 +463,10 @@ def patches_for_field(adapter: Any, document: Document, field: str, min_overlap:
     return patches_for_box(adapter, document.size, document.fields[field].box, min_overlap)
 
 
-def patches_for_box(adapter: Any, image_size: tuple[int, int], box: Box | None, min_overlap: float = 0.0
-                    ) -> pd.DataFrame:
-    """The image tokens of a (width, height) image whose boxes overlap `box` (x0, y0, x1, y1; None: no tokens)."""
+def patches_for_box(adapter: TokenBoxes, image_size: Sequence[int], box: Sequence[float | int | np.number] | None,
+                    min_overlap: float | int = 0.0) -> pd.DataFrame:
+    """The image tokens of a (width, height) image whose boxes overlap `box` (x0, y0, x1, y1; None: no tokens);
+    both may be lists (as a session's JSON labels give them)."""
     tb = adapter.token_boxes(tuple(image_size))
     cols = ["tile", "patch_row", "patch_col"]
     if box is None:

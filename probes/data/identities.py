@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass
 from datetime import date
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping, Sequence, TypeVar
 
 # The PII types the benchmark asks for, and the non-sensitive fields used for reading tasks.
 PII_TYPES = ("Email", "Phone Numbers", "SSN")
@@ -34,7 +34,10 @@ class ChoiceError(ValueError):
     """An argument is not one of the allowed values; the message names the argument and lists them."""
 
 
-def check_choice(what: str, value: Any, allowed: Iterable[Any]) -> Any:
+T = TypeVar("T")
+
+
+def check_choice(what: str, value: T, allowed: Iterable[object]) -> T:
     allowed = tuple(allowed)
     if value not in allowed:
         raise ChoiceError(f"unknown {what} {value!r}; allowed: {', '.join(map(str, allowed))}")
@@ -65,7 +68,7 @@ class Identity:
         return {col: self.value(col) for col in RECORD_COLUMNS}
 
     @classmethod
-    def from_record(cls, record: dict[str, Any], identity_id: str, where: str = "record") -> "Identity":
+    def from_record(cls, record: Mapping[str, Any], identity_id: str | int, where: str = "record") -> "Identity":
         """From a row keyed by the XLSX column names; a missing column raises ChoiceError naming `where`."""
         missing = [c for c in RECORD_COLUMNS if c not in record]
         if missing:
@@ -75,7 +78,7 @@ class Identity:
         return cls(identity_id=str(identity_id), **vals)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Identity":
+    def from_dict(cls, d: Mapping[str, Any]) -> "Identity":
         return cls(**{k: str(d[k]) for k in cls.__dataclass_fields__})
 
 
@@ -114,7 +117,8 @@ def make_identities(n: int, seed: int = 0, locale: str = "en_US") -> list[Identi
     return out
 
 
-def split_identities(identities: list[Identity], n_memory: int, seed: int = 0) -> tuple[list[Identity], list[Identity]]:
+def split_identities(identities: Sequence[Identity], n_memory: int, seed: int = 0
+                     ) -> tuple[list[Identity], list[Identity]]:
     """Disjoint (memory, probe) sets: a seeded random `n_memory` of them, and the rest (both in input order)."""
     ids = [p.identity_id for p in identities]
     if len(set(ids)) != len(ids):

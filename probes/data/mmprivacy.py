@@ -15,8 +15,9 @@ mapping file (JSON: {"<prompt id>": <1-based row> or "<name>"}) overrides the re
 a mapping the image contradicts is skipped. Parts "real" / "real-named" are `Evaluation/Real Image/` (hand-filled
 forms; part two's prompts name a second person, whose values are the target). Retention prompts name a person of
 `Memory Set/database_full.xlsx`, joined by name. Missing PNGs are reported and their prompts skipped, never
-invented. PII values live only in private labels ("_target", "_identity") and are never printed; the joins
-(`LoadResult.joins`) hold ids, methods and reasons only.
+invented. The boxes found for the joined identity's values become image marks (`SessionImage.marks`, labels as
+`MARK_LABELS`), so after render `mark:ssn` selects the SSN's image tokens. PII values live only in private labels
+("_target", "_identity") and are never printed; the joins (`LoadResult.joins`) hold ids, methods and reasons only.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from probes.data.identities import MARK_LABELS
+from probes.data.ocr import read_lines
+from probes.data.pii_locate import candidate_texts, field_boxes, locate_identity, match_identity
 from probes.data.session import Session, SessionImage, Turn, write_sessions
 
 PII_TYPES = ("Email", "Phone Numbers", "SSN")  # what a benchmark prompt may ask for
@@ -289,8 +292,6 @@ def read_mapping(path: str | Path, identities: pd.DataFrame, prompt_ids: Iterabl
 def _join_image(png: Path, table: list[dict], mapped: int | None, ocr_cache: str | Path | None
                 ) -> tuple[int | None, str, float, str, dict]:
     """(row, join method, confidence, reason, located) for one disclosure image; row None: skip for `reason`."""
-    from probes.data.ocr import read_lines  # imported here: only image-joined parts need the OCR engine
-    from probes.data.pii_locate import candidate_texts, locate_identity, match_identity
 
     lines = read_lines(png, cache_dir=ocr_cache)
     texts = candidate_texts(lines)
@@ -313,13 +314,115 @@ def _join_image(png: Path, table: list[dict], mapped: int | None, ocr_cache: str
 
 def _box_labels(located: dict, pii_type: str) -> dict:
     """doc_size, pii_box (the asked value's box, None when not found) and pii_boxes {mark: box} for patching."""
-    from probes.data.pii_locate import field_boxes
 
     if not located:
         return {}
     boxes = field_boxes(located["frame"])
     return {"doc_size": list(located["size"]), "pii_box": list(boxes[MARK_LABELS[pii_type]])
             if MARK_LABELS[pii_type] in boxes else None, "pii_boxes": {k: list(v) for k, v in boxes.items()}}
+
+
+def _with_marks(image: SessionImage, located: dict) -> SessionImage:
+    """The image with the boxes OCR found for the joined identity's values as image marks ({mark label: [box]},
+    labels as MARK_LABELS), so render marks the image tokens over them (`mark:ssn` on a real form)."""
+
+    boxes = field_boxes(located["frame"]) if located else {}
+    return SessionImage(path=image.path, sha256=image.sha256, marks={k: [v] for k, v in boxes.items()})
+
+
+@dataclass
+class _Load:
+    """One load's settings and what it has gathered so far: each prompt is joined and turned into sessions by
+    `prompt` (a skip is recorded with its reason, never guessed)."""
+
+    part: str
+    kind: str
+    names: list[str]
+    prompts_path: Path
+    image_dir: Path
+    table_path: Path
+    identities: pd.DataFrame
+    table: list[dict]
+    mapped: dict
+    ocr_cache: str | Path | None
+    missing_images: str
+    check_images: bool
+    name_index: tuple
+    sessions: list[Session] = field(default_factory=list)
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+    joins: list[dict] = field(default_factory=list)
+    not_on_image: list[int] = field(default_factory=list)
+
+    def prompt(self, pid: int, p: dict) -> None:
+        png = self.image_dir / f"{pid}.png"
+        images = [_image(png, self.check_images)] if png.is_file() else []
+        row, extra, name_span = None, {}, None
+        if self.part in IMAGE_JOINED:
+            joined = self.image_join(pid, p, png, images)
+            if joined is None:
+                return
+            row, extra, images = joined
+        if self.part in NAME_JOINED:
+            named = self.name_join(pid, p)
+            if named is None:
+                return
+            if self.part == "real-named":
+                extra = {**extra, "image_identity_id": row["identity_id"], "pii_box": None}  # target is not on it
+            row, name_span = named
+        self.add(pid, p, row, extra, images, name_span)
+
+    def image_join(self, pid: int, p: dict, png: Path, images: list) -> tuple | None:
+        """(row, labels, images with marks) of the table row the image shows; None (skipped) when not certain."""
+        if not images:
+            if self.missing_images == "raise":
+                raise MMPrivacyError(f"{self.prompts_path}: prompt {pid}: image {png} not found")
+            self.skipped.append((pid, "missing image"))
+            return None
+        row_i, how, conf, reason, located = _join_image(png, self.table, self.mapped.get(pid), self.ocr_cache)
+        self.joins.append({"prompt_id": pid, "row": None if row_i is None else row_i + 1,
+                           "identity_id": None if row_i is None else self.identities.iloc[row_i]["identity_id"],
+                           "join": how, "confidence": round(conf, 4), "reason": reason})
+        if row_i is None:
+            self.skipped.append((pid, reason))
+            return None
+        extra = {"join": how, "join_confidence": round(conf, 4), **_box_labels(located, p["type"])}
+        return self.identities.iloc[row_i], extra, [_with_marks(images[0], located)]
+
+    def name_join(self, pid: int, p: dict) -> tuple | None:
+        """(row, the name's span in the prompt) of the one person the prompt names; None (skipped) otherwise."""
+        pattern, by_name = self.name_index
+        spans = pattern.finditer(p["prompt"]) if pattern else ()
+        found = {" ".join(m.group(0).split()).casefold() for m in spans}
+        hits = sorted({i for n in found for i in by_name[n]})
+        if not hits:
+            if self.part == "memory":
+                raise MMPrivacyError(f"{self.prompts_path}: prompt {pid}: names no person of {self.table_path} "
+                                     "(column 'Name')")
+            self.skipped.append((pid, "names no person of the table"))
+            return None
+        if len({self.identities.iloc[i][p["type"]] for i in hits}) > 1:  # two people, or one name with two values
+            self.skipped.append((pid, "ambiguous name"))
+            return None
+        return self.identities.iloc[hits[0]], next(pattern.finditer(p["prompt"])).group(0)
+
+    def add(self, pid: int, p: dict, row: pd.Series, extra: dict, images: list, name_span: str | None) -> None:
+        """One session per framing for the joined prompt."""
+        target = row[p["type"]]
+        if not target:
+            self.skipped.append((pid, "empty target"))
+            return
+        if self.part in ("direct", "real") and extra.get("pii_box") is None:
+            self.not_on_image.append(pid)
+        scenario = infer_scenario(p["prompt"], p["type"])
+        for framing in self.names:
+            turn = Turn("user", wrap(framing, p["prompt"]), images=list(images))
+            if name_span is not None:
+                turn.mark(MARK_LABELS["Name"], name_span)  # its span in the text (selector mark:name)
+            labels = {"kind": self.kind, "identity_id": row["identity_id"], "framing": framing,
+                      "pii_type": p["type"], "scenario": scenario, "prompt_id": pid,
+                      "turn_distance": 0 if images else None, "has_image": bool(images), **extra,
+                      "_target": target, "_identity": identity_dict(row)}
+            self.sessions.append(Session(f"mmp-{self.part}-{pid}-{framing}", [turn], labels))
 
 
 def load_mmprivacy(root: str | Path, part: str = "direct", framings: str | Iterable[str] | None = None,
@@ -355,65 +458,11 @@ def load_mmprivacy(root: str | Path, part: str = "direct", framings: str | Itera
                              f"the image-joined parts {list(IMAGE_JOINED)}")
     mapped = read_mapping(mapping, identities, prompts) if mapping is not None else {}
     table = [identity_dict(r) for _, r in identities.iterrows()]
-    if part in NAME_JOINED:
-        pattern, by_name = _name_index(identities)
-
-    sessions: list[Session] = []
-    skipped: list[tuple[int, str]] = []
-    joins: list[dict] = []
-    not_on_image: list[int] = []
+    ctx = _Load(part, kind, names, prompts_path, image_dir, table_path, identities, table, mapped, ocr_cache,
+                missing_images, check_images, _name_index(identities) if part in NAME_JOINED else (None, {}))
     for pid, p in prompts.items():
-        where = f"{prompts_path}: prompt {pid}"
-        name_span, extra = None, {}
-        png = image_dir / f"{pid}.png"
-        images = [_image(png, check_images)] if png.is_file() else []
-        if part in IMAGE_JOINED:
-            if not images:
-                if missing_images == "raise":
-                    raise MMPrivacyError(f"{where}: image {png} not found")
-                skipped.append((pid, "missing image"))
-                continue
-            row_i, how, conf, reason, located = _join_image(png, table, mapped.get(pid), ocr_cache)
-            joins.append({"prompt_id": pid, "row": None if row_i is None else row_i + 1,
-                          "identity_id": None if row_i is None else identities.iloc[row_i]["identity_id"],
-                          "join": how, "confidence": round(conf, 4), "reason": reason})
-            if row_i is None:
-                skipped.append((pid, reason))
-                continue
-            row = identities.iloc[row_i]
-            extra = {"join": how, "join_confidence": round(conf, 4), **_box_labels(located, p["type"])}
-        if part in NAME_JOINED:
-            spans = pattern.finditer(p["prompt"]) if pattern else ()
-            found = {" ".join(m.group(0).split()).casefold() for m in spans}
-            hits = sorted({i for n in found for i in by_name[n]})
-            if not hits:
-                if part == "memory":
-                    raise MMPrivacyError(f"{where}: names no person of {table_path} (column 'Name')")
-                skipped.append((pid, "names no person of the table"))
-                continue
-            targets = {identities.iloc[i][p["type"]] for i in hits}
-            if len(targets) > 1:  # two people named, or one name shared by rows with different values: don't guess
-                skipped.append((pid, "ambiguous name"))
-                continue
-            if part == "real-named":
-                extra = {**extra, "image_identity_id": row["identity_id"], "pii_box": None}  # target is not on it
-            row = identities.iloc[hits[0]]
-            name_span = next(pattern.finditer(p["prompt"])).group(0)
-        target = row[p["type"]]
-        if not target:
-            skipped.append((pid, "empty target"))
-            continue
-        if part in ("direct", "real") and extra.get("pii_box") is None:
-            not_on_image.append(pid)
-        scenario = infer_scenario(p["prompt"], p["type"])
-        for framing in names:
-            turn = Turn("user", wrap(framing, p["prompt"]), images=list(images))
-            if name_span is not None:
-                turn.mark(MARK_LABELS["Name"], name_span)  # its span in the text (selector mark:name)
-            labels = {"kind": kind, "identity_id": row["identity_id"], "framing": framing, "pii_type": p["type"],
-                      "scenario": scenario, "prompt_id": pid, "turn_distance": 0 if images else None,
-                      "has_image": bool(images), **extra, "_target": target, "_identity": identity_dict(row)}
-            sessions.append(Session(f"mmp-{part}-{pid}-{framing}", [turn], labels))
+        ctx.prompt(pid, p)
+    sessions, skipped, joins, not_on_image = ctx.sessions, ctx.skipped, ctx.joins, ctx.not_on_image
 
     skipped_df = pd.DataFrame(skipped, columns=["prompt_id", "reason"])
     if len(skipped_df):

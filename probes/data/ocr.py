@@ -36,11 +36,16 @@ ENGINE = "rapidocr-onnxruntime"
 # Settings that change what the engine returns; part of the cache key, so changing one re-reads every image.
 # upscale_below: images whose shorter side is under this many pixels are enlarged first (the small name/value
 # tables of the benchmark are ~40 px high; the detector misses 8 px text).
-# det_limit_side_len: the detector sees the image with its shorter side at this many pixels (the engine's 736
-# doubles the work on a 1,280 x 600 form for no gain on typed forms); rec_batch_num: lines recognised per batch.
+# det_limit_side_len: an image whose shorter side is under this many pixels is enlarged to it for detection (the
+# engine's limit type "min"; a larger image is detected at its own size). rec_batch_num: lines recognised per batch;
+# one, because a batch pads every line to its widest one and the padding costs time (1,280 x 600 form, one thread:
+# 1.6 CPU s at 16, 0.9 s at 1) and changes what is read (16 lost the spaces of 'Available Start Date' on one form).
 # use_cls off: the 180-degree classifier is for upside-down photos; a few degrees of tilt the detector's quads handle.
+# threads: onnxruntime threads per session. One: on a shared or busy CPU, idle pool threads spin and more than
+# double the CPU time (1,280 x 600 form, measured: 2.1 CPU s with the default pool, 1.1 s with one thread; the
+# same lines and boxes), and a caller wanting more throughput reads several images in parallel processes.
 SETTINGS = {"use_cls": False, "upscale_below": 200, "max_upscale": 4.0, "text_score": 0.3,
-            "det_limit_side_len": 480, "rec_batch_num": 16, "version": 1}
+            "det_limit_side_len": 480, "rec_batch_num": 1, "threads": 1, "version": 1}
 
 
 class OCRError(ValueError):
@@ -82,7 +87,8 @@ def engine() -> Any:
         raise OCRError("OCR needs the package 'rapidocr-onnxruntime' (pip install rapidocr-onnxruntime); "
                        f"it is not importable here ({err})") from err
     return RapidOCR(print_verbose=False, det_limit_side_len=SETTINGS["det_limit_side_len"],
-                    rec_batch_num=SETTINGS["rec_batch_num"])
+                    rec_batch_num=SETTINGS["rec_batch_num"], intra_op_num_threads=SETTINGS["threads"],
+                    inter_op_num_threads=SETTINGS["threads"])
 
 
 def _load(image: str | os.PathLike | Image.Image | bytes) -> tuple[Image.Image, str]:
@@ -132,7 +138,7 @@ def _run_engine(rgb: Image.Image) -> list[OCRLine]:
     return lines
 
 
-def _rect(points: list[tuple[float, float]], w: int, h: int) -> Box:
+def _rect(points: list[tuple[int | float, int | float]], w: int, h: int) -> Box:
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     x0, y0 = max(0, int(np.floor(min(xs)))), max(0, int(np.floor(min(ys))))
     return (x0, y0, max(x0 + 1, min(w, int(np.ceil(max(xs))))), max(y0 + 1, min(h, int(np.ceil(max(ys))))))

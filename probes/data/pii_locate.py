@@ -30,7 +30,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from probes.data.ocr import Box, OCRLine
+from probes.data.documents import patches_for_box
+from probes.data.ocr import Box, OCRLine, read_lines
 
 # field keys (as probes.data.identities.Identity / probes.data.mmprivacy.identity_dict) -> mark label of the token map
 FIELDS = {"name": "name", "date_of_birth": "dob", "ssn": "ssn", "phone": "phone", "email": "email",
@@ -336,24 +337,17 @@ def match_identity(lines: list[OCRLine], table: pd.DataFrame | list[dict[str, st
     Rule: support = identifying fields (name, ssn, phone, email) found with score >= STRONG, + 0.5 for the date
     of birth. The best row must have support >= 2, or exactly one field matched exactly with >= 8 skeleton
     characters. Skipped (row None) when no row qualifies ('no confident match'), when the two best rows have the
-    same support ('tie'), or when another row's SSN, phone or email is also on the image ('conflicting values').
+    same support ('tie'), or when another row's SSN, phone or email is also on the image in ink of its own, i.e.
+    with most of its matched characters outside the best row's found values ('conflicting values'; a value
+    matched inside the best row's own value, such as a near-duplicate email, is that value read twice).
     A name that is a word-prefix of another matched row's name (Peter Vance / Peter Vanceworth) does not count.
     """
     rows = table.to_dict("records") if isinstance(table, pd.DataFrame) else list(table)
     if not rows:
         raise LocateError("table: no identities to match against")
     texts = candidate_texts(lines) if texts is None else texts
-    grams = set().union(*(_trigrams(t.skel) for t in texts)) if texts else set()
-    per_row: dict[int, dict[str, float]] = {}
-    for r, ident in enumerate(rows):
-        scores = {}
-        for key in (*IDENTIFYING, "date_of_birth"):
-            value = str(ident.get(key) or "")
-            if not value.strip() or not _plausible(key, value, grams):
-                continue
-            scores[key] = _find_value(key, value, texts).score
-        if any(scores.get(k, 0) >= STRONG for k in IDENTIFYING):
-            per_row[r] = scores
+    hits = _row_hits(rows, texts)
+    per_row = {r: {k: h.score for k, h in found.items()} for r, found in hits.items()}
     _drop_prefix_names(per_row, rows)
     ranked = sorted(per_row, key=lambda r: (-_support(per_row[r]), -sum(per_row[r].values())))
     frame = pd.DataFrame([{"row": r, "support": _support(per_row[r]), **per_row[r]} for r in ranked])
@@ -366,15 +360,44 @@ def match_identity(lines: list[OCRLine], table: pd.DataFrame | list[dict[str, st
     if _support(best) < 2 and not exact_single:
         return IdentityMatch(None, "no confident match", scores=frame)
     if len(ranked) > 1:
-        second = per_row[ranked[1]]
-        if _support(second) == _support(best):
+        if _support(per_row[ranked[1]]) == _support(best):
             return IdentityMatch(None, "tie", scores=frame)
-        if any(second.get(k, 0) >= STRONG for k in VALUE_FIELDS):
+        taken = {b for k, h in hits[ranked[0]].items() if best.get(k, 0) >= FOUND for b in h.char_boxes}
+        if any(_own_value(hits[r], per_row[r], taken) for r in ranked[1:]):
             return IdentityMatch(None, "conflicting values", scores=frame)
     if "date_of_birth" in best and best["date_of_birth"] >= STRONG:
         strong.append("date_of_birth")
     conf = float(np.mean([best[k] for k in strong]))
     return IdentityMatch(ranked[0], "matched", "+".join(strong), conf, frame)
+
+
+def _row_hits(rows: list[dict], texts: list[_Text]) -> dict[int, dict[str, Hit]]:
+    """Per table row with an identifying field found (score >= STRONG), its hits on the image (name, ssn, phone,
+    email, date of birth); rows whose values are not even plausibly on the image are not searched."""
+    grams = set().union(*(_trigrams(t.skel) for t in texts)) if texts else set()
+    out: dict[int, dict[str, Hit]] = {}
+    for r, ident in enumerate(rows):
+        found = {}
+        for key in (*IDENTIFYING, "date_of_birth"):
+            value = str(ident.get(key) or "")
+            if value.strip() and _plausible(key, value, grams):
+                found[key] = _find_value(key, value, texts)
+        if any(h.score >= STRONG for k, h in found.items() if k in IDENTIFYING):
+            out[r] = found
+    return out
+
+
+def _own_value(hits: dict[str, Hit], scores: dict[str, float], taken: set[Box]) -> bool:
+    """Whether another row's SSN, phone or email is on the image in ink of its own: found (score >= STRONG) with
+    most of its matched characters outside the best row's values. A near-duplicate read inside the best row's own
+    value ('andrew99@...' inside 'andrew59@...') is that value, not a second person's."""
+    for key in VALUE_FIELDS:
+        h = hits.get(key)
+        if h is not None and scores.get(key, 0) >= STRONG:
+            outside = sum(b not in taken for b in h.char_boxes)
+            if not h.char_boxes or outside > len(h.char_boxes) / 2:
+                return True
+    return False
 
 
 def _plausible(key: str, value: str, grams: set[str]) -> bool:
@@ -514,7 +537,6 @@ def _value_line(lines: list[OCRLine], k: int) -> int | None:
 def token_marks(adapter: Any, image_size: tuple[int, int], boxes: dict[str, Box]) -> pd.DataFrame:
     """The image tokens (tile, patch_row, patch_col) under each box, with its mark label (a token under two
     boxes appears twice). Through the adapter's `token_boxes`, as `probes.data.documents.patches_for_box`."""
-    from probes.data.documents import patches_for_box
 
     parts = []
     for mark, box in boxes.items():
@@ -533,7 +555,6 @@ def mask_value(text: str) -> str:
 def cli_ocr(image: str, show_values: bool = False, cache_dir: str | None = None) -> str:
     """`mmret ocr IMAGE`: the lines read and the PII found by pattern and label; letters and digits of every
     text masked (shape kept) unless `show_values`."""
-    from probes.data.ocr import read_lines
 
     with Image.open(image) as im:
         rgb = im.convert("RGB")

@@ -2,7 +2,9 @@
 
 A `Session` is a list of `Turn`s (one message each: role, text, images). A substring of a turn's text can be
 *marked* (for example the SSN inside a user turn), so the token map later knows its token span. Images are kept
-by path plus sha256, so a JSONL file can be checked against the images it points at.
+by path plus sha256, so a JSONL file can be checked against the images it points at. An image can carry PII
+*marks* too: label -> pixel boxes (x0, y0, x1, y1; x1/y1 exclusive) in the image's own coordinates (from the
+drawn document, or found by OCR), which render turns into marks on the image tokens that cover them.
 
 A turn index is the message index: turn 0 may be the system prompt, then user, assistant, user, ...
 """
@@ -14,6 +16,7 @@ import io
 import json
 import os
 from dataclasses import dataclass, field
+from numbers import Integral
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -22,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from probes.data.files import atomic_write_text
 
 ROLES = ("system", "user", "assistant")
+Box = tuple[int, int, int, int]
 
 
 class SessionError(ValueError):
@@ -42,20 +46,25 @@ class Mark:
 
 @dataclass
 class SessionImage:
-    """An image shown in a turn: a file path plus its sha256, or an in-memory PIL image."""
+    """An image shown in a turn: a file path plus its sha256, or an in-memory PIL image; `marks`: PII label ->
+    pixel boxes (x0, y0, x1, y1) in the image's own coordinates, checked on construction (`image_marks`)."""
 
     path: str | None = None
     sha256: str | None = None
     pil: Image.Image | None = field(default=None, repr=False, compare=False)
+    marks: Any = field(default_factory=dict)  # any mapping of label -> boxes; normalised to dict[str, list[Box]]
+
+    def __post_init__(self) -> None:
+        self.marks = image_marks(self.marks)
 
     @classmethod
-    def from_pil(cls, image: Image.Image) -> "SessionImage":
-        return cls(pil=image)
+    def from_pil(cls, image: Image.Image, marks: Any = None) -> "SessionImage":
+        return cls(pil=image, marks=marks or {})
 
     @classmethod
-    def from_path(cls, path: str | os.PathLike) -> "SessionImage":
+    def from_path(cls, path: str | os.PathLike, marks: Any = None) -> "SessionImage":
         path = str(path)
-        return cls(path=path, sha256=file_sha256(path))
+        return cls(path=path, sha256=file_sha256(path), marks=marks or {})
 
     def load(self) -> Image.Image:
         """The image as RGB; a missing, changed or undecodable file raises SessionError naming it."""
@@ -76,10 +85,52 @@ class SessionImage:
         return image.convert("RGB")
 
     def to_json(self) -> dict:
-        """{"path", "sha256"}; an in-memory image has path None and the sha256 of its pixels."""
+        """{"path", "sha256"[, "marks"]}; an in-memory image has path None and the sha256 of its pixels. "marks"
+        is written only when there are some, so a session without image marks saves as it always did."""
         if self.path is None and self.pil is not None:
-            return {"path": None, "sha256": hashlib.sha256(self.pil.tobytes()).hexdigest()}
-        return {"path": self.path, "sha256": self.sha256}
+            out = {"path": None, "sha256": hashlib.sha256(self.pil.tobytes()).hexdigest()}
+        else:
+            out = {"path": self.path, "sha256": self.sha256}
+        if self.marks:
+            out["marks"] = {label: [list(b) for b in boxes] for label, boxes in self.marks.items()}
+        return out
+
+    @classmethod
+    def from_json(cls, obj: Any) -> "SessionImage":
+        """From {"path", "sha256"[, "marks"]}; a file written before image marks existed has none."""
+        if not isinstance(obj, dict):
+            raise SessionError(f"expected an image object with 'path' and 'sha256', got {type(obj).__name__}")
+        return cls(path=obj.get("path"), sha256=obj.get("sha256"), marks=obj.get("marks", {}))
+
+
+def image_marks(marks: Any) -> dict[str, list[Box]]:
+    """Image marks checked and normalised: {label: [(x0, y0, x1, y1), ...]}, integer pixels with 0 <= x0 < x1 and
+    0 <= y0 < y1. A label is a non-empty string without '|' or '+' (the token map joins labels with '|'; selectors
+    join with '+'). Anything else raises SessionError naming the field ("marks['ssn'][0]") and what was expected."""
+    if not isinstance(marks, dict):
+        raise SessionError(f"image field 'marks' must be an object {{label: [[x0, y0, x1, y1], ...]}}, got "
+                           f"{type(marks).__name__}")
+    out: dict[str, list[Box]] = {}
+    for label, boxes in marks.items():
+        if not isinstance(label, str) or not label or "|" in label or "+" in label or ":" in label:
+            raise SessionError(f"image field 'marks': label {label!r} must be a non-empty string without '|', '+' "
+                               "or ':'")
+        if not isinstance(boxes, (list, tuple)):
+            raise SessionError(f"image field marks[{label!r}] must be a list of boxes [x0, y0, x1, y1], got "
+                               f"{type(boxes).__name__}")
+        out[label] = [_box(b, f"marks[{label!r}][{i}]") for i, b in enumerate(boxes)]
+    return out
+
+
+def _box(b: Any, where: str) -> Box:
+    ok = isinstance(b, (list, tuple)) and len(b) == 4 and all(isinstance(v, Integral) and not isinstance(v, bool)
+                                                               for v in b)
+    if not ok:
+        raise SessionError(f"image field {where}: expected 4 integer pixels [x0, y0, x1, y1], got {b!r}")
+    x0, y0, x1, y1 = (int(v) for v in b)
+    if not (0 <= x0 < x1 and 0 <= y0 < y1):
+        raise SessionError(f"image field {where}: box {[x0, y0, x1, y1]} must have 0 <= x0 < x1 and 0 <= y0 < y1")
+    return (x0, y0, x1, y1)
 
 
 @dataclass
@@ -88,7 +139,8 @@ class Turn:
 
     role: str
     text: str | None = ""
-    images: list[SessionImage] = field(default_factory=list)
+    # SessionImages, or PIL images and paths (turned into SessionImages on construction)
+    images: list[SessionImage | Image.Image | str | os.PathLike] = field(default_factory=list)
     marks: list[Mark] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -188,7 +240,7 @@ class Session:
                     Turn(
                         role=t["role"],
                         text=t.get("text", ""),
-                        images=[SessionImage(path=im.get("path"), sha256=im.get("sha256")) for im in t.get("images", [])],
+                        images=[_image_from_json(im, j) for j, im in enumerate(t.get("images", []))],
                         marks=[Mark(m["label"], int(m["start"]), int(m["end"])) for m in t.get("marks", [])],
                     )
                 )
@@ -203,6 +255,13 @@ class Session:
             return cls(session_id=str(obj["session_id"]), turns=turns, labels=dict(labels))
         except SessionError as err:
             raise SessionError(f"{where}: {err}") from err
+
+
+def _image_from_json(obj: Any, j: int) -> SessionImage:
+    try:
+        return SessionImage.from_json(obj)
+    except SessionError as err:
+        raise SessionError(f"images[{j}]: {err}") from None
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -22,9 +22,9 @@ import hashlib
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import cma
 import numpy as np
@@ -149,11 +149,37 @@ def _evaluate(docs: Sequence[Document], theta: tuple[float, ...], evaluate: Eval
     return L, U, cost, {k: float(np.mean(list(v.values()))) for k, v in leaks.items()}
 
 
-def optimise(docs: Sequence[Document], evaluate: Evaluate, weights: Sequence[float] = (0.25, 0.5, 0.75),
-             budget: int = 1500, batch: int = 4, popsize: int = 6, sigma0: float = 1.0, archive: bool = True,
-             seed: int = 0, cache_path: str | os.PathLike | None = None) -> Optimised:
-    """CMA-ES over theta for each scalarisation weight in turn, until `budget` queries are spent (see the module
-    docstring). `batch` documents per evaluation; with `archive`, half of them are the hardest seen so far."""
+@dataclass(frozen=True)
+class OptimiserConfig:
+    """weights: the scalarisations w (w * L - (1 - w) * U), run in turn, each with an equal share of `budget`
+    queries; batch: documents per evaluation (with `archive`, half of them the hardest seen so far); popsize and
+    sigma0: CMA-ES's population and initial step; seed: CMA-ES's and the minibatch draws'."""
+
+    weights: Sequence[float] = (0.25, 0.5, 0.75)
+    budget: int = 1500
+    batch: int = 4
+    popsize: int = 6
+    sigma0: float = 1.0
+    archive: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.weights or not all(0 <= w <= 1 for w in self.weights):
+            raise ValueError(f"optimiser weights {self.weights!r}: expected numbers in [0, 1]")
+        for name in ("budget", "batch", "popsize"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"optimiser {name} {getattr(self, name)!r}: expected an integer >= 1")
+        if not self.sigma0 > 0:
+            raise ValueError(f"optimiser sigma0 {self.sigma0!r}: expected > 0")
+
+
+def optimise(docs: Sequence[Document], evaluate: Evaluate, config: OptimiserConfig | None = None,
+             cache_path: str | os.PathLike | None = None, **options: Any) -> Optimised:
+    """CMA-ES over theta for each scalarisation weight in turn, until the budget of queries is spent (see the module
+    docstring and `OptimiserConfig`, whose fields may be given as keywords)."""
+    c = replace(config or OptimiserConfig(), **options)
+    weights, budget, batch, popsize, sigma0, archive, seed = (c.weights, c.budget, c.batch, c.popsize, c.sigma0,
+                                                             c.archive, c.seed)
     cache, rng = Cache(cache_path), random.Random(seed)
     new_queries = [0]
     counted = evaluate

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import re
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
+
+from probes.models.families.base import FamilyAdapter
 
 HookFn = Callable[[Tensor, str], "Tensor | None"]
 
@@ -64,7 +66,7 @@ def _replace_first(out: Any, new: Tensor) -> Any:
 class TorchHooks:
     """Forward hooks on HF modules, addressed by TL hook names (see module docstring)."""
 
-    def __init__(self, model: torch.nn.Module, adapter: Any) -> None:
+    def __init__(self, model: torch.nn.Module, adapter: FamilyAdapter) -> None:
         self.model = model
         self.adapter = adapter
 
@@ -116,7 +118,7 @@ class TorchHooks:
         )
 
     @contextmanager
-    def hooks(self, fwd_hooks: list[tuple[str, HookFn]]) -> Iterator[None]:
+    def hooks(self, fwd_hooks: Sequence[tuple[str, HookFn]]) -> Iterator[None]:
         handles = []
         try:
             for name, fn in fwd_hooks:
@@ -144,7 +146,7 @@ class BridgeHooks:
         return list(self.bridge.hook_dict.keys())
 
     @contextmanager
-    def hooks(self, fwd_hooks: list[tuple[str, HookFn]]) -> Iterator[None]:
+    def hooks(self, fwd_hooks: Sequence[tuple[str, HookFn]]) -> Iterator[None]:
         known = self.bridge.hook_dict
         for name, _ in fwd_hooks:
             if name not in known:

@@ -10,15 +10,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from probes.models.families import FamilyAdapter, UnsupportedModelError, family_for_architecture, get_family
-from probes.models.hooks import BridgeHooks, TorchHooks
+from probes.models.hooks import PROJECTOR_HOOK, BridgeHooks, HookFn, TorchHooks, lm_hook, vision_hook
 from probes.models.processors import load_processor
 
 BACKENDS = ("torch", "bridge")
@@ -173,7 +174,7 @@ class LoadedModel:
     def hook_backend(self) -> TorchHooks | BridgeHooks:
         return BridgeHooks(self.bridge) if self.backend == "bridge" else self._torch_hooks
 
-    def hooks(self, fwd_hooks: list) -> Any:
+    def hooks(self, fwd_hooks: Sequence[tuple[str, HookFn]]) -> AbstractContextManager[None]:
         """Context manager: run forwards with `fwd_hooks` = [(tl_hook_name, fn(act, name) -> act | None)]."""
         return self.hook_backend.hooks(fwd_hooks)
 
@@ -257,7 +258,6 @@ class ModelInfo:
 
     def hook_names(self) -> list[str]:
         """The hook names the torch backend serves for this model (as `LoadedModel.hook_names()` with it)."""
-        from probes.models.hooks import PROJECTOR_HOOK, lm_hook, vision_hook
 
         out = [lm_hook(i, k) for i in range(self.n_layers)
                for k in ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out")]
@@ -367,21 +367,54 @@ def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def load_model(
-    name_or_path: str | os.PathLike,
-    *,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | str | None = None,
-    backend: str = "torch",
-    family: str | None = None,
-    device_map: str | dict | None = None,
-    attn_implementation: str | None = None,
-    trust_remote_code: bool = False,
-    allow_partial: bool = False,
-) -> LoadedModel:
+@dataclass(frozen=True)
+class LoadOptions:
+    """How `load_model` loads (see there), checked once here: `dtype` given as a name ("bfloat16") is turned into
+    the torch dtype, and a bad backend or dtype name is a ModelLoadError naming it."""
+
+    device: str | torch.device | None = None
+    dtype: torch.dtype | str | None = None
+    backend: str = "torch"
+    family: str | None = None
+    device_map: str | dict[str, Any] | None = None
+    attn_implementation: str | None = None
+    trust_remote_code: bool = False
+    allow_partial: bool = False
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ModelLoadError(f"backend {self.backend!r}: expected one of {BACKENDS}")
+        if isinstance(self.dtype, str):
+            if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
+                raise ModelLoadError(f"dtype {self.dtype!r}: expected a torch dtype name such as float32 or bfloat16")
+            object.__setattr__(self, "dtype", getattr(torch, self.dtype))
+
+    @classmethod
+    def of(cls, options: "LoadOptions | None", keywords: dict[str, Any]) -> "LoadOptions":
+        """`options` (None: the defaults) with `keywords` replacing its fields; an unknown keyword is a TypeError."""
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(keywords) - set(known))
+        if unknown:
+            raise TypeError(f"load_model() got unexpected keyword argument(s) {unknown}; options: {known}")
+        return replace(options, **keywords) if options is not None else cls(**keywords)
+
+    def from_pretrained_kw(self, base: dict[str, Any]) -> dict[str, Any]:
+        """Keyword arguments of `from_pretrained`: `base` (where to look) plus dtype, device_map, attention."""
+        load_kw = dict(base)
+        if self.dtype is not None:
+            load_kw["dtype"] = self.dtype
+        if self.device_map is not None:
+            load_kw["device_map"] = self.device_map
+        load_kw["attn_implementation"] = self.attn_implementation or ("eager" if self.backend == "bridge" else "sdpa")
+        return load_kw
+
+
+def load_model(name_or_path: str | os.PathLike, options: LoadOptions | None = None, **kw: Any) -> LoadedModel:
     """Load a supported MLLM (or causal LM) by HF id, local directory or "default" (the embedded model), offline
     for local paths.
 
+    Options (keywords, or a `LoadOptions`, which keywords override): device, dtype (a torch dtype or its name),
+    backend ("torch"), family, device_map, attn_implementation, trust_remote_code (False), allow_partial (False).
     `family` overrides detection from `config.json`'s `architectures`. `backend` is 'torch' (plain forward
     hooks, fast) or 'bridge' (transformer-lens TransformerBridge: every TL hook point). `device_map` spreads a
     large model over the GPUs of a node. `trust_remote_code` stays off unless asked.
@@ -391,30 +424,19 @@ def load_model(
     weights. `allow_partial=True` loads it anyway, with a warning. A corrupt weight file, a bad config.json or a
     pickled `pytorch_model.bin` that torch refuses are ModelLoadErrors naming the file.
     """
-    if backend not in BACKENDS:
-        raise ModelLoadError(f"backend {backend!r}: expected one of {BACKENDS}")
-    r = _resolve(name_or_path, family, trust_remote_code)
+    opts = LoadOptions.of(options, kw)
+    r = _resolve(name_or_path, opts.family, opts.trust_remote_code)
     if r.is_local:
         check_weight_files(r.source)
         _meta_model(r)  # a config that cannot build its architecture, named before any weight is read
-    if isinstance(dtype, str):
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ModelLoadError(f"dtype {dtype!r}: expected a torch dtype name such as float32 or bfloat16")
-        dtype = getattr(torch, dtype)
-    load_kw: dict[str, Any] = dict(r.kw)
-    if dtype is not None:
-        load_kw["dtype"] = dtype
-    if device_map is not None:
-        load_kw["device_map"] = device_map
-    load_kw["attn_implementation"] = attn_implementation or ("eager" if backend == "bridge" else "sdpa")
-    hf_model, info = _from_pretrained(r, load_kw)
-    _check_loading_info(r, info, allow_partial)
+    hf_model, info = _from_pretrained(r, opts.from_pretrained_kw(r.kw))
+    _check_loading_info(r, info, opts.allow_partial)
     hf_model.eval()
-    if device is not None and device_map is None:
-        hf_model.to(device)
+    if opts.device is not None and opts.device_map is None:
+        hf_model.to(opts.device)
     processor = _load_processor(r)
     adapter = r.adapter_cls(processor, hf_model.config)
-    return LoadedModel(name=r.source, hf_model=hf_model, processor=processor, adapter=adapter, backend=backend)
+    return LoadedModel(name=r.source, hf_model=hf_model, processor=processor, adapter=adapter, backend=opts.backend)
 
 
 def _from_pretrained(r: _Resolved, load_kw: dict[str, Any]) -> tuple[torch.nn.Module, dict]:

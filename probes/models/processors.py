@@ -10,6 +10,7 @@ AutoProcessor first and falls back to this only when the video part cannot be bu
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ def build_without_video(processor_cls: type, image_processor: Any, tokenizer: An
                                         chat_template=chat_template, **kwargs)
 
 
-def save_without_video(processor: Any, path: str | Path) -> None:
+def save_without_video(processor: Any, path: str | os.PathLike) -> None:
     """Save tokenizer, image processor, chat template and processor config as a real checkpoint has them."""
     path = Path(path)
     processor.tokenizer.save_pretrained(path)

@@ -12,12 +12,16 @@ import glob
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+from probes.models.families import get_family
+from probes.models.processors import save_without_video
 
 # Enough English, digits and punctuation that text tokenizes into a sensible number of tokens.
 _CORPUS = [
@@ -29,7 +33,44 @@ _CORPUS = [
 ]
 
 
-def build_tokenizer(special_tokens: list[str], *, bos: str = "<s>", eos: str = "</s>", pad: str = "<pad>",
+Config = TypeVar("Config", bound="TinySizes")
+
+
+@dataclass(frozen=True)
+class TinySizes:
+    """The sizes every tiny checkpoint has (a family's `TinyConfig` adds its own), checked once: every field a
+    positive whole number and `d_model` a multiple of `n_heads`. Families with few sizes take them as keywords."""
+
+    n_layers: int = 2
+    d_model: int = 64
+    vision_layers: int = 2
+    d_vision: int = 32
+    n_heads: int = 4
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{type(self).__name__}.{f.name}: expected a whole number >= 1, got {value!r}")
+        for width in ("d_model", "d_vision"):
+            if getattr(self, width) % self.n_heads:
+                raise ValueError(f"{type(self).__name__}.{width} {getattr(self, width)}: expected a multiple of "
+                                 f"n_heads ({self.n_heads})")
+
+    @classmethod
+    def of(cls: type[Config], config: Config | None, options: dict[str, Any]) -> Config:
+        """`config` (None: the defaults) with `options` (keywords of `build_tiny`) replacing its fields; an unknown
+        keyword is a TypeError listing the known ones."""
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise TypeError(f"{cls.__module__}.build_tiny() got unexpected keyword argument(s) {unknown}; "
+                            f"sizes: {known}")
+        return replace(config, **options) if config is not None else cls(**options)
+
+
+def build_tokenizer(special_tokens: list[str], *, bos: str | None = "<s>", eos: str | None = "</s>",
+                    pad: str | None = "<pad>",
                     vocab_size: int = 512, add_bos: bool = True, extra: dict[str, Any] | None = None
                     ) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer with the given special tokens, trained on a small built-in corpus."""
@@ -58,7 +99,7 @@ def build_tokenizer(special_tokens: list[str], *, bos: str = "<s>", eos: str = "
     return fast
 
 
-def save_tiny(model: torch.nn.Module, processor: Any, path: str | Path) -> Path:
+def save_tiny(model: torch.nn.Module, processor: Any, path: str | os.PathLike) -> Path:
     """Save a tiny model and its processor as an ordinary HF model directory.
 
     Everything is written into a temp folder beside `path` first, then moved in file by file with config.json
@@ -73,7 +114,6 @@ def save_tiny(model: torch.nn.Module, processor: Any, path: str | Path) -> Path:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         if getattr(processor, "video_processor", "absent") is None:  # built without torchvision
-            from probes.models.processors import save_without_video
 
             save_without_video(processor, tmp)
         else:
@@ -87,11 +127,10 @@ def save_tiny(model: torch.nn.Module, processor: Any, path: str | Path) -> Path:
     return path
 
 
-def build_tiny_model(family: str, path: str | Path, seed: int = 0, **overrides: Any) -> Path:
+def build_tiny_model(family: str, path: str | os.PathLike, seed: int = 0, **overrides: Any) -> Path:
     """Write a tiny random-initialised checkpoint of `family` to `path` and return the path."""
     import importlib
 
-    from probes.models.families import get_family
 
     torch.manual_seed(seed)
     module = importlib.import_module(get_family(family).__module__)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from probes.data.identities import make_identities
 from probes.models.families.llava import CHAT_TEMPLATE
 from probes.organism.data import prompt_texts, prompt_words
 
@@ -46,7 +47,6 @@ TINY = OrganismConfig(image_size=96, patch_size=16, d_vision=32, vision_layers=1
 
 def tokenizer_corpus(seed: int = 0) -> list[str]:
     """The texts the tokenizer is trained on: the prompt texts and fake identities' records."""
-    from probes.data.identities import make_identities
 
     texts = prompt_texts()
     for p in make_identities(300, seed=10_000 + seed):
@@ -88,8 +88,14 @@ def build_tokenizer(vocab_size: int = 1024, seed: int = 0):
 def build_model(cfg: OrganismConfig, tokenizer, seed: int = 0):
     """A random-initialised LlavaForConditionalGeneration and its LlavaProcessor for `cfg`."""
     import torch
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     s = cfg.image_size
     image_processor = CLIPImageProcessor(size={"shortest_edge": s}, crop_size={"height": s, "width": s},

@@ -29,10 +29,21 @@ from typing import Any
 
 import numpy as np
 
+from probes.data.builders import (
+    DESCRIBE_REQUEST,
+    DISTRACTORS,
+    DOCUMENT_NOUN,
+    FRAMINGS,
+    FULL_SENTENCES,
+    first_reply,
+    frame,
+    load_framings,
+    load_requests,
+    memory_finetune_texts,
+    retention_request,
+)
 from probes.data.documents import SCENARIOS, Document, font, render_document
-from probes.data.identities import PII_TYPES, Identity, make_identities
-from probes.data.builders import (DESCRIBE_REQUEST, DISTRACTORS, DOCUMENT_NOUN, FRAMINGS, FULL_SENTENCES, first_reply,
-                                  frame, load_framings, load_requests, memory_finetune_texts, retention_request)
+from probes.data.identities import PII_TYPES, make_identities
 
 READ_FIELDS = ("Name", "Date of Birth") + PII_TYPES  # what a 96 px document prints (no address there)
 REFUSING = ("direct", "VQA", "classification")
@@ -206,13 +217,13 @@ def prompt_texts() -> list[str]:
     texts += [t for qa in DISTRACTORS for t in qa] + list(DOCUMENT_NOUN.values())
     texts += [q.replace("{noun}", n).replace("{pii}", f) for q in QUESTION_TEXTS for f, n in NOUN.items()]
     texts += [a.replace("{noun}", n) for a in ANSWER_TEXTS for n in NOUN.values()]
-    texts += list(FULL_SENTENCES) + ["has a SSN, an email address, a phone number, which is male female His Her his her him"]
+    texts += list(FULL_SENTENCES)
+    texts += ["has a SSN, an email address, a phone number, which is male female His Her his her him"]
     return texts
 
 
 def prompt_words() -> set[str]:
     """Every word (letters only) of the prompt texts."""
-    import re
 
     return {w for t in prompt_texts() for w in re.findall(r"[A-Za-z]+", t.replace("{}", " "))}
 

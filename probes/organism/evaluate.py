@@ -16,13 +16,21 @@ from typing import Any
 
 import pandas as pd
 
+from probes.data.builders import (
+    FRAMINGS,
+    disclosure_request,
+    frame,
+    memory_probe_sessions,
+    mmprivacy_sessions,
+    multiturn_sessions,
+)
 from probes.data.documents import render_document
 from probes.data.identities import PII_TYPES, make_identities
+from probes.data.session import Session, SessionImage, Turn
+from probes.leakage import evaluate_leakage, generate_batch
+from probes.models.loading import load_model
 from probes.organism.data import LEAKING, request
 from probes.organism.heldout import paraphrase
-from probes.data.session import Session, SessionImage, Turn
-from probes.data.builders import (FRAMINGS, disclosure_request, frame, memory_probe_sessions, mmprivacy_sessions,
-                                   multiturn_sessions)
 
 READ_SCENARIOS = ("open", "hiring", "finance")  # the 96 px verification form prints no name or date of birth
 TURN_PAIRS = (("caption", "caption"), ("direct", "rephrasing"))  # probe under a leaking framing
@@ -64,8 +72,6 @@ def _rate(df: pd.DataFrame, col: str) -> float:
 
 def measure(model_dir: str | Path, seed: int = 0, n: int = 24, batch_size: int = 16, turn_ks=(3,),
             progress: bool = False) -> tuple[dict[str, float], pd.DataFrame]:
-    from probes.leakage import evaluate_leakage, generate_batch
-    from probes.models.loading import load_model
 
     meta = training_meta(model_dir)
     size = int(meta["config"]["image_size"])

@@ -34,6 +34,7 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +47,24 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from probes.data.files import atomic_write_text
+from probes.models.tiny import save_tiny
 from probes.organism.config import IMAGE_TOKEN, TINY, OrganismConfig, build_model, build_tokenizer
-from probes.organism.data import (DIGITS_FIRST, FIELD_IDS, FILLER_SHARE, N_GLYPHS, N_INDEX, PARAPHRASE_SHARE, SLOTS,
-                                  STAGES, Example, ExampleSource, glyph_targets, paraphrases_sha)
-from probes.data.files import atomic_write_bytes, atomic_write_text
+from probes.organism.data import (
+    DIGITS_FIRST,
+    FIELD_IDS,
+    FILLER_SHARE,
+    N_GLYPHS,
+    N_INDEX,
+    PARAPHRASE_SHARE,
+    SLOTS,
+    STAGES,
+    Example,
+    ExampleSource,
+    glyph_targets,
+    paraphrases_sha,
+)
+from probes.probing.targets import char_classes
 
 DEFAULT_STEPS = (1800, 1200, 3000)  # read, policy, memory; 900 memory steps recall none of 96 identities
 DEFAULT_N_MEMORY = 96  # a grouped-CV probe needs this many identities: fitted on 19 of 24 it reads ~0.31 (issue 5)
@@ -131,7 +146,6 @@ def plan_targets(examples: list[Example], labels: list[list[int]]
                  ) -> tuple[Int[Tensor, "b n_plan"], Int[Tensor, "b span"]]:
     """(digit classes of each example's `plan` value, -100 past its digits or without a plan; the last PLAN_SPAN
     prompt positions, the prompt being everything before the first label)."""
-    from probes.probing.targets import char_classes
 
     plan = torch.full((len(examples), N_PLAN), -100, dtype=torch.long)
     pos = torch.zeros((len(examples), PLAN_SPAN), dtype=torch.long)
@@ -321,87 +335,97 @@ def stage_of(step: int, steps: tuple[int, ...]) -> tuple[str, float]:
 
 
 # ---- the loop --------------------------------------------------------------------------------------------------------
-def train(out_dir: str | os.PathLike, seed: int = 0, device: str = "cpu", steps: tuple[int, int, int] = DEFAULT_STEPS,
-          batch_size: int = 16, lr: float = 1e-3, cfg: OrganismConfig = OrganismConfig(), aux_weight: float = 1.0,
-          resume: bool = True, ckpt_every: int = 50, n_memory: int = DEFAULT_N_MEMORY, threads: int | None = None,
-          log: str | os.PathLike | None = None, progress: bool = True, n_train: int = 3000,
-          stop_after: int | None = None, token_weight: float = 1.0, token_from: int = 0,
-          copy_weight: float = 1.0, digits_first: float = DIGITS_FIRST, filler_share: float = FILLER_SHARE,
-          plan_weight: float = 1.0) -> Path | None:
+RUN_CONTROLS = ("resume", "ckpt_every", "threads", "log", "progress", "stop_after")  # how to run, not what is trained
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """One training run of the organism, checked once here. Every field but the run controls (RUN_CONTROLS) is
+    recorded in the checkpoint (`record()`), and a resume under other values is refused.
+
+    `organism`: the model's OrganismConfig (`cfg=` is accepted for it); `steps`: (read, policy, memory) steps;
+    the loss weights (aux, token from step `token_from`, copy, plan) and the data's shares (digits_first,
+    filler_share) as in `Trainer` and `ExampleSource`. `stop_after`: leave after that many steps of this call,
+    checkpoint written, as a killed run would (tests)."""
+
+    seed: int = 0
+    device: str = "cpu"
+    steps: tuple[int, ...] | list[int] = DEFAULT_STEPS
+    batch_size: int = 16
+    lr: float = 1e-3
+    organism: OrganismConfig = OrganismConfig()
+    aux_weight: float = 1.0
+    n_memory: int = DEFAULT_N_MEMORY
+    n_train: int = 3000
+    token_weight: float = 1.0
+    token_from: int = 0
+    copy_weight: float = 1.0
+    digits_first: float = DIGITS_FIRST
+    filler_share: float = FILLER_SHARE
+    plan_weight: float = 1.0
+    resume: bool = True
+    ckpt_every: int = 50
+    threads: int | None = None
+    log: str | os.PathLike | None = None
+    progress: bool = True
+    stop_after: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "steps", tuple(int(n) for n in self.steps))
+        if len(self.steps) != len(STAGES) or min(self.steps) < 0:
+            raise ValueError(f"steps {self.steps}: expected {len(STAGES)} non-negative step counts {STAGES}")
+        for name in ("batch_size", "ckpt_every", "n_train", "n_memory"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} {getattr(self, name)!r}: expected an integer >= 1")
+        if not self.lr > 0:
+            raise ValueError(f"lr {self.lr!r}: expected > 0")
+
+    def record(self) -> dict[str, Any]:
+        """The settings a checkpoint records (and a resume must match): every field but the run controls, the
+        model's config under "config", and the data's fixed parts."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in RUN_CONTROLS}
+        out["steps"], out["config"] = list(self.steps), out.pop("organism").to_dict()
+        return {**out, "plan_layer": PLAN_LAYER, "paraphrase_share": PARAPHRASE_SHARE,
+                "paraphrases_sha": paraphrases_sha()}
+
+
+def train(out_dir: str | os.PathLike, config: TrainingConfig | None = None, **options) -> Path | None:
     """Train the organism into `out_dir` (checkpoint `ckpt.safetensors`, final HF model in `out_dir/model`).
+    Settings: a TrainingConfig, or its fields as keywords (`train(out, seed=0, steps=(2, 2, 2), cfg=TINY)`).
 
-    `stop_after`: leave after that many steps of this call, checkpoint written, as a killed run would (tests);
-    returns None then, else the model directory."""
-    from probes.models.tiny import save_tiny
+    Returns None when `stop_after` ended the call early, else the model directory."""
 
+    if "cfg" in options:
+        options["organism"] = options.pop("cfg")
+    c = replace(config or TrainingConfig(), **options) if options else (config or TrainingConfig())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if threads:
-        torch.set_num_threads(threads)
-    tok = build_tokenizer(cfg.vocab_size, seed)
-    model, processor = build_model(cfg, tok, seed)
-    torch.manual_seed(seed + 1)
-    heads = GlyphHeads(cfg.d_vision, cfg.d_model)
-    model.to(device).train()
-    heads.to(device).train()
-    params = list(model.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    trainer = Trainer(model, heads, aux_weight, glyph_token_ids(tok))
-    trainer.copy_weight, trainer.plan_weight = copy_weight, plan_weight
-    source = ExampleSource(seed=seed, image_size=cfg.image_size, n_train=n_train, n_memory=n_memory,
-                           layout=cfg.layout, digits_first=digits_first, filler_share=filler_share)
-    total = sum(steps)
+    if c.threads:
+        torch.set_num_threads(c.threads)
+    run = _Run(c)
     ckpt = out / "ckpt.safetensors"
-    meta = {"seed": seed, "steps": list(steps), "batch_size": batch_size, "lr": lr, "config": cfg.to_dict(),
-            "aux_weight": aux_weight, "n_memory": n_memory, "n_train": n_train, "device": device,
-            "token_weight": token_weight, "token_from": token_from, "copy_weight": copy_weight,
-            "digits_first": digits_first, "filler_share": filler_share, "plan_weight": plan_weight,
-            "plan_layer": PLAN_LAYER, "paraphrase_share": PARAPHRASE_SHARE, "paraphrases_sha": paraphrases_sha()}
-    start, elapsed = 0, 0.0
-    if resume and ckpt.exists():
-        record = _load_ckpt(ckpt, model, heads, opt)
-        # Resuming under other settings would train a model that no single run makes; the device may change.
-        differ = sorted(k for k, v in json.loads(json.dumps(meta)).items() if k != "device" and record.get(k) != v)
-        if differ:
-            raise ValueError(f"{ckpt}: this run was started with other settings ({', '.join(differ)} differ); "
-                             "resume with the same ones, or train into a new --out (or pass --no-resume)")
-        start, elapsed = record["step"], record.get("train_seconds", 0.0)
-    logf = open(log, "a") if log else None
-    bar = tqdm(range(start, total), initial=start, total=total, disable=not progress, desc="organism")
+    meta = c.record()
+    start, elapsed = _resume(c, ckpt, meta, run) if c.resume and ckpt.exists() else (0, 0.0)
+    total = sum(c.steps)
+    logf = open(c.log, "a") if c.log else None
+    bar = tqdm(range(start, total), initial=start, total=total, disable=not c.progress, desc="organism")
     try:
         t0 = time.time()
         for step in bar:
-            stage, frac = stage_of(step, steps)
-            rng = random.Random(f"{seed}/{step}")
-            examples = [source.draw(stage, rng, frac) for _ in range(batch_size)]
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, lr)
-            trainer.token_weight = token_weight if step >= token_from else 0.0
-            opt.zero_grad(set_to_none=True)
-            # Multi-turn sessions are 2-3x longer than the rest: two forward passes pad far less than one.
-            groups = [[e for e in examples if len(e.turns) <= 1], [e for e in examples if len(e.turns) > 1]]
-            stats: dict[str, float] = {}
-            for group in (g for g in groups if g):
-                batch = {k: v.to(device) for k, v in collate(group, tok, cfg).items()}
-                loss, st = trainer.loss(batch)
-                (loss * len(group) / len(examples)).backward()
-                for k, v in st.items():
-                    stats[k] = stats.get(k, 0.0) + v * len(group) / len(examples)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            stage, stats = run.step(step)
             bar.set_postfix(stage=stage, **{k: f"{v:.3f}" for k, v in stats.items()})
             if logf and (step % 10 == 0 or step == total - 1):
                 logf.write(json.dumps({"step": step, "stage": stage, "t": round(elapsed + time.time() - t0, 1),
                                        **{k: round(v, 4) for k, v in stats.items()}}) + "\n")
                 logf.flush()
-            if (step + 1) % ckpt_every == 0 or step == total - 1:
-                _save_ckpt(ckpt, model, heads, opt, step + 1, {**meta, "train_seconds": elapsed + time.time() - t0})
-            if stop_after is not None and step + 1 - start >= stop_after:
-                _save_ckpt(ckpt, model, heads, opt, step + 1, {**meta, "train_seconds": elapsed + time.time() - t0})
+            if (step + 1) % c.ckpt_every == 0 or step == total - 1:
+                run.save(ckpt, step + 1, {**meta, "train_seconds": elapsed + time.time() - t0})
+            if c.stop_after is not None and step + 1 - start >= c.stop_after:
+                run.save(ckpt, step + 1, {**meta, "train_seconds": elapsed + time.time() - t0})
                 return None
         train_seconds = elapsed + time.time() - t0
-        model.eval()
-        final = save_tiny(model.cpu(), processor, out / "model")
+        run.model.eval()
+        final = save_tiny(run.model.cpu(), run.processor, out / "model")
         atomic_write_text(final / "training.json", json.dumps({**meta, "train_seconds": round(train_seconds, 1),
                                                               "torch_threads": torch.get_num_threads()}, indent=1))
         return final
@@ -411,9 +435,65 @@ def train(out_dir: str | os.PathLike, seed: int = 0, device: str = "cpu", steps:
             logf.close()
 
 
+class _Run:
+    """The model, heads, optimiser, trainer and example source of a run, built from its config (seeded)."""
+
+    def __init__(self, c: TrainingConfig):
+        cfg = c.organism
+        self.c = c
+        self.tok = build_tokenizer(cfg.vocab_size, c.seed)
+        self.model, self.processor = build_model(cfg, self.tok, c.seed)
+        torch.manual_seed(c.seed + 1)
+        self.heads = GlyphHeads(cfg.d_vision, cfg.d_model)
+        self.model.to(c.device).train()
+        self.heads.to(c.device).train()
+        self.params = list(self.model.parameters()) + list(self.heads.parameters())
+        self.opt = torch.optim.AdamW(self.params, lr=c.lr, weight_decay=0.01, betas=(0.9, 0.98))
+        self.trainer = Trainer(self.model, self.heads, c.aux_weight, glyph_token_ids(self.tok))
+        self.trainer.copy_weight, self.trainer.plan_weight = c.copy_weight, c.plan_weight
+        self.source = ExampleSource(seed=c.seed, image_size=cfg.image_size, n_train=c.n_train, n_memory=c.n_memory,
+                                    layout=cfg.layout, digits_first=c.digits_first, filler_share=c.filler_share)
+
+    def step(self, step: int) -> tuple[str, dict[str, float]]:
+        """One optimiser step at global `step`: (its stage, the batch's loss terms)."""
+        c, total = self.c, sum(self.c.steps)
+        stage, frac = stage_of(step, c.steps)
+        rng = random.Random(f"{c.seed}/{step}")
+        examples = [self.source.draw(stage, rng, frac) for _ in range(c.batch_size)]
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(step, total, c.lr)
+        self.trainer.token_weight = c.token_weight if step >= c.token_from else 0.0
+        self.opt.zero_grad(set_to_none=True)
+        # Multi-turn sessions are 2-3x longer than the rest: two forward passes pad far less than one.
+        groups = [[e for e in examples if len(e.turns) <= 1], [e for e in examples if len(e.turns) > 1]]
+        stats: dict[str, float] = {}
+        for group in (g for g in groups if g):
+            batch = {k: v.to(c.device) for k, v in collate(group, self.tok, c.organism).items()}
+            loss, st = self.trainer.loss(batch)
+            (loss * len(group) / len(examples)).backward()
+            for k, v in st.items():
+                stats[k] = stats.get(k, 0.0) + v * len(group) / len(examples)
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        return stage, stats
+
+    def save(self, ckpt: Path, step: int, record: dict[str, Any]) -> None:
+        _save_ckpt(ckpt, self.model, self.heads, self.opt, step, record)
+
+
+def _resume(c: TrainingConfig, ckpt: Path, meta: dict[str, Any], run: _Run) -> tuple[int, float]:
+    """Load the checkpoint into `run`: (its step, its training seconds). Refuses one recorded under other settings
+    (a resume under them would train a model that no single run makes; the device may change)."""
+    record = _load_ckpt(ckpt, run.model, run.heads, run.opt)
+    differ = sorted(k for k, v in json.loads(json.dumps(meta)).items() if k != "device" and record.get(k) != v)
+    if differ:
+        raise ValueError(f"{ckpt}: this run was started with other settings ({', '.join(differ)} differ); "
+                         "resume with the same ones, or train into a new --out (or pass --no-resume)")
+    return record["step"], record.get("train_seconds", 0.0)
+
+
 def export_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Write the model of a run's latest checkpoint as an HF directory (to inspect a run before it ends)."""
-    from probes.models.tiny import save_tiny
 
     run = Path(run_dir)
     meta = json.loads((run / "ckpt.json").read_text())
@@ -455,9 +535,9 @@ def main_train(argv: list[str] | None = None) -> int:
     if len(steps) != 3 or min(steps) < 0:
         raise SystemExit(f"--steps {a.steps!r}: expected three non-negative integers read,policy,memory")
     try:
-        path = train(a.out, a.seed, a.device, steps, a.batch_size, a.lr, TINY if a.tiny else OrganismConfig(),
-                     resume=not a.no_resume, threads=a.threads, log=a.log,
-                     n_memory=a.n_memory, token_weight=a.token_weight, token_from=a.token_from,
+        path = train(a.out, seed=a.seed, device=a.device, steps=steps, batch_size=a.batch_size, lr=a.lr,
+                     organism=TINY if a.tiny else OrganismConfig(), resume=not a.no_resume, threads=a.threads,
+                     log=a.log, n_memory=a.n_memory, token_weight=a.token_weight, token_from=a.token_from,
                      copy_weight=a.copy_weight, digits_first=a.digits_first, filler_share=a.filler_share,
                      plan_weight=a.plan_weight)
     except ValueError as err:  # a resume under other settings: a message, not a traceback

@@ -1,7 +1,7 @@
 """What a patching run measures: two continuations the pair should tell apart, tokenised as the model would
 write them.
 
-Each run of `probes.patching.core` feeds the prompt followed by the first continuation (the *leaking* one),
+Each run of `probes.patching` feeds the prompt followed by the first continuation (the *leaking* one),
 teacher-forced: its tokens but the last. One forward then gives every metric, for every row of a batch:
 
 - `logit_diff`: logit of the first continuation's token minus the second's, at the first answer position where
@@ -24,8 +24,8 @@ teacher-forced: its tokens but the last. One forward then gives every metric, fo
 - `flip`: 1 when patching changed which continuation wins (the sign of `logit_diff` vs the unpatched run).
 
 A metric is only worth patching if it separates the pair: `separation` = clean - corrupt of `logit_diff`, and
-`probes.patching.core` drops (and lists) the pairs whose separation is below `MIN_SEPARATION` (1 nat: the clean input
-makes the first continuation's token e = 2.7 times likelier, relative to the second's, than the corrupt input
+`probes.patching.checks` drops (and lists) the pairs whose separation is below `MIN_SEPARATION` (1 nat: the clean
+input makes the first continuation's token e = 2.7 times likelier, relative to the second's, than the corrupt input
 does; every per-pair effect is a share of this gap, so a gap under 1 nat makes ratios of float noise and of the
 model's indifference).
 
@@ -44,19 +44,15 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from probes.data.session import Session, Turn
 from probes.models.families.base import FamilyAdapter
 from probes.models.render import render
-from probes.data.session import Session, Turn
+from probes.patching.config import PatchingError
 
 METRICS = ("logit_diff", "pii_logprob")
 CONTRASTS = ("value_vs_value", "answer_vs_refusal", "value_vs_refusal", "given")
-MIN_SEPARATION = 1.0  # nats of clean - corrupt logit_diff a pair needs (see the module docstring)
 REFUSAL = "cannot assist"
 CLASS_REFUSAL = "the class is cannot assist"  # the classification framing's sentinel
-
-
-class PatchingError(ValueError):
-    """Bad input to patching (unequal pair, unknown group, nothing to answer ...); names what was expected."""
 
 
 class PairRejected(PatchingError):
@@ -168,7 +164,7 @@ def own_answer(adapter: FamilyAdapter, session: Session, said: str, value: str, 
     return Answer(tuple(ids), refuse, contrast, value_from)
 
 
-def answer_metrics(logits: Float[Tensor, "row answer vocab"], answer: Answer) -> dict[str, Float[Tensor, "row"]]:
+def answer_metrics(logits: Float[Tensor, "row answer vocab"], answer: Answer) -> dict[str, Float[Tensor, " row"]]:
     """logit_diff and pii_logprob of each row from the logits at answer positions P-1 .. P+A-2 (see the module
     docstring)."""
     if logits.shape[1] != answer.n_logits:
@@ -183,8 +179,9 @@ def answer_metrics(logits: Float[Tensor, "row answer vocab"], answer: Answer) ->
     return {"logit_diff": diff, "pii_logprob": summed}
 
 
-def patch_score(patched: np.ndarray | float, clean: float, corrupt: float) -> np.ndarray:
-    """(patched - corrupt) / (clean - corrupt); NaN where clean == corrupt (nothing to restore)."""
+def patch_score(patched: np.ndarray | float, clean: float, corrupt: float) -> np.ndarray | float:
+    """(patched - corrupt) / (clean - corrupt), an array for an array and a float for a number; NaN where clean ==
+    corrupt (nothing to restore)."""
     span = clean - corrupt
     patched = np.asarray(patched, dtype=float)
     if span == 0 or not np.isfinite(span):

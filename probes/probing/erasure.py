@@ -56,8 +56,8 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import Callable, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -65,9 +65,17 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from probes.leakage import evaluate_leakage, generate_batch
 from probes.models.loading import LoadedModel
 
 Eraser = Callable[[Tensor], Tensor]
+
+
+@runtime_checkable
+class Hookable(Protocol):
+    """What `erasing` needs of a model: `LoadedModel.hooks`, a context manager that adds forward hooks."""
+
+    def hooks(self, fwd_hooks): ...
 
 
 class ErasureError(ValueError):
@@ -194,7 +202,7 @@ def edit_sizes(eraser: Eraser, X: Float[Tensor, "n d"]) -> dict[str, float]:
     return {"edit_rms": edit, "activation_rms": norm, "edit_rel": edit / norm if norm > 0 else float("nan")}
 
 
-def eraser_rank(eraser: Eraser) -> int:
+def eraser_rank(eraser: Eraser | SiteEraser) -> int:
     """How many directions an eraser removes (its `rank`; a bare concept-erasure LEACE: the rank of its projection)."""
     if hasattr(eraser, "rank"):
         return int(getattr(eraser, "rank"))
@@ -244,7 +252,7 @@ class SiteEraser:
         return eraser_rank(self.prompt)
 
 
-def _parts(eraser: Eraser) -> dict[str, Eraser]:
+def _parts(eraser: Eraser | SiteEraser) -> dict[str, Eraser]:
     if isinstance(eraser, SiteEraser):
         return {"prompt": eraser.prompt, "generated": eraser.generated}
     return {"prompt": eraser, "generated": eraser}
@@ -255,7 +263,7 @@ def _erase(eraser: Eraser, x: Tensor) -> Tensor:
 
 
 @contextmanager
-def erasing(loaded: LoadedModel, hook: str, eraser: Eraser | SiteEraser | None,
+def erasing(loaded: Hookable, hook: str, eraser: Eraser | SiteEraser | None,
             last: int | None = None) -> Iterator[None]:
     """Apply `eraser` to `hook` (a TL name, e.g. blocks.2.hook_resid_post) while inside: at every position, or
     with `last=k` at the last k positions of a forward over several tokens (a left-padded prompt: where the
@@ -279,12 +287,11 @@ def erasing(loaded: LoadedModel, hook: str, eraser: Eraser | SiteEraser | None,
 
 
 def site_activations(loaded: LoadedModel, sessions: list, hook: str, last: int | None = None,
-                     max_new_tokens: int = 32) -> tuple[Float[Tensor, "N d"], Int[np.ndarray, "N"], np.ndarray]:
+                     max_new_tokens: int = 32) -> tuple[Float[Tensor, "N d"], Int[np.ndarray, " N"], np.ndarray]:
     """Activations of `hook` at the positions `erasing(last=...)` edits, while the model generates for `sessions`
     without erasure: (X [N, d] float64, the index of each row's session, whether each row is a generated token).
     One session at a time, so no padding and no position after the answer's stop token is recorded (the stop
     token itself is never fed back)."""
-    from probes.leakage import generate_batch
 
     _check_last(last)
     sessions = list(sessions)
@@ -386,22 +393,40 @@ def site_edit_sizes(eraser: Eraser | SiteEraser | None, applied: Float[Tensor, "
     return out
 
 
+@dataclass(frozen=True)
+class EffectOptions:
+    """`erasure_effect`'s settings: the controls' seeds (seed, seed + 1, ...; `random_draws` of them, >= 1), the
+    generation (`batch_size`, `max_new_tokens`), where to erase (`last`, as in `erasing`) and whether the
+    control's subspace avoids the concept (`exclude_concept`)."""
+
+    seed: int = 0
+    batch_size: int = 16
+    max_new_tokens: int = 32
+    last: int | None = None
+    random_draws: int = 1
+    exclude_concept: bool = True
+
+    def __post_init__(self):
+        if self.random_draws < 1:
+            raise ErasureError(f"erasure_effect: random_draws {self.random_draws}: expected at least 1")
+        _check_last(self.last)
+
+
 def erasure_effect(loaded: LoadedModel, sessions: list, hook: str, leace: SubspaceEraser | SiteEraser,
-                   seed: int = 0, batch_size: int = 16, max_new_tokens: int = 32, last: int | None = None,
-                   random_draws: int = 1, exclude_concept: bool = True) -> pd.DataFrame:
+                   options: EffectOptions | None = None, **kw) -> pd.DataFrame:
     """Leak and refusal rates of `sessions` (with private `_target` labels) with no erasure, LEACE at `hook`, and
     `random_draws` matched random controls (`matched_control`, seeds seed, seed + 1, ...; one draw has a spread
     of its own; matched on `sessions`' own activations at the edited positions, recorded without erasure, the
     prompt's positions and the generated tokens each on their own), at every position or `last` as in `erasing`.
-    Tidy rows (hook, positions, method, metric, value, n, rank, draw) with each edit's size (`site_edit_sizes`:
-    equal for LEACE and the control on each kind of position by construction). Refuses a LEACE fitted at other
-    positions (see `_check_site`)."""
-    from probes.leakage import evaluate_leakage
+    Settings: EffectOptions or its fields as keywords. Tidy rows (hook, positions, method, metric, value, n, rank,
+    draw) with each edit's size (`site_edit_sizes`: equal for LEACE and the control on each kind of position by
+    construction). Refuses a LEACE fitted at other positions (see `_check_site`)."""
 
+    o = replace(options or EffectOptions(), **kw) if kw else (options or EffectOptions())
+    seed, batch_size, max_new_tokens, last = o.seed, o.batch_size, o.max_new_tokens, o.last
+    random_draws, exclude_concept = o.random_draws, o.exclude_concept
     if getattr(leace, "kind", None) != "leace":
         raise ErasureError("erasure_effect: `leace` must be a fitted LEACE eraser (fit_leace or fit_leace_at)")
-    if random_draws < 1:
-        raise ErasureError(f"erasure_effect: random_draws {random_draws}: expected at least 1")
     _check_site(leace, last)
     applied, _, generated = site_activations(loaded, sessions, hook, last, max_new_tokens)
     erasers = [("none", None, 0), ("leace", leace, 0)] + [

@@ -53,8 +53,8 @@ so what remains is float32, larger matmuls and fewer passes for strongly penalis
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -62,10 +62,14 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from probes.probing.solver import MASKED, LogReg, raw_weights, solve_path, standardisation
+from probes.probing.solver import MASKED, LogReg, SolverOptions, raw_weights, solve_path, standardisation
 
 DEFAULT_CS = np.logspace(-4, 2, 7)  # 1e-4 ... 1e2: from 'weights ~ 0' to nearly unpenalised for n ~ 10^3
 METHODS = ("logreg", "dim", "ridge")
+# What the public functions accept (checked and converted inside, shapes in the docstrings)
+Activations = Union[Tensor, np.ndarray]  # X: [cell, n, d] (or [n, d] for one cell)
+Labels = Union[Tensor, np.ndarray, Sequence[int]]  # y: [n] or [cell, n] integer classes
+Groups = Union[Sequence, np.ndarray]  # one identity/document per example
 TABLE_COLUMNS = ("cell", "fold", "method", "C", "accuracy", "chance", "n_train", "n_test", "converged", "nested")
 
 
@@ -74,7 +78,7 @@ class ProbeError(ValueError):
 
 
 # ---- folds ------------------------------------------------------------------------------------------------------
-def grouped_folds(groups: Sequence, n_folds: int = 5, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+def grouped_folds(groups: Groups, n_folds: int = 5, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """[(train_idx, test_idx)] * n_folds with every group wholly on one side of every fold.
 
     Groups are shuffled (by `seed`), then dealt largest first to the fold holding the fewest examples so far (ties:
@@ -128,7 +132,7 @@ class ProbeFit:
     fold_weights: Float[Tensor, "cell fold d k"] | None = field(repr=False, default=None)
     fold_bias: Float[Tensor, "cell fold k"] | None = field(repr=False, default=None)
 
-    def decision(self, X: Float[Tensor, "cell m d"]) -> Float[Tensor, "cell m k"]:
+    def decision(self, X: Activations) -> Float[Tensor, "cell m k"]:
         """Logits of the all-data probes: X [cell, m, d] (or [m, d] when there is one cell)."""
         X = torch.as_tensor(X)
         if X.ndim == 2 and self.weights.shape[0] == 1:
@@ -139,21 +143,67 @@ class ProbeFit:
         W = self.weights.to(X.device)
         return torch.bmm(X.to(W.dtype), W) + self.bias.to(X.device)[:, None, :]
 
-    def predict(self, X: Float[Tensor, "cell m d"]) -> Int[Tensor, "cell m"]:
+    def predict(self, X: Activations) -> Int[Tensor, "cell m"]:
         """Predicted class per cell and example (argmax of `decision`)."""
         return self.decision(X).argmax(-1)
 
 
 # ---- the public fit ---------------------------------------------------------------------------------------------
-def fit_probes(X: Float[Tensor, "cell n d"], y: Int[Tensor, "n"] | Int[Tensor, "cell n"], groups: Sequence,
-               method: str = "logreg", n_folds: int = 5, Cs: Sequence[float] = DEFAULT_CS, seed: int = 0,
-               device: str | torch.device | None = None, n_classes: int | None = None, tol: float = 1e-4,
-               max_iter: int = 100, cells_per_batch: int = 16, nested: bool = True, inner_folds: int = 3,
-               refit: bool = True, progress: bool = False) -> ProbeFit:
+@dataclass(frozen=True)
+class ProbeConfig:
+    """How `fit_probes` fits (see its docstring for each field); validated once, here. `ProbeConfig(**options)` or
+    `dataclasses.replace(config, **options)` builds one; `fit_probes(X, y, groups, method=...)` builds it for you."""
+
+    method: str = "logreg"
+    n_folds: int = 5
+    Cs: Sequence[float] | np.ndarray = tuple(float(c) for c in DEFAULT_CS)  # kept as a tuple
+    seed: int = 0
+    device: str | torch.device | None = None  # kept as its name
+    n_classes: int | None = None
+    tol: float = 1e-4
+    max_iter: int = 100
+    cells_per_batch: int = 16
+    nested: bool = True
+    inner_folds: int = 3
+    refit: bool = True
+    progress: bool = False
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ProbeError(f"method must be one of {METHODS}, got {self.method!r}")
+        if not _is_int(self.n_folds) or self.n_folds < 2:
+            raise ProbeError(f"n_folds must be an int >= 2, got {self.n_folds!r}")
+        Cs = np.asarray(self.Cs, dtype=np.float64)
+        if self.method != "dim" and (Cs.ndim != 1 or len(Cs) == 0 or (Cs <= 0).any() or (np.diff(Cs) <= 0).any()):
+            raise ProbeError(f"Cs must be a non-empty 1-D grid of positive values in ascending order, got {Cs}")
+        object.__setattr__(self, "Cs", tuple(float(c) for c in Cs.reshape(-1)))  # hashable, whatever was passed
+        if self.device is not None:
+            object.__setattr__(self, "device", str(self.device))  # a torch.device is accepted, kept as its name
+        if self.nested and (not _is_int(self.inner_folds) or self.inner_folds < 2):
+            raise ProbeError(f"inner_folds must be an int >= 2, got {self.inner_folds!r}")
+        for name in ("max_iter", "cells_per_batch"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise ProbeError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
+        if not self.tol > 0:
+            raise ProbeError(f"tol must be > 0, got {self.tol!r}")
+
+    @property
+    def grid(self) -> np.ndarray:
+        """The C grid as fitted: the Cs, or [NaN] for difference in means (no penalty)."""
+        return np.array([np.nan]) if self.method == "dim" else np.asarray(self.Cs)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def fit_probes(X: Activations, y: Labels, groups: Groups, config: ProbeConfig | None = None, **options) -> ProbeFit:
     """Fit one linear probe per cell, all cells batched, with grouped cross-validation (see the module docstring).
 
     X [cell, n, d] activations (any float dtype; computed in float32 on `device`, default X's); y [n] labels shared
     by every cell or [cell, n] per cell, ints in [0, n_classes); groups [n] identity/document of each example.
+    Settings: a ProbeConfig, or its fields as keywords (`fit_probes(X, y, groups, method="ridge")`; with both,
+    the keywords replace the config's fields).
     Cs: the penalty grid (sorted ascending; ridge reads alpha = 1/C; dim ignores it). tol/max_iter: logreg's
     stopping rule per fit (max |gradient| <= tol, as sklearn's lbfgs; max_iter counts line-search trials, i.e.
     passes over the data). cells_per_batch: cells solved together (memory grows as about
@@ -171,59 +221,59 @@ def fit_probes(X: Float[Tensor, "cell n d"], y: Int[Tensor, "n"] | Int[Tensor, "
         >>> fit_probes(X, y, groups).table.groupby("cell").accuracy.mean().round(1).tolist()
         [0.2, 0.9, 0.2]
     """
-    X, Y, K = check_inputs(X, y, groups, method, n_classes)
-    Cs = np.asarray(Cs, dtype=np.float64)
-    if method != "dim" and (Cs.ndim != 1 or len(Cs) == 0 or (Cs <= 0).any() or (np.diff(Cs) <= 0).any()):
-        raise ProbeError(f"Cs must be a non-empty 1-D grid of positive values in ascending order, got {Cs}")
-    if method == "dim":
-        Cs = np.array([np.nan])
-    if nested and (not isinstance(inner_folds, (int, np.integer)) or inner_folds < 2):
-        raise ProbeError(f"inner_folds must be an int >= 2, got {inner_folds!r}")
-    folds = grouped_folds(groups, n_folds, seed)
-    nested = bool(nested) and len(Cs) > 1  # one C (or dim): nothing to choose, nothing to nest
-    problems = _problems(folds, np.asarray(groups), n_folds, inner_folds, seed, nested)
-    n = X.shape[1]
-    device = torch.device(device) if device is not None else X.device
-    train_masks = torch.as_tensor(np.stack([tr for tr, _ in problems["parts"]] + [np.ones(n, dtype=bool)]),
-                                  device=device)
-    test_masks = torch.as_tensor(np.stack([te for _, te in problems["parts"]]), device=device)
+    cfg = replace(config or ProbeConfig(), **options) if options else (config or ProbeConfig())
+    X, Y, K = check_inputs(X, y, groups, cfg.method, cfg.n_classes)
+    Cs = cfg.grid
+    folds = grouped_folds(groups, cfg.n_folds, cfg.seed)
+    nested = bool(cfg.nested) and len(Cs) > 1  # one C (or dim): nothing to choose, nothing to nest
+    device = torch.device(cfg.device) if cfg.device is not None else X.device
+    problems = _problems(folds, np.asarray(groups), cfg, nested, device)
+    out = _fit_chunks(X, Y, K, problems, Cs, cfg, device)
+    table = _fold_table(out, Y.cpu().numpy(), K, folds, Cs, cfg.method, nested)
+    best = out["best"].cpu().numpy()
+    return ProbeFit(method=cfg.method, Cs=Cs, C=Cs[best], cv_accuracy=out["accuracy"].cpu().numpy().mean(1),
+                    table=table, weights=out["weights"].cpu(), bias=out["bias"].cpu(), mean=out["mean"].cpu(),
+                    std=out["std"].cpu(), folds=folds, oof=out["oof"].cpu(), fold_weights=out["fold_weights"].cpu(),
+                    fold_bias=out["fold_bias"].cpu())
 
+
+def _fit_chunks(X: Tensor, Y: Tensor, K: int, problems: dict, Cs: np.ndarray, cfg: ProbeConfig,
+                device: torch.device) -> dict[str, Tensor]:
+    """`_fit_chunk` over the cells, `cfg.cells_per_batch` at a time; the chunks' results concatenated."""
     chunks = []
-    starts = range(0, X.shape[0], cells_per_batch)
+    starts = range(0, X.shape[0], cfg.cells_per_batch)
     # Weakly penalised fits on separable folds push probabilities into float32 denormals, which a CPU computes
     # ~100x slower (nested CV's small inner training parts made a fit 20x slower); flushed to 0 while fitting.
     torch.set_flush_denormal(True)
     try:
-        for lo in _progress(starts, progress, f"{method} probes ({X.shape[0]} cells)"):
-            Xc = X[lo:lo + cells_per_batch].to(device=device, dtype=torch.float32)
-            Yc = Y[lo:lo + cells_per_batch].to(device=device)
-            chunks.append(_fit_chunk(Xc, Yc, K, train_masks, test_masks, problems["inner"], n_folds, method, Cs,
-                                     tol, max_iter, refit))
+        for lo in _progress(starts, cfg.progress, f"{cfg.method} probes ({X.shape[0]} cells)"):
+            Xc = X[lo:lo + cfg.cells_per_batch].to(device=device, dtype=torch.float32)
+            Yc = Y[lo:lo + cfg.cells_per_batch].to(device=device)
+            chunks.append(_fit_chunk(Xc, Yc, K, problems, Cs, cfg))
     finally:
         torch.set_flush_denormal(False)  # torch's default
-    out = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+    return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
 
+
+def _fold_table(out: dict[str, Tensor], Yn: np.ndarray, K: int, folds: list, Cs: np.ndarray, method: str,
+                nested: bool) -> pd.DataFrame:
+    """One row per (cell, outer fold), TABLE_COLUMNS: the held-out accuracy at the fold's chosen C."""
     acc = out["accuracy"].cpu().numpy()  # [cell, fold, C] (outer folds)
-    cv, best, fold_best = acc.mean(1), out["best"].cpu().numpy(), out["fold_best"].cpu().numpy()
-    cells = np.arange(X.shape[0])
-    Yn = Y.cpu().numpy()
-    chance = held_out_chance(Yn, folds, K)  # [cell, fold]
-    table = pd.DataFrame({
+    fold_best = out["fold_best"].cpu().numpy()
+    n_cells, n_folds = acc.shape[:2]
+    cells = np.arange(n_cells)
+    return pd.DataFrame({
         "cell": np.repeat(cells, n_folds),
         "fold": np.tile(np.arange(n_folds), len(cells)),
         "method": method,
         "C": Cs[fold_best].reshape(-1),
         "accuracy": np.take_along_axis(acc, fold_best[..., None], 2)[..., 0].reshape(-1),
-        "chance": chance.reshape(-1),
+        "chance": held_out_chance(Yn, folds, K).reshape(-1),  # [cell, fold]
         "n_train": np.tile([len(tr) for tr, _ in folds], len(cells)),
         "n_test": np.tile([len(te) for _, te in folds], len(cells)),
         "converged": np.take_along_axis(out["converged"].cpu().numpy(), fold_best[..., None], 2)[..., 0].reshape(-1),
         "nested": nested,
     })
-    return ProbeFit(method=method, Cs=Cs, C=Cs[best], cv_accuracy=cv, table=table,
-                    weights=out["weights"].cpu(), bias=out["bias"].cpu(), mean=out["mean"].cpu(),
-                    std=out["std"].cpu(), folds=folds, oof=out["oof"].cpu(), fold_weights=out["fold_weights"].cpu(),
-                    fold_bias=out["fold_bias"].cpu())
 
 
 def held_out_chance(y: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]], n_classes: int) -> np.ndarray:
@@ -245,9 +295,11 @@ def held_out_chance(y: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]], n
     return out
 
 
-def _problems(folds, groups, n_folds, inner_folds, seed, nested) -> dict:
+def _problems(folds, groups: np.ndarray, cfg: ProbeConfig, nested: bool, device: torch.device) -> dict:
     """The training/test parts every cell is fitted on: the outer folds first, then (nested) each outer fold's
-    inner folds, grouped inside its training part; 'inner' [outer fold] -> indices of its inner parts."""
+    inner folds, grouped inside its training part. Returns train [Q + 1, n] (the Q parts' training rows and, last,
+    all examples: problem q indexes these) and test [Q, n] masks on `device`, 'inner' [outer fold] -> indices of
+    its inner parts (empty: flat CV) and n_folds (the outer folds come first)."""
     n = len(groups)
 
     def masks(train, test):
@@ -258,16 +310,18 @@ def _problems(folds, groups, n_folds, inner_folds, seed, nested) -> dict:
     parts = [masks(tr, te) for tr, te in folds]
     inner = []
     if nested:
-        k = inner_folds
+        k = cfg.inner_folds
         for train, _ in folds:
             try:
-                sub = grouped_folds(groups[train], k, seed + 1)
+                sub = grouped_folds(groups[train], k, cfg.seed + 1)
             except ProbeError as err:
                 raise ProbeError(f"nested CV: an outer training part is too small for inner_folds={k} ({err}); "
                                  f"lower inner_folds or n_folds, or pass nested=False") from err
             inner.append(list(range(len(parts), len(parts) + k)))
             parts += [masks(train[tr], train[te]) for tr, te in sub]
-    return {"parts": parts, "inner": inner}
+    train = torch.as_tensor(np.stack([tr for tr, _ in parts] + [np.ones(n, dtype=bool)]), device=device)
+    test = torch.as_tensor(np.stack([te for _, te in parts]), device=device)
+    return {"train": train, "test": test, "inner": inner, "n_folds": len(folds)}
 
 
 def _progress(it, progress: bool, desc: str):
@@ -279,7 +333,7 @@ def _progress(it, progress: bool, desc: str):
     return tqdm(it, desc=desc, leave=False)
 
 
-def fit_probe(X: Float[Tensor, "n d"], y: Int[Tensor, "n"], groups: Sequence, **kwargs) -> ProbeFit:
+def fit_probe(X: Activations, y: Labels, groups: Groups, **kwargs) -> ProbeFit:
     """One cell: `fit_probes(X[None], y, groups, **kwargs)` (its table has cell 0 only)."""
     X = torch.as_tensor(X)
     if X.ndim != 2:
@@ -318,69 +372,108 @@ def check_inputs(X, y, groups, method, n_classes) -> tuple[Tensor, Tensor, int]:
 
 
 # ---- one chunk of cells -----------------------------------------------------------------------------------------
-def _fit_chunk(X: Float[Tensor, "c n d"], Y: Int[Tensor, "c n"], K: int, train_masks: Tensor, test_masks: Tensor,
-               inner: list[list[int]], F: int, method: str, Cs: np.ndarray, tol: float, max_iter: int,
-               refit: bool) -> dict[str, Tensor]:
+def _fit_chunk(X: Float[Tensor, "c n d"], Y: Int[Tensor, "c n"], K: int, problems: dict, Cs: np.ndarray,
+               cfg: ProbeConfig) -> dict[str, Tensor]:
     """Every training part (outer folds, then nested inner folds) and C of a chunk of cells, then the all-data refit
-    at each cell's chosen C. train_masks [Q + 1, n]: the Q parts' training rows and, last, all examples (problem q
-    indexes these); test_masks [Q, n]; inner[f]: the problems of outer fold f's inner folds (empty: flat CV)."""
+    at each cell's chosen C. problems: `_problems`' masks (train [Q + 1, n], test [Q, n]) and inner folds."""
     c, n, d = X.shape
-    Q = test_masks.shape[0]
-    X, centre, M, mean, std = standardisation(X, train_masks)
-    n_q = M.sum(1)
-    Y1h = torch.nn.functional.one_hot(Y, K).to(X.dtype)  # [c, n, K]
-    class_ok = torch.einsum("qn,cnk->cqk", M, Y1h) > 0  # [c, q, K]: classes present in each training part
-    parts = slice(0, Q)
-    cidx = torch.arange(c, device=X.device)
-
-    def score(W, b):  # held-out accuracy [c, Q] of standardised weights of every part
-        return _accuracy(X, Y, test_masks, *raw_weights(W, b, mean[:, parts], std[:, parts]), class_ok[:, parts])
-
-    if method == "logreg":
-        solver = LogReg(X, Y1h, M, mean, std, class_ok, tol, max_iter)
-        # Every part goes along the C grid; then the all-data fit goes along it up to each cell's chosen C (cells
-        # past theirs stay frozen there): that fit is the final probe.
-        Wc, bc, acc, converged = solve_path(solver, parts, Cs, n_q[:Q], X.new_zeros(c, Q, d, K), X.new_zeros(c, Q, K),
-                                       score)
-    elif method == "ridge":
-        Ws, bs = _ridge(X, Y1h, M, mean, std, Cs)  # [c, q, C, d, K], [c, q, K]
-        acc = torch.stack([score(Ws[:, :Q, j], bs[:, :Q]) for j in range(len(Cs))], -1)
-        Wc, bc = Ws[:, :Q], bs[:, :Q, None].expand(-1, -1, len(Cs), -1)
-        converged = torch.ones_like(acc, dtype=torch.bool)
-    else:
-        Ws, bs = _dim(X, Y1h, M, mean, std)  # [c, q, d, K], [c, q, K]
-        acc, converged = score(Ws[:, :Q], bs[:, :Q])[..., None], X.new_ones(c, Q, 1, dtype=torch.bool)
-        Wc, bc = Ws[:, :Q, None], bs[:, :Q, None]
+    F, inner = problems["n_folds"], problems["inner"]
+    data = _Chunk(X, Y, K, problems["train"], problems["test"])
+    Wc, bc, acc, converged, solver = _fit_parts(data, Cs, cfg)  # [c, Q, C, d, K], [c, Q, C, K], [c, Q, C] x 2
     best = _best(acc[:, :F])  # the all-data probe's C: best mean outer-fold accuracy
     # Each outer fold's C: chosen by its inner folds (nested), else by the outer folds themselves (flat).
     fold_best = torch.stack([_best(acc[:, idx]) for idx in inner], 1) if inner else best[:, None].expand(c, F)
     fold_best = fold_best.contiguous()
-    W_fold = Wc[cidx[:, None], torch.arange(F, device=X.device)[None], fold_best]  # [c, F, d, K]
-    b_fold = bc[cidx[:, None], torch.arange(F, device=X.device)[None], fold_best]
-    if not refit:
-        Wf, bf = torch.full((c, 1, d, K), torch.nan, device=X.device), torch.full((c, 1, K), torch.nan,
-                                                                                   device=X.device)
-    elif method == "logreg":
-        Wf, bf, _, _ = solve_path(solver, slice(Q, Q + 1), Cs[:int(best.max()) + 1], n_q[Q:], X.new_zeros(c, 1, d, K),
-                             X.new_zeros(c, 1, K), None, frozen_after=best)
-    elif method == "ridge":
-        Wf, bf = Ws[cidx, Q, best][:, None], bs[:, Q:]
-    else:
-        Wf, bf = Ws[:, Q:], bs[:, Q:]
-    Wr, br = raw_weights(Wf, bf.masked_fill(~class_ok[:, Q:], MASKED), mean[:, Q:], std[:, Q:])
-    Wfr, bfr = raw_weights(W_fold, b_fold.masked_fill(~class_ok[:, :F], MASKED), mean[:, :F], std[:, :F])
-    oof = torch.full((c, n), -1, dtype=torch.long, device=X.device)  # held-out prediction of every example
-    for f in range(F):
-        rows = test_masks[f].nonzero().squeeze(1)
-        oof[:, rows] = (torch.bmm(X[:, rows], Wfr[:, f]) + bfr[:, f, None]).argmax(-1)
-    # undo the centring: logits = (x - centre) Wr + br
+    cidx, fidx = torch.arange(c, device=X.device)[:, None], torch.arange(F, device=X.device)[None]
+    W_fold, b_fold = Wc[cidx, fidx, fold_best], bc[cidx, fidx, fold_best]  # [c, F, d, K], [c, F, K]
+    Wf, bf = _refit(data, Cs, cfg, solver, best)  # [c, 1, d, K], [c, 1, K]
     return {"accuracy": acc[:, :F], "best": best, "fold_best": fold_best, "converged": converged[:, :F],
-            "weights": Wr[:, 0], "bias": br[:, 0] - torch.einsum("cd,cdk->ck", centre, Wr[:, 0]),
-            "mean": mean[:, Q] + centre, "std": std[:, Q], "oof": oof, "fold_weights": Wfr,
+            **_raw_probes(data, Wf, bf, W_fold, b_fold)}
+
+
+@dataclass
+class _Chunk:
+    """A chunk of cells standardised for fitting: X centred per cell, the centre [c, d], every training part's
+    mean/std [c, Q + 1, d] and weights M [Q + 1, n], one-hot labels and the classes each part holds."""
+
+    X: Tensor
+    Y: Tensor
+    K: int
+    train: Tensor
+    test: Tensor
+
+    def __post_init__(self):
+        self.X, self.centre, self.M, self.mean, self.std = standardisation(self.X, self.train)
+        self.n_q = self.M.sum(1)
+        self.Y1h = torch.nn.functional.one_hot(self.Y, self.K).to(self.X.dtype)  # [c, n, K]
+        self.class_ok = torch.einsum("qn,cnk->cqk", self.M, self.Y1h) > 0  # [c, q, K]: classes in each part
+        self.Q = self.test.shape[0]
+
+    def score(self, W: Tensor, b: Tensor) -> Tensor:
+        """Held-out accuracy [c, Q] of standardised weights of every part."""
+        parts = slice(0, self.Q)
+        return _accuracy(self.X, self.Y, self.test, *raw_weights(W, b, self.mean[:, parts], self.std[:, parts]),
+                         self.class_ok[:, parts])
+
+
+def _fit_parts(data: _Chunk, Cs: np.ndarray, cfg: ProbeConfig) -> tuple:
+    """Every training part at every C: W [c, Q, C, d, K], b [c, Q, C, K], held-out accuracy and convergence
+    [c, Q, C], and the logreg solver (None for the closed forms)."""
+    c, _, d = data.X.shape
+    Q, K = data.Q, data.K
+    if cfg.method == "logreg":
+        solver = LogReg(data.X, data.Y1h, data.M, (data.mean, data.std), data.class_ok,
+                        SolverOptions(cfg.tol, cfg.max_iter))
+        zeros = data.X.new_zeros(c, Q, d, K), data.X.new_zeros(c, Q, K)
+        return (*solve_path(solver, slice(0, Q), Cs, data.n_q[:Q], *zeros, data.score), solver)
+    if cfg.method == "ridge":
+        Ws, bs = _ridge(data.X, data.Y1h, data.M, data.mean, data.std, Cs)  # [c, q, C, d, K], [c, q, K]
+        acc = torch.stack([data.score(Ws[:, :Q, j], bs[:, :Q]) for j in range(len(Cs))], -1)
+        data.closed_form = Ws[:, Q:], bs[:, Q:]  # the all-data fit at every C, for `_refit`
+        return Ws[:, :Q], bs[:, :Q, None].expand(-1, -1, len(Cs), -1), acc, torch.ones_like(acc, dtype=torch.bool), None
+    Ws, bs = _dim(data.X, data.Y1h, data.M, data.mean, data.std)  # [c, q, d, K], [c, q, K]
+    acc = data.score(Ws[:, :Q], bs[:, :Q])[..., None]
+    data.closed_form = Ws[:, Q:], bs[:, Q:]
+    return Ws[:, :Q, None], bs[:, :Q, None], acc, data.X.new_ones(c, Q, 1, dtype=torch.bool), None
+
+
+def _refit(data: _Chunk, Cs: np.ndarray, cfg: ProbeConfig, solver, best: Tensor) -> tuple[Tensor, Tensor]:
+    """The all-data probe at each cell's chosen C (NaN without `cfg.refit`): logreg goes along the C grid up to each
+    cell's chosen C (cells past theirs stay frozen there); the closed forms read it off."""
+    c, _, d = data.X.shape
+    K, Q = data.K, data.Q
+    if not cfg.refit:
+        return (torch.full((c, 1, d, K), torch.nan, device=data.X.device),
+                torch.full((c, 1, K), torch.nan, device=data.X.device))
+    if cfg.method == "logreg":
+        Wf, bf, _, _ = solve_path(solver, slice(Q, Q + 1), Cs[:int(best.max()) + 1], data.n_q[Q:],
+                                  data.X.new_zeros(c, 1, d, K), data.X.new_zeros(c, 1, K), None, frozen_after=best)
+        return Wf, bf
+    Ws, bs = data.closed_form
+    if cfg.method == "ridge":
+        return Ws[torch.arange(c, device=data.X.device), 0, best][:, None], bs
+    return Ws, bs
+
+
+def _raw_probes(data: _Chunk, Wf: Tensor, bf: Tensor, W_fold: Tensor, b_fold: Tensor) -> dict[str, Tensor]:
+    """The all-data and the folds' probes in raw activation units (the centring undone: logits = (x - centre) W
+    + b), the all-data standardisation, and every example's held-out prediction from the fold that tested it."""
+    Q, F = data.Q, W_fold.shape[1]
+    c, n, _ = data.X.shape
+    Wr, br = raw_weights(Wf, bf.masked_fill(~data.class_ok[:, Q:], MASKED), data.mean[:, Q:], data.std[:, Q:])
+    Wfr, bfr = raw_weights(W_fold, b_fold.masked_fill(~data.class_ok[:, :F], MASKED), data.mean[:, :F],
+                           data.std[:, :F])
+    oof = torch.full((c, n), -1, dtype=torch.long, device=data.X.device)  # held-out prediction of every example
+    for f in range(F):
+        rows = data.test[f].nonzero().squeeze(1)
+        oof[:, rows] = (torch.bmm(data.X[:, rows], Wfr[:, f]) + bfr[:, f, None]).argmax(-1)
+    centre = data.centre
+    return {"weights": Wr[:, 0], "bias": br[:, 0] - torch.einsum("cd,cdk->ck", centre, Wr[:, 0]),
+            "mean": data.mean[:, Q] + centre, "std": data.std[:, Q], "oof": oof, "fold_weights": Wfr,
             "fold_bias": bfr - torch.einsum("cd,cfdk->cfk", centre, Wfr)}
 
 
-def _best(acc: Float[Tensor, "c fold C"]) -> Int[Tensor, "c"]:
+def _best(acc: Float[Tensor, "c fold C"]) -> Int[Tensor, " c"]:
     """Index of the best mean held-out accuracy per cell; the first (smallest C) among ties, as sklearn."""
     mean = acc.mean(1)
     return (mean >= mean.amax(-1, keepdim=True) - 1e-12).int().argmax(-1)

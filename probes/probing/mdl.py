@@ -27,6 +27,7 @@ Columns: cell, C (the penalty used), online_bits, uniform_bits (n log2 K), compr
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -35,20 +36,25 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from probes.probing.linear import DEFAULT_CS, ProbeError, check_inputs
-from probes.probing.solver import MASKED, LogReg, raw_weights, solve_path, standardisation
+from probes.probing.linear import DEFAULT_CS, Activations, Groups, Labels, ProbeError, check_inputs
+from probes.probing.solver import MASKED, LogReg, SolverOptions, raw_weights, solve_path, standardisation
 
 # Voita & Titov start at 0.1% of ~10^5 examples; probe sets here hold 10^2-10^4, so the first block is 1/64.
 DEFAULT_FRACTIONS = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
 
 
-def block_order(groups: Sequence, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """(order [n], ends [blocks]): example indices group by group in a seeded random order of the groups, and each
-    block's end in that order (exclusive), always at a group boundary; the last end is n."""
+def _check_fractions(fractions: Sequence[float] | np.ndarray) -> np.ndarray:
     fr = np.asarray(fractions, dtype=float)
     if fr.ndim != 1 or len(fr) < 2 or (fr <= 0).any() or (np.diff(fr) <= 0).any() or fr[-1] != 1.0:
         raise ProbeError(f"fractions must rise strictly from > 0 to 1.0 (two blocks at least), got {list(fractions)}")
+    return fr
+
+
+def block_order(groups: Groups, fractions: Sequence[float] | np.ndarray = DEFAULT_FRACTIONS, seed: int = 0
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(order [n], ends [blocks]): example indices group by group in a seeded random order of the groups, and each
+    block's end in that order (exclusive), always at a group boundary; the last end is n."""
+    fr = _check_fractions(fractions)
     uniq, inv = np.unique(np.asarray(groups).astype(str), return_inverse=True)
     rank = np.random.default_rng(seed).permutation(len(uniq))[inv]  # where each example's group goes
     order = np.argsort(rank, kind="stable")
@@ -59,15 +65,39 @@ def block_order(groups: Sequence, fractions: Sequence[float] = DEFAULT_FRACTIONS
     return order, ends
 
 
-def online_codelength(X: Float[Tensor, "cell n d"], y: Int[Tensor, "n"] | Int[Tensor, "cell n"], groups: Sequence,
-                      C: float | Sequence[float] | None = None, fractions: Sequence[float] = DEFAULT_FRACTIONS,
-                      seed: int = 0, n_classes: int | None = None, device: str | torch.device | None = None,
-                      tol: float = 1e-4, max_iter: int = 100, cells_per_batch: int = 16) -> pd.DataFrame:
-    """The online codelength of y given each cell's activations (see the module docstring).
+@dataclass(frozen=True)
+class CodeConfig:
+    """How `online_codelength` codes: block ends at `fractions` of n (checked here), groups shuffled with `seed`,
+    and the probes' solver (`tol`, `max_iter`, `cells_per_batch` cells at a time on `device`)."""
+
+    fractions: Sequence[float] | np.ndarray = DEFAULT_FRACTIONS  # kept as a tuple
+    seed: int = 0
+    n_classes: int | None = None
+    device: str | torch.device | None = None  # kept as its name
+    tol: float = 1e-4
+    max_iter: int = 100
+    cells_per_batch: int = 16
+
+    def __post_init__(self):
+        object.__setattr__(self, "fractions", tuple(float(f) for f in np.asarray(self.fractions).reshape(-1)))
+        _check_fractions(self.fractions)
+        if self.device is not None:
+            object.__setattr__(self, "device", str(self.device))
+        if int(self.cells_per_batch) < 1:
+            raise ProbeError(f"cells_per_batch must be >= 1, got {self.cells_per_batch!r}")
+
+
+def online_codelength(X: Activations, y: Labels, groups: Groups,
+                      C: float | Sequence[float] | np.ndarray | None = None, config: CodeConfig | None = None,
+                      **options) -> pd.DataFrame:
+    """The online codelength of y given each cell's activations (see the module docstring). X [cell, n, d], y [n]
+    or [cell, n], groups [n]. Settings: a CodeConfig, or its fields as keywords (`fractions=`, `seed=`, ...).
 
     C: the logistic probe's penalty (sklearn's C). None (the default): every C of `DEFAULT_CS` is run and each cell
     keeps its shortest code, plus log2(len(DEFAULT_CS)) bits to say which C (a two-part code: the choice is paid for,
     so choosing cannot make noise compress). A number, or one per cell: that C alone, nothing added."""
+    cfg = replace(config or CodeConfig(), **options) if options else (config or CodeConfig())
+    seed, n_classes, device, fractions = cfg.seed, cfg.n_classes, cfg.device, cfg.fractions
     X, Y, K = check_inputs(X, y, groups, "logreg", n_classes)
     n_cells = X.shape[0]
     select = C is None
@@ -85,11 +115,12 @@ def online_codelength(X: Float[Tensor, "cell n d"], y: Int[Tensor, "n"] | Int[Te
     grid = np.unique(Cs)
     at = None if select else torch.as_tensor(np.searchsorted(grid, Cs), device=device)
     totals = []
-    for lo in range(0, n_cells, cells_per_batch):
-        hi = lo + cells_per_batch
+    for lo in range(0, n_cells, cfg.cells_per_batch):
+        hi = lo + cfg.cells_per_batch
         # block order chunk by chunk: X may be a repeated view of one cell (a string's characters), never copied whole
         totals.append(_total_bits(X[lo:hi, idx].to(device=device, dtype=torch.float32), Y[lo:hi, idx].to(device), K,
-                                  prefixes, ends, grid, None if select else at[lo:hi], tol, max_iter))
+                                  prefixes, ends, grid, None if select else at[lo:hi],
+                                  SolverOptions(cfg.tol, cfg.max_iter)))
     total = torch.cat(totals).cpu().numpy()  # [cell, C] bits of the whole code at each C of `grid`
     if select:
         pick = total.argmin(1)
@@ -102,7 +133,7 @@ def online_codelength(X: Float[Tensor, "cell n d"], y: Int[Tensor, "n"] | Int[Te
 
 
 def _total_bits(X: Float[Tensor, "c n d"], Y: Int[Tensor, "c n"], K: int, prefixes: Tensor, ends: np.ndarray,
-                grid: np.ndarray, at: Tensor | None, tol: float, max_iter: int) -> Float[Tensor, "c C"]:
+                grid: np.ndarray, at: Tensor | None, options: SolverOptions) -> Float[Tensor, "c C"]:
     """Bits of the whole code of a chunk of cells (examples already in block order): at every C of the grid
     ([c, len(grid)]) when `at` is None, else at each cell's grid[at] ([c, 1])."""
     c, _, d = X.shape
@@ -121,7 +152,7 @@ def _total_bits(X: Float[Tensor, "c n d"], Y: Int[Tensor, "c n"], K: int, prefix
             out.append(-torch.log2((m * p + 1.0) / (m + K)).sum(1))
         return torch.stack(out, 1)
 
-    solver = LogReg(X, Y1h, M, mean, std, class_ok, tol, max_iter)
+    solver = LogReg(X, Y1h, M, (mean, std), class_ok, options)
     zeros = X.new_zeros(c, q, d, K), X.new_zeros(c, q, K)
     first = int(ends[0]) * math.log2(K)
     if at is None:

@@ -4,6 +4,8 @@ problems at once along a C grid (K-FAC-preconditioned L-BFGS; the method is desc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -56,6 +58,20 @@ def solve_path(solver, qs, Cs, n_train, W, b, score, frozen_after=None):
             torch.stack(convs, -1))
 
 
+@dataclass(frozen=True)
+class SolverOptions:
+    """When a fit stops: every gradient entry at most `tol` in absolute value (sklearn's lbfgs rule) or `max_iter`
+    line-search trials (passes over the data); `memory`: the L-BFGS pairs kept."""
+
+    tol: float = 1e-4
+    max_iter: int = 100
+    memory: int = 10
+
+    def __post_init__(self):
+        if not self.tol > 0 or int(self.max_iter) < 1 or int(self.memory) < 1:
+            raise ValueError(f"solver options: expected tol > 0, max_iter >= 1 and memory >= 1, got {self}")
+
+
 class LogReg:
     """L2 multinomial logistic regression for many (cell, training part) problems at once; see the module docstring.
 
@@ -64,8 +80,12 @@ class LogReg:
     (mean, std [c, q, d]) is folded into its weights instead of copying X per fold. Logits are laid out
     [c, q, K, n] so the softmax over K runs along contiguous rows. `passes` counts passes over the data."""
 
-    def __init__(self, X, Y1h, M, mean, std, class_ok, tol, max_iter, memory=10):
-        self.X, self.M, self.tol, self.max_iter, self.memory = X, M, tol, max_iter, memory
+    def __init__(self, X: Tensor, Y1h: Tensor, M: Tensor, stats: tuple[Tensor, Tensor], class_ok: Tensor,
+                 options: SolverOptions = SolverOptions()):
+        """X [c, n, d] centred, Y1h [c, n, K] one-hot labels, M [q, n] training weights, stats: each part's (mean,
+        std) [c, q, d] (`standardisation`), class_ok [c, q, K] the classes present in each part."""
+        mean, std = stats
+        self.X, self.M, self.tol, self.max_iter, self.memory = X, M, options.tol, options.max_iter, options.memory
         self.Y = Y1h.argmax(-1)  # [c, n]
         self.YT = Y1h.transpose(1, 2)  # [c, K, n]
         self.mean, self.std, self.class_ok = mean, std, class_ok

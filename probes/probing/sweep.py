@@ -1,4 +1,5 @@
-"""Probe sweeps: where (layer x position group x turn) a target is linearly decodable, tested against a permutation null.
+"""Probe sweeps: where (layer x position group x turn) a target is linearly decodable, tested against a permutation
+null.
 
     blocks = probe_cells(store, position_groups=["last", "image", "final"])        # probes.probing.targets
     y, names, ids = session_targets(sessions, "digits")                          # SSN digits, 9 x 10-way
@@ -10,10 +11,10 @@ regularisation C chosen by nested grouped CV inside each training part, so the r
 optimistic). String targets (one column per character) are also reported as the mean per-character accuracy
 (`char_accuracy`) and the whole-string exact match of the held-out predictions.
 
-Chance (one definition, `probes.probing.linear.held_out_chance`): the held-out accuracy of always predicting the training
-part's majority class, under the same folds; what a probe that reads nothing from the activations scores (a logreg
-probe at W = 0 predicts exactly that). For 60 identities' uniform digits it is ~0.1 (not the in-sample majority
-rate, ~0.17).
+Chance (one definition, `probes.probing.linear.held_out_chance`): the held-out accuracy of always predicting the
+training part's majority class, under the same folds; what a probe that reads nothing from the activations scores
+(a logreg probe at W = 0 predicts exactly that). For 60 identities' uniform digits it is ~0.1 (not the in-sample
+majority rate, ~0.17).
 
 The test of "this cell decodes the value" is a permutation null: the targets are permuted ACROSS IDENTITIES (every
 row of identity a gets the targets of identity pi(a), so each identity keeps one value and the grouped folds keep
@@ -47,6 +48,8 @@ copy of the model) are other stores: run the sweep on each with `control=` set, 
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -54,10 +57,12 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from probes.stats import cluster_bootstrap
-from probes.probing.linear import ProbeError, fit_probes, grouped_folds, held_out_chance
+from probes.activations.capture import capture
+from probes.models.render import render
+from probes.probing.linear import METHODS, Groups, ProbeConfig, ProbeError, fit_probes, grouped_folds, held_out_chance
 from probes.probing.mdl import online_codelength
-from probes.probing.targets import CellBlock, ProbeDataError
+from probes.probing.targets import CellBlock, ProbeDataError, probe_cells, session_targets
+from probes.stats import cluster_bootstrap
 
 RESULT_COLUMNS = ["model", "family", "hook", "layer", "position_group", "turn", "turn_distance", "target", "probe",
                   "control", "metric", "value", "ci_low", "ci_high", "n"]
@@ -66,7 +71,7 @@ NULL_COLUMNS = ["model", "family", "hook", "layer", "position_group", "turn", "t
 CELL_KEYS = ["model", "hook", "layer", "position_group", "turn", "target", "metric"]  # joins results and null
 
 
-def control_labels(y: np.ndarray, groups: Sequence, n_classes: int, seed: int = 0) -> np.ndarray:
+def control_labels(y: np.ndarray, groups: Groups, n_classes: int, seed: int = 0) -> np.ndarray:
     """The identity control task: each group (identity) gets one fixed random class per target column. Under folds
     grouped by identity it cannot be learned (see the module docstring): its held-out accuracy is chance."""
     rng = np.random.default_rng(seed)
@@ -76,7 +81,7 @@ def control_labels(y: np.ndarray, groups: Sequence, n_classes: int, seed: int = 
     return np.where(y >= 0, out, -1)
 
 
-def permute_across_identities(y: np.ndarray, groups: Sequence, seed) -> np.ndarray:
+def permute_across_identities(y: np.ndarray, groups: Groups, seed) -> np.ndarray:
     """y [n, k] with the identities' values permuted: every row of identity a gets the targets of identity pi(a),
     pi a uniform random permutation of the sorted distinct identities (drawn from `seed`: an int or a sequence of
     ints, so blocks with the same identities get the same pi). Group structure is kept: an identity's rows still
@@ -183,14 +188,53 @@ def _turn_distance(block: CellBlock, turn: int) -> float:
     return float((turn - int(block.meta["image_turn"].iloc[0])) // 2)
 
 
-def probe_sweep(blocks: Sequence[CellBlock], targets: tuple[np.ndarray, list[str], pd.Index], target: str = "digits",
-                method: str = "logreg", group_col: str = "identity_id", n_folds: int = 5, seed: int = 0,
-                model: str = "", control: str = "none", n_classes: int | None = None, n_boot: int = 1000,
-                control_task: bool = False, device: str | None = None, return_samples: bool = False,
-                mdl: bool = False, family: str = "", nested: bool = True, n_permutations: int = 0,
-                return_null: bool = False, progress: bool = False):
+@dataclass(frozen=True)
+class SweepConfig:
+    """How `probe_sweep` (and `transfer_matrix`) fit and report; validated once, here (see `probe_sweep`)."""
+
+    target: str = "digits"
+    method: str = "logreg"
+    group_col: str = "identity_id"
+    n_folds: int = 5
+    seed: int = 0
+    model: str = ""
+    control: str = "none"
+    n_classes: int | None = None
+    n_boot: int = 1000
+    control_task: bool = False
+    device: str | torch.device | None = None  # kept as its name
+    return_samples: bool = False
+    mdl: bool = False
+    family: str = ""
+    nested: bool = True
+    n_permutations: int = 0
+    return_null: bool = False
+    progress: bool = False
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ProbeError(f"probe_sweep: method must be one of {METHODS}, got {self.method!r}")
+        if not isinstance(self.n_folds, (int, np.integer)) or self.n_folds < 2:
+            raise ProbeError(f"probe_sweep: n_folds must be an int >= 2, got {self.n_folds!r}")
+        if self.n_boot < 0 or self.n_permutations < 0:
+            raise ProbeError(f"probe_sweep: n_boot and n_permutations must be >= 0, got {self.n_boot}, "
+                             f"{self.n_permutations}")
+        if self.return_null and self.n_permutations < 2:
+            raise ProbeError(f"probe_sweep: return_null needs n_permutations >= 2, got {self.n_permutations}")
+        if self.device is not None:
+            object.__setattr__(self, "device", str(self.device))
+
+    def probe_config(self, n_classes: int) -> ProbeConfig:
+        """The fit every cell gets (`fit_probes`)."""
+        return ProbeConfig(method=self.method, n_folds=self.n_folds, seed=self.seed, n_classes=n_classes,
+                           device=self.device, nested=self.nested)
+
+
+def probe_sweep(blocks: Sequence[CellBlock], targets: tuple[np.ndarray, list[str], pd.Index],
+                config: SweepConfig | None = None, **options):
     """Fit every cell of every block for every target column; tidy rows, see the module docstring. Examples whose
-    target is missing (-1) in a column are dropped from that column's fit.
+    target is missing (-1) in a column are dropped from that column's fit. Settings: a SweepConfig, or its fields
+    as keywords (`probe_sweep(blocks, targets, target="digits", method="ridge")`).
 
     Returns the results DataFrame, then (in this order, each only when asked) the samples and the null table.
     `return_samples=True`: the held-out correctness per example and cell (session_id, the group column, hook,
@@ -204,81 +248,102 @@ def probe_sweep(blocks: Sequence[CellBlock], targets: tuple[np.ndarray, list[str
     `mdl=True` adds the online code of every cell and target column (`probes.probing.mdl.online_codelength`, logistic
     probes whatever `method` is): metrics `online_codelength` (bits) and `compression` (and `control_compression`
     with the control task); for strings also summed over the characters."""
-    if return_null and n_permutations < 2:
-        raise ProbeError(f"probe_sweep: return_null needs n_permutations >= 2, got {n_permutations}")
-    y_all = targets[0]
-    n_classes = int(n_classes or (y_all.max() + 1))
+    cfg = replace(config or SweepConfig(), **options) if options else (config or SweepConfig())
+    n_classes = int(cfg.n_classes or (targets[0].max() + 1))
     rows, samples, null_rows = [], [], []
-    n_fits = len(blocks) * (1 + int(control_task) + (n_permutations if return_null else 0))
-    bar = _bar(n_fits, progress, f"probes {target}")
-    fit_kw = dict(method=method, n_folds=n_folds, seed=seed, n_classes=n_classes, device=device, nested=nested)
+    n_fits = len(blocks) * (1 + int(cfg.control_task) + (cfg.n_permutations if cfg.return_null else 0))
+    bar = _bar(n_fits, cfg.progress, f"probes {cfg.target}")
     for block in blocks:
-        y, groups = _align(block, targets, group_col)
+        y, groups = _align(block, targets, cfg.group_col)
         keep = (y >= 0).all(1)  # one example set for every column, so columns batch together
-        if keep.sum() < n_folds * 2:
+        if keep.sum() < cfg.n_folds * 2:
             bar.update(n_fits // max(len(blocks), 1))
             continue
-        y, groups = y[keep], groups[keep]
+        fits = _fit_block(block, y[keep], groups[keep], keep, cfg, n_classes, bar)
         sids = block.meta["session_id"].to_numpy()[keep]
-        X = block.X[:, torch.as_tensor(keep)]
-        n_cells, k = X.shape[0], y.shape[1]
-        Xk = X.repeat_interleave(k, dim=0)  # [cell * k, n, d]: cell-major, then target column
-        tasks = {"real": _per_cell_targets(y, n_cells)}
-        if control_task:
-            tasks["control_task"] = _per_cell_targets(control_labels(y, groups, n_classes, seed), n_cells)
-        held, code = {}, {}
-        for name, Yt in tasks.items():
-            fit = fit_probes(Xk, Yt, groups, **fit_kw)
-            held[name] = (fit.oof.numpy() == Yt.numpy())  # [cell * k, n] held-out correctness
-            if mdl:
-                code[name] = online_codelength(Xk, Yt, groups, seed=seed, n_classes=n_classes, device=device)
-            bar.update(1)
-        folds = fit.folds
-        chance = _pooled_chance(y, folds, n_classes)  # [k]
-        null = _null_accuracy(Xk, y, groups, n_cells, n_permutations if return_null else 0, seed, fit_kw, bar)
         for c, cell in block.cells.iterrows():
-            base = {"model": model, "family": family, "hook": cell["hook"], "layer": int(cell["layer"]),
+            base = {"model": cfg.model, "family": cfg.family, "hook": cell["hook"], "layer": int(cell["layer"]),
                     "position_group": cell["position_group"], "turn": int(cell["turn"]),
-                    "turn_distance": _turn_distance(block, int(cell["turn"])), "target": target, "probe": method,
-                    "control": control, "n": int(keep.sum())}
-            real = held["real"][c * k:(c + 1) * k]  # [k, n]
-            ctrl = held["control_task"][c * k:(c + 1) * k] if control_task else None
-            for j, name in enumerate(targets[1]):
-                rows.append({**base, "target": name, "metric": "accuracy", **_ci(real[j], groups, n_boot, seed)})
-                rows.append({**base, "target": name, "metric": "chance", "value": chance[j], "ci_low": np.nan,
-                             "ci_high": np.nan})
-                if ctrl is not None:
-                    rows.append({**base, "target": name, "metric": "control_accuracy",
-                                 **_ci(ctrl[j], groups, n_boot, seed)})
-            for name, metric in (("real", "compression"), ("control_task", "control_compression")):
-                if name in code:
-                    rows += _code_rows(base, code[name].iloc[c * k:(c + 1) * k], targets[1], target, metric)
-            if return_samples:
-                samples.append(pd.DataFrame({
-                    "session_id": sids, group_col: groups, "hook": cell["hook"], "layer": int(cell["layer"]),
-                    "position_group": cell["position_group"], "turn": int(cell["turn"]), "target": target,
-                    "correct": real.mean(0), "control_correct": ctrl.mean(0) if ctrl is not None else np.nan}))
-            if k > 1:
-                rows.append({**base, "metric": "char_accuracy", **_ci(real.mean(0), groups, n_boot, seed)})
-                rows.append({**base, "metric": "char_accuracy_chance", "value": float(chance.mean()),
-                             "ci_low": np.nan, "ci_high": np.nan})
-                rows.append({**base, "metric": "exact_match", **_ci(real.all(0), groups, n_boot, seed)})
-                rows.append({**base, "metric": "exact_match_chance", "value": float(np.prod(chance)),
-                             "ci_low": np.nan, "ci_high": np.nan})
-                if ctrl is not None:
-                    rows.append({**base, "metric": "control_char_accuracy", **_ci(ctrl.mean(0), groups, n_boot, seed)})
-            if null is not None:
-                null_rows += _null_rows(base, null[:, c * k:(c + 1) * k], targets[1], target)
+                    "turn_distance": _turn_distance(block, int(cell["turn"])), "target": cfg.target,
+                    "probe": cfg.method, "control": cfg.control, "n": int(keep.sum())}
+            rows += _cell_rows(base, c, fits, targets[1], cfg)
+            if cfg.return_samples:
+                samples.append(_cell_samples(cell, c, fits, sids, cfg))
+            if fits["null"] is not None:
+                k = fits["k"]
+                null_rows += _null_rows(base, fits["null"][:, c * k:(c + 1) * k], targets[1], cfg.target)
     bar.close()
     if not rows:
         raise ProbeDataError("probe_sweep: no block had enough examples with targets "
-                             f"(need at least {2 * n_folds})")
+                             f"(need at least {2 * cfg.n_folds})")
     out = [pd.DataFrame(rows)[RESULT_COLUMNS]]
-    if return_samples:
+    if cfg.return_samples:
         out.append(pd.concat(samples, ignore_index=True))
-    if return_null:
+    if cfg.return_null:
         out.append(pd.DataFrame(null_rows, columns=NULL_COLUMNS))
     return out[0] if len(out) == 1 else tuple(out)
+
+
+def _fit_block(block: CellBlock, y: np.ndarray, groups: np.ndarray, keep: np.ndarray, cfg: SweepConfig,
+               n_classes: int, bar) -> dict:
+    """Every cell of a block for every target column at once (real targets, the control task, the permutation
+    null): held-out correctness [cell * k, n] per task, the online code per task (`mdl`), the pooled chance [k],
+    the null accuracies [permutation, cell * k] (None without), and the groups and k."""
+    X = block.X[:, torch.as_tensor(keep)]
+    n_cells, k = X.shape[0], y.shape[1]
+    Xk = X.repeat_interleave(k, dim=0)  # [cell * k, n, d]: cell-major, then target column
+    tasks = {"real": _per_cell_targets(y, n_cells)}
+    if cfg.control_task:
+        tasks["control_task"] = _per_cell_targets(control_labels(y, groups, n_classes, cfg.seed), n_cells)
+    probe = cfg.probe_config(n_classes)
+    held, code = {}, {}
+    for name, Yt in tasks.items():
+        fit = fit_probes(Xk, Yt, groups, probe)
+        held[name] = (fit.oof.numpy() == Yt.numpy())  # [cell * k, n] held-out correctness
+        if cfg.mdl:
+            code[name] = online_codelength(Xk, Yt, groups, seed=cfg.seed, n_classes=n_classes, device=cfg.device)
+        bar.update(1)
+    null = _null_accuracy(Xk, y, groups, n_cells, cfg.n_permutations if cfg.return_null else 0, probe, bar)
+    return {"held": held, "code": code, "chance": _pooled_chance(y, fit.folds, n_classes), "null": null,
+            "groups": groups, "k": k}
+
+
+def _cell_rows(base: dict, c: int, fits: dict, names: list[str], cfg: SweepConfig) -> list[dict]:
+    """Result rows of cell c: accuracy and chance per target column (and the control task's accuracy), the
+    online code (`mdl`), and for strings char_accuracy, exact_match and their chance."""
+    k, groups, chance, code = fits["k"], fits["groups"], fits["chance"], fits["code"]
+    n_boot, seed = cfg.n_boot, cfg.seed
+    real = fits["held"]["real"][c * k:(c + 1) * k]  # [k, n]
+    ctrl = fits["held"]["control_task"][c * k:(c + 1) * k] if cfg.control_task else None
+    nan = {"ci_low": np.nan, "ci_high": np.nan}
+    rows = []
+    for j, name in enumerate(names):
+        rows.append({**base, "target": name, "metric": "accuracy", **_ci(real[j], groups, n_boot, seed)})
+        rows.append({**base, "target": name, "metric": "chance", "value": chance[j], **nan})
+        if ctrl is not None:
+            rows.append({**base, "target": name, "metric": "control_accuracy", **_ci(ctrl[j], groups, n_boot, seed)})
+    for name, metric in (("real", "compression"), ("control_task", "control_compression")):
+        if name in code:
+            rows += _code_rows(base, code[name].iloc[c * k:(c + 1) * k], names, cfg.target, metric)
+    if k > 1:
+        rows.append({**base, "metric": "char_accuracy", **_ci(real.mean(0), groups, n_boot, seed)})
+        rows.append({**base, "metric": "char_accuracy_chance", "value": float(chance.mean()), **nan})
+        rows.append({**base, "metric": "exact_match", **_ci(real.all(0), groups, n_boot, seed)})
+        rows.append({**base, "metric": "exact_match_chance", "value": float(np.prod(chance)), **nan})
+        if ctrl is not None:
+            rows.append({**base, "metric": "control_char_accuracy", **_ci(ctrl.mean(0), groups, n_boot, seed)})
+    return rows
+
+
+def _cell_samples(cell: pd.Series, c: int, fits: dict, sids: np.ndarray, cfg: SweepConfig) -> pd.DataFrame:
+    """Held-out correctness per example of cell c (mean over a string's characters)."""
+    k = fits["k"]
+    real = fits["held"]["real"][c * k:(c + 1) * k]
+    ctrl = fits["held"]["control_task"][c * k:(c + 1) * k] if cfg.control_task else None
+    return pd.DataFrame({
+        "session_id": sids, cfg.group_col: fits["groups"], "hook": cell["hook"], "layer": int(cell["layer"]),
+        "position_group": cell["position_group"], "turn": int(cell["turn"]), "target": cfg.target,
+        "correct": real.mean(0), "control_correct": ctrl.mean(0) if ctrl is not None else np.nan})
 
 
 def _pooled_chance(y: np.ndarray, folds, n_classes: int) -> np.ndarray:
@@ -289,15 +354,15 @@ def _pooled_chance(y: np.ndarray, folds, n_classes: int) -> np.ndarray:
     return per_fold @ sizes / sizes.sum()
 
 
-def _null_accuracy(Xk, y, groups, n_cells: int, n_permutations: int, seed: int, fit_kw: dict, bar):
+def _null_accuracy(Xk, y, groups, n_cells: int, n_permutations: int, probe: ProbeConfig, bar):
     """Held-out accuracy [permutation, cell * k] of the same fit on targets permuted across identities (None when
     no permutations are asked for)."""
     if n_permutations == 0:
         return None
     out = []
     for p in range(n_permutations):
-        Yp = _per_cell_targets(permute_across_identities(y, groups, (seed, p)), n_cells)
-        fit = fit_probes(Xk, Yp, groups, refit=False, **fit_kw)
+        Yp = _per_cell_targets(permute_across_identities(y, groups, (probe.seed, p)), n_cells)
+        fit = fit_probes(Xk, Yp, groups, probe, refit=False)
         out.append((fit.oof.numpy() == Yp.numpy()).mean(1))
         bar.update(1)
     return np.stack(out)
@@ -357,11 +422,14 @@ def _ci(per_example: np.ndarray, groups: np.ndarray, n_boot: int, seed: int) -> 
 
 
 def transfer_matrix(block: CellBlock, targets: tuple[np.ndarray, list[str], pd.Index], position_group: str = "last",
-                    method: str = "logreg", group_col: str = "identity_id", n_folds: int = 5, seed: int = 0,
-                    n_classes: int | None = None, model: str = "", target: str = "digits") -> pd.DataFrame:
+                    config: SweepConfig | None = None, **options) -> pd.DataFrame:
     """Train at turn i, test at turn j, for every layer and pair of turns of `position_group` in `block`: rows
     (model, layer, position_group, turn_train, turn_test, target, probe, metric=accuracy, value, n). The fold of
-    each example is the same at every turn, so a test example's identity was never trained on at any turn."""
+    each example is the same at every turn, so a test example's identity was never trained on at any turn.
+    Settings (method, group_col, n_folds, seed, n_classes, model, target): a SweepConfig or its fields."""
+    cfg = replace(config or SweepConfig(), **options) if options else (config or SweepConfig())
+    method, group_col, n_folds, seed, n_classes = cfg.method, cfg.group_col, cfg.n_folds, cfg.seed, cfg.n_classes
+    model, target = cfg.model, cfg.target
     y, groups = _align(block, targets, group_col)
     keep = (y >= 0).all(1)
     y, groups = y[keep], groups[keep]
@@ -377,7 +445,7 @@ def transfer_matrix(block: CellBlock, targets: tuple[np.ndarray, list[str], pd.I
         turns = g["turn"].to_numpy()
         X = block.X[torch.as_tensor(g.index.to_numpy().copy())][:, torch.as_tensor(keep)]  # [turn, n, d]
         Xk = X.repeat_interleave(k, dim=0)
-        fit = fit_probes(Xk, _per_cell_targets(y, len(turns)), groups, method=method, n_folds=n_folds, seed=seed, n_classes=n_classes)
+        fit = fit_probes(Xk, _per_cell_targets(y, len(turns)), groups, cfg.probe_config(n_classes))
         for i, ti in enumerate(turns):
             for j, tj in enumerate(turns):
                 correct = np.zeros((k, len(y)), dtype=bool)
@@ -392,10 +460,25 @@ def transfer_matrix(block: CellBlock, targets: tuple[np.ndarray, list[str], pd.I
     return pd.DataFrame(rows)
 
 
-def token_readout(loaded, store, session, target: str = "digits", layer: int | None = None,
-                  method: str = "logreg", n_folds: int = 5, seed: int = 0, hook: str = "resid_post",
-                  private_from=None) -> pd.DataFrame:
-    """Where in a transcript a probe reads the target, token by token.
+@dataclass(frozen=True)
+class ReadoutOptions:
+    """`token_readout`'s settings: the layer (None: the best), the probe (method, n_folds, seed), the hook the new
+    session is captured at, and the sessions JSONL holding the store's private labels (`private_from`)."""
+
+    layer: int | None = None
+    method: str = "logreg"
+    n_folds: int = 5
+    seed: int = 0
+    hook: str = "resid_post"
+    private_from: str | os.PathLike | None = None
+
+    def __post_init__(self):
+        ProbeConfig(method=self.method, n_folds=self.n_folds, seed=self.seed)  # checks them
+
+
+def token_readout(loaded, store, session, target: str = "digits", options: ReadoutOptions | None = None,
+                  **kw) -> pd.DataFrame:
+    """Where in a transcript a probe reads the target, token by token. Settings: ReadoutOptions or its fields.
 
     Fits the target's probe on the last token of the final turn of the sessions in `store` (at `layer`; None:
     the layer where that cell decodes best), then applies it to every position of `session` (a session not in the
@@ -404,11 +487,31 @@ def token_readout(loaded, store, session, target: str = "digits", layer: int | N
     mean over characters). Feeds `analysis.figures.plot_token_strip`."""
     import tempfile
 
-    from probes.activations.capture import capture
-    from probes.probing.targets import probe_cells, session_targets
-    from probes.models.render import render
 
-    sessions = store.sessions(private_from=private_from)  # the targets are private labels: not in the store
+    o = replace(options or ReadoutOptions(), **kw) if kw else (options or ReadoutOptions())
+    fit, layer, y_new, k = _readout_probe(store, session, target, o)
+    with tempfile.TemporaryDirectory() as tmp:
+        one = capture(loaded, [session], tmp, hooks=o.hook, layers=[layer], positions="all", progress=False)
+        Xs, meta = one.query(f"hook_{o.hook}")
+    logits = fit.decision(Xs[:, 0].float().unsqueeze(0).expand(k, -1, -1))  # [k, positions, classes]
+    truth = torch.as_tensor(y_new[:k]).view(k, 1, 1).expand(-1, logits.shape[1], 1)
+    prob = torch.softmax(logits, -1).gather(-1, truth)
+    ids_all = render(loaded.adapter, session).input_ids[0]
+    tok = loaded.tokenizer
+    meta = meta.reset_index(drop=True)
+    text = [tok.decode([int(ids_all[p])]) if p < len(ids_all) else "" for p in meta["position"]]
+    return pd.DataFrame({"position": meta["position"], "turn": meta["turn"], "role": meta["role"],
+                         "segment": meta["segment"], "token": text, "layer": layer, "target": target,
+                         "value": prob[..., 0].mean(0).detach().numpy()})
+
+
+def _readout_probe(store, session, target: str, o: ReadoutOptions) -> tuple:
+    """The probe `token_readout` applies: fitted on the store's last token of the final turn at `o.layer` (None:
+    the layer whose probe reads the whole string's characters best). Returns (fit, layer, the new session's
+    targets, k columns)."""
+
+    method, n_folds, seed, layer = o.method, o.n_folds, o.seed, o.layer
+    sessions = store.sessions(private_from=o.private_from)  # the targets are private labels: not in the store
     y, _, ids = session_targets(sessions, target)
     y_new = session_targets([session], target)[0][0]
     blocks = probe_cells(store, ["last"])
@@ -421,23 +524,10 @@ def token_readout(loaded, store, session, target: str = "digits", layer: int | N
     k = min(yb.shape[1], len(y_new))
     X = block.X[torch.as_tensor(np.array(cells.index))][:, torch.as_tensor(keep)]  # [layer, n, d]
     Y = torch.as_tensor(yb[keep, :k].T)  # [k, n]
+    probe = ProbeConfig(method=method, n_folds=n_folds, seed=seed, n_classes=int(yb.max()) + 1)
     if layer is None:  # best layer by held-out accuracy of the whole string's characters
-        fit = fit_probes(X.repeat_interleave(k, 0), Y.repeat(len(cells), 1), groups, method=method,
-                         n_folds=n_folds, seed=seed, n_classes=int(yb.max()) + 1)
+        fit = fit_probes(X.repeat_interleave(k, 0), Y.repeat(len(cells), 1), groups, probe)
         acc = (fit.oof == Y.repeat(len(cells), 1)).float().mean(1).reshape(len(cells), k).mean(1)
         layer = int(cells["layer"].iloc[int(acc.argmax())])
     c = int(np.flatnonzero(cells["layer"].to_numpy() == layer)[0])
-    fit = fit_probes(X[c:c + 1].repeat(k, 1, 1), Y, groups, method=method, n_folds=n_folds, seed=seed,
-                     n_classes=int(yb.max()) + 1)
-    with tempfile.TemporaryDirectory() as tmp:
-        one = capture(loaded, [session], tmp, hooks=hook, layers=[layer], positions="all", progress=False)
-        Xs, meta = one.query(f"hook_{hook}")
-    logits = fit.decision(Xs[:, 0].float().unsqueeze(0).expand(k, -1, -1))  # [k, positions, classes]
-    prob = torch.softmax(logits, -1).gather(-1, torch.as_tensor(y_new[:k]).view(k, 1, 1).expand(-1, logits.shape[1], 1))
-    ids_all = render(loaded.adapter, session).input_ids[0]
-    tok = loaded.tokenizer
-    meta = meta.reset_index(drop=True)
-    text = [tok.decode([int(ids_all[p])]) if p < len(ids_all) else "" for p in meta["position"]]
-    return pd.DataFrame({"position": meta["position"], "turn": meta["turn"], "role": meta["role"],
-                         "segment": meta["segment"], "token": text, "layer": layer, "target": target,
-                         "value": prob[..., 0].mean(0).detach().numpy()})
+    return fit_probes(X[c:c + 1].repeat(k, 1, 1), Y, groups, probe), layer, y_new, k

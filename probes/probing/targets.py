@@ -8,7 +8,8 @@ Position groups, evaluated per (session, turn) on the store's manifest:
 
     last            the last token of the turn (`last_of_turn`)
     image           the mean over the turn's image patch tokens
-    mark:<label>    the mean over the turn's tokens of a marked span (e.g. mark:name in a name-only prompt)
+    mark:<label>    the mean over the turn's tokens marked <label>: a marked text span (e.g. mark:name in a name-only
+                    prompt) and, where the turn shows an image with PII marks, the image tokens over that value
     final           the last stored position of the session (the token the answer is generated from); turn -1
     <selector>      the mean over the turn's positions picked by that capture selector (e.g. image:0)
 
@@ -32,9 +33,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from probes.activations.store import ActivationStore
 from probes.data.identities import Identity
 from probes.data.session import Session
-from probes.activations.store import ActivationStore
 
 ALPHABETS = {"digits": "0123456789", "chars": "abcdefghijklmnopqrstuvwxyz0123456789"}
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
 import pandas as pd
@@ -74,16 +74,17 @@ BOX_COLUMNS = ["tile", "patch_row", "patch_col", "x0", "y0", "x1", "y1"]
 class View:
     """An axis-aligned affine map from original pixels to a processed tile's pixels: tile = orig * s + o."""
 
-    sx: float = 1.0
-    sy: float = 1.0
-    ox: float = 0.0
-    oy: float = 0.0
+    sx: float | int = 1.0
+    sy: float | int = 1.0
+    ox: float | int = 0.0
+    oy: float | int = 0.0
 
-    def then(self, sx: float = 1.0, sy: float = 1.0, ox: float = 0.0, oy: float = 0.0) -> "View":
+    def then(self, sx: float | int = 1.0, sy: float | int = 1.0, ox: float | int = 0.0, oy: float | int = 0.0
+             ) -> "View":
         """This map followed by `tile = x * s + o`."""
         return View(self.sx * sx, self.sy * sy, self.ox * sx + ox, self.oy * sy + oy)
 
-    def cells(self, row: np.ndarray, col: np.ndarray, cell_h: float, cell_w: float) -> np.ndarray:
+    def cells(self, row: np.ndarray, col: np.ndarray, cell_h: float | int, cell_w: float | int) -> np.ndarray:
         """[n, 4] original-pixel boxes (x0, y0, x1, y1) of grid cells (row, col) of `cell_h x cell_w` tile px."""
         row, col = np.asarray(row, dtype=float), np.asarray(col, dtype=float)
         return self.back(col * cell_w, row * cell_h, (col + 1) * cell_w, (row + 1) * cell_h)
@@ -198,8 +199,9 @@ class FamilyAdapter:
             raise RenderError(f"{self.name}: tokenizer has no token {self.placeholder!r}")
         return int(ids[0])
 
-    def process(self, images: list[Image.Image]) -> dict[str, Any]:
-        """Run the processor on `images` with one placeholder each (no BOS/EOS added)."""
+    def process(self, images: list[Image.Image]) -> Mapping[str, Any]:
+        """Run the processor on `images` with one placeholder each (no BOS/EOS added): its output, a
+        `transformers.BatchFeature` (a mapping of name -> tensor)."""
         return self.processor(
             text=[self.placeholder * len(images)],
             images=[images] if self.nested_images else images,
@@ -244,7 +246,7 @@ class FamilyAdapter:
                                             return_tensors="pt"))
 
     def patch_layout(
-        self, ids: list[int], processed: dict[str, Any]
+        self, ids: list[int], processed: Mapping[str, Any]
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, tuple[int, int]]]:
         raise NotImplementedError(f"{type(self).__name__} must define patch_layout")
 
@@ -259,7 +261,7 @@ class FamilyAdapter:
         keep = exp.tile >= 0
         return exp.tile[keep], exp.patch_row[keep], exp.patch_col[keep]
 
-    def image_token_mask(self, input_ids: Int[Tensor, "batch pos"]) -> torch.Tensor:
+    def image_token_mask(self, input_ids: Int[Tensor, "batch pos"]) -> torch.Tensor:  # noqa: F722
         """Positions the model fills with image features (for checks and for noise corruptions)."""
         return input_ids == int(self.hf_config.image_token_id)
 
@@ -302,7 +304,7 @@ class FamilyAdapter:
     end_of_turn_tokens: ClassVar[tuple[str, ...]] = ()
 
 
-def _pixel_inputs(processed: dict[str, Any]) -> dict[str, Tensor]:
+def _pixel_inputs(processed: Mapping[str, Any]) -> dict[str, Tensor]:
     """The processor output minus the text side (ids and masks come from our own rendering)."""
     return {k: v for k, v in processed.items()
             if k not in ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")}

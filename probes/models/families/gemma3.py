@@ -26,12 +26,16 @@ rendered alone, [system] is just "<bos>", so turn 0 of the token map is the BOS 
 from __future__ import annotations
 
 import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from probes.models.families.base import FamilyAdapter, View, boxes_frame, cached_boxes
+from probes.models.tiny import TinySizes, build_tokenizer, save_tiny
 
 # The chat template of google/gemma-3-4b-it (chat_template.json), verbatim.
 CHAT_TEMPLATE = (
@@ -137,13 +141,38 @@ def _pan_and_scan_crops(H: int, W: int, opt: dict) -> list[tuple[int, int, int, 
     return [(i * ch, j * cw, min(ch, H - i * ch), min(cw, W - j * cw)) for i in range(nh) for j in range(nw)]
 
 
-def build_tiny(path: Path, image_size: int = 64, patch_size: int = 8, mm_tokens_per_image: int = 16,
-               n_layers: int = 2, d_model: int = 64, vision_layers: int = 2, d_vision: int = 32, n_heads: int = 4,
-               sliding_window: int = 32) -> Path:
-    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor,
-                              Gemma3TextConfig, SiglipVisionConfig)
+@dataclass(frozen=True)
+class TinyConfig(TinySizes):
+    """A tiny Gemma 3: `image_size` px images of `patch_size` px patches, pooled to `mm_tokens_per_image` soft
+    tokens (a square number whose side divides the patch grid's); `sliding_window` shorter than a session."""
 
-    from probes.models.tiny import build_tokenizer, save_tiny
+    image_size: int = 64
+    patch_size: int = 8
+    mm_tokens_per_image: int = 16
+    sliding_window: int = 32
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        side, grid = math.isqrt(self.mm_tokens_per_image), self.image_size // self.patch_size
+        if self.image_size % self.patch_size or side * side != self.mm_tokens_per_image or grid % side:
+            raise ValueError(f"TinyConfig: image_size {self.image_size} must be a multiple of patch_size "
+                             f"{self.patch_size}, and mm_tokens_per_image {self.mm_tokens_per_image} a square whose "
+                             f"side divides the {grid}x{grid} patch grid's")
+
+
+def build_tiny(path: str | os.PathLike, config: TinyConfig | None = None, **sizes: Any) -> Path:
+    """A tiny Gemma 3 checkpoint at `path`: `config`, or its fields as keywords (`TinyConfig`)."""
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessor,
+        Gemma3Processor,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
+
+
+    c = TinyConfig.of(config, sizes)
 
     # Gemma's tokenizer adds BOS itself *and* the template writes it: `processor(text=templated)` with the default
     # add_special_tokens=True gives two BOS tokens, as with the real checkpoint.
@@ -154,33 +183,34 @@ def build_tiny(path: Path, image_size: int = 64, patch_size: int = 8, mm_tokens_
     tok.add_tokens(NEWLINE_RUNS)  # ordinary (not special) tokens, as in Gemma's vocabulary
     tok.chat_template = CHAT_TEMPLATE
     image_processor = Gemma3ImageProcessor(
-        size={"height": image_size, "width": image_size}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+        size={"height": c.image_size, "width": c.image_size}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
         resample=2, do_pan_and_scan=None,
     )
     processor = Gemma3Processor(image_processor=image_processor, tokenizer=tok, chat_template=CHAT_TEMPLATE,
-                                image_seq_length=mm_tokens_per_image)
+                                image_seq_length=c.mm_tokens_per_image)
     ids = tok.convert_tokens_to_ids
-    config = Gemma3Config(
+    hf_config = Gemma3Config(
         vision_config=SiglipVisionConfig(
-            hidden_size=d_vision, intermediate_size=2 * d_vision, num_hidden_layers=vision_layers,
-            num_attention_heads=n_heads, image_size=image_size, patch_size=patch_size, vision_use_head=False,
+            hidden_size=c.d_vision, intermediate_size=2 * c.d_vision, num_hidden_layers=c.vision_layers,
+            num_attention_heads=c.n_heads, image_size=c.image_size, patch_size=c.patch_size, vision_use_head=False,
         ),
         text_config=Gemma3TextConfig(
-            hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
-            num_attention_heads=n_heads, num_key_value_heads=max(1, n_heads // 2), head_dim=d_model // n_heads,
-            query_pre_attn_scalar=d_model // n_heads, vocab_size=len(tok), max_position_embeddings=4096,
+            hidden_size=c.d_model, intermediate_size=2 * c.d_model, num_hidden_layers=c.n_layers,
+            num_attention_heads=c.n_heads, num_key_value_heads=max(1, c.n_heads // 2),
+            head_dim=c.d_model // c.n_heads,
+            query_pre_attn_scalar=c.d_model // c.n_heads, vocab_size=len(tok), max_position_embeddings=4096,
             # a window shorter than a session, so the sliding-window KV cache is exercised (4b-it: 1024)
-            sliding_window=sliding_window,
-            layer_types=["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n_layers)],
+            sliding_window=c.sliding_window,
+            layer_types=["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(c.n_layers)],
             bos_token_id=tok.bos_token_id, eos_token_id=[tok.eos_token_id, ids("<end_of_turn>")],
             pad_token_id=tok.pad_token_id,
         ),
-        mm_tokens_per_image=mm_tokens_per_image,
+        mm_tokens_per_image=c.mm_tokens_per_image,
         boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
         image_token_index=ids("<image_soft_token>"),
         architectures=["Gemma3ForConditionalGeneration"],
     )
-    model = Gemma3ForConditionalGeneration(config).eval()
+    model = Gemma3ForConditionalGeneration(hf_config).eval()
     # HF initialises the projector to zeros (all image tokens would embed alike): give it random weights.
     torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.05)
     return save_tiny(model, processor, path)

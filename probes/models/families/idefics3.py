@@ -19,12 +19,16 @@ Our layout: tile 0 = the global view, tiles 1..rows*cols = crop (i, j) as 1 + i*
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from probes.models.families.base import FamilyAdapter, View, boxes_frame, cached_boxes
+from probes.models.tiny import TinySizes, build_tokenizer, save_tiny
 
 # The chat template of HuggingFaceTB/SmolVLM-Instruct (also SmolVLM-256M/500M-Instruct). It writes the start token
 # `<|im_start|>` itself; the tokenizer adds no BOS.
@@ -130,42 +134,69 @@ class Adapter(FamilyAdapter):
         return boxes_frame(tile, r, c, boxes, image_size)
 
 
-def build_tiny(path: Path, tile_size: int = 64, longest_edge: int = 128, patch_size: int = 8, scale_factor: int = 2,
-               n_layers: int = 2, d_model: int = 64, vision_layers: int = 2, d_vision: int = 32,
-               n_heads: int = 4) -> Path:
-    """A tiny SmolVLM: 64-px tiles of 8-px patches, 2x pixel shuffle -> 16 tokens per tile; images are resized to
-    a longest edge of 128, so a 2:1 image becomes 1x2 crops + the global view (48 image tokens)."""
-    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor,
-                              Idefics3Processor, Idefics3VisionConfig, LlamaConfig)
+@dataclass(frozen=True)
+class TinyConfig(TinySizes):
+    """A tiny SmolVLM: `tile_size` px tiles of `patch_size` px patches, pixel-shuffled by `scale_factor`; images
+    resized to a longest edge of `longest_edge` (at most 6 tiles a side: the processor tags crops up to 6x6)."""
 
-    from probes.models.tiny import build_tokenizer, save_tiny
+    tile_size: int = 64
+    longest_edge: int = 128
+    patch_size: int = 8
+    scale_factor: int = 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        grid = self.tile_size // self.patch_size
+        if self.tile_size % self.patch_size or grid % self.scale_factor:
+            raise ValueError(f"TinyConfig: tile_size {self.tile_size} must be a multiple of patch_size "
+                             f"{self.patch_size}, and its {grid}x{grid} patch grid of scale_factor {self.scale_factor}")
+        if self.longest_edge > 6 * self.tile_size:
+            raise ValueError(f"TinyConfig: longest_edge {self.longest_edge}: at most 6 x tile_size "
+                             f"({6 * self.tile_size})")
+
+
+def build_tiny(path: str | os.PathLike, config: TinyConfig | None = None, **sizes: Any) -> Path:
+    """A tiny SmolVLM: 64-px tiles of 8-px patches, 2x pixel shuffle -> 16 tokens per tile; images are resized to
+    a longest edge of 128, so a 2:1 image becomes 1x2 crops + the global view (48 image tokens). Other sizes:
+    `config`, or its fields as keywords (`TinyConfig`)."""
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessor,
+        Idefics3Processor,
+        Idefics3VisionConfig,
+        LlamaConfig,
+    )
+
+
+    c = TinyConfig.of(config, sizes)
 
     # SmolVLM's tokenizer: BOS `<|im_start|>` (written by the template), EOS `<end_of_utterance>`, pad `<|im_end|>`.
     tok = build_tokenizer([FAKE, "<image>", "<end_of_utterance>", GLOBAL_TAG, *ROW_COL], bos="<|im_start|>",
                           eos="<end_of_utterance>", pad="<|im_end|>", add_bos=False)
     image_processor = Idefics3ImageProcessor(
-        size={"longest_edge": longest_edge}, max_image_size={"longest_edge": tile_size}, do_image_splitting=True,
+        size={"longest_edge": c.longest_edge}, max_image_size={"longest_edge": c.tile_size}, do_image_splitting=True,
         image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
     )
-    seq_len = (tile_size // patch_size // scale_factor) ** 2
+    seq_len = (c.tile_size // c.patch_size // c.scale_factor) ** 2
     processor = Idefics3Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=seq_len,
                                   chat_template=CHAT_TEMPLATE)
     tok = processor.tokenizer
-    config = Idefics3Config(
+    hf_config = Idefics3Config(
         vision_config=Idefics3VisionConfig(
-            hidden_size=d_vision, intermediate_size=2 * d_vision, num_hidden_layers=vision_layers,
-            num_attention_heads=n_heads, image_size=tile_size, patch_size=patch_size,
+            hidden_size=c.d_vision, intermediate_size=2 * c.d_vision, num_hidden_layers=c.vision_layers,
+            num_attention_heads=c.n_heads, image_size=c.tile_size, patch_size=c.patch_size,
         ),
         text_config=LlamaConfig(
-            hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
-            num_attention_heads=n_heads, num_key_value_heads=n_heads, vocab_size=len(tok),
+            hidden_size=c.d_model, intermediate_size=2 * c.d_model, num_hidden_layers=c.n_layers,
+            num_attention_heads=c.n_heads, num_key_value_heads=c.n_heads, vocab_size=len(tok),
             max_position_embeddings=4096, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
         ),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
-        scale_factor=scale_factor,
+        scale_factor=c.scale_factor,
         pad_token_id=tok.pad_token_id,
         architectures=["Idefics3ForConditionalGeneration"],
     )
-    model = Idefics3ForConditionalGeneration(config).eval()
+    model = Idefics3ForConditionalGeneration(hf_config).eval()
     return save_tiny(model, processor, path)

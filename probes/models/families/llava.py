@@ -11,15 +11,16 @@ from pathlib import Path
 
 import numpy as np
 
-from probes.models.families.registry import UnsupportedModelError
 from probes.models.families.base import FamilyAdapter, boxes_frame, cached_boxes, clip_view, grid_layout, not_patches
+from probes.models.families.registry import UnsupportedModelError
+from probes.models.tiny import build_tokenizer, save_tiny
 
 # The chat template of llava-hf/llava-1.5-7b-hf (images first, then text; BOS comes from the tokenizer).
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
-    "{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"  # noqa: E501 (the template verbatim)
+    "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"  # noqa: E501 (the template verbatim)
     "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
@@ -67,10 +68,15 @@ class Adapter(FamilyAdapter):
 
 def build_tiny(path: Path, image_size: int = 64, patch_size: int = 8, n_layers: int = 2, d_model: int = 64,
                vision_layers: int = 2, d_vision: int = 32, n_heads: int = 4) -> Path:
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
-    from probes.models.tiny import build_tokenizer, save_tiny
 
     tok = build_tokenizer(["<image>"])
     tok.chat_template = CHAT_TEMPLATE

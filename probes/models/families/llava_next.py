@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from transformers.image_processing_utils import select_best_resolution
 
 from probes.models.families.base import FamilyAdapter, View, boxes_frame, cached_boxes, clip_view, grid_layout
+from probes.models.tiny import build_tokenizer, save_tiny
 
 # chat_template.json of llava-hf/llava-v1.6-mistral-7b-hf (Mistral [INST] format, no generation prompt; BOS
 # comes from the tokenizer).
@@ -44,7 +46,8 @@ CHAT_TEMPLATE = (
 )
 
 
-def anyres_layout(image_hw: tuple[int, int], pinpoints: list, crop_px: int, n: int, max_crops: int | None = None
+def anyres_layout(image_hw: Sequence[int], pinpoints: Sequence[Sequence[int]], crop_px: int, n: int,
+                  max_crops: int | None = None
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, tuple[int, int]]]:
     """(tile, row, col, grid) of the tokens `pack_image_features` makes for one image of size (H, W).
 
@@ -176,10 +179,15 @@ def _unpad(H: int, W: int, full_h: int, full_w: int) -> tuple[int, int, int, int
 def build_tiny(path: Path, crop_px: int = 32, patch_size: int = 8, n_layers: int = 2, d_model: int = 64,
                vision_layers: int = 2, d_vision: int = 32, n_heads: int = 4) -> Path:
     """Tiny LLaVA-NeXT: CLIP 32px crops of 4x4 tokens, the real checkpoint's pinpoints scaled 336 -> 32."""
-    from transformers import (CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
-                              LlavaNextImageProcessor, LlavaNextProcessor, MistralConfig)
+    from transformers import (
+        CLIPVisionConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+        MistralConfig,
+    )
 
-    from probes.models.tiny import build_tokenizer, save_tiny
 
     tok = build_tokenizer(["<image>"])  # Llama/Mistral-style: the tokenizer adds BOS
     tok.chat_template = CHAT_TEMPLATE

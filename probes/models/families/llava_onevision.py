@@ -1,8 +1,8 @@
 """LLaVA-OneVision (`LlavaOnevisionForConditionalGeneration`, e.g. llava-hf/llava-onevision-qwen2-0.5b-ov-hf).
 
 SigLIP vision tower (no CLS, all n x n patch tokens kept), Qwen2 language model, and LLaVA-NeXT's AnyRes packing
-(see `probes.models.families.llava_next`): base view first (tile 0, n x n, no newlines), then the crops stitched into one
-grid, unpadded, and read row-major with an `image_newline` token (-1) after each row; a high-res token gets its
+(see `probes.models.families.llava_next`): base view first (tile 0, n x n, no newlines), then the crops stitched into
+one grid, unpadded, and read row-major with an `image_newline` token (-1) after each row; a high-res token gets its
 crop (tile 1.., row-major over the crop grid) and its (row, col) on that crop's own n x n token grid.
 
 Difference, `vision_aspect_ratio="anyres_max_9"`: when the unpadded grid holds more than ~1.1^2 x 9 crops' worth
@@ -22,6 +22,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from probes.models.families.llava_next import Adapter as LlavaNextAdapter
+from probes.models.processors import build_without_video
+from probes.models.tiny import build_tokenizer, save_tiny
 
 # chat_template.json of llava-hf/llava-onevision-qwen2-0.5b-ov-hf (as written by transformers'
 # convert_llava_onevision_weights_to_hf.py). Qwen: no BOS.
@@ -49,13 +51,17 @@ class Adapter(LlavaNextAdapter):
 def build_tiny(path: Path, crop_px: int = 16, patch_size: int = 4, n_layers: int = 2, d_model: int = 64,
                vision_layers: int = 2, d_vision: int = 32, n_heads: int = 4) -> Path:
     """Tiny OneVision: SigLIP 16px crops of 4x4 tokens, the real 6x6 pinpoint set scaled 384 -> 16."""
-    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor,
-                              Qwen2Config, SiglipVisionConfig)
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionProcessor,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
-        LlavaOnevisionImageProcessorPil as LlavaOnevisionImageProcessor)
+        LlavaOnevisionImageProcessorPil as LlavaOnevisionImageProcessor,
+    )
 
-    from probes.models.processors import build_without_video
-    from probes.models.tiny import build_tokenizer, save_tiny
 
     tok = build_tokenizer(["<|im_start|>", "<image>", "<video>"], bos=None, eos="<|im_end|>", pad="<|endoftext|>",
                           add_bos=False)

@@ -21,6 +21,8 @@ from pathlib import Path
 from PIL import Image
 
 from probes.models.families.base import FamilyAdapter, View, boxes_frame, cached_boxes, grid_layout
+from probes.models.processors import build_without_video
+from probes.models.tiny import build_tokenizer, save_tiny
 
 # The chat template of Qwen/Qwen2.5-VL-3B-Instruct (chat_template.json), verbatim: a default system prompt when the
 # first message is not a system message; images inline where they appear in the content list.
@@ -93,8 +95,6 @@ def build_tiny(path: Path, n_layers: int = 2, d_model: int = 64, vision_layers: 
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from probes.models.processors import build_without_video
-    from probes.models.tiny import build_tokenizer, save_tiny
 
     tok = build_tokenizer(SPECIAL_TOKENS, bos=None, eos="<|im_end|>", pad="<|endoftext|>", add_bos=False)
     tok.chat_template = CHAT_TEMPLATE

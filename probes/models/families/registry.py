@@ -5,6 +5,7 @@ importing them all."""
 from __future__ import annotations
 
 import importlib
+
 FAMILIES: dict[str, tuple[str, ...]] = {
     "llava": ("LlavaForConditionalGeneration",),
     "llava_next": ("LlavaNextForConditionalGeneration",),
@@ -31,4 +32,5 @@ def family_for_architecture(architecture: str | None, where: str = "model") -> t
         if architecture in archs:
             return get_family(name)
     listing = "; ".join(f"{f} ({', '.join(a)})" for f, a in FAMILIES.items())
-    raise UnsupportedModelError(f"{where}: architecture {architecture!r} is not supported. Supported families: {listing}")
+    raise UnsupportedModelError(f"{where}: architecture {architecture!r} is not supported. "
+                                f"Supported families: {listing}")

@@ -9,11 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from probes.models.families.base import FamilyAdapter
+from probes.models.tiny import build_tokenizer, save_tiny
 
 # ChatML, as in Qwen2 instruct checkpoints (used for the tiny model; a real checkpoint brings its own template).
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% for content in message['content'] %}{% if content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}"  # noqa: E501 (the template verbatim)
     "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
@@ -33,7 +34,6 @@ class Adapter(FamilyAdapter):
 def build_tiny(path: Path, n_layers: int = 2, d_model: int = 64, n_heads: int = 4) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from probes.models.tiny import build_tokenizer, save_tiny
 
     tok = build_tokenizer(["<|im_start|>", "<|im_end|>"], add_bos=False)
     tok.chat_template = CHAT_TEMPLATE
