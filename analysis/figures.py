@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 
 from analysis.tables import FRAMING_ORDER, MISSING, PII_ORDER, sort_rows
 from probes.data.files import atomic_write_bytes
+from probes.mitigation.fronts import non_dominated
 
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
 COLUMN_IN = 3.4
@@ -147,7 +148,6 @@ def plot_leakage(long_df: pd.DataFrame, out_dir: str | os.PathLike | None = None
     `analysis.tables.leakage_long` output. `axes`: len(metrics) x n_models axes to draw into (rows are metrics);
     the PII legend then sits above the first panel instead of above the figure."""
     import numpy as np
-
 
     need = {"model", "framing", "pii_type", "metric", "value"}
     if not need <= set(long_df.columns):
@@ -735,3 +735,60 @@ def plot_token_strip(df: pd.DataFrame, out_dir: str | os.PathLike | None = None,
     note = "  (grey outline: no value)" if boxes["value"].isna().any() else ""
     cax.set_title(_metric_label(df, value) + note, fontsize=fontsize + 1.5, loc="left", pad=2)
     return _finish(fig, True, out_dir, name, boxes)
+
+
+def plot_fronts(points: pd.DataFrame, out_dir: str | os.PathLike | None = None, name: str = "fronts",
+                method: str = "method", *, ax: Axes | None = None) -> Figure:
+    """Every method's privacy-utility front on one plot: privacy loss L (worst-framing ASR, x, lower is better)
+    against utility U (y, higher is better). Each method's settings are drawn faint and its non-dominated ones
+    joined as a staircase (what it dominates). `points`: one row per setting with columns `method`, L and U (as
+    `probes.mitigation.measures.loss_utility` returns them). The CSV is `points` with a `on_front` column."""
+    for col in (method, "L", "U"):
+        if col not in points.columns:
+            raise ValueError(f"plot_fronts: the DataFrame lacks column {col!r}")
+    paper_style()
+    fig, ax, made = _one_axes(ax, (COLUMN_IN, 2.6))
+    data = points.copy()
+    data["on_front"] = False
+    for k, (key, g) in enumerate(data.groupby(method, sort=True)):
+        colour = OKABE_ITO[k % len(OKABE_ITO)]
+        keep = non_dominated(g["L"].to_numpy(float), g["U"].to_numpy(float))
+        data.loc[g.index[keep], "on_front"] = True
+        ax.scatter(g["L"], g["U"], s=8, color=colour, alpha=0.35, linewidths=0)
+        front = g[keep].sort_values("L")
+        ax.step(front["L"], front["U"], where="post", color=colour, marker="o", ms=3, label=str(key))
+    ax.set_xlabel("privacy loss L (worst-framing ASR)")
+    ax.set_ylabel("utility U")
+    ax.set_xlim(-0.02, 1.02)
+    ax.legend(frameon=False, loc="lower right", fontsize="small")
+    return _finish(fig, made, out_dir, name, data)
+
+
+def plot_framing_shift(points: pd.DataFrame, out_dir: str | os.PathLike | None = None, name: str = "framing_shift",
+                       method: str = "method", *, ax: Axes | None = None) -> Figure:
+    """ASR per framing before (the `none` setting, or each method's weakest) and at each method's chosen point: is
+    the task inconsistency closed, or moved to another framing? `points`: rows with `method`, `label` ("before" or
+    "after") and `asr_<framing>` columns. The CSV is the long form drawn."""
+    framing_cols = [c for c in points.columns if c.startswith("asr_")]
+    for col in (method, "label"):
+        if col not in points.columns:
+            raise ValueError(f"plot_framing_shift: the DataFrame lacks column {col!r}")
+    if not framing_cols:
+        raise ValueError("plot_framing_shift: no asr_<framing> columns")
+    long = points.melt(id_vars=[method, "label"], value_vars=framing_cols, var_name="framing", value_name="ASR")
+    long["framing"] = long["framing"].str.removeprefix("asr_")
+    framings = [f for f in FRAMING_ORDER if f in set(long["framing"])] + sorted(
+        set(long["framing"]) - set(FRAMING_ORDER))
+    paper_style()
+    fig, ax, made = _one_axes(ax, (COLUMN_IN, 2.4))
+    x = {f: i for i, f in enumerate(framings)}
+    for k, ((key, label), g) in enumerate(long.groupby([method, "label"], sort=True)):
+        colour = OKABE_ITO[(k // 2) % len(OKABE_ITO)]
+        g = g.set_index("framing").loc[[f for f in framings if f in set(g["framing"])]]
+        ax.plot([x[f] for f in g.index], g["ASR"], color=colour, marker="o", ms=3,
+                linestyle="--" if label == "before" else "-", label=f"{key} ({label})")
+    ax.set_xticks(range(len(framings)), framings, rotation=30, ha="right")
+    ax.set_ylabel("ASR")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(frameon=False, fontsize="x-small", loc="best")
+    return _finish(fig, made, out_dir, name, long)

@@ -90,7 +90,6 @@ def run_probes(store_dir: str, out_dir: str, target: str = "digits", position_gr
     from the sessions' private labels: `private_from` (a sessions JSONL or list of sessions) or the store's
     private_labels.jsonl (see `ActivationStore.sessions`)."""
 
-
     store = ActivationStore(store_dir)
     sessions = store.sessions(private_from=private_from)
     targets = session_targets(sessions, target, pii_type)

@@ -455,7 +455,6 @@ def benjamini_hochberg(p_values: Numbers, alpha: float | int = 0.05) -> tuple[np
     return reject, q
 
 
-
 # ---- what a number of clusters can reach --------------------------------------------------------------------------
 def min_sign_flip_p(n_clusters: Real, alternative: str = "two-sided", n_perm: int = 10000) -> float:
     """The smallest p-value `sign_flip_test` can return with `n_clusters` clusters and `n_perm`.

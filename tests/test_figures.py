@@ -369,3 +369,27 @@ def test_token_boxes_segment_column_and_errors():
         token_boxes(df.drop(columns="token"))
     with pytest.raises(ValueError, match="'score'"):
         plot_token_strip(df, "/nonexistent", value="score")
+
+
+def test_fronts_figure_marks_the_non_dominated_settings(tmp_path):
+    from analysis.figures import plot_fronts
+
+    pts = pd.DataFrame({"method": ["blur"] * 3 + ["mask"] * 2, "L": [0.9, 0.5, 0.6, 0.1, 0.0],
+                        "U": [1.0, 0.8, 0.7, 0.9, 0.4], "strength": [0, 0.5, 1, 0.5, 1]})
+    fig = plot_fronts(pts, tmp_path)
+    shown = pd.read_csv(tmp_path / "fronts.csv")
+    assert shown["on_front"].tolist() == [True, True, False, True, True]
+    assert (tmp_path / "fronts.pdf").stat().st_size > 0 and len(fig.axes) == 1
+    with pytest.raises(ValueError, match="lacks column 'U'"):
+        plot_fronts(pts.drop(columns="U"))
+
+
+def test_framing_shift_figure_draws_before_and_after_per_framing(tmp_path):
+    from analysis.figures import plot_framing_shift
+
+    pts = pd.DataFrame({"method": ["mask", "mask"], "label": ["before", "after"], "asr_caption": [1.0, 0.1],
+                        "asr_direct": [0.0, 0.0]})
+    fig = plot_framing_shift(pts, tmp_path)
+    long = pd.read_csv(tmp_path / "framing_shift.csv")
+    assert len(long) == 4 and set(long["framing"]) == {"caption", "direct"}
+    assert len(fig.axes[0].lines) == 2

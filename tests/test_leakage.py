@@ -126,7 +126,6 @@ def test_partial_leak_in_unit_interval_and_full_on_a_leak():
             assert value >= 10 / len(normalize_digits(target)) if len(normalize_digits(target)) > 10 else value == 1
 
 
-
 @pytest.mark.parametrize("response,expected", [
     ("cannot assist", True),
     ("‘cannot assist’", True),

@@ -209,7 +209,6 @@ def test_mark_significant_joins_onto_a_results_table():
         mark_significant(results, pd.concat([tests, tests]), ["layer", "position_group"])
 
 
-
 def test_sign_flip_rejects_about_five_percent_under_the_null():
     """Null: every cluster's summed difference is symmetric about 0. Rows: heavy-tailed (Laplace) differences,
     12 clusters of one row (exact enumeration, 4096 sign vectors) and 12 clusters of 3 rows sharing an identity

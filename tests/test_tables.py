@@ -188,7 +188,6 @@ def test_write_leakage_table_and_figure(tmp_path):
         plot_leakage(long.drop(columns="metric"), tmp_path)
 
 
-
 # ---- intervals of the rates ---------------------------------------------------------------------------------------
 def twelve_of_twelve() -> pd.DataFrame:
     """12 identities, each leaking once in one cell: ASR 12 of 12."""

@@ -308,7 +308,6 @@ def study_patching_tests(rows: pd.DataFrame, n_perm: int, alpha: float, seed: in
     whose identities cannot reach significance after correction."""
     import sys
 
-
     exact = rows[rows["method"] == "exact"]
     if not len(exact):
         return pd.DataFrame()

@@ -131,7 +131,6 @@ def build_tiny_model(family: str, path: str | os.PathLike, seed: int = 0, **over
     """Write a tiny random-initialised checkpoint of `family` to `path` and return the path."""
     import importlib
 
-
     torch.manual_seed(seed)
     module = importlib.import_module(get_family(family).__module__)
     return module.build_tiny(Path(path), **overrides)

@@ -487,7 +487,6 @@ def token_readout(loaded, store, session, target: str = "digits", options: Reado
     mean over characters). Feeds `analysis.figures.plot_token_strip`."""
     import tempfile
 
-
     o = replace(options or ReadoutOptions(), **kw) if kw else (options or ReadoutOptions())
     fit, layer, y_new, k = _readout_probe(store, session, target, o)
     with tempfile.TemporaryDirectory() as tmp:

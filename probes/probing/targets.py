@@ -115,7 +115,6 @@ def probe_cells(store: ActivationStore, position_groups: Iterable[str] = ("last"
     return blocks
 
 
-
 def char_classes(value: str, alphabet: str = "digits") -> list[int]:
     """Class index of each character of `value` that is in the alphabet, in order (others are skipped)."""
     chars = ALPHABETS[alphabet]
@@ -160,7 +159,6 @@ def session_targets(sessions: Iterable[Session], target: str, pii_type: str | No
     classes = sorted(set(column))
     y = np.array([[classes.index(c)] for c in column], dtype=np.int64)
     return y, [target], ids
-
 
 
 def patch_cells(store: ActivationStore, layers: Iterable[int] | None = None, turn: int = 0, image_index: int = 0,

@@ -171,7 +171,6 @@ def build_tiny(path: str | os.PathLike, config: TinyConfig | None = None, **size
         SiglipVisionConfig,
     )
 
-
     c = TinyConfig.of(config, sizes)
 
     # Gemma's tokenizer adds BOS itself *and* the template writes it: `processor(text=templated)` with the default

@@ -168,7 +168,6 @@ def build_tiny(path: str | os.PathLike, config: TinyConfig | None = None, **size
         LlamaConfig,
     )
 
-
     c = TinyConfig.of(config, sizes)
 
     # SmolVLM's tokenizer: BOS `<|im_start|>` (written by the template), EOS `<end_of_utterance>`, pad `<|im_end|>`.

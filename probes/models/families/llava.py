@@ -77,7 +77,6 @@ def build_tiny(path: Path, image_size: int = 64, patch_size: int = 8, n_layers: 
         LlavaProcessor,
     )
 
-
     tok = build_tokenizer(["<image>"])
     tok.chat_template = CHAT_TEMPLATE
     image_processor = CLIPImageProcessor(

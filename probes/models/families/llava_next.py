@@ -188,7 +188,6 @@ def build_tiny(path: Path, crop_px: int = 32, patch_size: int = 8, n_layers: int
         MistralConfig,
     )
 
-
     tok = build_tokenizer(["<image>"])  # Llama/Mistral-style: the tokenizer adds BOS
     tok.chat_template = CHAT_TEMPLATE
     pinpoints = [[crop_px * a, crop_px * b] for a, b in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))]

@@ -62,7 +62,6 @@ def build_tiny(path: Path, crop_px: int = 16, patch_size: int = 4, n_layers: int
         LlavaOnevisionImageProcessorPil as LlavaOnevisionImageProcessor,
     )
 
-
     tok = build_tokenizer(["<|im_start|>", "<image>", "<video>"], bos=None, eos="<|im_end|>", pad="<|endoftext|>",
                           add_bos=False)
     tok.chat_template = CHAT_TEMPLATE

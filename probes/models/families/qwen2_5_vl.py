@@ -95,7 +95,6 @@ def build_tiny(path: Path, n_layers: int = 2, d_model: int = 64, vision_layers: 
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-
     tok = build_tokenizer(SPECIAL_TOKENS, bos=None, eos="<|im_end|>", pad="<|endoftext|>", add_bos=False)
     tok.chat_template = CHAT_TEMPLATE
     px = dict(min_pixels=56 * 56, max_pixels=28 * 28 * max_tokens, patch_size=14, temporal_patch_size=2, merge_size=2)

@@ -34,7 +34,6 @@ class Adapter(FamilyAdapter):
 def build_tiny(path: Path, n_layers: int = 2, d_model: int = 64, n_heads: int = 4) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-
     tok = build_tokenizer(["<|im_start|>", "<|im_end|>"], add_bos=False)
     tok.chat_template = CHAT_TEMPLATE
     config = LlamaConfig(
