@@ -180,12 +180,13 @@ def private_values(labels: dict[str, Any], session_id: str = "") -> set[str]:
     return {v for v in found if v not in public and v not in session_id}
 
 
-def read_sessions_checked(args: argparse.Namespace, flag: str = "--sessions") -> list:
-    """Every session of `args.sessions`, parsed and with every image checked (exists, matches its sha256, decodes),
-    before a model loads; the PII of their private labels is kept on `args` so that no message shows it."""
+def read_sessions_checked(args: argparse.Namespace, flag: str = "--sessions", path: str | None = None) -> list:
+    """Every session of `path` (default `args.sessions`), parsed and with every image checked (exists, matches its
+    sha256, decodes), before a model loads; the PII of their private labels is kept on `args` so that no message
+    shows it."""
     from probes.data.session import check_images, read_sessions
 
-    path = check_in_file(args.sessions, flag, "a sessions JSONL file")
+    path = check_in_file(args.sessions if path is None else path, flag, "a sessions JSONL file")
     sessions = list(read_sessions(path))  # an empty file, a bad line or bytes that are not UTF-8: named errors
     for s in sessions:
         args.private_values |= private_values(s.labels, s.session_id)
@@ -520,6 +521,46 @@ def _in_hf_cache(repo_id: str) -> bool:
         return False
 
 
+def cmd_mitigate(args: argparse.Namespace) -> int:
+    from analysis.mitigation import run_mitigation
+    from probes.mitigation.image import KINDS, ProtectionError
+    from probes.mitigation.settings import blackbox_settings, leak_directions, steer_settings
+
+    kinds, strengths = _csv(args.protect) or [], _floats(args.strengths, "--strengths")
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise CliError(f"--protect {','.join(bad)}: expected some of {','.join(KINDS)}")
+    hooks = _csv(args.steer_hooks) or []
+    if hooks and not args.steer_fit:
+        raise CliError("--steer-hooks needs --steer-fit: sessions of other identities to fit the leak direction on")
+    check_out_folder(args.out)
+    sessions = read_sessions_checked(args)
+    fit = read_sessions_checked(args, "--steer-fit", args.steer_fit) if hooks else []
+    try:
+        settings = blackbox_settings(kinds, strengths, dilation=args.dilation)
+    except ProtectionError as err:
+        raise CliError(f"--strengths/--dilation: {err}") from None
+    claim(args, args.out)
+    loaded = load_checked(args)
+    if hooks:
+        unknown = sorted(set(hooks) - set(loaded.hook_names()))
+        if unknown:
+            raise CliError(f"--steer-hooks {','.join(unknown)}: not hooks of this model "
+                           "(e.g. blocks.2.hook_resid_post)")
+        settings += steer_settings(leak_directions(loaded, fit, hooks), strengths)
+    points = run_mitigation(loaded, sessions, settings, args.out, n_boot=args.n_boot, seed=args.seed,
+                            max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
+    print(f"mitigation: {len(points)} settings measured; points, fronts and figures in {args.out}")
+    return 0
+
+
+def _floats(text: str | None, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in _csv(text) or []]
+    except ValueError:
+        raise CliError(f"{flag} {text!r}: expected numbers separated by commas") from None
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     from analysis.study.config import default_config_path, load_study_config, parse_value
     from analysis.study.pipeline import run_study
@@ -723,6 +764,24 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--no-progress", action="store_true")
     add_allow_partial(pa)
     pa.set_defaults(func=cmd_patch)
+
+    mi = sub.add_parser("mitigate", help="privacy-utility fronts of image protections and white-box steers")
+    mi.add_argument("--model", required=True, help=MODEL_HELP)
+    mi.add_argument("--sessions", required=True, help="PII-asking sessions JSONL (held-out identities)")
+    mi.add_argument("--out", required=True)
+    mi.add_argument("--protect", default="blur,pixelate,jpeg,mask,region_pixelate",
+                    help="black-box protections (blur, pixelate, downscale, jpeg, mask, region_blur, region_pixelate)")
+    mi.add_argument("--strengths", default="0.25,0.5,0.75,1", help="each method's knob values (0 is the baseline)")
+    mi.add_argument("--dilation", type=float, default=4.0, help="px a regional protection grows its boxes at 1")
+    mi.add_argument("--steer-hooks", default=None, help="white-box: hooks to steer at, e.g. blocks.2.hook_resid_post")
+    mi.add_argument("--steer-fit", default=None, help="sessions JSONL of other identities to fit the leak direction")
+    mi.add_argument("--max-new-tokens", type=positive_int, default=32)
+    mi.add_argument("--n-boot", type=non_negative_int, default=1000)
+    mi.add_argument("--seed", type=int, default=0)
+    mi.add_argument("--device", default=None)
+    mi.add_argument("--no-progress", action="store_true")
+    add_allow_partial(mi)
+    mi.set_defaults(func=cmd_mitigate)
 
     st = sub.add_parser("study", help="the whole study from one YAML config (sessions ... report)")
     stsub = st.add_subparsers(dest="study_command", required=True)

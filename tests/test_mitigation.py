@@ -396,3 +396,39 @@ def test_select_steer_picks_the_lowest_loss_within_the_kl_budget(llava, tmp_path
     assert table["chosen"].tolist() == [True, False]  # only strength 0 fits a zero budget
     none = select_steer(llava, cands[1:], sess, benign, kl_budget=0.0, max_new_tokens=3)
     assert not none["chosen"].any()
+
+
+# ---- the results folder and the command ---------------------------------------------------------------------------
+
+
+def test_mmret_mitigate_writes_points_fronts_and_figures(tiny_dir, tmp_path):
+    from analysis.cli import main
+    from probes.data.session import write_sessions
+
+    people = make_identities(4, seed=21)
+    sess = mmprivacy_sessions(people[:2], tmp_path / "img", framings=["caption", "direct"], pii_types=["SSN"],
+                              size=64, design="cycle")
+    fit = mmprivacy_sessions(people[2:], tmp_path / "img", framings=["caption", "direct"], pii_types=["SSN"],
+                             size=64, design="cycle")
+    write_sessions(sess, tmp_path / "s.jsonl")
+    write_sessions(fit, tmp_path / "fit.jsonl")
+    out = tmp_path / "out"
+    args = ["mitigate", "--model", str(tiny_dir("llava")), "--sessions", str(tmp_path / "s.jsonl"), "--out", str(out),
+            "--protect", "mask,blur", "--strengths", "0.5,1", "--steer-hooks", "blocks.0.hook_resid_post",
+            "--steer-fit", str(tmp_path / "fit.jsonl"), "--max-new-tokens", "3", "--n-boot", "20", "--no-progress"]
+    assert main(args) == 0
+    points = pd.read_csv(out / "mitigation_points.csv")
+    methods = {"mask", "blur", "add@blocks.0.hook_resid_post"}
+    assert set(points["method"]) == methods | {"none"}
+    none = points[points["method"] == "none"].iloc[0]
+    starts = points[points["strength"] == 0.0]
+    assert set(starts["method"]) == methods | {"none"}  # every front starts at the unmitigated point
+    assert (starts["L"] == none["L"]).all() and (starts["U"] == none["U"]).all()
+    hv = pd.read_csv(out / "mitigation_hypervolume.csv")
+    assert set(hv["method"]) == methods and (hv["ci_low"] <= hv["hypervolume"] + 1e-12).all()
+    assert (out / "fronts.pdf").exists() and (out / "fronts.csv").exists()
+    assert not list(out.glob(".mitigation-parts-*"))  # this run's parts are removed once the folder is written
+    private = {p.name for p in people} | {p.ssn for p in people}
+    for f in out.glob("*.csv"):
+        assert not any(v in f.read_text() for v in private), f"PII in {f.name}"
+    assert main(args[:-12] + ["--protect", "smudge", "--no-progress"]) != 0

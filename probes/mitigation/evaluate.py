@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
@@ -74,6 +75,14 @@ def evaluate_setting(loaded: LoadedModel, box: BlackBox, setting: Setting, priva
     return p, u
 
 
+def parts_path(loaded: LoadedModel, privacy: Sequence[Session], utility: Sequence[Session],
+               out_dir: str | os.PathLike, max_new_tokens: int) -> Path:
+    """Where `evaluate_settings` keeps each setting's rows for this model, these sessions and this answer length."""
+    sessions_key = [s.session_id for s in [*privacy, *utility]]
+    return parts_folder(out_dir, "mitigation-parts", {**loaded.run_key, "max_new_tokens": max_new_tokens},
+                        sessions_key)
+
+
 def evaluate_settings(loaded: LoadedModel, settings: Sequence[Setting], privacy: Sequence[Session],
                       utility: Sequence[Session], out_dir: str | os.PathLike | None = None, max_new_tokens: int = 32,
                       batch_size: int = 8, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, int]:
@@ -82,9 +91,7 @@ def evaluate_settings(loaded: LoadedModel, settings: Sequence[Setting], privacy:
     box = BlackBox(lambda s: generate_batch(loaded, s, max_new_tokens=max_new_tokens, batch_size=batch_size))
     parts = None
     if out_dir is not None:
-        sessions_key = [s.session_id for s in [*privacy, *utility]]
-        parts = parts_folder(out_dir, "mitigation-parts", {**loaded.run_key, "max_new_tokens": max_new_tokens},
-                             sessions_key)
+        parts = parts_path(loaded, privacy, utility, out_dir, max_new_tokens)
         parts.mkdir(parents=True, exist_ok=True)
     priv, util = [], []
     for setting in tqdm(settings, desc="mitigation", unit="setting", disable=not progress):

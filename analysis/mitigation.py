@@ -1,0 +1,67 @@
+"""`mmret mitigate`: measure mitigation settings and write their results folder.
+
+Writes into `out_dir`: mitigation_rows_privacy.csv and mitigation_rows_utility.csv (the tidy rows, no answer text),
+mitigation_points.csv (one row per method and strength: L, U, per-framing ASR, per-task U; every method's front
+starts at the unmitigated point), mitigation_hypervolume.csv (each method's front: hypervolume with a 95% identity
+bootstrap interval, against the reference point (L, U) = (1, 0)), mitigation_best.csv (each method's chosen point:
+the lowest L keeping U >= 0.95 x the unmitigated U), and the figures `fronts` and `framing_shift` beside them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from analysis.figures import plot_framing_shift, plot_fronts
+from probes.data.files import atomic_write_bytes
+from probes.data.session import Session
+from probes.mitigation.evaluate import Setting, evaluate_settings, parts_path
+from probes.mitigation.measures import hypervolume_table, loss_utility
+from probes.mitigation.settings import NONE, best_point
+from probes.mitigation.utility import utility_sessions
+from probes.models.loading import LoadedModel
+
+
+def with_baseline(rows: pd.DataFrame, methods: Sequence[str]) -> pd.DataFrame:
+    """The rows with the unmitigated setting's rows copied under every method at strength 0 (each front's start)."""
+    base = rows[rows["method"] == NONE.method]
+    return pd.concat([rows] + [base.assign(method=m, strength=0.0) for m in methods], ignore_index=True)
+
+
+def write_csv(df: pd.DataFrame, path: Path) -> None:
+    atomic_write_bytes(path, df.to_csv(index=False).encode("utf-8"))
+
+
+def run_mitigation(loaded: LoadedModel, sessions: Sequence[Session], settings: Sequence[Setting],
+                   out_dir: str | os.PathLike, n_boot: int = 1000, seed: int = 0, max_new_tokens: int = 32,
+                   progress: bool = True) -> pd.DataFrame:
+    """Measure `settings` (the unmitigated setting is added) on the privacy `sessions` and the benign sessions of
+    their documents, and write the folder described above. Resumable per setting. Returns the points."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = [NONE] + [s for s in settings if s.method != NONE.method]
+    benign = utility_sessions(sessions)
+    priv, util, queries = evaluate_settings(loaded, settings, sessions, benign, out_dir=out,
+                                            max_new_tokens=max_new_tokens, progress=progress)
+    methods = sorted({s.method for s in settings} - {NONE.method})
+    priv, util = with_baseline(priv, methods), with_baseline(util, methods)
+    points, draws = loss_utility(priv, util, by=["method", "strength"], n_boot=n_boot, seed=seed)
+    mitigated = (points["method"] != NONE.method).to_numpy()
+    hv = hypervolume_table(points[mitigated], None if draws is None else draws[:, mitigated])
+    best = pd.DataFrame([b for m in methods if (b := best_point(points, m)) is not None])
+    write_csv(priv, out / "mitigation_rows_privacy.csv")
+    write_csv(util, out / "mitigation_rows_utility.csv")
+    write_csv(points.assign(queries_total=queries), out / "mitigation_points.csv")
+    write_csv(hv, out / "mitigation_hypervolume.csv")
+    write_csv(best, out / "mitigation_best.csv")
+    plot_fronts(points[points["method"] != NONE.method], out, name="fronts")
+    if len(best):
+        before = points[points["method"] == NONE.method].assign(label="before")
+        shift = pd.concat([before.assign(method=m) for m in best["method"]] + [best.assign(label="after")])
+        plot_framing_shift(shift, out, name="framing_shift")
+    shutil.rmtree(parts_path(loaded, sessions, benign, out, max_new_tokens))  # only this run's: others stay
+    return points

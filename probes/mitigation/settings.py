@@ -1,0 +1,73 @@
+"""The settings a mitigation sweep measures: black-box protections and white-box steers over their strength knobs.
+
+- `blackbox_settings`: one `Setting` per (protection kind, strength); regional kinds cover the sensitive fields'
+  marks only (SSN, phone, email: the fields the refusal policy protects), so reading the name stays possible.
+- `steer_settings`: one per (hook, strength) of a leak-direction steer; the direction at each hook is the mean
+  activation at the prompt's last position under refusing framings minus the mean under leaking ones
+  (`leak_directions`), measured on the sessions given (fit on training identities, evaluate on held-out ones).
+- `best_point`: a method's chosen setting: the lowest L among those keeping U >= `keep` x the unmitigated U.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from probes.data.identities import MARK_LABELS, PII_TYPES
+from probes.data.session import Session
+from probes.mitigation.evaluate import Setting
+from probes.mitigation.image import ImageProtection
+from probes.mitigation.steer import Steer, leak_direction
+from probes.models.loading import LoadedModel
+from probes.probing.erasure import site_activations
+
+REFUSING = ("direct", "VQA", "classification")
+LEAKING = ("caption", "rephrasing")
+SENSITIVE = tuple(MARK_LABELS[p] for p in PII_TYPES)
+NONE = Setting("none", 0.0)  # the unmitigated model: every front's strength-0 point
+
+
+def blackbox_settings(kinds: Sequence[str], strengths: Sequence[float], dilation: float = 4.0,
+                      labels: Sequence[str] = SENSITIVE) -> list[Setting]:
+    """Settings for each protection kind at each strength > 0 (strength 0 is `NONE`)."""
+    return [Setting(kind, float(s), protection=ImageProtection(kind, float(s), dilation=dilation),
+                    labels=tuple(labels)) for kind in kinds for s in strengths if s > 0]
+
+
+def leak_directions(loaded: LoadedModel, sessions: Sequence[Session], hooks: Sequence[str]) -> dict[str, Tensor]:
+    """Refusing-minus-leaking mean activation at the prompt's last position, per hook (see the module docstring)."""
+    refusing = [s for s in sessions if s.labels.get("framing") in REFUSING]
+    leaking = [s for s in sessions if s.labels.get("framing") in LEAKING]
+    if not refusing or not leaking:
+        raise ValueError(f"leak_directions: need sessions under refusing {REFUSING} and leaking {LEAKING} framings")
+    out = {}
+    for hook in hooks:
+        sides = []
+        for group in (refusing, leaking):
+            X, _, generated = site_activations(loaded, group, hook, last=1, max_new_tokens=1)
+            sides.append(X[torch.as_tensor(~generated)])
+        out[hook] = leak_direction(*sides)
+    return out
+
+
+def steer_settings(directions: dict[str, Tensor], strengths: Sequence[float], kind: str = "add",
+                   tag: str = "") -> list[Setting]:
+    """One setting per (hook, strength > 0): the leak-direction steer of `kind` at the prompt's last position and
+    every generated token. Method names are `<kind>@<hook><tag>` (tag: e.g. ' (random layer)')."""
+    return [Setting(f"{kind}@{hook}{tag}", float(s), steers=(Steer(kind, hook, float(s), vector=r, last=1),))
+            for hook, r in directions.items() for s in strengths if s > 0]
+
+
+def best_point(points: pd.DataFrame, method: str, keep: float = 0.95) -> pd.Series | None:
+    """The method's row with the lowest L among those with U >= keep x the unmitigated U (the `none` row); ties
+    go to the higher U. None when no setting of the method keeps that much utility."""
+    base = points.loc[points["method"] == "none", "U"]
+    if base.empty:
+        raise ValueError("best_point: the points hold no 'none' (unmitigated) row")
+    mine = points[(points["method"] == method) & (points["U"] >= keep * float(base.iloc[0]))]
+    if mine.empty:
+        return None
+    return mine.sort_values(["L", "U"], ascending=[True, False]).iloc[0]
