@@ -760,7 +760,7 @@ def plot_fronts(points: pd.DataFrame, out_dir: str | os.PathLike | None = None, 
     ax.set_xlabel("privacy loss L (worst-framing ASR)")
     ax.set_ylabel("utility U")
     ax.set_xlim(-0.02, 1.02)
-    ax.legend(frameon=False, loc="lower right", fontsize="small")
+    ax.legend(frameon=False, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize="x-small")
     return _finish(fig, made, out_dir, name, data)
 
 

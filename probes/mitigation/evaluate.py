@@ -24,8 +24,7 @@ from tqdm.auto import tqdm
 from probes.data.files import atomic_write_bytes, parts_folder
 from probes.data.session import Session
 from probes.leakage import batch_inputs, generate_batch
-from probes.mitigation.blackbox import BlackBox, protected
-from probes.mitigation.image import ImageProtection
+from probes.mitigation.blackbox import BlackBox, Protection, protected
 from probes.mitigation.steer import Steer, intervening
 from probes.mitigation.utility import privacy_rows, utility_rows
 from probes.models.loading import LoadedModel
@@ -39,7 +38,7 @@ class Setting:
 
     method: str
     strength: float
-    protection: ImageProtection | None = None
+    protection: Protection | None = None
     steers: tuple[Steer, ...] = field(default=(), repr=False)
     labels: tuple[str, ...] | None = None  # regional protections: only these marks (None: every mark)
 

@@ -175,8 +175,8 @@ class OptimiserConfig:
 
 def optimise(docs: Sequence[Document], evaluate: Evaluate, config: OptimiserConfig | None = None,
              cache_path: str | os.PathLike | None = None, **options: Any) -> Optimised:
-    """CMA-ES over theta for each scalarisation weight in turn, until the budget of queries is spent (see the module
-    docstring and `OptimiserConfig`, whose fields may be given as keywords)."""
+    """CMA-ES over theta for each scalarisation weight in turn, never spending more than its budget of queries (see
+    the module docstring and `OptimiserConfig`, whose fields may be given as keywords)."""
     c = replace(config or OptimiserConfig(), **options)
     weights, budget, batch, popsize, sigma0, archive, seed = (c.weights, c.budget, c.batch, c.popsize, c.sigma0,
                                                              c.archive, c.seed)
@@ -194,8 +194,10 @@ def optimise(docs: Sequence[Document], evaluate: Evaluate, config: OptimiserConf
         es = cma.CMAEvolutionStrategy([0.0] * N_FEATURES, sigma0,
                                       {"popsize": popsize, "seed": seed + wi + 1, "verbose": -9})
         start = spent
-        while spent - start < per_weight and spent < budget:
+        while spent - start < per_weight:
             minibatch = _minibatch(docs, hardness, batch, rng, archive)
+            if spent + popsize * sum(len(d.privacy) + len(d.utility) for d in minibatch) > budget:
+                break  # the budget is a promise: no generation starts that could overspend it
             if archive and evaluations:
                 es.inject([list(_best_archived(evaluations, w))])  # re-test the archive's best for this weight
             thetas = [tuple(map(float, x)) for x in es.ask()]
