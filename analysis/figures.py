@@ -552,7 +552,7 @@ def plot_patch_overlay(df: pd.DataFrame, image, out_dir: str | os.PathLike | Non
                        name: str = "patch_overlay", value: str = "value", title: str | None = None,
                        cmap: str = "viridis", alpha: float = 0.6, width: str | float = "single",
                        grid: tuple[int, int] | None = None, vmin: float | None = None, vmax: float | None = None, *,
-                       axes=None) -> Figure:
+                       axes=None, marks=None, marks_size: tuple[int, int] | None = None) -> Figure:
     """Per-patch values drawn over the document image itself: a translucent heat layer, one cell per vision patch,
     stretched over the whole image with imshow(extent=...) so patch (r, c) covers exactly its pixels.
 
@@ -560,7 +560,9 @@ def plot_patch_overlay(df: pd.DataFrame, image, out_dir: str | os.PathLike | Non
     gives one panel per panel value (e.g. per layer), all on one colour scale. The grid is max row/col + 1 unless
     `grid=(rows, cols)` is given. Pass the image as the model saw it (after the processor's resize or crop), and the
     rows of one image tile (multi-tile families: filter on `tile` first). `axes`: one axes per panel to draw into
-    (the title then goes on the first panel, not above the figure). The CSV is `df`."""
+    (the title then goes on the first panel, not above the figure). `marks`: label -> pixel boxes (x0, y0, x1, y1)
+    to outline on every panel, e.g. a real form's `SessionImage.marks` (the PII found by OCR), in the coordinates of
+    an image of `marks_size` (w, h; default: the image's own), scaled onto the image drawn. The CSV is `df`."""
     import numpy as np
 
     fn = "plot_patch_overlay"
@@ -590,6 +592,7 @@ def plot_patch_overlay(df: pd.DataFrame, image, out_dir: str | os.PathLike | Non
         ax.imshow(pixels, extent=(0, w, h, 0), interpolation="bilinear", cmap="gray" if pixels.ndim == 2 else None)
         im = ax.imshow(heat, extent=(0, w, h, 0), cmap=cmap, alpha=alpha, vmin=lo, vmax=hi,
                        interpolation="nearest", gid="heat")  # nan patches stay transparent
+        _outline_marks(ax, marks, marks_size or (w, h), (w, h))
         ax.set_xlim(0, w)
         ax.set_ylim(h, 0)
         ax.set_axis_off()
@@ -604,6 +607,19 @@ def plot_patch_overlay(df: pd.DataFrame, image, out_dir: str | os.PathLike | Non
         first = axes.flat[0]
         first.set_title(title if panels[0] is None else f"{title}\n{panels[0]}")
     return _finish(fig, made, out_dir, name, df)
+
+
+def _outline_marks(ax: Axes, marks, size: tuple[int, int], shown: tuple[int, int]) -> None:
+    """Outline each labelled box (scaled from an image of `size` onto one of `shown`) with its label above it."""
+    from matplotlib.patches import Rectangle
+
+    sx, sy = shown[0] / size[0], shown[1] / size[1]
+    for k, (label, boxes) in enumerate(sorted((marks or {}).items())):
+        colour = OKABE_ITO[(k + 3) % len(OKABE_ITO)]
+        for x0, y0, x1, y1 in boxes:
+            ax.add_patch(Rectangle((x0 * sx, y0 * sy), (x1 - x0) * sx, (y1 - y0) * sy, fill=False, lw=0.8,
+                                   edgecolor=colour, gid=f"mark:{label}"))
+            ax.text(x0 * sx, y0 * sy, label, color=colour, fontsize="xx-small", va="bottom")
 
 
 IMAGE_TOKEN = "<image>"

@@ -393,3 +393,19 @@ def test_framing_shift_figure_draws_before_and_after_per_framing(tmp_path):
     long = pd.read_csv(tmp_path / "framing_shift.csv")
     assert len(long) == 4 and set(long["framing"]) == {"caption", "direct"}
     assert len(fig.axes[0].lines) == 2
+
+
+def test_patch_overlay_outlines_a_forms_pii_marks_scaled_onto_the_image_shown():
+    from PIL import Image
+
+    from analysis.figures import plot_patch_overlay
+
+    df = pd.DataFrame({"patch_row": [0, 0, 1, 1], "patch_col": [0, 1, 0, 1], "value": [0.1, 0.9, 0.2, 0.3]})
+    image = Image.new("RGB", (64, 32), "white")
+    fig = plot_patch_overlay(df, image, marks={"ssn": [(10, 4, 50, 12)], "email": [(0, 20, 30, 30)]},
+                             marks_size=(128, 64))  # boxes found on the full-size form, drawn on a half-size image
+    boxes = {p.get_gid(): p for p in fig.axes[0].patches}
+    assert set(boxes) == {"mark:ssn", "mark:email"}
+    ssn = boxes["mark:ssn"]
+    assert (ssn.get_x(), ssn.get_y(), ssn.get_width(), ssn.get_height()) == (5.0, 2.0, 20.0, 4.0)
+    assert not plot_patch_overlay(df, image).axes[0].patches  # no marks, no outlines
