@@ -548,9 +548,9 @@ def cmd_mitigate(args: argparse.Namespace) -> int:
             raise CliError(f"--steer-hooks {','.join(unknown)}: not hooks of this model "
                            "(e.g. blocks.2.hook_resid_post)")
         settings += steer_settings(leak_directions(loaded, fit, hooks), strengths)
-    points = run_mitigation(loaded, sessions, settings, args.out, n_boot=args.n_boot, seed=args.seed,
+    done = run_mitigation(loaded, sessions, settings, args.out, n_boot=args.n_boot, seed=args.seed,
                             max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
-    print(f"mitigation: {len(points)} settings measured; points, fronts and figures in {args.out}")
+    print(f"mitigation: {len(done.points)} settings measured; points, fronts and figures in {args.out}")
     return 0
 
 

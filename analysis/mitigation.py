@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import pandas as pd
 
 from analysis.figures import plot_framing_shift, plot_fronts
@@ -36,11 +38,22 @@ def write_csv(df: pd.DataFrame, path: Path) -> None:
     atomic_write_bytes(path, df.to_csv(index=False).encode("utf-8"))
 
 
+@dataclass(frozen=True)
+class Mitigation:
+    """What `run_mitigation` measured: the points (one row per method and strength), their identity-bootstrap
+    draws [draw, point, (L, U)] in the same row order, the hypervolume table and the queries this call made."""
+
+    points: pd.DataFrame
+    draws: np.ndarray | None
+    hypervolume: pd.DataFrame
+    queries: int
+
+
 def run_mitigation(loaded: LoadedModel, sessions: Sequence[Session], settings: Sequence[Setting],
                    out_dir: str | os.PathLike, n_boot: int = 1000, seed: int = 0, max_new_tokens: int = 32,
-                   progress: bool = True) -> pd.DataFrame:
+                   progress: bool = True) -> Mitigation:
     """Measure `settings` (the unmitigated setting is added) on the privacy `sessions` and the benign sessions of
-    their documents, and write the folder described above. Resumable per setting. Returns the points."""
+    their documents, and write the folder described above. Resumable per setting."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = [NONE] + [s for s in settings if s.method != NONE.method]
@@ -64,4 +77,4 @@ def run_mitigation(loaded: LoadedModel, sessions: Sequence[Session], settings: S
         shift = pd.concat([before.assign(method=m) for m in best["method"]] + [best.assign(label="after")])
         plot_framing_shift(shift, out, name="framing_shift")
     shutil.rmtree(parts_path(loaded, sessions, benign, out, max_new_tokens))  # only this run's: others stay
-    return points
+    return Mitigation(points, draws, hv, queries)

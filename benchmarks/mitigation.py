@@ -43,7 +43,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from analysis.mitigation import run_mitigation  # noqa: E402
@@ -54,7 +53,7 @@ from probes.mitigation.blackbox import model_blackbox  # noqa: E402
 from probes.mitigation.evaluate import Setting  # noqa: E402
 from probes.mitigation.fronts import hypervolume  # noqa: E402
 from probes.mitigation.learned import CellMasker, documents, masker_evaluator, optimise  # noqa: E402
-from probes.mitigation.measures import hypervolume_gain, loss_utility  # noqa: E402
+from probes.mitigation.measures import hypervolume_gain  # noqa: E402
 from probes.mitigation.settings import LEAKING, best_point, blackbox_settings, leak_directions, steer_settings  # noqa: E402
 from probes.mitigation.sites import random_hooks, select_steer  # noqa: E402
 from probes.mitigation.steer import Steer  # noqa: E402
@@ -133,14 +132,12 @@ def main() -> None:
                 + steer_settings({located: directions[located]}, STRENGTHS)
                 + steer_settings({control: directions[control]}, STRENGTHS, tag=" (random layer)")
                 + blackbox_settings(["mask", "region_pixelate", "blur", "pixelate", "jpeg"], (0.25, 0.5, 1.0)))
-    points = run_mitigation(loaded, held, settings, out, n_boot=a.n_boot, progress=True)
+    done = run_mitigation(loaded, held, settings, out, n_boot=a.n_boot, progress=True)
+    points = done.points
 
-    priv = pd.read_csv(out / "mitigation_rows_privacy.csv")
-    util = pd.read_csv(out / "mitigation_rows_utility.csv")
-    pts, draws = loss_utility(priv, util, by=["method", "strength"], n_boot=a.n_boot)
-    hv = pd.read_csv(out / "mitigation_hypervolume.csv").set_index("method")["hypervolume"]
+    hv = done.hypervolume.set_index("method")["hypervolume"]
     loc_name, ctl_name = f"add@{located}", f"add@{control} (random layer)"
-    gain = hypervolume_gain(pts, draws, loc_name, ctl_name)
+    gain = hypervolume_gain(points, done.draws, loc_name, ctl_name)
     none = points[points["method"] == "none"].iloc[0]
     best = best_point(points, loc_name)
     figs = {"located_layer": int(located.split(".")[1]), "random_layer": int(control.split(".")[1]),
@@ -162,7 +159,7 @@ def main() -> None:
     figs["learned_vs_oracle_mask_hv"] = float(hv.get("learned", float("nan")) / hv.get("mask", float("nan")))
     figs["learned_vs_global_blur_hv"] = float(hv.get("learned", float("nan")) / hv.get("blur", float("nan")))
     figs["archive_query_saving"] = archive_saving(learned, no_archive)
-    figs["queries"] = int(pd.read_csv(out / "mitigation_points.csv")["queries_total"].iloc[0])
+    figs["queries"] = done.queries
     figs["seconds_total"] = time.time() - t0
     for k, v in figs.items():
         print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")

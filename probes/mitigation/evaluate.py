@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 
 from probes.data.files import atomic_write_bytes, parts_folder
 from probes.data.session import Session
-from probes.leakage import batch_inputs, generate_batch
-from probes.mitigation.blackbox import BlackBox, Protection, protected
+from probes.leakage import batch_inputs
+from probes.mitigation.blackbox import BlackBox, Protection, model_blackbox, protected
 from probes.mitigation.steer import Steer, intervening
 from probes.mitigation.utility import privacy_rows, utility_rows
 from probes.models.loading import LoadedModel
@@ -87,7 +87,7 @@ def evaluate_settings(loaded: LoadedModel, settings: Sequence[Setting], privacy:
                       batch_size: int = 8, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, int]:
     """Privacy rows, utility rows (every setting) and the number of queries this call made. With `out_dir`, each
     setting's rows are kept in a parts folder keyed by the sessions and settings and reused when run again."""
-    box = BlackBox(lambda s: generate_batch(loaded, s, max_new_tokens=max_new_tokens, batch_size=batch_size))
+    box = model_blackbox(loaded, max_new_tokens, batch_size)
     parts = None
     if out_dir is not None:
         parts = parts_path(loaded, privacy, utility, out_dir, max_new_tokens)

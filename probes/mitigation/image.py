@@ -75,7 +75,7 @@ def _global(rgb: Image.Image, kind: str, s: float) -> Image.Image:
     if kind == "blur":
         return rgb.filter(ImageFilter.GaussianBlur(radius=MAX_BLUR * s))
     if kind == "pixelate":
-        return _pixelate(rgb, max(1, round(1 + (MAX_BLOCK - 1) * s)))
+        return _pixelate(rgb, _block(s))
     if kind == "downscale":
         scale = 1 - (1 - MIN_SCALE) * s
         small = rgb.resize((max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))), Image.BILINEAR)
@@ -85,6 +85,11 @@ def _global(rgb: Image.Image, kind: str, s: float) -> Image.Image:
     buf.seek(0)
     with Image.open(buf) as im:
         return im.convert("RGB")
+
+
+def _block(s: float) -> int:
+    """The pixelation block (px) at strength s: 1 (nothing) at 0, MAX_BLOCK at 1."""
+    return max(1, round(1 + (MAX_BLOCK - 1) * s))
 
 
 def _pixelate(rgb: Image.Image, block: int) -> Image.Image:
@@ -115,5 +120,5 @@ def _region(out: Image.Image, box: tuple[int, int, int, int], kind: str, s: floa
     if kind == "region_blur":
         patch = _global(patch, "blur", s)
     else:
-        patch = _pixelate(patch, max(1, round(1 + (MAX_BLOCK - 1) * s)))
+        patch = _pixelate(patch, _block(s))
     out.paste(patch, box[:2])

@@ -73,7 +73,6 @@ def features(image: Image.Image, cell: int = 8) -> np.ndarray:
     grey = np.asarray(image.convert("L"), dtype=float)
     h, w = grey.shape
     rows, cols = -(-h // cell), -(-w // cell)
-    ink = np.zeros((rows, cols))
     padded = np.full((rows * cell, cols * cell), 255.0)
     padded[:h, :w] = grey
     ink = (padded < 128).reshape(rows, cell, cols, cell).mean((1, 3))

@@ -50,6 +50,12 @@ def _rates(total: np.ndarray, count: np.ndarray, weights: np.ndarray) -> np.ndar
         return np.where(den > 0, num / den, np.nan)
 
 
+def privacy_loss(privacy: pd.DataFrame) -> float:
+    """L of one setting's privacy rows: the worst framing's share of leaked answers."""
+    _need(privacy, ["framing", "leaked"], "privacy rows")
+    return float(privacy.groupby("framing")["leaked"].mean().max())
+
+
 def loss_utility(privacy: pd.DataFrame, utility: pd.DataFrame, by: Sequence[str], n_boot: int = 0,
                  seed: int = 0) -> tuple[pd.DataFrame, np.ndarray | None]:
     """One row per setting (the `by` columns): L, U, the per-framing ASRs (`asr_<framing>`) and the per-task scores

@@ -18,11 +18,11 @@ from torch import Tensor
 
 from probes.data.identities import MARK_LABELS, PII_TYPES
 from probes.data.session import Session
+from probes.leakage import generate_batch
 from probes.mitigation.evaluate import Setting
 from probes.mitigation.image import ImageProtection
 from probes.mitigation.steer import Steer, leak_direction
 from probes.models.loading import LoadedModel
-from probes.probing.erasure import site_activations
 
 REFUSING = ("direct", "VQA", "classification")
 LEAKING = ("caption", "rephrasing")
@@ -37,20 +37,29 @@ def blackbox_settings(kinds: Sequence[str], strengths: Sequence[float], dilation
                     labels=tuple(labels)) for kind in kinds for s in strengths if s > 0]
 
 
+def last_prompt_activations(loaded: LoadedModel, sessions: Sequence[Session], hooks: Sequence[str]
+                            ) -> dict[str, Tensor]:
+    """Each hook's activation at the prompt's last position [n, d] (float64), one session per forward (no padding)
+    and every hook in the same forward."""
+    rows: dict[str, list[Tensor]] = {h: [] for h in hooks}
+
+    def keep(x: Tensor, name: str) -> None:
+        if x.shape[1] > 1:  # the prompt's forward, not a generated token's
+            rows[name].append(x[0, -1].detach().double().cpu())
+
+    with loaded.hooks([(h, keep) for h in hooks]):
+        generate_batch(loaded, sessions, max_new_tokens=1, batch_size=1, sort_by_length=False)
+    return {h: torch.stack(r) for h, r in rows.items()}
+
+
 def leak_directions(loaded: LoadedModel, sessions: Sequence[Session], hooks: Sequence[str]) -> dict[str, Tensor]:
     """Refusing-minus-leaking mean activation at the prompt's last position, per hook (see the module docstring)."""
     refusing = [s for s in sessions if s.labels.get("framing") in REFUSING]
     leaking = [s for s in sessions if s.labels.get("framing") in LEAKING]
     if not refusing or not leaking:
         raise ValueError(f"leak_directions: need sessions under refusing {REFUSING} and leaking {LEAKING} framings")
-    out = {}
-    for hook in hooks:
-        sides = []
-        for group in (refusing, leaking):
-            X, _, generated = site_activations(loaded, group, hook, last=1, max_new_tokens=1)
-            sides.append(X[torch.as_tensor(~generated)])
-        out[hook] = leak_direction(*sides)
-    return out
+    ref, leak = (last_prompt_activations(loaded, group, hooks) for group in (refusing, leaking))
+    return {h: leak_direction(ref[h], leak[h]) for h in hooks}
 
 
 def steer_settings(directions: dict[str, Tensor], strengths: Sequence[float], kind: str = "add",

@@ -18,6 +18,7 @@ import pandas as pd
 from probes.data.session import Session
 from probes.leakage import generate_batch
 from probes.mitigation.evaluate import benign_kl
+from probes.mitigation.measures import privacy_loss
 from probes.mitigation.steer import Steer, intervening
 from probes.mitigation.utility import privacy_rows
 from probes.models.loading import LoadedModel
@@ -61,9 +62,8 @@ def select_steer(loaded: LoadedModel, candidates: Sequence[Steer], privacy: Sequ
     for st in candidates:
         with intervening(loaded, [st]):
             answers = generate_batch(loaded, privacy, max_new_tokens=max_new_tokens)
-        scored = privacy_rows(privacy, answers)
         rows.append({"hook": st.hook, "kind": st.kind, "strength": float(st.strength),
-                     "L": float(scored.groupby("framing")["leaked"].mean().max()),
+                     "L": privacy_loss(privacy_rows(privacy, answers)),
                      "kl": benign_kl(loaded, benign, [st])})
     out = pd.DataFrame(rows)
     out["within_budget"] = out["kl"] <= kl_budget
