@@ -110,3 +110,19 @@ def test_lazy_names_are_not_shadowed_by_submodules(package):
             "print([n for n in p.__all__ if isinstance(getattr(p, n), types.ModuleType)])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_functions_in_probes_stay_short_and_take_few_parameters():
+    """Issue 17's limits: no function in `probes` over 80 lines or with more than 8 parameters (self and cls not
+    counted; **options not counted: they build a config dataclass)."""
+    found = []
+    for path in sorted((ROOT / "probes").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                params = [*a.posonlyargs, *a.args, *a.kwonlyargs]
+                n = len(params) - (1 if params and params[0].arg in ("self", "cls") else 0)
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 80 or n > 8:
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {lines} lines, {n} parameters")
+    assert found == []
