@@ -1,6 +1,8 @@
 """`mmret`: the command line. Each subcommand is a thin wrapper over a library function a notebook can call.
 
     mmret capture --model M --sessions S.jsonl --out DIR [--hooks resid_post,attn_out] [--positions last:*]
+    mmret capture ... --shard I/N | --jobs N [--executor slurm]   (one capture split over workers, one store)
+    mmret store verify DIR [--sessions S.jsonl] | mmret store merge OUT [SRC ...]
     mmret inspect DIR
     mmret sessions build --kind mmprivacy|multiturn|memory --out S.jsonl [--n 20] [--seed 0] [--layout grid]
     mmret sessions load-mmprivacy DIR --out S.jsonl [--part direct|memory|real|real-named] [--mapping MAP.json]
@@ -61,6 +63,17 @@ class Parser(argparse.ArgumentParser):
 def positive_int(text: str) -> int:
     """An argparse type: an integer >= 1 (a batch of 0 would loop forever or divide by zero later)."""
     return _int_at_least(text, 1)
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """An argparse type: i/n with 0 <= i < n."""
+    from probes.activations.errors import StoreError
+    from probes.activations.shards import parse_shard
+
+    try:
+        return parse_shard(text)
+    except StoreError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def non_negative_int(text: str) -> int:
@@ -249,13 +262,47 @@ def cmd_capture(args: argparse.Namespace) -> int:
     settings = dict(hooks=args.hooks, positions=args.positions, layers=layers, mode=args.mode,
                     max_new_tokens=args.max_new_tokens, dtype=args.dtype, batch_size=args.batch_size,
                     force_new=args.force_new, allow_long=args.allow_long)
-    validate_capture(model_path(args.model), sessions, args.out, backend=args.backend, **settings)
+    validate_capture(model_path(args.model), sessions, args.out, backend=args.backend, shard=args.shard, **settings)
     claim(args, args.out)
+    if args.jobs:
+        return _capture_jobs(args, settings)
     loaded = load_checked(args, dtype=args.model_dtype, backend=args.backend)
-    store = capture(loaded, sessions, args.out, progress=not args.no_progress,
+    store = capture(loaded, sessions, args.out, progress=not args.no_progress, shard=args.shard,
                     keep_private_labels=args.keep_private_labels, **settings)
     print(store.summary())
     return 0
+
+
+def _capture_jobs(args: argparse.Namespace, settings: dict[str, Any]) -> int:
+    """`--jobs N`: the capture as a submitit array of N workers, then the store's check (exit 1 if not ok)."""
+    from analysis.cluster import capture_array
+
+    if args.shard is not None or args.force_new:
+        raise CliError("--jobs: runs every shard itself; drop --shard and --force-new (clear the store first)")
+    load = dict(device=args.device, dtype=args.model_dtype, backend=args.backend, allow_partial=args.allow_partial)
+    check = capture_array(model_path(args.model), args.sessions, args.out, args.jobs,
+                          {**settings, "keep_private_labels": args.keep_private_labels}, load, args.executor,
+                          partition=args.partition, gpus=args.gpus, time_min=args.time)
+    print(check.report())
+    return 0 if check.ok else 1
+
+
+def cmd_store(args: argparse.Namespace) -> int:
+    """`mmret store verify STORE [--sessions S]` and `mmret store merge OUT [SRC ...]`."""
+    from probes.activations.folder import read_spec
+    from probes.activations.shards import merge_stores, verify_store
+
+    for folder in ([args.store] if args.action == "verify" else args.sources):
+        if not (Path(folder) / "store.json").is_file():
+            raise CliError(f"{folder}: not an activation store (no store.json)")
+    if args.action == "verify":
+        read_spec(Path(args.store) / "store.json")
+        check = verify_store(args.store, read_sessions_checked(args) if args.sessions else None)
+    else:
+        check_out_folder(args.store)
+        check = merge_stores(args.store, args.sources)
+    print(check.report())
+    return 0 if check.ok else 1
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -399,7 +446,7 @@ PRIVATE_TARGETS = ("digits", "chars")  # probe targets read from the sessions' p
 
 def cmd_probe(args: argparse.Namespace) -> int:
     from analysis.results import run_probes
-    from probes.activations.store import PRIVATE_FILE, StoreError
+    from probes.activations.folder import PRIVATE_FILE, StoreError
     from probes.probing.sweep import main_metric
 
     layers = _layers(args.layers)
@@ -651,7 +698,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "mark:<label>; join with +")
     c.add_argument("--mode", default="auto", choices=["auto", "turns", "single"])
     c.add_argument("--max-new-tokens", type=positive_int, default=32, help="for assistant turns the model writes")
-    c.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="stored dtype")
+    c.add_argument("--dtype", default="model", choices=["model", "float32", "float16", "bfloat16"],
+                   help="stored dtype (default: the model's own: 2 bytes a value for a bf16 model)")
     c.add_argument("--model-dtype", default=None, choices=["float32", "float16", "bfloat16"])
     c.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
     c.add_argument("--backend", default="torch", choices=["torch", "bridge"])
@@ -665,8 +713,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--keep-private-labels", action="store_true",
                    help="also write <out>/private_labels.jsonl (the sessions' PII: do not share it); "
                         "`mmret probe --target digits|chars` reads its targets there")
+    c.add_argument("--shard", default=None, type=_shard,
+                   help="i/n: capture only worker i's part of a split into n (workers run at once into one store)")
+    c.add_argument("--jobs", type=positive_int, default=None,
+                   help="submit the capture as N submitit jobs (shards 0..N-1), wait, then verify the store")
+    c.add_argument("--executor", default="local", choices=["local", "slurm", "debug"], help="for --jobs")
+    c.add_argument("--partition", default=None, help="SLURM partition (--jobs)")
+    c.add_argument("--gpus", type=int, default=0, help="GPUs per job (--jobs)")
+    c.add_argument("--time", type=int, default=60, help="minutes per job (--jobs)")
     add_allow_partial(c)
     c.set_defaults(func=cmd_capture)
+
+    st = sub.add_parser("store", help="check a store, or merge stores captured apart into one")
+    st.add_argument("action", choices=["verify", "merge"])
+    st.add_argument("store", help="the store (verify), or the store to merge into (merge)")
+    st.add_argument("sources", nargs="*", default=[], help="merge: stores to copy sessions from")
+    st.add_argument("--sessions", default=None, help="verify: every session of this JSONL is there once")
+    st.set_defaults(func=cmd_store)
 
     sessions = sub.add_parser("sessions", help="build or load sessions (JSONL)")
     ssub = sessions.add_subparsers(dest="sessions_command", required=True)

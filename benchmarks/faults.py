@@ -470,7 +470,7 @@ def _(ws, case):
 
 @_case("store_held_by_another_writer")
 def _(ws, case):
-    from probes.activations.store import StoreLock
+    from probes.activations.lock import StoreLock
 
     shutil.copytree(ws.store, case / "store")
     lock = StoreLock(case / "store").__enter__()  # a writer at work (its flock conflicts with any other open)

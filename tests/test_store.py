@@ -28,9 +28,9 @@ def make_sessions(tmp_path, n):
 
 
 def compare_stores(a: ActivationStore, b: ActivationStore):
-    cols = ["session_id", "kind", "layer", "row"]
-    ma = a.manifest.sort_values(cols).reset_index(drop=True)
-    mb = b.manifest.sort_values(cols).reset_index(drop=True)
+    cols = ["session_id", "scope", "row"]
+    ma = a.manifest.astype(str).sort_values(cols).reset_index(drop=True)
+    mb = b.manifest.astype(str).sort_values(cols).reset_index(drop=True)
     pd.testing.assert_frame_equal(ma, mb)
     xa, meta_a = a.query()
     xb, meta_b = b.query()
@@ -85,10 +85,11 @@ def test_consolidated_manifest_stays_current_with_a_session_that_kept_no_positio
     sessions[1].turns[0].marks.clear()  # mark:ssn picks nothing in s01
     store = capture(llava, sessions, tmp_path / "st", positions="mark:ssn", progress=False)
     assert store.done("s01") and set(store.manifest["session_id"]) == {"s00"}
-    cons = tmp_path / "st" / "manifest.parquet"
+    (cons,) = (tmp_path / "st" / "manifest").glob("part-*.parquet")
     first = cons.stat().st_mtime_ns
     assert len(ActivationStore(tmp_path / "st").manifest) == len(store.manifest)
     assert cons.stat().st_mtime_ns == first  # read, not rebuilt
+    assert ActivationStore(tmp_path / "st").finished_ids() == {"s00", "s01"}
 
 
 SCRIPT = textwrap.dedent("""
@@ -181,14 +182,14 @@ def test_a_store_without_fingerprint_is_refused_for_resume_but_reads(llava, tmp_
 def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(llava, tmp_path, caplog):
     import logging
 
-    from probes.activations.store import LOCK_FILE
+    from probes.activations.lock import LOCK_FILE
 
     sessions = make_sessions(tmp_path, 1)
     out = tmp_path / "st"
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
-        from probes.activations.store import StoreLock
+        from probes.activations.lock import StoreLock
         with StoreLock({str(out)!r}):
             print("locked", flush=True)
             time.sleep(60)
@@ -236,7 +237,7 @@ def files_holding(folder, values):
 def test_private_labels_never_reach_a_store_file_unless_asked(llava, tmp_path):
     """Null: the values are in the sessions given (the check would find them); no file of the store holds any of
     them; keep_private_labels puts them in private_labels.jsonl only, and store.sessions() gives them back."""
-    from probes.activations.store import PRIVATE_FILE
+    from probes.activations.folder import PRIVATE_FILE
 
     sessions = pii_sessions(tmp_path, 3)
     values = pii_values(sessions)

@@ -49,15 +49,10 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from probes.activations.store import (
-    ActivationStore,
-    SessionActivations,
-    StoreLock,
-    check_store_folder,
-    clear_store,
-    compare_spec,
-    write_private_labels,
-)
+from probes.activations.folder import check_store_folder, clear_store, compare_spec, write_private_labels
+from probes.activations.lock import StoreLock
+from probes.activations.shards import parse_shard, shard_batches
+from probes.activations.store import ActivationStore, SessionActivations
 from probes.data.session import Session, SessionError, Turn, check_images, read_sessions
 from probes.models.families.base import RenderError
 from probes.models.hooks import PROJECTOR_HOOK, HookNameError, lm_hook, split_hook, vision_hook
@@ -570,8 +565,10 @@ class CapturePlan:
 class CaptureConfig:
     """The settings of a capture, checked once here (CaptureError, SelectorError for a selector that does not parse):
     which hooks (shorthands or TL names, comma-separated or a list) at which `layers` and `positions` (a TokenMap
-    selector), `mode`, `batch_size` sessions at a time, stored as `dtype`, turns to generate at most
-    `max_new_tokens`; `force_new`, `allow_long`, `keep_private_labels` and `progress` as in `capture`; `family`,
+    selector), `mode`, `batch_size` sessions at a time, stored as `dtype` ("model", the default: the model's own
+    dtype, so a bf16 model stores 2 bytes a value; or float32, float16, bfloat16), turns to generate at most
+    `max_new_tokens`; `shard` (i, n) or "i/n": this worker's part of a capture split over n workers (see
+    `shard_batches`); `force_new`, `allow_long`, `keep_private_labels` and `progress` as in `capture`; `family`,
     `backend`, `trust_remote_code` for a model given by name or path (`validate_capture`). The store's identity
     (store.json) is `identity()`: the fields a resumed capture must match (not batch_size, progress, ...)."""
 
@@ -580,8 +577,9 @@ class CaptureConfig:
     layers: Iterable[int] | None = None  # kept as a tuple
     mode: str = "auto"
     batch_size: int = 8
-    dtype: str = "float32"
+    dtype: str = "model"
     max_new_tokens: int = 32
+    shard: tuple[int, int] | str | None = None
     force_new: bool = False
     allow_long: bool = False
     keep_private_labels: bool = False
@@ -600,6 +598,11 @@ class CaptureConfig:
                 object.__setattr__(self, "layers", tuple(self.layers))
             except TypeError:
                 raise CaptureError(f"layers {self.layers!r}: expected integers") from None
+        if self.shard is not None:
+            object.__setattr__(self, "shard", parse_shard(self.shard))
+            if self.force_new:
+                raise CaptureError("force_new with shard: one worker would remove the others' sessions; clear the "
+                                   "store once before starting the workers")
         _check_settings(self.positions, self.mode, self.batch_size, self.dtype, self.max_new_tokens)
 
     def identity(self) -> dict[str, Any]:
@@ -689,8 +692,9 @@ def _check_settings(positions: str, mode: str, batch_size: int, dtype: str, max_
         raise CaptureError(f"mode {mode!r}: expected one of {MODES}")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise CaptureError(f"batch_size {batch_size!r}: expected an integer >= 1")
-    if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
-        raise CaptureError(f"dtype {dtype!r}: expected a torch dtype name such as float32, float16 or bfloat16")
+    if dtype != "model" and not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+        raise CaptureError(f"dtype {dtype!r}: expected 'model' (the model's own) or a torch dtype name such as "
+                           "float32, float16 or bfloat16")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise CaptureError(f"max_new_tokens {max_new_tokens!r}: expected an integer >= 0")
     if not isinstance(positions, str) or not positions.strip():
@@ -799,7 +803,7 @@ def capture(loaded: LoadedModel, sessions: Iterable[Session] | str | os.PathLike
     made = [p for p in [out, *out.parents] if not p.exists()]
     out.mkdir(parents=True, exist_ok=True)
     try:
-        with StoreLock(out):
+        with StoreLock(out, shard=cfg.shard):
             if cfg.force_new and plan.existing:
                 clear_store(out)
                 log.info("%s: the old store was removed (force_new)", out)
@@ -807,8 +811,10 @@ def capture(loaded: LoadedModel, sessions: Iterable[Session] | str | os.PathLike
             try:
                 store = _capture_into(loaded, plan, out, cfg)
             except BaseException:
-                if fresh and not any((out / "shards").glob("*.parquet")):  # made here, no session written: a
-                    clear_store(out)  # leftover store.json would refuse the corrected rerun as "other settings"
+                # Made here and nothing written: a leftover store.json would refuse the corrected rerun as "other
+                # settings". Never under a shard: the other workers are writing into it.
+                if fresh and not cfg.shard and not any((out / "shards").glob("*.parquet")):
+                    clear_store(out)
                 raise
     finally:
         for p in made:  # folders this call made, when nothing is left in them
@@ -819,17 +825,23 @@ def capture(loaded: LoadedModel, sessions: Iterable[Session] | str | os.PathLike
 
 def _capture_into(loaded: LoadedModel, plan: CapturePlan, out: Path, cfg: CaptureConfig) -> ActivationStore:
     store = ActivationStore(out, spec=plan.spec)  # compares the settings again, now under the lock
+    batches = shard_batches(plan.sessions, cfg.batch_size, cfg.shard)
+    mine = [s for b in batches for s in b]
     if cfg.keep_private_labels:
-        write_private_labels(out, plan.sessions)
-    todo = [s for s in plan.sessions if not store.done(s.session_id)]
-    if len(todo) < len(plan.sessions):
-        _say(f"resuming: {len(plan.sessions) - len(todo)} of {len(plan.sessions)} sessions already done",
-             cfg.progress)
-    with tqdm(total=len(todo), desc="capture", unit="session", disable=not cfg.progress) as bar:
-        for b0 in range(0, len(todo), cfg.batch_size):
-            group = todo[b0:b0 + cfg.batch_size]
-            for acts in capture_batch(loaded, group, plan.hooks, cfg.positions, cfg.mode, cfg.max_new_tokens,
-                                      getattr(torch, cfg.dtype)):
+        write_private_labels(out, mine)
+    # Batches are formed over every session before any is skipped, so a session meets the same batch-mates (and
+    # the same padding) whichever worker or resume captures it.
+    todo = [[s for s in b if not store.done(s.session_id)] for b in batches]
+    n_todo = sum(len(b) for b in todo)
+    where = f" of shard {cfg.shard[0]}/{cfg.shard[1]}" if cfg.shard else ""
+    if n_todo < len(mine):
+        _say(f"resuming: {len(mine) - n_todo} of {len(mine)} sessions{where} already done", cfg.progress)
+    dtype = loaded.dtype if cfg.dtype == "model" else getattr(torch, cfg.dtype)
+    with tqdm(total=n_todo, desc=f"capture{where}", unit="session", disable=not cfg.progress) as bar:
+        for group in todo:
+            if not group:
+                continue
+            for acts in capture_batch(loaded, group, plan.hooks, cfg.positions, cfg.mode, cfg.max_new_tokens, dtype):
                 store.write(acts)
             bar.update(len(group))
     return store
