@@ -35,7 +35,8 @@ _EXPORTS = {  # public name -> the module that defines it
     "build_tiny_model": "probes.models.tiny",
     "capture": "probes.activations.capture", "capture_session": "probes.activations.capture",
     "resolve_hooks": "probes.activations.capture",
-    "ActivationStore": "probes.activations.store", "StoreError": "probes.activations.store",
+    "ActivationStore": "probes.activations.store", "StoreError": "probes.activations.errors",
+    "merge_stores": "probes.activations.shards", "verify_store": "probes.activations.shards",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -825,6 +825,8 @@ def capture(loaded: LoadedModel, sessions: Iterable[Session] | str | os.PathLike
 
 def _capture_into(loaded: LoadedModel, plan: CapturePlan, out: Path, cfg: CaptureConfig) -> ActivationStore:
     store = ActivationStore(out, spec=plan.spec)  # compares the settings again, now under the lock
+    if cfg.shard is None:  # the only writer (shard workers leave each other's temp files alone)
+        store.clear_debris()
     batches = shard_batches(plan.sessions, cfg.batch_size, cfg.shard)
     mine = [s for b in batches for s in b]
     if cfg.keep_private_labels:

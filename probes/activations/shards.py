@@ -25,6 +25,7 @@ from probes.activations.errors import StoreError
 from probes.activations.folder import compare_spec, read_private_labels, read_spec, write_private_labels
 from probes.activations.lock import StoreLock
 from probes.activations.manifest import consolidate, cover, finished_shards, shards_in
+from probes.activations.store import ActivationStore
 from probes.data.session import Session
 from probes.models.hooks import split_hook
 
@@ -153,6 +154,7 @@ def merge_stores(out: str | os.PathLike, sources: Sequence[str | os.PathLike]) -
     for src, spec in specs:
         compare_spec(src / "store.json", spec, {k: v for k, v in target.items() if k != "format"})
     with StoreLock(out):
+        ActivationStore(out).clear_debris()
         for src, _ in specs:
             for name in finished_shards(src / "shards"):
                 _copy_session(src / "shards", out / "shards", name)

@@ -95,11 +95,6 @@ class ActivationStore:
                 compare_spec(meta, read_spec(meta), spec)
             else:
                 atomic_write_text(meta, json.dumps(spec, indent=2, sort_keys=True))
-            # Temp files left by a killed writer are never finished files. Only a writer clears them: a reader
-            # (mmret inspect during a capture) would delete the live writer's file before its rename.
-            for tmp in self.shards.glob(".*.tmp"):
-                tmp.unlink(missing_ok=True)
-            drop_stale_parts(self.path, finished_shards(self.shards))
         elif not meta.exists():
             raise StoreError(f"{self.path}: not an activation store (no store.json)")
         self.spec: dict[str, Any] = read_spec(meta)
@@ -108,6 +103,14 @@ class ActivationStore:
         self._kinds: dict[str, dict[str, Any]] | None = None
 
     # ---- writing -----------------------------------------------------------------------------------------
+    def clear_debris(self) -> None:
+        """Remove what killed writers left: temp files (never finished files) and manifest parts naming a session
+        that is no longer finished. Only the one writer holding the store's lock exclusively may: a reader, or a
+        shard worker beside others, would delete a live writer's temp file before its rename."""
+        for tmp in self.shards.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+        drop_stale_parts(self.path, finished_shards(self.shards))
+
     def done(self, session_id: str) -> bool:
         return (self.shards / f"{shard_name(session_id)}.parquet").exists()
 
