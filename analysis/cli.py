@@ -10,7 +10,7 @@
     mmret leak --model M --sessions S.jsonl --out DIR
     mmret probe --store DIR --target digits --out DIR [--positions last,image,final] [--method logreg] [--mdl]
     mmret patch --model M --sessions S.jsonl --experiment denoise|noise|atp|taskswap|knockout --out DIR
-    mmret study run|validate [CONFIG] [--set KEY=VALUE] [--trust-remote-code]
+    mmret study run|validate [CONFIG] [--set KEY=VALUE] [--trust-remote-code] [--shard I/N]
     mmret sweep CONFIG --grid KEY=V1,V2 [--trust-remote-code]
     mmret organism train --out RUN [--seed 0] [--device cuda]
     mmret tiny --family llava --out DIR          (a tiny random-initialised checkpoint, for trying things out)
@@ -466,7 +466,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     df = run_probes(args.store, args.out, target=args.target, position_groups=_csv(args.positions),
                     turns=turns, layers=layers, method=args.method, pii_type=args.pii_type,
                     group_col=args.group_by, n_folds=args.folds, seed=args.seed, control=args.control,
-                    n_boot=args.n_boot, mdl=args.mdl, private_from=args.sessions)
+                    n_boot=args.n_boot, mdl=args.mdl, private_from=args.sessions, max_memory_mb=args.max_memory_mb)
     metric = main_metric(df)
     best = df[df["metric"] == metric].sort_values("value").iloc[-1]
     print(f"{df[['layer', 'position_group', 'turn']].drop_duplicates().shape[0]} cells; best {metric} "
@@ -631,8 +631,13 @@ def cmd_study(args: argparse.Namespace) -> int:
     if cfg.data.get("figures_dir"):
         check_out_folder(cfg.data["figures_dir"], "figures_dir")
     claim(args, cfg.out)
-    from analysis.study.pipeline import StudyError
+    from analysis.study.pipeline import StudyError, run_capture_shard
 
+    if getattr(args, "shard", None) is not None:
+        for store in run_capture_shard(cfg, args.shard, progress=not args.quiet):
+            print(f"shard {args.shard[0]}/{args.shard[1]} captured into {store}; run `mmret study run` without "
+                  "--shard once every worker is done")
+        return 0
     try:
         run_study(cfg, progress=not args.quiet)
     except StudyError as err:  # names the stage and the partial folder kept for resuming
@@ -784,6 +789,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("probe", help="fit linear probes on every (layer, position group, turn) cell of a store")
     pr.add_argument("--store", required=True, help="activation store folder (mmret capture)")
+    pr.add_argument("--max-memory-mb", type=float, default=None,
+                    help="stream the sweep from disk, activations and fits held at once kept under about this "
+                         "(same results as in memory); default: read every cell at once")
     pr.add_argument("--sessions", default=None,
                     help="the sessions JSONL the store was captured from: the PII targets (digits, chars) come from "
                          "its private labels")
@@ -856,6 +864,10 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--quiet", action="store_true")
         s.add_argument("--trust-remote-code", action="store_true",
                        help="allow a config's trust_remote_code: true (runs code from the model's folder)")
+        if name == "run":
+            s.add_argument("--shard", default=None, type=_shard,
+                           help="i/n: only worker i's part of the capture stage (workers at once, any machines "
+                                "sharing the out folder); then `mmret study run` without it finishes the study")
         s.set_defaults(func=cmd_study)
     sub.add_parser("sweep", help="a study per grid point via submitit (options: mmret sweep --help)")
 

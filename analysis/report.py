@@ -118,6 +118,16 @@ def blocks_of(study: Any, figures: Path) -> list[Block]:
             for png in sorted(figures.glob(f"{m}_patching_*.png")) + sorted(figures.glob(f"{m}_knockout.png")):
                 b += fig(png.stem, png.stem.replace(f"{m}_", "").replace("_", " "))
             b += patching_blocks(patch_t, m, alpha, study.cfg.get("statistics.n_perm"))
+        mit = read(base / "mitigation" / "mitigation_results.csv")
+        if mit is not None:
+            b += [("h3", "Mitigation: steers at the located cells and image protections"),
+                  ("p", "On held-out identities: each method's front hypervolume against (L, U) = (1, 0) (L: worst "
+                        "framing's ASR, U: benign utility), 95% identity-bootstrap intervals; the located steer's "
+                        "gain over its controls (null: gain 0, paired intervals)."),
+                  ("table", mit[mit["metric"].isin(["hypervolume", "hypervolume_gain"])][
+                      ["method", "target", "metric", "value", "ci_low", "ci_high", "n"]].round(3))]
+            b += fig(f"{m}_mitigation_fronts", "Every method's privacy-utility front.")
+            b += fig(f"{m}_mitigation_framing_shift", "ASR per framing before and at each method's chosen point.")
     stages = pd.DataFrame([r.__dict__ for r in study.records])  # this run's stages so far
     b += [("h2", "Reproducibility"), ("table", versions(study))]
     if len(stages):

@@ -63,6 +63,13 @@ EXPECTED = {
         "outputs": ["Qwen2_5_VLForConditionalGeneration", "Idefics3ForConditionalGeneration", "gemma3"],
         "figures": 0,
     },
+    "06_mitigation": {
+        "files": ["patching/patching_taskswap.csv", "mitigation/mitigation_points.csv",
+                  "mitigation/mitigation_hypervolume.csv",
+                  *[f"figures/{n}.{x}" for n in ("mitigation_fronts", "framing_shift") for x in FIGURE]],
+        "outputs": ["located: blocks.", "random layer control: blocks.", "hypervolume gain, located vs random layer"],
+        "figures": 2,
+    },
 }
 
 

@@ -44,7 +44,8 @@ def first_run(tmp_path_factory):
 
 
 def statuses(study):
-    return {(r.stage, r.model): r.status for r in study.records}
+    """Each stage's status, but the mitigation stage's (off in TINY: tests/test_study_mitigation.py runs it)."""
+    return {(r.stage, r.model): r.status for r in study.records if r.stage != "mitigation"}
 
 
 def test_study_writes_every_stage(first_run):
@@ -118,6 +119,35 @@ def test_failed_stage_keeps_partial_and_resumes(tmp_path, first_run, monkeypatch
     assert not list(out.rglob("*.partial-*"))
     rows = pd.read_csv(out / "organism/patching/patching_rows.csv")
     assert rows["session_id"].nunique() == 1
+
+
+def test_capture_stage_split_over_workers_equals_the_single_run(tmp_path, first_run):
+    """`mmret study run --shard i/n` per worker, then a plain run: the capture stage finishes from the workers'
+    sessions (none captured twice) with the tensors of the single-process study, byte for byte."""
+    import torch
+    from safetensors import safe_open
+
+    from analysis.study.pipeline import run_capture_shard
+
+    out = tmp_path / "s"
+    only = {"leakage.enabled": False, "probes.enabled": False, "patching.enabled": False}
+    for i in (1, 0):
+        (store,) = run_capture_shard(tiny(out, **only), (i, 2), progress=False)
+    done = {f.name: f.stat().st_mtime_ns for f in (store / "shards").glob("*.parquet")}
+    assert len(done) == 12 and not (out / "organism/capture/stage.json").exists()  # not finished by a worker
+    st = statuses(run_study(tiny(out, **only), progress=False))
+    assert st[("capture", "organism")] == "ran"
+    final = out / "organism/capture/store/shards"
+    assert {f.name: f.stat().st_mtime_ns for f in final.glob("*.parquet")} == done  # resumed, nothing redone
+
+    def tensors(folder):
+        out = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as fh:
+                out[f.name] = {k: fh.get_tensor(k).view(-1).view(torch.uint8).numpy().tobytes() for k in fh.keys()}
+        return out
+
+    assert tensors(final) == tensors(first_run[0] / "organism/capture/store/shards")
 
 
 def test_fingerprint_sees_weights_retrained_in_place(tmp_path, monkeypatch):

@@ -25,9 +25,10 @@ import yaml
 
 from probes.data.builders import FRAMINGS
 from probes.data.identities import PII_TYPES
+from probes.mitigation.image import KINDS as PROTECTION_KINDS
 from probes.patching import ATP_METHODS, DEFAULT_COMPONENTS, EXPERIMENTS, PatchingConfig, PatchingError
 
-STAGES = ("sessions", "leakage", "capture", "probes", "patching", "statistics", "figures", "report")
+STAGES = ("sessions", "leakage", "capture", "probes", "patching", "mitigation", "statistics", "figures", "report")
 ANY = object()  # a list of this in DEFAULTS: any element type
 
 DEFAULTS: dict[str, Any] = {
@@ -55,6 +56,15 @@ DEFAULTS: dict[str, Any] = {
                  "components": list(DEFAULT_COMPONENTS), "max_pairs": 24, "batch_size": 16, "atp_method": "atp"},
     # allow_underpowered: run a patching stage whose pairs can never reach significance (a pipeline check), with
     # the warning instead of the refusal
+    # Steers at the located cells (the patching stage's strongest, else the probes', else `layers`) against the same
+    # steer at a random layer and along a random direction, and black-box image protections, measured on held-out
+    # identities (`identities`, never located nor fitted on) on one privacy-utility plane (`run_mitigation_stage`).
+    # Off unless a config turns it on: it generates (about 30 s on the default study) and its leak direction needs a
+    # refusing and a leaking framing among sessions.mmprivacy.framings.
+    "mitigation": {"enabled": False, "sites": "auto", "top_k": 1, "layers": [], "component": "resid_post",
+                   "steer": "add", "strengths": [1.0, 2.0], "controls": ["random_layer", "random_direction"],
+                   "protections": ["blur", "mask"], "protection_strengths": [0.5, 1.0], "dilation": 4.0,
+                   "identities": 8, "max_new_tokens": 32},
     "statistics": {"alpha": 0.05, "n_boot": 500, "n_perm": 10000, "allow_underpowered": False},
     "report": {"formats": ["html", "md"]},
 }
@@ -75,12 +85,22 @@ CHOICES: dict[str, tuple] = {
     "patching.components": ("resid_pre", "resid_post", "attn_out", "mlp_out"),
     "report.formats": ("html", "md"),
     "models.backend": ("torch", "bridge"),
+    "mitigation.sites": ("auto", "patching", "probes", "given"),
+    "mitigation.component": ("resid_pre", "resid_post", "attn_out", "mlp_out"),
+    "mitigation.steer": ("add", "ablate"),
+    "mitigation.controls": ("random_layer", "random_direction"),
+    "mitigation.protections": PROTECTION_KINDS,
 }
 INT_OR_AUTO = {"sessions.image_size"}
 INT_LIST_OR_ALL = {"capture.layers"}
+MAY_BE_EMPTY = {"mitigation.layers", "mitigation.strengths", "mitigation.controls", "mitigation.protections"}
 POSITIVE = {"sessions.mmprivacy.identities", "sessions.multiturn.identities", "leakage.max_new_tokens",
             "leakage.batch_size", "capture.batch_size", "probes.n_folds", "probes.n_permutations", "patching.max_pairs",
-            "patching.batch_size", "statistics.n_boot", "statistics.n_perm"}
+            "patching.batch_size", "statistics.n_boot", "statistics.n_perm", "mitigation.top_k",
+            "mitigation.identities", "mitigation.max_new_tokens"}
+# Lists of numbers and their range: (element type, low, high, whether low itself is allowed)
+NUMBER_LISTS = {"mitigation.layers": (int, 0, None, True), "mitigation.strengths": (float, 0.0, None, False),
+                "mitigation.protection_strengths": (float, 0.0, 1.0, False)}
 
 
 class StudyConfigError(ValueError):
@@ -144,16 +164,20 @@ def _check_value(source: str, key: str, value: Any, default: Any) -> Any:
             raise _fail(source, key, f"{value!r}: expected a number")
         if key == "statistics.alpha" and not 0 < value < 1:
             raise _fail(source, key, f"{value}: expected a number between 0 and 1")
+        if key == "mitigation.dilation" and value < 0:
+            raise _fail(source, key, f"{value}: expected a number of pixels >= 0")
         value = float(value)
     elif isinstance(default, str):
         if not isinstance(value, str):
             raise _fail(source, key, f"{value!r}: expected a string")
     elif isinstance(default, list):
-        if isinstance(value, (str, int)) and not isinstance(value, bool):
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             value = [value]  # a single value where a list is expected
-        if not isinstance(value, list) or not value:
-            raise _fail(source, key, f"{value!r}: expected a non-empty list")
+        if not isinstance(value, list) or not (value or key in MAY_BE_EMPTY):
+            raise _fail(source, key, f"{value!r}: expected a {'' if key in MAY_BE_EMPTY else 'non-empty '}list")
         flat = value
+        if key in NUMBER_LISTS:
+            return _number_list(source, key, value, *NUMBER_LISTS[key])
         if key == "sessions.multiturn.framing_pairs":
             for pair in value:
                 if not (isinstance(pair, list) and len(pair) == 2):
@@ -179,6 +203,18 @@ def _check_value(source: str, key: str, value: Any, default: Any) -> Any:
     if allowed is not None and value not in allowed:
         raise _fail(source, key, f"{value!r} is not allowed; expected one of {', '.join(map(str, allowed))}")
     return value
+
+
+def _number_list(source: str, key: str, value: list, kind: type, low: float, high: float | None,
+                 low_ok: bool) -> list:
+    """A list of numbers of `kind` (an int is a float's place-holder) in (low, high], or [low, high] with low_ok."""
+    bounds = f"{'>=' if low_ok else '>'} {low:g}" + ("" if high is None else f" and <= {high:g}")
+    for v in value:
+        number = isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is float or isinstance(v, int))
+        if not number or v < low or (v == low and not low_ok) or (high is not None and v > high):
+            raise _fail(source, key, f"{v!r}: expected a list of {'integers' if kind is int else 'numbers'} "
+                                     f"{bounds}")
+    return [kind(v) for v in value]
 
 
 def _merge(source: str, prefix: str, user: Mapping[str, Any], default: Mapping[str, Any]) -> dict[str, Any]:
@@ -261,6 +297,7 @@ def load_study_config(source: str | os.PathLike | Mapping[str, Any],
         set_dotted(raw, key, value)
     data = _merge(where, "", raw, DEFAULTS)
     _check_patching_pairs(where, data)
+    _check_mitigation(where, data)
     for experiment in data["patching"]["experiments"]:  # each experiment's PatchingConfig checks its own fields
         try:
             patching_config(data, experiment)
@@ -299,6 +336,68 @@ def _check_patching_pairs(source: str, data: dict[str, Any]) -> None:
                                                   f"{p_min:.3g} > alpha {st['alpha']}, so no patching cell could "
                                                   f"ever be significant; expected at least {need} "
                                                   "(or statistics.allow_underpowered: true for a pipeline check)")
+
+
+# The framings the embedded model's policy refuses and those it leaks under: `probes.mitigation.settings`' REFUSING
+# and LEAKING, repeated because that module loads torch and `mmret study validate` must not (a test keeps them equal).
+REFUSING_FRAMINGS = ("direct", "VQA", "classification")
+LEAKING_FRAMINGS = ("caption", "rephrasing")
+# Patching experiments whose cells can place a steer, preferred first: taskswap swaps the framing, as the leak
+# direction does (refusing minus leaking); denoise and noise swap the document's value (knockout has no such cells).
+PATCHING_SOURCES = ("taskswap", "denoise", "noise", "atp")
+
+
+def mitigation_source(data: Mapping[str, Any]) -> tuple[str, str | None]:
+    """Where the mitigation stage's steer sites come from (`data`: a validated config's data): ("given", None) for
+    `mitigation.layers`, ("patching", experiment) or ("probes", None). sites auto: the given layers when there are
+    any, else the patching stage's first experiment of PATCHING_SOURCES when it runs, else the probes stage when it
+    (and capture) runs, else ("given", None) with no layers, which validation refuses."""
+    m, pt = data["mitigation"], data["patching"]
+    experiment = next((e for e in PATCHING_SOURCES if e in pt["experiments"]), None)
+    site = m["sites"]
+    if site == "auto":
+        if m["layers"]:
+            site = "given"
+        elif pt["enabled"] and experiment is not None:
+            site = "patching"
+        elif data["probes"]["enabled"] and data["capture"]["enabled"]:
+            site = "probes"
+        else:
+            site = "given"
+    return site, experiment if site == "patching" else None
+
+
+def _check_mitigation(source: str, data: dict[str, Any]) -> None:
+    """Refuse a mitigation stage that could not run: nothing to measure, steer sites with nothing to read them from,
+    or a leak direction without both a refusing and a leaking framing to take it from."""
+    m = data["mitigation"]
+    if not m["enabled"]:
+        return
+    if not m["strengths"] and not m["protections"]:
+        raise _fail(source, "mitigation", "neither strengths (white-box steers) nor protections (black-box image "
+                                          "protections) are given: nothing to measure (or enabled: false)")
+    if not m["strengths"]:
+        return
+    site, _ = mitigation_source(data)
+    if m["sites"] in ("patching", "probes") and m["layers"]:
+        raise _fail(source, "mitigation.layers", f"{m['layers']} given with sites {m['sites']!r}, which reads the "
+                                                 "located cells instead; set sites: given (or auto) to steer at them")
+    if m["sites"] == "patching" and not (data["patching"]["enabled"] and set(data["patching"]["experiments"])
+                                         & set(PATCHING_SOURCES)):
+        raise _fail(source, "mitigation.sites", "'patching': expected an enabled patching stage running one of "
+                                                f"{', '.join(PATCHING_SOURCES)}")
+    if m["sites"] == "probes" and not (data["probes"]["enabled"] and data["capture"]["enabled"]):
+        raise _fail(source, "mitigation.sites", "'probes': expected the capture and probes stages enabled")
+    if site == "given" and not m["layers"]:
+        raise _fail(source, "mitigation.layers", "[]: expected the layer indices to steer at (sites "
+                                                 f"{m['sites']!r} finds no enabled patching or probes stage to read "
+                                                 "them from)")
+    framings = data["sessions"]["mmprivacy"]["framings"]
+    if not set(framings) & set(REFUSING_FRAMINGS) or not set(framings) & set(LEAKING_FRAMINGS):
+        raise _fail(source, "sessions.mmprivacy.framings",
+                    f"{framings}: the mitigation stage's leak direction needs a refusing framing "
+                    f"({', '.join(REFUSING_FRAMINGS)}) and a leaking one ({', '.join(LEAKING_FRAMINGS)}); add them "
+                    "or set mitigation.strengths: [] (black-box protections only)")
 
 
 def default_config_path() -> Path:

@@ -55,6 +55,9 @@ def write_all(study: Any, work: Path) -> None:
             F.plot_knockout_curves(pd.read_csv(path).assign(model=name), work, f"{name}_knockout")
         if patch_tests is not None and len(patch_tests):
             patching_figures(patch_tests[patch_tests["model"] == name], work, name)
+        points = _read(base / "mitigation" / "mitigation_points.csv")
+        if points is not None:
+            mitigation_figures(points, base / "mitigation" / "mitigation_best.csv", work, name)
 
 
 def multiturn_asr(results: pd.DataFrame) -> pd.DataFrame:
@@ -84,6 +87,18 @@ def patching_figures(tests: pd.DataFrame, work: Path, name: str) -> None:
     for (exp, direction, method), df in tests.groupby(["experiment", "direction", "method"]):
         F.plot_patching_heatmaps(df, work, f"{name}_patching_{exp}_{direction}_{method}",
                                  metric=df["metric"].iloc[0], direction=direction, method=method)
+
+
+def mitigation_figures(points: pd.DataFrame, best_csv: Path, work: Path, name: str) -> None:
+    """Every method's privacy-utility front on one plot, and the ASR per framing before any mitigation and at each
+    method's chosen point (`analysis.mitigation.run_mitigation` wrote both tables; a method that never keeps 95% of
+    the utility has no chosen point, and the best table may be empty)."""
+    F.plot_fronts(points[points["method"] != "none"], work, f"{name}_mitigation_fronts")
+    best = pd.read_csv(best_csv) if best_csv.exists() and best_csv.stat().st_size > 1 else pd.DataFrame()
+    if len(best):
+        before = points[points["method"] == "none"].assign(label="before")
+        shift = pd.concat([before.assign(method=m) for m in best["method"]] + [best.assign(label="after")])
+        F.plot_framing_shift(shift, work, f"{name}_mitigation_framing_shift")
 
 
 def first_document(study: Any):

@@ -1,6 +1,6 @@
 """`mmret study run CONFIG`: the whole study from one config, each stage redone only when its inputs changed.
 
-    sessions -> per model: leakage, capture, probes, patching -> statistics -> figures -> report
+    sessions -> per model: leakage, capture, probes, patching, mitigation -> statistics -> figures -> report
 
 Each stage writes one folder under the study's `out` (per model: `out/<model>/<stage>/`) and, last, a
 `stage.json` holding its content hash (`analysis.study.config.stage_hash`: its own config section, the seed, the
@@ -23,29 +23,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pandas as pd
 
-from analysis.patching_stats import patching_tests, reachability, reachability_message
+from analysis.mitigation import Mitigation, run_mitigation
+from analysis.patching_stats import cell_effects, patching_tests, reachability, reachability_message
 from analysis.report import write_report
 from analysis.results import run_leakage, run_patching
 from analysis.study import figures as study_figures
 from analysis.study.config import (
     StudyConfig,
+    StudyConfigError,
     default_config_path,
     load_study_config,
     marker_hash,
+    mitigation_source,
     model_fingerprint,
     package_version,
     patching_config,
     stage_hash,
 )
 from probes.activations.capture import capture
+from probes.activations.folder import FORMAT as STORE_FORMAT
+from probes.activations.lock import exclusive
 from probes.activations.store import ActivationStore
 from probes.data.builders import mmprivacy_sessions, multiturn_sessions
 from probes.data.files import atomic_write_bytes, atomic_write_text
 from probes.data.identities import make_identities
-from probes.data.session import read_sessions, write_sessions
+from probes.data.session import Session, read_sessions, write_sessions
 from probes.leakage import SCORER_VERSION, evaluate_in_parts, leakage_parts
+from probes.mitigation.evaluate import Setting
+from probes.mitigation.measures import hypervolume_gain
+from probes.mitigation.settings import blackbox_settings, leak_directions, steer_settings
+from probes.mitigation.sites import HOOK_OF, located_hooks, random_hooks
+from probes.mitigation.steer import random_direction_like
 from probes.models.loading import load_model
 from probes.organism import DEFAULT_MODEL
 from probes.probing.sweep import main_metric, null_p_values, probe_sweep, token_readout
@@ -178,12 +189,43 @@ def _remove_parts(work: Path) -> None:
             shutil.rmtree(folder)
 
 
-def run_capture_stage(study: Study, entry: dict[str, Any], sessions: Path, work: Path) -> None:
-
+def run_capture_stage(study: Study, entry: dict[str, Any], sessions: Path, work: Path,
+                      shard: tuple[int, int] | None = None) -> None:
+    """Capture the multi-turn sessions into `work/store` (with `shard`: worker i's part of a split into n)."""
     c = study.cfg.section("capture")
     capture(study.model(entry), list(read_sessions(sessions / "multiturn.jsonl")), str(work / "store"),
             hooks=c["hooks"], positions=c["positions"], layers=None if c["layers"] == "all" else c["layers"],
-            batch_size=c["batch_size"], progress=study.progress)
+            batch_size=c["batch_size"], progress=study.progress, shard=shard)
+
+
+def capture_hash(cfg: StudyConfig, h_sess: str, fp: dict[str, Any]) -> str:
+    """The capture stage's hash: its section, the sessions, the weights and the store's format (a store of an
+    older format is captured again rather than refused)."""
+    return stage_hash(cfg, "capture", [h_sess], {**fp, "store_format": STORE_FORMAT})
+
+
+def run_capture_shard(cfg: StudyConfig, shard: tuple[int, int], progress: bool = True) -> list[Path]:
+    """`mmret study run --shard i/n`: the sessions stage (built once: workers take turns on a lock), then worker
+    i's part of every model's capture, written into the capture stage's partial folder beside the other
+    workers'. Nothing else runs: the stage finishes, and the study goes on, when `mmret study run` runs without
+    --shard after every worker (it finds their sessions captured and resumes past them). Returns the stores."""
+    study = Study(cfg, progress)
+    out = cfg.out
+    out.mkdir(parents=True, exist_ok=True)
+    with exclusive(out / ".sessions.lock"):
+        h_sess = stage_hash(cfg, "sessions", extra=document_spec(cfg))
+        sessions = study.stage("sessions", "", out / "sessions", h_sess, lambda w: build_sessions(cfg, w))
+    stores = []
+    for entry in cfg.data["models"] if cfg.get("capture.enabled") else []:
+        h = capture_hash(cfg, h_sess, {"model": entry, "weights": model_fingerprint(entry["path"])})
+        folder = out / entry["name"] / "capture"
+        if marker_hash(folder / "stage.json") == h:
+            continue
+        partial = folder.with_name(f"{folder.name}.partial-{h}")
+        partial.mkdir(parents=True, exist_ok=True)
+        run_capture_stage(study, entry, sessions, partial, shard=shard)
+        stores.append(partial / "store")
+    return stores
 
 
 def run_probes_stage(study: Study, entry: dict[str, Any], capture_dir: Path, work: Path) -> None:
@@ -264,6 +306,168 @@ def run_patching_stage(study: Study, entry: dict[str, Any], sessions: Path, work
         rows.append(df)
     atomic_write_bytes(work / "patching_rows.csv", pd.concat(rows, ignore_index=True).to_csv(index=False).encode())
     _remove_parts(work)
+
+
+# ---- mitigation ---------------------------------------------------------------------------------------------------
+HELDOUT_SEED = 70_000  # the mitigation stage evaluates identities of seed + this: a pool no other stage draws from
+RESULT_COLUMNS = ["model", "family", "method", "site", "hook", "layer", "component", "strength", "framing", "target",
+                  "metric", "value", "ci_low", "ci_high", "n"]
+
+
+def patching_site_cells(rows: pd.DataFrame, experiment: str, n_boot: int = 200, seed: int = 0) -> pd.DataFrame:
+    """Candidate steer sites from a patching stage's rows: each (layer, component)'s pooled effect on the logit
+    difference in `experiment` (`analysis.patching_stats.cell_effects`; 1: the cell alone restores the clean
+    behaviour), at the final prompt position (where a last-position steer acts), restoring (denoise) and exact where
+    the experiment has them; cells null by construction left out."""
+    d = rows[rows["experiment"] == experiment]
+    if not len(d):
+        raise ValueError(f"the patching rows hold no {experiment!r} rows")
+    for col, prefer in (("direction", "denoise"), ("method", "exact"), ("position_group", "final")):
+        if prefer in set(d[col]):
+            d = d[d[col] == prefer]
+    cells = cell_effects(d, n_boot=n_boot, seed=seed)
+    return cells[~cells["null_by_construction"].astype(bool)].assign(source=f"patching:{experiment}")
+
+
+def probe_site_cells(results: pd.DataFrame) -> pd.DataFrame:
+    """Candidate steer sites from a probes stage's results: the main metric's held-out score at the last token of
+    each turn (the position a last-position steer acts at), component from the probed hook (hook_resid_post)."""
+    d = results[(results["metric"] == main_metric(results)) & (results["position_group"] == "last")]
+    if not len(d):
+        raise ValueError("the probe results hold no 'last' position cells of the main metric")
+    return d.assign(component=d["hook"].astype(str).str.extract(r"hook_(\w+)$")[0], source="probes")
+
+
+def located_sites(study: Study, entry: dict[str, Any], n_layers: int) -> tuple[list[str], pd.DataFrame]:
+    """The hooks to steer at (`probes.mitigation.sites.located_hooks`: the top `mitigation.top_k` cells of the
+    study's patching or probes results, `mitigation_source`; or the given layers) and every candidate cell ranked."""
+    c, seed = study.cfg.section("mitigation"), study.cfg.data["seed"]
+    site, experiment = mitigation_source(study.cfg.data)
+    base = study.out / entry["name"]
+    if site == "given":
+        bad = [layer for layer in c["layers"] if layer >= n_layers]
+        if bad:
+            raise StudyConfigError(f"mitigation.layers: {bad}: the model has layers 0-{n_layers - 1}")
+        layers = list(dict.fromkeys(c["layers"]))
+        cells = pd.DataFrame({"layer": layers, "component": c["component"], "value": np.nan, "source": "given"})
+        hooks = [f"blocks.{layer}.{HOOK_OF[c['component']]}" for layer in layers]
+    else:
+        if site == "patching":
+            cells = patching_site_cells(pd.read_csv(base / "patching" / "patching_rows.csv"), experiment,
+                                        n_boot=study.cfg.get("statistics.n_boot"), seed=seed)
+        else:
+            cells = probe_site_cells(pd.read_csv(base / "probes" / "probe_results.csv"))
+        hooks = located_hooks(cells, k=c["top_k"], score="value")
+    ranked = (cells.groupby(["source", "layer", "component"], as_index=False)["value"].mean()
+              .sort_values("value", ascending=False, na_position="last").reset_index(drop=True))
+    ranked["hook"] = [f"blocks.{int(r.layer)}.{HOOK_OF[r.component]}" for r in ranked.itertuples()]
+    ranked["rank"] = np.arange(1, len(ranked) + 1)
+    ranked["located"] = ranked["hook"].isin(hooks)
+    return hooks, ranked
+
+
+def heldout_sessions(cfg: StudyConfig, work: Path) -> list[Session]:
+    """MM-Privacy sessions of `mitigation.identities` fresh identities (never located nor fitted on), drawn like the
+    study's own (framings, PII types, design, documents)."""
+    mmp, seed = cfg.get("sessions.mmprivacy"), cfg.data["seed"]
+    people = make_identities(cfg.get("mitigation.identities"), seed=seed + HELDOUT_SEED)
+    return mmprivacy_sessions(people, work / "images", framings=mmp["framings"], pii_types=mmp["pii_types"],
+                              design=mmp["design"], seed=seed, **document_spec(cfg))
+
+
+def cached_leak_directions(loaded: Any, fit: list[Session], hooks: list[str], path: Path) -> dict[str, Any]:
+    """`probes.mitigation.settings.leak_directions` at `hooks`, kept in `path` (safetensors), so a resumed stage
+    steers with the very vectors its finished settings were measured with (their parts are keyed by the bytes)."""
+    from safetensors.torch import load_file, save
+
+    if path.exists():
+        kept = load_file(str(path))
+        if set(hooks) <= set(kept):
+            return {h: kept[h] for h in hooks}
+    directions = leak_directions(loaded, fit, hooks)
+    atomic_write_bytes(path, save({h: v.contiguous() for h, v in directions.items()}))
+    return directions
+
+
+def steer_grid(c: dict[str, Any], hooks: list[str], controls: list[str], directions: dict[str, Any],
+               seed: int) -> tuple[list[Setting], dict[str, dict[str, str]], list[tuple[str, str]]]:
+    """The located steers over `mitigation.strengths` and their controls: the same steer at a random layer (the
+    direction fitted there) and along a random direction of the same norm at the located hook. Returns the settings,
+    each method's role {site, hook} and the (located, control) method pairs whose hypervolumes are compared."""
+    settings, roles, pairs = [], {}, []
+
+    def add(dirs: dict[str, Any], site: str, tag: str) -> list[str]:
+        new = steer_settings(dirs, c["strengths"], kind=c["steer"], tag=tag)
+        settings.extend(new)
+        roles.update({s.method: {"site": site, "hook": s.steers[0].hook} for s in new})
+        method_of = {s.steers[0].hook: s.method for s in new}
+        return [method_of[h] for h in dirs]
+
+    located = add({h: directions[h] for h in hooks}, "located", "")
+    if controls:
+        pairs += zip(located, add({h: directions[h] for h in controls}, "random_layer", " (random layer)"))
+    if "random_direction" in c["controls"]:
+        rand = {h: random_direction_like(directions[h], seed=seed + i) for i, h in enumerate(hooks)}
+        pairs += zip(located, add(rand, "random_direction", " (random direction)"))
+    return settings, roles, pairs
+
+
+def mitigation_rows(done: Mitigation, roles: dict[str, dict[str, str]], pairs: list[tuple[str, str]], model: str,
+                    family: str) -> pd.DataFrame:
+    """The stage's tidy rows in the shared vocabulary: per (method, strength) the privacy loss and utility with
+    their identity-bootstrap intervals, each framing's ASR and each benign task's score; per method its front's
+    hypervolume; per (located, control) pair the hypervolume gain (null: the located site buys no more than its
+    control, gain 0) with its paired interval."""
+    pts, rows = done.points, []
+    draws = done.draws if done.draws is not None else np.full((1, len(pts), 2), np.nan)
+    for i, p in enumerate(pts.to_dict("records")):
+        base = {"method": p["method"], "strength": p["strength"], "n": p["n_identities"]}
+        for j, (metric, col) in enumerate((("privacy_loss", "L"), ("utility", "U"))):
+            low, high = np.quantile(draws[:, i, j], [0.025, 0.975])
+            rows.append({**base, "metric": metric, "value": p[col], "ci_low": low, "ci_high": high})
+        rows += [{**base, "framing": k[4:], "metric": "asr", "value": p[k]} for k in pts if k.startswith("asr_")]
+        rows += [{**base, "target": k[2:], "metric": "task_score", "value": p[k]} for k in pts if k.startswith("u_")]
+    n_of = pts.groupby("method")["n_identities"].max()
+    for h in done.hypervolume.to_dict("records"):
+        rows.append({"method": h["method"], "metric": "hypervolume", "value": h["hypervolume"], "n": n_of[h["method"]],
+                     "ci_low": h.get("ci_low", np.nan), "ci_high": h.get("ci_high", np.nan)})
+    for located, control in pairs if done.draws is not None else []:
+        gain = hypervolume_gain(pts, done.draws, located, control)
+        rows.append({"method": located, "target": control, "metric": "hypervolume_gain", "value": gain["gain"],
+                     "ci_low": gain["ci_low"], "ci_high": gain["ci_high"], "n": n_of[located]})
+    out = pd.DataFrame(rows).assign(model=model, family=family)
+    role = out["method"].map(lambda m: roles.get(m, {"site": "none" if m == "none" else "image_protection"}))
+    out["site"], out["hook"] = role.map(lambda r: r["site"]), role.map(lambda r: r.get("hook"))
+    out["layer"] = out["hook"].str.extract(r"^blocks\.(\d+)\.")[0].astype(float).astype("Int64")
+    out["component"] = out["hook"].str.extract(r"\.hook_(\w+)$")[0]
+    return out.reindex(columns=RESULT_COLUMNS)
+
+
+def run_mitigation_stage(study: Study, entry: dict[str, Any], sessions: Path, work: Path) -> None:
+    """Steers at the located sites against their controls, and the black-box protections, measured on held-out
+    identities (`analysis.mitigation.run_mitigation`: its points, fronts and figures, resumable per setting), the
+    leak directions fitted on the study's own MM-Privacy identities (those patching located on), never on the
+    evaluated ones. Writes sites.csv (every candidate cell ranked, the located ones and their random-layer
+    controls), leak_directions.safetensors and mitigation_results.csv (`mitigation_rows`)."""
+    c, seed = study.cfg.section("mitigation"), study.cfg.data["seed"]
+    loaded = study.model(entry)
+    settings = blackbox_settings(c["protections"], c["protection_strengths"], dilation=c["dilation"])
+    roles, pairs = {}, []
+    if c["strengths"]:
+        hooks, sites = located_sites(study, entry, loaded.n_layers)
+        controls = random_hooks(hooks, loaded.n_layers, seed=seed) if "random_layer" in c["controls"] else []
+        fit = list(read_sessions(sessions / "mmprivacy.jsonl"))
+        directions = cached_leak_directions(loaded, fit, list(dict.fromkeys(hooks + controls)),
+                                            work / "leak_directions.safetensors")
+        steers, roles, pairs = steer_grid(c, hooks, controls, directions, seed)
+        settings += steers
+        sites["control"] = sites["hook"].map(dict(zip(hooks, controls)))
+        atomic_write_bytes(work / "sites.csv", sites.to_csv(index=False).encode())
+    done = run_mitigation(loaded, heldout_sessions(study.cfg, work), settings, work,
+                          n_boot=study.cfg.get("statistics.n_boot"), seed=seed, max_new_tokens=c["max_new_tokens"],
+                          progress=study.progress)
+    rows = mitigation_rows(done, roles, pairs, entry["name"], loaded.family)
+    atomic_write_bytes(work / "mitigation_results.csv", rows.to_csv(index=False).encode())
 
 
 def run_statistics_stage(study: Study, work: Path) -> None:
@@ -372,6 +576,7 @@ def run_study(config: str | os.PathLike | StudyConfig | dict | None = None, over
     h_sess = stage_hash(cfg, "sessions", extra=document_spec(cfg))
     sessions = study.stage("sessions", "", out / "sessions", h_sess, lambda w: build_sessions(cfg, w))
     reads: list[str] = []
+    mitigated: list[str] = []  # read by the figures only: the statistics need no mitigation stage
     for entry in cfg.data["models"]:
         fp = {"model": entry, "weights": model_fingerprint(entry["path"])}
 
@@ -389,13 +594,21 @@ def run_study(config: str | os.PathLike | StudyConfig | dict | None = None, over
         # The scorer's version is part of the leakage stage's hash: new scoring rules rescore a finished stage.
         h_leak = model_stage("leakage", [h_sess], lambda w: run_leakage_stage(study, entry, sessions, w),
                              extra={**fp, "scorer": SCORER_VERSION})
-        h_cap = model_stage("capture", [h_sess], lambda w: run_capture_stage(study, entry, sessions, w))
+        h_cap = model_stage("capture", [h_sess], lambda w: run_capture_stage(study, entry, sessions, w),
+                            extra={**fp, "store_format": STORE_FORMAT})
         h_probe = model_stage("probes", [h_cap], lambda w: run_probes_stage(study, entry, cap_dir, w), extra=None)
         h_patch = model_stage("patching", [h_sess], lambda w: run_patching_stage(study, entry, sessions, w))
         reads += [h for h in (h_leak, h_probe, h_patch) if h is not None]
+        # Mitigation reads the stage its steer sites come from (none for given layers or protections only).
+        site = mitigation_source(cfg.data)[0] if cfg.get("mitigation.strengths") else "given"
+        located_by = {"patching": [h_patch], "probes": [h_probe], "given": []}[site]
+        h_mit = model_stage("mitigation", [h_sess, *located_by],
+                            lambda w: run_mitigation_stage(study, entry, sessions, w),
+                            extra={**fp, "n_boot": cfg.get("statistics.n_boot")})
+        mitigated += [h_mit] if h_mit is not None else []
     h_stats = stage_hash(cfg, "statistics", reads)
     study.stage("statistics", "", out / "statistics", h_stats, lambda w: run_statistics_stage(study, w))
-    h_fig = stage_hash(cfg, "figures", [h_stats, *reads])
+    h_fig = stage_hash(cfg, "figures", [h_stats, *reads, *mitigated])
     study.stage("figures", "", out / "figures", h_fig, lambda w: run_figures_stage(study, w))
     h_rep = stage_hash(cfg, "report", [h_fig, h_stats], extra={"config": cfg.data, "version": package_version()})
     study.stage("report", "", out / "report", h_rep, lambda w: run_report_stage(study, w))
