@@ -1,7 +1,7 @@
 """Scale: store size, manifest memory, opening a big store, sharded capture, and capture cost on real shapes
 (issue 20). Prints `name: value` lines, every ratio measured side by side in this run.
 
-    python benchmarks/scale.py [--out results/bench_scale] [--positions 10000000] [--skip-real]
+    python benchmarks/scale.py [--out results/bench_scale] [--positions 10000000] [--parts store,sharded,real]
 
 Models are random-initialised from transformers' config classes at real dimensions, in bfloat16 (nothing is
 downloaded): an onevision-qwen2-0.5b shape (Qwen2: 24 layers, d 896, 14 heads, 2 KV heads, MLP 4864, vocabulary
@@ -29,10 +29,11 @@ Printed:
     sharded_equals_single              1 when 4 worker processes (submitit's local executor) capturing shards 0-3/4
                                        into one store write the same tensors, byte for byte, as one process, and the
                                        store verifies (every session once); 0 otherwise (tiny LLaVA, 12 sessions)
-    capture_vs_plain_forward_real_size one session's capture (resid_post, every layer, every position, through the
-                                       KV cache turn by turn as `capture` does) / one plain forward of the same tokens
-                                       and images (logits of the last token only); medians of interleaved repeats
-                                       (target <= 1.10)
+    capture_vs_plain_forward_real_size one session's capture (resid_post, every layer, every position; mode "auto",
+                                       capture's default: one pass) / one plain forward of the same tokens and images
+                                       (logits of the last token only); medians of interleaved repeats (target <= 1.10)
+    capture_turns_vs_plain_forward_real_size   the same capture fed turn by turn through the KV cache (mode "turns",
+                                       what a chat does; the same numbers, tested)
     capture_seconds_per_session_real_size, capture_hours_per_1000_sessions_real_size   on this machine
     w7b_*                              the same capture figures for the 7b-width model
 """
@@ -66,7 +67,7 @@ from probes.data.session import SessionImage  # noqa: E402
 from probes.models.render import render  # noqa: E402
 
 ONEVISION = {"text": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                          num_key_value_heads=2, vocab_size=151646),
+                          num_key_value_heads=2, vocab_size=151646, max_position_embeddings=32768),
              "vision": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16)}
 LLAVA_7B_WIDTH = {"text": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=4, num_attention_heads=32,
                                num_key_value_heads=32, vocab_size=32064),
@@ -79,7 +80,7 @@ def real_shape(family: str, path: Path, sizes: dict, **tiny: int) -> Path:
     real `sizes`, random-initialised in bfloat16."""
     import transformers
 
-    from probes.models.tiny import build_tiny_model, save_tiny
+    from probes.models.tiny import build_tiny_model
 
     build_tiny_model(family, path, **tiny)
     tiny_cfg = transformers.AutoConfig.from_pretrained(path)
@@ -90,8 +91,10 @@ def real_shape(family: str, path: Path, sizes: dict, **tiny: int) -> Path:
     cfg = type(tiny_cfg).from_dict(data)
     torch.manual_seed(0)
     model = getattr(transformers, cfg.architectures[0])._from_config(cfg, dtype=torch.bfloat16).eval()
-    processor = transformers.AutoProcessor.from_pretrained(path)
-    return save_tiny(model, processor, path)
+    for f in path.glob("model*.safetensors*"):  # the tiny weights go; processor and tokenizer files stay
+        f.unlink()
+    model.save_pretrained(path, max_shard_size="50GB")
+    return path
 
 
 def form_session(sid: str, size: tuple[int, int], seed: int = 0, folder: Path | None = None) -> Session:
@@ -129,11 +132,13 @@ def capture_cost(loaded, session: Session, repeats: int, prefix: str) -> dict[st
     plain_kw = {"input_ids": r.input_ids, "logits_to_keep": 1, **loaded.adapter.image_inputs(r.images)}
     with torch.no_grad():
         t = interleaved({"plain": lambda: loaded.hf_model(**plain_kw),
-                         "capture": lambda: capture_session(loaded, session, hooks, "all", mode="turns", rendered=r)},
+                         "capture": lambda: capture_session(loaded, session, hooks, "all", mode="auto", rendered=r),
+                         "turns": lambda: capture_session(loaded, session, hooks, "all", mode="turns", rendered=r)},
                         repeats)
     return {f"{prefix}positions": r.n_positions, f"{prefix}plain_forward_seconds": t["plain"],
             f"{prefix}capture_seconds_per_session": t["capture"],
             f"{prefix}capture_vs_plain_forward": t["capture"] / t["plain"],
+            f"{prefix}capture_turns_vs_plain_forward": t["turns"] / t["plain"],
             f"{prefix}capture_hours_per_1000_sessions": 1000 * t["capture"] / 3600}
 
 
@@ -155,6 +160,7 @@ def real_size_figures(scratch: Path, repeats: int) -> dict[str, float]:
                capture_seconds_per_session_real_size=c["capture_seconds_per_session"],
                plain_forward_seconds_real_size=c["plain_forward_seconds"],
                capture_hours_per_1000_sessions_real_size=c["capture_hours_per_1000_sessions"],
+               capture_turns_vs_plain_forward_real_size=c["capture_turns_vs_plain_forward"],
                capture_positions_real_size=c["positions"])
     del loaded
     w7 = real_shape("llava", scratch / "w7b", LLAVA_7B_WIDTH, image_size=336, patch_size=14)
@@ -284,16 +290,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--positions", type=int, default=10_000_000, help="positions of the synthetic store")
     p.add_argument("--repeats", type=int, default=2, help="timed rounds per real-size forward (after a warm-up)")
-    p.add_argument("--skip-real", action="store_true", help="leave out the real-size models (the slow part)")
+    p.add_argument("--parts", default="store,sharded,real", help="which parts to run (comma list)")
     p.add_argument("--out", default=None, help="also write the figures as JSON here")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     figures: dict[str, float] = {"cpu_cores": os.cpu_count() or 0, "torch_threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory(prefix="mmret-scale-") as tmp:
         scratch = Path(tmp)
-        figures.update(store_figures(scratch, a.positions))
-        figures.update(sharded_figures(scratch))
-        if not a.skip_real:
+        parts = set(a.parts.split(","))
+        if "store" in parts:
+            figures.update(store_figures(scratch, a.positions))
+        if "sharded" in parts:
+            figures.update(sharded_figures(scratch))
+        if "real" in parts:
             figures.update(real_size_figures(scratch, a.repeats))
     figures["total_seconds"] = time.perf_counter() - t0
     figures["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
