@@ -17,6 +17,7 @@ from pathlib import Path
 
 import matplotlib
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -767,12 +768,14 @@ def plot_fronts(points: pd.DataFrame, out_dir: str | os.PathLike | None = None, 
     data = points.copy()
     data["on_front"] = False
     for k, (key, g) in enumerate(data.groupby(method, sort=True)):
-        colour = OKABE_ITO[k % len(OKABE_ITO)]
+        # Past eight methods the colours repeat: line style and marker tell the repeats apart.
+        colour, cycle = OKABE_ITO[k % len(OKABE_ITO)], k // len(OKABE_ITO)
         keep = non_dominated(g["L"].to_numpy(float), g["U"].to_numpy(float))
         data.loc[g.index[keep], "on_front"] = True
         ax.scatter(g["L"], g["U"], s=8, color=colour, alpha=0.35, linewidths=0)
         front = g[keep].sort_values("L")
-        ax.step(front["L"], front["U"], where="post", color=colour, marker="o", ms=3, label=str(key))
+        ax.step(front["L"], front["U"], where="post", color=colour, marker="os^D"[cycle % 4], ms=3,
+                linestyle=("-", "--", ":", "-.")[cycle % 4], label=str(key))
     ax.set_xlabel("privacy loss L (worst-framing ASR)")
     ax.set_ylabel("utility U")
     ax.set_xlim(-0.02, 1.02)
@@ -783,28 +786,36 @@ def plot_fronts(points: pd.DataFrame, out_dir: str | os.PathLike | None = None, 
 def plot_framing_shift(points: pd.DataFrame, out_dir: str | os.PathLike | None = None, name: str = "framing_shift",
                        method: str = "method", *, ax: Axes | None = None) -> Figure:
     """ASR per framing before (the `none` setting, or each method's weakest) and at each method's chosen point: is
-    the task inconsistency closed, or moved to another framing? `points`: rows with `method`, `label` ("before" or
-    "after") and `asr_<framing>` columns. The CSV is the long form drawn."""
+    the task inconsistency closed, or moved to another framing? A grid, one column per framing and one row per
+    method after, under the row(s) before (methods that share their "before" share one row), each cell's ASR
+    written in it: readable with many methods at a column's width. `points`: rows with `method`, `label` ("before"
+    or "after") and `asr_<framing>` columns. The CSV is the long form drawn, with the row each value is in."""
     framing_cols = [c for c in points.columns if c.startswith("asr_")]
     for col in (method, "label"):
         if col not in points.columns:
             raise ValueError(f"plot_framing_shift: the DataFrame lacks column {col!r}")
     if not framing_cols:
         raise ValueError("plot_framing_shift: no asr_<framing> columns")
-    long = points.melt(id_vars=[method, "label"], value_vars=framing_cols, var_name="framing", value_name="ASR")
-    long["framing"] = long["framing"].str.removeprefix("asr_")
-    framings = [f for f in FRAMING_ORDER if f in set(long["framing"])] + sorted(
-        set(long["framing"]) - set(FRAMING_ORDER))
+    framings = [f for f in FRAMING_ORDER if f"asr_{f}" in framing_cols] + sorted(
+        {c.removeprefix("asr_") for c in framing_cols} - set(FRAMING_ORDER))
+    cols = [f"asr_{f}" for f in framings]
+    before = points[points["label"] == "before"]
+    shared = len(before[cols].drop_duplicates()) <= 1
+    rows = ([("before", before.iloc[0])] if shared and len(before) else
+            [(f"{r[method]} (before)", r) for _, r in before.iterrows()])
+    rows += [(str(r[method]), r) for _, r in points[points["label"] == "after"].sort_values(method).iterrows()]
+    grid = np.array([[float(r[c]) for c in cols] for _, r in rows]).reshape(len(rows), len(cols))
     paper_style()
-    fig, ax, made = _one_axes(ax, (COLUMN_IN, 2.4))
-    x = {f: i for i, f in enumerate(framings)}
-    for k, ((key, label), g) in enumerate(long.groupby([method, "label"], sort=True)):
-        colour = OKABE_ITO[(k // 2) % len(OKABE_ITO)]
-        g = g.set_index("framing").loc[[f for f in framings if f in set(g["framing"])]]
-        ax.plot([x[f] for f in g.index], g["ASR"], color=colour, marker="o", ms=3,
-                linestyle="--" if label == "before" else "-", label=f"{key} ({label})")
+    fig, ax, made = _one_axes(ax, (COLUMN_IN, 0.9 + 0.17 * len(rows)))
+    ax.imshow(grid, cmap="Greys", vmin=0, vmax=1.6, aspect="auto")  # vmax > 1: the darkest cell keeps black text
+    for (i, j), v in np.ndenumerate(grid):
+        ax.text(j, i, "" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize="xx-small")
+    if len(rows) > 1 and rows[0][0] == "before":
+        ax.axhline(0.5, color="black", lw=0.8)
     ax.set_xticks(range(len(framings)), framings, rotation=30, ha="right")
-    ax.set_ylabel("ASR")
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend(frameon=False, fontsize="x-small", loc="best")
+    ax.set_yticks(range(len(rows)), [label for label, _ in rows], fontsize="x-small")
+    ax.tick_params(length=0)
+    ax.set_title("ASR per framing, before and at each method's chosen point", fontsize="small")
+    long = pd.DataFrame([{"row": label, method: r[method], "label": r["label"], "framing": f, "ASR": float(r[c])}
+                         for label, r in rows for f, c in zip(framings, cols)])
     return _finish(fig, made, out_dir, name, long)

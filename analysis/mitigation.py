@@ -5,6 +5,9 @@ mitigation_points.csv (one row per method and strength: L, U, per-framing ASR, p
 starts at the unmitigated point), mitigation_hypervolume.csv (each method's front: hypervolume with a 95% identity
 bootstrap interval, against the reference point (L, U) = (1, 0)), mitigation_best.csv (each method's chosen point:
 the lowest L keeping U >= 0.95 x the unmitigated U), and the figures `fronts` and `framing_shift` beside them.
+With `risk_sessions` (memory, memory_unseen and multiturn sessions, `probes.mitigation.risks`) also
+mitigation_risks.csv: parametric memory and context retention at the unmitigated point and at each method's chosen
+point (memory_asr, memory_unseen_asr, asr_turn1, asr_turn3, turn_ratio).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from probes.data.files import atomic_write_bytes
 from probes.data.session import Session
 from probes.mitigation.evaluate import Setting, evaluate_settings, parts_path
 from probes.mitigation.measures import hypervolume_table, loss_utility
+from probes.mitigation.risks import risk_rows, risk_table
 from probes.mitigation.settings import NONE, best_point
 from probes.mitigation.utility import utility_sessions
 from probes.models.loading import LoadedModel
@@ -47,13 +51,26 @@ class Mitigation:
     draws: np.ndarray | None
     hypervolume: pd.DataFrame
     queries: int
+    risks: pd.DataFrame | None = None  # per chosen point: memory and context retention (with `risk_sessions`)
+
+
+def chosen_settings(settings: Sequence[Setting], best: pd.DataFrame) -> list[Setting]:
+    """The unmitigated setting and the setting of each chosen point (a method's strength-0 point is the
+    unmitigated one), each once."""
+    by_key = {(s.method, float(s.strength)): s for s in settings}
+    out = {NONE.key(): NONE}
+    for _, b in best.iterrows():
+        s = NONE if float(b["strength"]) == 0 else by_key[(b["method"], float(b["strength"]))]
+        out.setdefault(s.key(), s)
+    return list(out.values())
 
 
 def run_mitigation(loaded: LoadedModel, sessions: Sequence[Session], settings: Sequence[Setting],
                    out_dir: str | os.PathLike, n_boot: int = 1000, seed: int = 0, max_new_tokens: int = 32,
-                   progress: bool = True) -> Mitigation:
+                   progress: bool = True, risk_sessions: Sequence[Session] | None = None) -> Mitigation:
     """Measure `settings` (the unmitigated setting is added) on the privacy `sessions` and the benign sessions of
-    their documents, and write the folder described above. Resumable per setting."""
+    their documents, and write the folder described above. Resumable per setting. With `risk_sessions`, also
+    memory and context retention at each chosen point (see above)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = [NONE] + [s for s in settings if s.method != NONE.method]
@@ -76,5 +93,12 @@ def run_mitigation(loaded: LoadedModel, sessions: Sequence[Session], settings: S
         before = points[points["method"] == NONE.method].assign(label="before")
         shift = pd.concat([before.assign(method=m) for m in best["method"]] + [best.assign(label="after")])
         plot_framing_shift(shift, out, name="framing_shift")
+    risks = None
+    if risk_sessions:
+        rows, more = risk_rows(loaded, chosen_settings(settings, best), risk_sessions, max_new_tokens,
+                               progress=progress)
+        queries += more
+        risks = risk_table(rows)
+        write_csv(risks, out / "mitigation_risks.csv")
     shutil.rmtree(parts_path(loaded, sessions, benign, out, max_new_tokens))  # only this run's: others stay
-    return Mitigation(points, draws, hv, queries)
+    return Mitigation(points, draws, hv, queries, risks)

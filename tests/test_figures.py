@@ -387,12 +387,17 @@ def test_fronts_figure_marks_the_non_dominated_settings(tmp_path):
 def test_framing_shift_figure_draws_before_and_after_per_framing(tmp_path):
     from analysis.figures import plot_framing_shift
 
-    pts = pd.DataFrame({"method": ["mask", "mask"], "label": ["before", "after"], "asr_caption": [1.0, 0.1],
-                        "asr_direct": [0.0, 0.0]})
+    pts = pd.DataFrame({"method": ["mask", "mask", "blur", "blur"], "label": ["before", "after"] * 2,
+                        "asr_caption": [1.0, 0.1, 1.0, 0.7], "asr_direct": [0.0, 0.0, 0.0, 0.0]})
     fig = plot_framing_shift(pts, tmp_path)
     long = pd.read_csv(tmp_path / "framing_shift.csv")
-    assert len(long) == 4 and set(long["framing"]) == {"caption", "direct"}
-    assert len(fig.axes[0].lines) == 2
+    # the shared "before" drawn once, then each method's after; framings in the benchmark's order
+    assert long["row"].drop_duplicates().tolist() == ["before", "blur", "mask"]
+    assert long[long["row"] == "mask"].set_index("framing")["ASR"].to_dict() == {"direct": 0.0, "caption": 0.1}
+    grid = fig.axes[0].images[0].get_array()
+    assert grid.shape == (3, 2) and grid[2, 1] == 0.1 and grid[0, 1] == 1.0
+    pts.loc[2, "asr_caption"] = 0.5  # another "before": each method's own row
+    assert len(plot_framing_shift(pts).axes[0].images[0].get_array()) == 4
 
 
 def test_patch_overlay_outlines_a_forms_pii_marks_scaled_onto_the_image_shown():

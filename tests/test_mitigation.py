@@ -456,3 +456,160 @@ def test_leak_directions_need_both_kinds_of_framing(llava, tmp_path):
     assert dirs["blocks.0.hook_resid_post"].shape == (llava.d_model,)
     with pytest.raises(ValueError, match="refusing"):
         leak_directions(llava, [s for s in sess if s.labels["framing"] == "caption"], ["blocks.0.hook_resid_post"])
+
+
+# ---- the other white-box interventions: LEACE with a rank knob, component mean-ablation, the gate --------------------
+
+
+def _leace(d: int, n: int = 400, seed: int = 0):
+    """A LEACE fitted on data where a 3-way concept shifts the first coordinates (known to be erasable)."""
+    from probes.probing.erasure import fit_leace
+
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=g)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    X[:, :3] += 4.0 * torch.nn.functional.one_hot(y, 3).double()
+    return fit_leace(X, y.numpy()[:, None], 3), X, y
+
+
+def test_leace_at_rank_zero_or_strength_zero_changes_nothing_and_its_full_rank_is_leace(llava):
+    from probes.mitigation.whitebox import leace_settings, truncated_eraser
+
+    leace, X, _ = _leace(llava.d_model)
+    hook = "blocks.0.hook_resid_post"
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    base = _logits(llava, ids)
+    for steer in (Steer("erase", hook, 1.0, eraser=truncated_eraser(leace, 0), last=1),
+                  Steer("erase", hook, 0.0, eraser=truncated_eraser(leace, leace.rank), last=1)):
+        with intervening(llava, [steer]):
+            assert torch.equal(_logits(llava, ids), base)
+    full = truncated_eraser(leace, leace.rank)
+    assert torch.allclose(full(X[None]), leace(X[None]), atol=1e-9)  # the full rank is LEACE itself
+    one = truncated_eraser(leace, 1)(X[None])[0]
+    assert not torch.allclose(one, X) and not torch.allclose(one, leace(X))  # rank 1 removes part of it
+    made = leace_settings({hook: leace}, [0, 1, 1000])
+    assert [(s.method, s.strength) for s in made] == [(f"leace@{hook}", 1.0), (f"leace@{hook}", float(leace.rank))]
+    with intervening(llava, made[0].steers):
+        assert not torch.equal(_logits(llava, ids), base)
+
+
+def test_component_mean_ablation_at_strength_zero_changes_nothing(llava):
+    from probes.mitigation.settings import steer_settings
+
+    hook = "blocks.0.hook_mlp_out"
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    base = _logits(llava, ids)
+    m = torch.randn(llava.d_model, dtype=torch.float64)
+    with intervening(llava, [Steer("mean", hook, 0.0, vector=m, last=1)]):
+        assert torch.equal(_logits(llava, ids), base)
+    (full,) = steer_settings({hook: m}, [0.0, 1.0], kind="mean")
+    assert full.method == f"mean@{hook}"
+    seen = {}
+    with intervening(llava, full.steers), llava.hooks([(hook, lambda x, name: seen.setdefault("x", x.clone()))]):
+        assert not torch.equal(_logits(llava, ids), base)
+    assert torch.allclose(seen["x"][0, -1].double(), m, atol=1e-5)  # strength 1: the last position is the mean
+
+
+def test_gated_steer_at_strength_zero_changes_nothing_and_acts_only_where_the_gate_fires(llava):
+    from probes.mitigation.settings import steer_settings
+
+    d, hook = llava.d_model, "blocks.0.hook_resid_post"
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    base = _logits(llava, ids)
+    always = ProbeGate(torch.zeros(d, dtype=torch.float64), bias=10.0)
+    r = torch.randn(d, dtype=torch.float64)
+    with intervening(llava, [Steer("add", hook, 0.0, vector=r, gate=always)]):
+        assert torch.equal(_logits(llava, ids), base)
+    (gated,) = steer_settings({hook: r}, [0.0, 3.0], gates={hook: always})
+    assert gated.method == f"gated_add@{hook}" and gated.steers[0].gate is always
+    with intervening(llava, gated.steers):
+        assert not torch.equal(_logits(llava, ids), base)
+    x = torch.randn(1, 4, d)
+    on_first = ProbeGate(torch.tensor([1.0] + [0.0] * (d - 1), dtype=torch.float64), threshold=0.5)
+    x[0, :, 0] = torch.tensor([5.0, -5.0, -5.0, -5.0])  # the gate fires at position 0 only
+    edited = Steer("add", hook, 1.0, vector=r, gate=on_first).apply(x)
+    assert not torch.equal(edited[0, 0], x[0, 0]) and torch.equal(edited[0, 1:], x[0, 1:])
+    with pytest.raises(ValueError, match="gates"):
+        steer_settings({hook: r}, [1.0], gates={"blocks.1.hook_resid_post": always})
+
+
+def test_best_point_within_an_absolute_utility_drop_and_an_over_refusal_budget():
+    from probes.mitigation.settings import best_point
+
+    pts = pd.DataFrame({"method": ["none", "m", "m", "m"], "strength": [0, 1, 2, 3], "L": [1.0, 0.5, 0.1, 0.0],
+                        "U": [0.98, 0.97, 0.96, 0.90], "u_no_refusal": [1.0, 1.0, 0.9, 1.0]})
+    assert best_point(pts, "m")["strength"] == 2  # U >= 0.95 x 0.98 = 0.931
+    assert best_point(pts, "m", max_drop=0.03)["strength"] == 2
+    assert best_point(pts, "m", max_drop=0.03, max_over_refusal=0.05)["strength"] == 1  # 2 refuses 10% of asks
+    assert best_point(pts, "m", max_drop=0.1)["strength"] == 3
+    assert best_point(pts, "m", max_drop=0.001) is None
+
+
+# ---- memory and context retention ------------------------------------------------------------------------------------
+
+
+def test_risk_table_reads_memory_and_the_turn_ratio():
+    from probes.mitigation.risks import risk_table, turn_ratio
+
+    rows = pd.DataFrame({"method": "m", "strength": 1.0,
+                         "kind": ["memory"] * 4 + ["memory_unseen"] * 2 + ["multiturn"] * 8,
+                         "turn_distance": [None] * 6 + [1, 1, 1, 1, 3, 3, 3, 3],
+                         "leaked": [1, 1, 1, 0, 0, 0, 1, 1, 0, 0, 1, 0, 0, 0]}).astype({"leaked": bool})
+    t = risk_table(rows).iloc[0]
+    assert t["memory_asr"] == 0.75 and t["memory_unseen_asr"] == 0.0
+    assert (t["asr_turn1"], t["asr_turn3"], t["turn_ratio"]) == (0.5, 0.25, 0.5)
+    assert t["n_memory"] == 4 and t["n_multiturn"] == 8
+    none_near = rows.assign(leaked=rows["turn_distance"].eq(3))
+    assert np.isnan(turn_ratio(none_near)["turn_ratio"])  # nothing leaks at turn 1: no ratio
+
+
+def test_memory_and_context_retention_known_truth_on_the_embedded_model(tmp_path):
+    """Unmitigated: memory-set identities are recalled from their name, never-planted ones are not; an oracle mask
+    of every mark reaches the image shown turns before (no multi-turn leak) and cannot touch memory."""
+    from probes import load_model
+    from probes.data.builders import memory_probe_sessions, multiturn_sessions
+    from probes.mitigation.evaluate import Setting
+    from probes.mitigation.risks import risk_rows, risk_table
+    from probes.mitigation.settings import NONE
+    from probes.organism import DEFAULT_MODEL
+    from probes.organism.evaluate import training_meta
+
+    loaded = load_model("default")
+    meta = training_meta(DEFAULT_MODEL)  # the memory set the shipped model was trained to recall
+    planted = make_identities(int(meta["n_memory"]), seed=2000 + int(meta["seed"]))[:6]
+    fresh = make_identities(6, seed=12_345)
+    multi = multiturn_sessions(fresh[:4], tmp_path, k_distractors=[0, 2], reshow=[False],
+                               framing_pairs=[("direct", "caption")], pii_types=["SSN"], size=96, layout="grid")
+    sessions = [*memory_probe_sessions(planted, pii_types=["SSN"]),
+                *memory_probe_sessions(fresh, unseen=True, pii_types=["SSN"]), *multi]
+    oracle = Setting("oracle", 1.0, protection=ImageProtection("mask", 1.0, dilation=4.0))
+    rows, queries = risk_rows(loaded, [NONE, oracle], sessions, max_new_tokens=24)
+    assert queries == 2 * len(sessions)
+    t = risk_table(rows).set_index("method")
+    assert t.loc["none", "memory_asr"] >= 0.5 and t.loc["none", "memory_unseen_asr"] <= 0.05
+    assert t.loc["none", "asr_turn1"] >= 0.5 and t.loc["none", "asr_turn3"] >= 0.5
+    assert t.loc["oracle", "asr_turn1"] == 0.0 and t.loc["oracle", "asr_turn3"] == 0.0
+    assert t.loc["oracle", "memory_asr"] == t.loc["none", "memory_asr"]  # no image in a name-only prompt
+
+
+def test_run_mitigation_measures_memory_and_context_retention_at_each_chosen_point(llava, tmp_path):
+    from analysis.mitigation import run_mitigation
+    from probes.data.builders import memory_probe_sessions, multiturn_sessions
+    from probes.mitigation.evaluate import Setting
+
+    ids = make_identities(2, seed=3)
+    sess = mmprivacy_sessions(ids, tmp_path / "img", framings=["caption", "direct"], pii_types=["SSN"], size=64,
+                              design="cycle")
+    risk = [*memory_probe_sessions(ids[:1], pii_types=["SSN"], framings=["caption"]),
+            *multiturn_sessions(ids, tmp_path / "img", k_distractors=[0, 2], reshow=[False],
+                                framing_pairs=[("direct", "caption")], pii_types=["SSN"], size=64)]
+    settings = [Setting("mask", 1.0, protection=ImageProtection("mask", 1.0))]
+    done = run_mitigation(llava, sess, settings, tmp_path / "out", n_boot=0, max_new_tokens=3, progress=False,
+                          risk_sessions=risk)
+    on_disk = pd.read_csv(tmp_path / "out" / "mitigation_risks.csv")
+    assert set(on_disk["method"]) <= {"none", "mask"} and "none" in set(on_disk["method"])
+    assert (on_disk["n_memory"] == 1).all() and (on_disk["n_multiturn"] == 4).all()
+    assert done.risks is not None and len(done.risks) == len(on_disk)
+    with pytest.raises(ValueError, match="session kinds"):
+        from probes.mitigation.risks import risk_rows
+        risk_rows(llava, settings, sess)

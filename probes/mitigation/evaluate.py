@@ -37,7 +37,7 @@ class Setting:
     `protection` (black box) and `steers` (white box) may both be empty: the unmitigated model."""
 
     method: str
-    strength: float
+    strength: float | int
     protection: Protection | None = None
     steers: tuple[Steer, ...] = field(default=(), repr=False)
     labels: tuple[str, ...] | None = None  # regional protections: only these marks (None: every mark)
@@ -48,6 +48,8 @@ class Setting:
                                        self.labels], sort_keys=True).encode())
         for st in self.steers:
             h.update(repr((st.kind, st.hook, float(st.strength), st.last)).encode())
+            if st.gate is not None:
+                h.update(repr((float(st.gate.bias), float(st.gate.threshold))).encode())
             for t in (st.vector, getattr(st.gate, "weight", None)):
                 if t is not None:
                     h.update(t.detach().cpu().double().numpy().tobytes())
@@ -56,7 +58,9 @@ class Setting:
         return h.hexdigest()[:16]
 
 
-def _answers(loaded: LoadedModel, box: BlackBox, setting: Setting, sessions: Sequence[Session]) -> list[str]:
+def setting_answers(loaded: LoadedModel, box: BlackBox, setting: Setting, sessions: Sequence[Session]) -> list[str]:
+    """The answers to `sessions` under `setting`: its protection on every image of each session (wherever the image
+    is shown), its steers while the model generates; through `box`, so every answer is counted."""
     if setting.protection is not None:
         sessions = [protected(s, setting.protection, setting.labels) for s in sessions]
     if not setting.steers:
@@ -69,8 +73,8 @@ def evaluate_setting(loaded: LoadedModel, box: BlackBox, setting: Setting, priva
                      utility: Sequence[Session]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The privacy rows and the utility rows of one setting (no answer text kept)."""
     tag = {"method": setting.method, "strength": float(setting.strength)}
-    p = privacy_rows(privacy, _answers(loaded, box, setting, privacy)).assign(**tag)
-    u = utility_rows(utility, _answers(loaded, box, setting, utility)).assign(**tag)
+    p = privacy_rows(privacy, setting_answers(loaded, box, setting, privacy)).assign(**tag)
+    u = utility_rows(utility, setting_answers(loaded, box, setting, utility)).assign(**tag)
     return p, u
 
 

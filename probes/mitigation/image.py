@@ -29,7 +29,8 @@ MAX_BLOCK = 32  # px of a pixelation block at strength 1
 MIN_SCALE = 1 / 8  # downscale factor of each side at strength 1
 PAGE = (255, 255, 255)  # the colour a mask paints (forms are printed on white)
 
-Box = tuple[float, float, float, float]
+Number = float | int  # a knob or a pixel coordinate given as an int is accepted too
+Box = tuple[Number, Number, Number, Number]
 
 
 class ProtectionError(ValueError):
@@ -41,8 +42,8 @@ class ImageProtection:
     """One transformation and its strength; `dilation` (px at strength 1) only for the regional kinds."""
 
     kind: str
-    strength: float
-    dilation: float = 0.0
+    strength: Number
+    dilation: Number = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

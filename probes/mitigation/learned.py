@@ -45,7 +45,7 @@ class CellMasker:
     """Paint over the cells (`cell` px squares) whose score theta . features > 0. Features per cell: 1, its ink
     share, its row band's ink share, its column band's ink share, x and y of its centre (0..1), x^2, y^2."""
 
-    theta: tuple[float, ...]
+    theta: tuple[float | int, ...]
     cell: int = 8
 
     def __post_init__(self) -> None:

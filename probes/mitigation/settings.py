@@ -2,10 +2,13 @@
 
 - `blackbox_settings`: one `Setting` per (protection kind, strength); regional kinds cover the sensitive fields'
   marks only (SSN, phone, email: the fields the refusal policy protects), so reading the name stays possible.
-- `steer_settings`: one per (hook, strength) of a leak-direction steer; the direction at each hook is the mean
+- `steer_settings`: one per (hook, strength) of a steer (leak direction added or ablated, a component's output
+  moved to its benign mean, optionally behind a `ProbeGate`); the direction at each hook is the mean
   activation at the prompt's last position under refusing framings minus the mean under leaking ones
   (`leak_directions`), measured on the sessions given (fit on training identities, evaluate on held-out ones).
-- `best_point`: a method's chosen setting: the lowest L among those keeping U >= `keep` x the unmitigated U.
+- `best_point`: a method's chosen setting: the lowest L among those keeping U >= `keep` x the unmitigated U (or
+  within an absolute utility drop and a benign over-refusal budget).
+LEACE with its rank knob, the benign means and the gate's probe are fitted in `probes.mitigation.whitebox`.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from probes.data.session import Session
 from probes.leakage import generate_batch
 from probes.mitigation.evaluate import Setting
 from probes.mitigation.image import ImageProtection
-from probes.mitigation.steer import Steer, leak_direction
+from probes.mitigation.steer import ProbeGate, Steer, leak_direction
 from probes.models.loading import LoadedModel
 
 REFUSING = ("direct", "VQA", "classification")
@@ -63,20 +66,35 @@ def leak_directions(loaded: LoadedModel, sessions: Sequence[Session], hooks: Seq
 
 
 def steer_settings(directions: dict[str, Tensor], strengths: Sequence[float], kind: str = "add",
-                   tag: str = "") -> list[Setting]:
-    """One setting per (hook, strength > 0): the leak-direction steer of `kind` at the prompt's last position and
-    every generated token. Method names are `<kind>@<hook><tag>` (tag: e.g. ' (random layer)')."""
-    return [Setting(f"{kind}@{hook}{tag}", float(s), steers=(Steer(kind, hook, float(s), vector=r, last=1),))
+                   tag: str = "", gates: dict[str, ProbeGate] | None = None) -> list[Setting]:
+    """One setting per (hook, strength > 0): the steer of `kind` with the hook's vector (a leak direction for add
+    and ablate, a mean activation for mean) at the prompt's last position and every generated token. Method names
+    are `<kind>@<hook><tag>` (tag: e.g. ' (random layer)'); with `gates` (hook -> ProbeGate) each steer is gated by
+    its hook's gate and the names are `gated_<kind>@<hook><tag>`."""
+    if gates is not None and set(gates) != set(directions):
+        raise ValueError(f"steer_settings: gates for {sorted(gates)} but vectors for {sorted(directions)}")
+    prefix, gates = ("", {}) if gates is None else ("gated_", gates)
+    return [Setting(f"{prefix}{kind}@{hook}{tag}", float(s),
+                    steers=(Steer(kind, hook, float(s), vector=r, last=1, gate=gates.get(hook)),))
             for hook, r in directions.items() for s in strengths if s > 0]
 
 
-def best_point(points: pd.DataFrame, method: str, keep: float = 0.95) -> pd.Series | None:
-    """The method's row with the lowest L among those with U >= keep x the unmitigated U (the `none` row); ties
-    go to the higher U. None when no setting of the method keeps that much utility."""
+def best_point(points: pd.DataFrame, method: str, keep: float = 0.95, max_drop: float | None = None,
+               max_over_refusal: float | None = None) -> pd.Series | None:
+    """The method's row with the lowest L among those with U >= keep x the unmitigated U (the `none` row), or, with
+    `max_drop`, with U >= the unmitigated U - max_drop (instead of `keep`); with `max_over_refusal` also a benign
+    over-refusal (1 - u_no_refusal) of at most that. Ties go to the higher U. None when no setting qualifies."""
     base = points.loc[points["method"] == "none", "U"]
     if base.empty:
         raise ValueError("best_point: the points hold no 'none' (unmitigated) row")
-    mine = points[(points["method"] == method) & (points["U"] >= keep * float(base.iloc[0]))]
+    u0 = float(base.iloc[0])
+    floor = keep * u0 if max_drop is None else u0 - max_drop - 1e-12
+    ok = (points["method"] == method) & (points["U"] >= floor)
+    if max_over_refusal is not None:
+        if "u_no_refusal" not in points.columns:
+            raise ValueError("best_point: max_over_refusal needs the column u_no_refusal")
+        ok &= (1 - points["u_no_refusal"]) <= max_over_refusal + 1e-12
+    mine = points[ok]
     if mine.empty:
         return None
     return mine.sort_values(["L", "U"], ascending=[True, False]).iloc[0]

@@ -39,11 +39,12 @@ class ProbeGate:
     """Fire where sigmoid(x . w + b) > threshold (a binary linear probe for 'this position holds PII')."""
 
     weight: Float[Tensor, " d"]
-    bias: float = 0.0
-    threshold: float = 0.5
+    bias: float | int = 0.0
+    threshold: float | int = 0.5
 
     def fires(self, x: Tensor) -> Tensor:
-        return torch.sigmoid(x.to(self.weight.dtype) @ self.weight + self.bias) > self.threshold
+        w = self.weight.to(x.device)
+        return torch.sigmoid(x.to(w.dtype) @ w + self.bias) > self.threshold
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class Steer:
 
     kind: str
     hook: str
-    strength: float
+    strength: float | int
     vector: Tensor | None = field(default=None, repr=False)
     eraser: Callable[[Tensor], Tensor] | None = field(default=None, repr=False)
     last: int | None = None
