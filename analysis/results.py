@@ -37,8 +37,9 @@ from probes.patching import (
     patching_config,
     summarize,
 )
+from probes.probing.stream import probe_sweep_streamed
 from probes.probing.sweep import main_metric, probe_sweep
-from probes.probing.targets import probe_cells, session_targets
+from probes.probing.targets import plan_cells, probe_cells, session_targets
 
 
 def run_leakage(model_path_or_loaded: str | os.PathLike | LoadedModel, sessions_jsonl: str | os.PathLike,
@@ -84,19 +85,23 @@ def run_probes(store_dir: str, out_dir: str, target: str = "digits", position_gr
                turns: Sequence[int] | None = None, layers: Sequence[int] | None = None, method: str = "logreg",
                pii_type: str | None = None, group_col: str = "identity_id", n_folds: int = 5, seed: int = 0,
                control: str = "none", n_boot: int = 1000, figures: bool = True, mdl: bool = False,
-               private_from=None) -> pd.DataFrame:
+               private_from=None, max_memory_mb: float | None = None) -> pd.DataFrame:
     """`mmret probe`: sweep every cell of the store at `store_dir` for `target`, write probe_results.csv and, with
     `figures`, the layer x position heatmap and the retention curves beside it. PII targets (digits, chars) come
     from the sessions' private labels: `private_from` (a sessions JSONL or list of sessions) or the store's
-    private_labels.jsonl (see `ActivationStore.sessions`)."""
+    private_labels.jsonl (see `ActivationStore.sessions`). `max_memory_mb`: stream the sweep from disk, the
+    activations and fits held at once kept under about that (`probe_sweep_streamed`; the same results)."""
 
     store = ActivationStore(store_dir)
     sessions = store.sessions(private_from=private_from)
     targets = session_targets(sessions, target, pii_type)
-    blocks = probe_cells(store, position_groups, turns, layers)
-    df = probe_sweep(blocks, targets, target=target, method=method, group_col=group_col, n_folds=n_folds, seed=seed,
-                     model=str(store.spec.get("model", "")), family=str(store.spec.get("family", "")),
-                     control=control, n_boot=n_boot, mdl=mdl)
+    kw = dict(target=target, method=method, group_col=group_col, n_folds=n_folds, seed=seed, control=control,
+              model=str(store.spec.get("model", "")), family=str(store.spec.get("family", "")), n_boot=n_boot, mdl=mdl)
+    if max_memory_mb is None:
+        df = probe_sweep(probe_cells(store, position_groups, turns, layers), targets, **kw)
+    else:
+        plan = plan_cells(store, position_groups, turns, layers)
+        df = probe_sweep_streamed(plan, targets, max_memory_mb=max_memory_mb, **kw)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "probe_results.csv", df.to_csv(index=False).encode())

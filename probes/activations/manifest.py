@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 SHARDS_KEY = b"mmret_shards"  # schema metadata: {shard name: session id} of the sessions a file holds
 PART_ROWS = 1_000_000
+ROW_GROUP = 65_536  # a filtered read decodes whole row groups: this bounds what one costs (about 4 MB)
 CONSOLIDATE_AFTER = 64  # unconsolidated finished sessions a reader tolerates before it writes a part
 # Columns of the manifest that are not session labels; `scope` says which tensors a row indexes ("lm": every LM
 # hook kind of the shard, "vision": every vision-tower kind), `row` its index along their first dimension.
@@ -61,7 +62,7 @@ def parquet_bytes(df: pd.DataFrame, shards: dict[str, str]) -> bytes:
     table = pa.Table.from_pandas(df, preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), SHARDS_KEY: json.dumps(shards).encode()})
     buf = io.BytesIO()
-    pq.write_table(table, buf)
+    pq.write_table(table, buf, row_group_size=ROW_GROUP)
     return buf.getvalue()
 
 

@@ -6,6 +6,12 @@
   capture needs. Nearly free, and works for models the bridge cannot wrap.
 
 Both call `fn(activation, name)`; a hook that returns a tensor replaces the activation (used by patching).
+
+Under a device_map (layers on several devices, or offloaded and streamed in by accelerate) a hook sees the
+tensor where the model has it: `hook_resid_pre` on the device of the layer before (accelerate moves it into the
+layer after the hook), the others on their layer's execution device; never on "meta". A returned tensor is put
+back on the activation's device and dtype (`like`), so a patch made elsewhere, or upcast to float32 for
+arithmetic, does not move the rest of the forward to another device or dtype.
 """
 
 from __future__ import annotations
@@ -49,6 +55,11 @@ def split_hook(name: str) -> tuple[str, int]:
     if m:
         return "vision.hook_out", int(m.group(1))
     return name, 0
+
+
+def like(new: Tensor, old: Tensor) -> Tensor:
+    """`new` on `old`'s device and in its dtype (itself when it already is)."""
+    return new if (new.device, new.dtype) == (old.device, old.dtype) else new.to(old.device, old.dtype)
 
 
 def _first(out: Any) -> Tensor:
@@ -95,6 +106,7 @@ class TorchHooks:
                     new = fn(x, name)
                     if new is None:
                         return None
+                    new = like(new, x)
                     if args:
                         return (new, *args[1:]), kwargs
                     return args, {**kwargs, "hidden_states": new}
@@ -131,8 +143,9 @@ class TorchHooks:
 
 def _post(fn: HookFn, name: str):
     def hook(mod, args, out):
-        new = fn(_first(out), name)
-        return None if new is None else _replace_first(out, new)
+        x = _first(out)
+        new = fn(x, name)
+        return None if new is None else _replace_first(out, like(new, x))
     return hook
 
 
@@ -151,6 +164,10 @@ class BridgeHooks:
         for name, _ in fwd_hooks:
             if name not in known:
                 raise HookNameError(f"hook {name!r} is not a hook point of this bridge")
-        wrapped = [(name, (lambda f, n: lambda x, hook: f(x, n))(fn, name)) for name, fn in fwd_hooks]
+        wrapped = [(name, (lambda f, n: lambda x, hook: _like_or_none(f(x, n), x))(fn, name)) for name, fn in fwd_hooks]
         with self.bridge.hooks(fwd_hooks=wrapped):
             yield
+
+
+def _like_or_none(new: Tensor | None, old: Tensor) -> Tensor | None:
+    return None if new is None else like(new, old)

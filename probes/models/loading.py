@@ -78,6 +78,22 @@ def boot_bridge(name: str, hf_model: torch.nn.Module, tokenizer: Any, **kw: Any)
             helpers._ensure_torchvision = installer
 
 
+def input_device(model: torch.nn.Module) -> torch.device:
+    """The device a model's inputs go to. Under a device_map over several devices (or with offloaded modules)
+    accelerate's hook on the top module names it (its execution device; it moves the inputs there and the outputs
+    back); otherwise the input embeddings' device, or the first parameter not offloaded to "meta"."""
+    hook = getattr(model, "_hf_hook", None)
+    for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):  # a SequentialHook or one hook
+        dev = getattr(h, "execution_device", None)
+        if dev is not None and not isinstance(dev, dict):
+            return torch.device(dev)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    if weight is not None and weight.device.type != "meta":
+        return weight.device
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+
+
 @dataclass
 class LoadedModel:
     name: str
@@ -124,17 +140,30 @@ class LoadedModel:
         return int(self.text_config.hidden_size)
 
     @property
+    def device_map(self) -> dict[str, Any] | None:
+        """Where accelerate put each module ({module: device, "cpu" or "disk"}), or None for a model on one device."""
+        return getattr(self.hf_model, "hf_device_map", None)
+
+    @property
     def device(self) -> torch.device:
-        return next(self.hf_model.parameters()).device
+        """Where inputs go: the execution device of the model's first module. Not the first parameter's device:
+        under a device_map that parameter may be offloaded (on "meta") or on another GPU than the embeddings."""
+        return input_device(self.hf_model)
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.hf_model.parameters()).dtype
+        """The LM's dtype: that of its input embeddings (on "meta" when offloaded, but of the right dtype); the
+        first parameter may be a module kept in float32 (a vision tower's, a norm's)."""
+        return self.hf_model.get_input_embeddings().weight.dtype
 
     @property
     def bridge(self) -> Any:
         """The transformer-lens TransformerBridge around this model (built once, on first use)."""
         if self._bridge is None:
+            if len({str(d) for d in (self.device_map or {}).values()}) > 1:
+                raise ModelLoadError(f"backend='bridge' cannot wrap a model split by device_map ({self.name}: "
+                                     f"{sorted({str(d) for d in self.device_map.values()})}): transformer-lens "
+                                     "moves the whole model to one device; use backend='torch'")
             try:
                 self._bridge = boot_bridge(self.name, self.hf_model, self.tokenizer, device=str(self.device),
                                            dtype=self.dtype)
@@ -380,10 +409,22 @@ class LoadOptions:
     attn_implementation: str | None = None
     trust_remote_code: bool = False
     allow_partial: bool = False
+    max_memory: dict[int | str, int | str] | None = None  # with device_map: bytes ("20GiB") per device, "cpu" too
+    offload_folder: str | os.PathLike | None = None  # with device_map: where modules put on "disk" are written
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ModelLoadError(f"backend {self.backend!r}: expected one of {BACKENDS}")
+        if self.device_map is None and (self.max_memory is not None or self.offload_folder is not None):
+            raise ModelLoadError("max_memory and offload_folder place the modules of a device_map; pass "
+                                 "device_map='auto' (or a dict) with them")
+        if isinstance(self.device_map, dict) and "disk" in map(str, self.device_map.values()) \
+                and self.offload_folder is None:
+            raise ModelLoadError("device_map puts modules on 'disk': pass offload_folder (a folder for their "
+                                 "weights)")
+        if self.device_map is not None and self.backend == "bridge":
+            raise ModelLoadError("backend='bridge' cannot wrap a model split by device_map (transformer-lens moves "
+                                 "the whole model to one device); use backend='torch'")
         if isinstance(self.dtype, str):
             if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
                 raise ModelLoadError(f"dtype {self.dtype!r}: expected a torch dtype name such as float32 or bfloat16")
@@ -405,6 +446,10 @@ class LoadOptions:
             load_kw["dtype"] = self.dtype
         if self.device_map is not None:
             load_kw["device_map"] = self.device_map
+        if self.max_memory is not None:
+            load_kw["max_memory"] = self.max_memory
+        if self.offload_folder is not None:
+            load_kw["offload_folder"] = str(self.offload_folder)
         load_kw["attn_implementation"] = self.attn_implementation or ("eager" if self.backend == "bridge" else "sdpa")
         return load_kw
 
@@ -414,10 +459,14 @@ def load_model(name_or_path: str | os.PathLike, options: LoadOptions | None = No
     for local paths.
 
     Options (keywords, or a `LoadOptions`, which keywords override): device, dtype (a torch dtype or its name),
-    backend ("torch"), family, device_map, attn_implementation, trust_remote_code (False), allow_partial (False).
+    backend ("torch"), family, device_map, attn_implementation, trust_remote_code (False), allow_partial (False),
+    max_memory, offload_folder.
     `family` overrides detection from `config.json`'s `architectures`. `backend` is 'torch' (plain forward
-    hooks, fast) or 'bridge' (transformer-lens TransformerBridge: every TL hook point). `device_map` spreads a
-    large model over the GPUs of a node. `trust_remote_code` stays off unless asked.
+    hooks, fast) or 'bridge' (transformer-lens TransformerBridge: every TL hook point). `device_map` ("auto" or
+    {module: device}, through accelerate) spreads a model too large for one GPU over the GPUs of a node, with
+    `max_memory` ({device: bytes}) capping each and modules that fit nowhere offloaded to the CPU or to "disk"
+    (`offload_folder`); `device` is then ignored (inputs go where `LoadedModel.device` says). Needs the torch
+    backend. `trust_remote_code` stays off unless asked.
 
     Weights that do not match the architecture (keys missing from the checkpoint, keys the architecture does not
     have, tensors of another shape) are a ModelLoadError naming the counts: such a model runs, but on random

@@ -246,16 +246,12 @@ def residual_changes(loaded: LoadedModel, prep: QKPrep, cells: Sequence[Cell], d
                 def edit(a: Tensor, chunk: list[int] = chunk) -> Tensor:
                     a = a.clone()
                     for r, i in enumerate(chunk, start=1):
-                        a[r, dsts[i]] += deltas[i].to(a.dtype)
+                        a[r, dsts[i].to(a.device)] += deltas[i].to(a.device, a.dtype)
                     return a
-                y, _ = _replay(loaded, layers[c_layer], x.to(_dtype(loaded)), prep.inputs[c_layer], edit=edit)
+                y, _ = _replay(loaded, layers[c_layer], x.to(loaded.dtype), prep.inputs[c_layer], edit=edit)
                 for r, i in enumerate(chunk, start=1):
                     out[i] = (y[r, dsts[i]] - y[0, dsts[i]]).float()
     return out
-
-
-def _dtype(loaded: LoadedModel) -> torch.dtype:
-    return next(loaded.hf_model.parameters()).dtype
 
 
 def pattern_changes(loaded: LoadedModel, prep: QKPrep, m: int, dsts: Sequence[Tensor], changes: Sequence[Tensor]
@@ -267,7 +263,7 @@ def pattern_changes(loaded: LoadedModel, prep: QKPrep, m: int, dsts: Sequence[Te
     for r, (dst, ch) in enumerate(zip(dsts, changes)):
         x[r, dst] += ch
     with _eager(loaded), torch.no_grad():
-        y, a = _replay(loaded, layer, x.to(_dtype(loaded)), prep.inputs[m])
+        y, a = _replay(loaded, layer, x.to(loaded.dtype), prep.inputs[m])
     return a.float() - prep.pattern[m][None], y.float() - prep.output[m][None]
 
 

@@ -89,8 +89,8 @@ def patch_values(base: Run, source: Run, cell: Cell, align: str = "last"
 
 def _setter(rows: Tensor, positions: Tensor, values: Tensor) -> Callable[[Tensor, str], Tensor]:
     def fn(x: Tensor, name: str) -> Tensor:
-        x = x.clone()
-        x[rows, positions] = values.to(x.dtype)
+        x = x.clone()  # the values may come from a run whose layer sat on another device (another device_map)
+        x[rows.to(x.device), positions.to(x.device)] = values.to(x.device, x.dtype)
         return x
     return fn
 

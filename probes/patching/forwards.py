@@ -95,15 +95,18 @@ def prefix_cache(loaded: LoadedModel, run: Run, start: int, rows: int) -> Cache:
 
 @contextmanager
 def frozen_params(model: torch.nn.Module) -> Iterator[None]:
-    """Parameters without grad for a while: AtP wants gradients of activations only."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    """Parameters without grad for a while: AtP wants gradients of activations only. Parameters offloaded by a
+    device_map (on "meta") are left alone: accelerate swaps them for the real weights at each forward (the
+    gradient asked for is still the activations' only), and after a generate under inference mode they are
+    inference tensors, whose requires_grad cannot be set back."""
+    flags = [p for p in model.parameters() if p.requires_grad and p.device.type != "meta"]
     try:
-        for p, _ in flags:
+        for p in flags:
             p.requires_grad_(False)
         yield
     finally:
-        for p, f in flags:
-            p.requires_grad_(f)
+        for p in flags:
+            p.requires_grad_(True)
 
 
 def metric_grads(metrics: dict[str, Tensor], hooks: Sequence[str], acts: Sequence[Tensor]

@@ -49,8 +49,8 @@ copy of the model) are other stores: run the sweep on each with `control=` set, 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
-from typing import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -210,6 +210,7 @@ class SweepConfig:
     n_permutations: int = 0
     return_null: bool = False
     progress: bool = False
+    cells_per_batch: int = 16  # cells fitted together (`fit_probes`; results do not depend on it, memory does)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -227,7 +228,7 @@ class SweepConfig:
     def probe_config(self, n_classes: int) -> ProbeConfig:
         """The fit every cell gets (`fit_probes`)."""
         return ProbeConfig(method=self.method, n_folds=self.n_folds, seed=self.seed, n_classes=n_classes,
-                           device=self.device, nested=self.nested)
+                           device=self.device, nested=self.nested, cells_per_batch=self.cells_per_batch)
 
 
 def probe_sweep(blocks: Sequence[CellBlock], targets: tuple[np.ndarray, list[str], pd.Index],
@@ -249,39 +250,92 @@ def probe_sweep(blocks: Sequence[CellBlock], targets: tuple[np.ndarray, list[str
     probes whatever `method` is): metrics `online_codelength` (bits) and `compression` (and `control_compression`
     with the control task); for strings also summed over the characters."""
     cfg = replace(config or SweepConfig(), **options) if options else (config or SweepConfig())
-    n_classes = int(cfg.n_classes or (targets[0].max() + 1))
-    rows, samples, null_rows = [], [], []
-    n_fits = len(blocks) * (1 + int(cfg.control_task) + (cfg.n_permutations if cfg.return_null else 0))
+    out = _SweepRows()
+    n_fits = len(blocks) * _fits_per_block(cfg)
     bar = _bar(n_fits, cfg.progress, f"probes {cfg.target}")
     for block in blocks:
-        y, groups = _align(block, targets, cfg.group_col)
-        keep = (y >= 0).all(1)  # one example set for every column, so columns batch together
-        if keep.sum() < cfg.n_folds * 2:
-            bar.update(n_fits // max(len(blocks), 1))
-            continue
-        fits = _fit_block(block, y[keep], groups[keep], keep, cfg, n_classes, bar)
-        sids = block.meta["session_id"].to_numpy()[keep]
-        for c, cell in block.cells.iterrows():
-            base = {"model": cfg.model, "family": cfg.family, "hook": cell["hook"], "layer": int(cell["layer"]),
-                    "position_group": cell["position_group"], "turn": int(cell["turn"]),
-                    "turn_distance": _turn_distance(block, int(cell["turn"])), "target": cfg.target,
-                    "probe": cfg.method, "control": cfg.control, "n": int(keep.sum())}
-            rows += _cell_rows(base, c, fits, targets[1], cfg)
-            if cfg.return_samples:
-                samples.append(_cell_samples(cell, c, fits, sids, cfg))
-            if fits["null"] is not None:
-                k = fits["k"]
-                null_rows += _null_rows(base, fits["null"][:, c * k:(c + 1) * k], targets[1], cfg.target)
+        _sweep_block(block, targets, cfg, out, bar)
     bar.close()
-    if not rows:
-        raise ProbeDataError("probe_sweep: no block had enough examples with targets "
-                             f"(need at least {2 * cfg.n_folds})")
-    out = [pd.DataFrame(rows)[RESULT_COLUMNS]]
-    if cfg.return_samples:
-        out.append(pd.concat(samples, ignore_index=True))
-    if cfg.return_null:
-        out.append(pd.DataFrame(null_rows, columns=NULL_COLUMNS))
-    return out[0] if len(out) == 1 else tuple(out)
+    return out.tables(cfg)
+
+
+def probe_sweep_chunks(chunks: Iterable[CellBlock], targets: tuple[np.ndarray, list[str], pd.Index],
+                       order: pd.DataFrame | Callable[[tuple], Any] | None = None, cells_per_fit: int | None = None,
+                       config: SweepConfig | None = None, **options):
+    """`probe_sweep` over blocks produced one at a time (`read_cells` per layer chunk, `iter_patch_cells`; see
+    `probes.probing.stream`), each fitted `cells_per_fit` cells at a time (None: whole) and let go before the
+    next: the same tables as `probe_sweep` of all of them, rows put in the cell order of `order`: a table of cells
+    (hook, layer, position_group, turn) or a function from such a key to a sortable rank (None: as fitted)."""
+    cfg = replace(config or SweepConfig(), **options) if options else (config or SweepConfig())
+    out = _SweepRows()
+    bar = _bar(0, cfg.progress, f"probes {cfg.target} (streamed)")
+    for block in chunks:
+        step = cells_per_fit or len(block.cells)
+        for lo in range(0, len(block.cells), step):  # no name keeps a slice: the block goes with `del`
+            _sweep_block(CellBlock(block.X[lo:lo + step], block.cells.iloc[lo:lo + step].reset_index(drop=True),
+                                   block.meta), targets, cfg, out, bar)
+        del block
+    bar.close()
+    rank = order
+    if isinstance(order, pd.DataFrame):
+        keys = zip(order["hook"], order["layer"].astype(int), order["position_group"], order["turn"].astype(int))
+        rank = {key: i for i, key in enumerate(keys)}.__getitem__
+    return out.tables(cfg, rank)
+
+
+def _fits_per_block(cfg: "SweepConfig") -> int:
+    return 1 + int(cfg.control_task) + (cfg.n_permutations if cfg.return_null else 0)
+
+
+@dataclass
+class _SweepRows:
+    """What a sweep has produced so far: result rows, per-cell sample frames and null rows."""
+
+    rows: list = field(default_factory=list)
+    samples: list = field(default_factory=list)
+    null_rows: list = field(default_factory=list)
+
+    def tables(self, cfg: "SweepConfig", order: Callable[[tuple], Any] | None = None):
+        """probe_sweep's return value. `order` (cell key (hook, layer, position_group, turn) -> rank): put the
+        rows in that cell order first (a stable sort: each cell's own rows keep theirs)."""
+        if not self.rows:
+            raise ProbeDataError("probe_sweep: no block had enough examples with targets "
+                                 f"(need at least {2 * cfg.n_folds})")
+        if order is not None:
+            rank = lambda r: order((r["hook"], r["layer"], r["position_group"], r["turn"]))  # noqa: E731
+            self.rows.sort(key=rank)
+            self.null_rows.sort(key=rank)
+            self.samples.sort(key=lambda f: rank(f.iloc[0]))
+        out = [pd.DataFrame(self.rows)[RESULT_COLUMNS]]
+        if cfg.return_samples:
+            out.append(pd.concat(self.samples, ignore_index=True))
+        if cfg.return_null:
+            out.append(pd.DataFrame(self.null_rows, columns=NULL_COLUMNS))
+        return out[0] if len(out) == 1 else tuple(out)
+
+
+def _sweep_block(block: CellBlock, targets: tuple[np.ndarray, list[str], pd.Index], cfg: "SweepConfig",
+                 out: _SweepRows, bar) -> None:
+    """Fit one block's cells and add their rows to `out` (nothing when too few examples have targets)."""
+    n_classes = int(cfg.n_classes or (targets[0].max() + 1))
+    y, groups = _align(block, targets, cfg.group_col)
+    keep = (y >= 0).all(1)  # one example set for every column, so columns batch together
+    if keep.sum() < cfg.n_folds * 2:
+        bar.update(_fits_per_block(cfg))
+        return
+    fits = _fit_block(block, y[keep], groups[keep], keep, cfg, n_classes, bar)
+    sids = block.meta["session_id"].to_numpy()[keep]
+    for c, cell in block.cells.iterrows():
+        base = {"model": cfg.model, "family": cfg.family, "hook": cell["hook"], "layer": int(cell["layer"]),
+                "position_group": cell["position_group"], "turn": int(cell["turn"]),
+                "turn_distance": _turn_distance(block, int(cell["turn"])), "target": cfg.target,
+                "probe": cfg.method, "control": cfg.control, "n": int(keep.sum())}
+        out.rows += _cell_rows(base, c, fits, targets[1], cfg)
+        if cfg.return_samples:
+            out.samples.append(_cell_samples(cell, c, fits, sids, cfg))
+        if fits["null"] is not None:
+            k = fits["k"]
+            out.null_rows += _null_rows(base, fits["null"][:, c * k:(c + 1) * k], targets[1], cfg.target)
 
 
 def _fit_block(block: CellBlock, y: np.ndarray, groups: np.ndarray, keep: np.ndarray, cfg: SweepConfig,
