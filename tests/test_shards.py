@@ -169,3 +169,11 @@ def test_the_cli_captures_a_shard_and_verifies(tiny_dir, tmp_path, capsys):
     assert "sessions finished: 3" in capsys.readouterr().out
     assert main(common + ["--shard", "2/2"]) == 2
     assert "expected 0 <= i < n" in capsys.readouterr().err
+
+
+def test_a_label_only_some_sessions_carry_can_be_queried(llava, tmp_path):
+    sessions = make_sessions(tmp_path, 3)
+    sessions[1].labels["reshow"] = "yes"  # only the middle session's manifest file has this column
+    store = capture(llava, sessions, tmp_path / "st", **SETTINGS)
+    _, meta = store.query(reshow="yes")
+    assert set(meta["session_id"]) == {"s01"} and len(meta) > 0

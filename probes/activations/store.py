@@ -39,6 +39,7 @@ from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 from jaxtyping import Float
 from safetensors import safe_open
@@ -282,9 +283,8 @@ def _shard_kinds(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def _columns_of(files: list[Path]) -> list[str]:
-    import pyarrow.parquet as pq
-
-    return list(dict.fromkeys(name for f in files[:1] + files[-1:] for name in pq.read_schema(f).names))
+    """Every column any of the files has (sessions may carry other labels); schemas only, no rows."""
+    return list(dict.fromkeys(name for f in files for name in pq.read_schema(f).names))
 
 
 def _read_vectors(shards: Path, kind: str, meta: pd.DataFrame, slots: list[int]) -> Tensor:
