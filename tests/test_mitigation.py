@@ -613,3 +613,22 @@ def test_run_mitigation_measures_memory_and_context_retention_at_each_chosen_poi
     with pytest.raises(ValueError, match="session kinds"):
         from probes.mitigation.risks import risk_rows
         risk_rows(llava, settings, sess)
+
+
+def test_disclosure_rates_and_operating_points_by_hand():
+    """Hand-computed: RR, partial disclosure and the leak rate among non-refusals per setting; U at L <= 0.05 and
+    L at U >= 0.95 x clean U read off each method's points (NaN where a front never gets there)."""
+    from analysis.mitigation import disclosure_rates, operating_points
+
+    priv = pd.DataFrame({"method": ["none"] * 4 + ["mask"] * 4, "strength": [0.0] * 4 + [1.0] * 4,
+                         "leaked": [1, 1, 0, 0, 0, 0, 1, 0], "refused": [0, 0, 1, 1, 1, 0, 0, 0],
+                         "partial_disclosure": [0, 1, 0, 0, 0, 0, 1, 1]})
+    got = disclosure_rates(priv).set_index("method")
+    assert got.loc["none", "refusal_rate"] == 0.5 and got.loc["none", "leak_among_answered"] == 1.0
+    assert got.loc["mask", "refusal_rate"] == 0.25 and got.loc["mask", "leak_among_answered"] == 1 / 3
+    assert got.loc["mask", "partial_rate"] == 0.5
+    points = pd.DataFrame({"method": ["none", "a", "a", "a", "b", "b"], "strength": [0, 0, 1, 2, 0, 1],
+                           "L": [1.0, 1.0, 0.5, 0.0, 1.0, 0.2], "U": [0.8, 0.8, 0.79, 0.4, 0.8, 0.7]})
+    hv = operating_points(points, pd.DataFrame({"method": ["a", "b"], "hypervolume": [0.5, 0.3]}))
+    assert hv["U_at_L_le_0.05"].iloc[0] == 0.4 and np.isnan(hv["U_at_L_le_0.05"].iloc[1])
+    assert hv["L_at_U_ge_0.95_clean"].tolist() == [0.5, 1.0]  # 0.95 x 0.8 = 0.76: a keeps it at L 0.5, b never
