@@ -632,3 +632,93 @@ def test_disclosure_rates_and_operating_points_by_hand():
     hv = operating_points(points, pd.DataFrame({"method": ["a", "b"], "hypervolume": [0.5, 0.3]}))
     assert hv["U_at_L_le_0.05"].iloc[0] == 0.4 and np.isnan(hv["U_at_L_le_0.05"].iloc[1])
     assert hv["L_at_U_ge_0.95_clean"].tolist() == [0.5, 1.0]  # 0.95 x 0.8 = 0.76: a keeps it at L 0.5, b never
+
+
+# ---- internal decodability: a probe retrained after the intervention -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def plan_setup(tmp_path_factory):
+    """The embedded model and caption/SSN sessions of 40 fit and 20 held-out identities (disjoint), with the hook
+    where the organism plants the asked value's digits at the prompt's end (README: LM block PLAN_LAYER)."""
+    from probes import load_model
+    from probes.organism.train import PLAN_LAYER
+
+    loaded = load_model("default")
+    sess = mmprivacy_sessions(make_identities(60, seed=123), tmp_path_factory.mktemp("decodability"),
+                              framings=["caption"], pii_types=["SSN"], size=96, layout="grid", design="cycle")
+    return loaded, sess[:40], sess[40:], f"blocks.{PLAN_LAYER}.hook_resid_post"
+
+
+def _binomial_tolerance(result) -> float:
+    """4 binomial standard deviations of a per-digit accuracy at chance over the held-out digits."""
+    n_digits = result.n_test * len(result.per_position)
+    return 4 * (result.chance * (1 - result.chance) / n_digits) ** 0.5
+
+
+def test_decodability_at_strength_zero_equals_the_plain_probe(plan_setup):
+    """(a) A steer at strength 0 changes nothing, so the retrained probe scores exactly what the plain probe does,
+    and the plain probe is the ridge probe fitted on the unhooked activations."""
+    from probes.mitigation.decodability import decodability
+    from probes.mitigation.evaluate import Setting
+    from probes.mitigation.settings import last_prompt_activations
+    from probes.probing.linear import fit_probes
+    from probes.probing.targets import session_targets
+
+    loaded, fit, test, hook = plan_setup
+    plain = decodability(loaded, [], fit, test, hook)
+    zero = [Steer("add", hook, 0.0, vector=torch.randn(loaded.d_model, dtype=torch.float64)),
+            Steer("mean", "blocks.1.hook_resid_post", 0.0, vector=torch.zeros(loaded.d_model))]
+    assert decodability(loaded, zero, fit, test, hook) == plain
+    assert decodability(loaded, Setting("none", 0.0), fit, test, hook) == plain
+    X = {k: last_prompt_activations(loaded, s, [hook])[hook].float() for k, s in (("fit", fit), ("test", test))}
+    y = {k: session_targets(s, "digits")[0] for k, s in (("fit", fit), ("test", test))}
+    k = y["fit"].shape[1]
+    by_hand = fit_probes(X["fit"][None].expand(k, -1, -1), y["fit"].T,
+                         np.asarray([s.labels["identity_id"] for s in fit]), method="ridge", n_classes=10)
+    correct = by_hand.predict(X["test"][None].expand(k, -1, -1)).numpy() == y["test"].T
+    assert plain.accuracy == pytest.approx(correct.mean()) and (plain.n_fit, plain.n_test) == (40, 20)
+
+
+def test_decodability_reads_the_planted_digits_above_chance(plan_setup):
+    """(c) Known truth: the organism was trained to hold the asked SSN's digits at the prompt's end in LM block
+    PLAN_LAYER, so the unmitigated probe reads them on held-out identities well above chance (1/10) and above the
+    fit part's majority class; at the embedding of the prompt's last token (the same token in every session) it
+    reads nothing."""
+    from probes.mitigation.decodability import decodability
+
+    loaded, fit, test, hook = plan_setup
+    plain = decodability(loaded, [], fit, test, hook)
+    assert plain.chance == 0.1 and len(plain.per_position) == 9  # SSN: nine digits
+    assert plain.accuracy > plain.chance + _binomial_tolerance(plain), plain  # measured 0.44
+    assert plain.accuracy > plain.majority + _binomial_tolerance(plain), plain
+    embed = decodability(loaded, [], fit, test, "blocks.0.hook_resid_pre")
+    assert abs(embed.accuracy - embed.chance) <= _binomial_tolerance(embed), embed
+
+
+def test_decodability_after_a_constant_residual_is_chance(plan_setup):
+    """(b) Replacing the residual at the read site by a constant (a mean steer at strength 1 towards zero) leaves
+    nothing to read: the retrained probe names the fit part's majority digit at every position, exactly the
+    `majority` null, which is within binomial noise of 1/10 over the held-out digits."""
+    from probes.mitigation.decodability import decodability
+
+    loaded, fit, test, hook = plan_setup
+    wiped = decodability(loaded, [Steer("mean", hook, 1.0, vector=torch.zeros(loaded.d_model), last=1)], fit, test,
+                         hook)
+    assert wiped.accuracy == pytest.approx(wiped.majority)
+    assert abs(wiped.accuracy - wiped.chance) <= _binomial_tolerance(wiped), wiped
+    plain = decodability(loaded, [], fit, test, hook)
+    assert plain.accuracy - wiped.accuracy > _binomial_tolerance(plain)  # the measure moved with the thing
+
+
+def test_decodability_refuses_a_reading_upstream_of_the_edit_or_shared_identities(plan_setup):
+    from probes.mitigation.decodability import DecodabilityError, decodability
+
+    loaded, fit, test, hook = plan_setup
+    later = Steer("mean", "blocks.3.hook_resid_post", 1.0, vector=torch.zeros(loaded.d_model))
+    with pytest.raises(DecodabilityError, match="read before the steer"):
+        decodability(loaded, [later], fit, test, hook)
+    with pytest.raises(DecodabilityError, match="identities are in both"):
+        decodability(loaded, [], fit, fit[:5], hook)
+    with pytest.raises(DecodabilityError, match="target 'identity'"):
+        decodability(loaded, [], fit, test, hook, target="identity")
