@@ -832,7 +832,8 @@ def _capture_into(loaded: LoadedModel, plan: CapturePlan, out: Path, cfg: Captur
     if cfg.keep_private_labels:
         write_private_labels(out, mine)
     # Batches are formed over every session before any is skipped, so a session meets the same batch-mates (and
-    # the same padding) whichever worker or resume captures it.
+    # the same padding) whichever worker captures it; a resumed batch lacks its finished sessions (equal within
+    # float rounding, as any batch is to one-session capture).
     todo = [[s for s in b if not store.done(s.session_id)] for b in batches]
     n_todo = sum(len(b) for b in todo)
     where = f" of shard {cfg.shard[0]}/{cfg.shard[1]}" if cfg.shard else ""
