@@ -198,10 +198,15 @@ def run_capture_stage(study: Study, entry: dict[str, Any], sessions: Path, work:
             batch_size=c["batch_size"], progress=study.progress, shard=shard)
 
 
-def capture_hash(cfg: StudyConfig, h_sess: str, fp: dict[str, Any]) -> str:
-    """The capture stage's hash: its section, the sessions, the weights and the store's format (a store of an
-    older format is captured again rather than refused)."""
-    return stage_hash(cfg, "capture", [h_sess], {**fp, "store_format": STORE_FORMAT})
+def capture_extra(fp: dict[str, Any]) -> dict[str, Any]:
+    """What the capture stage's hash adds to its section and the sessions: the weights and the store's format (a
+    store of an older format is captured again rather than refused)."""
+    return {**fp, "store_format": STORE_FORMAT}
+
+
+def model_fp(entry: dict[str, Any]) -> dict[str, Any]:
+    """A model entry and its weights' fingerprint: part of every per-model stage's hash."""
+    return {"model": entry, "weights": model_fingerprint(entry["path"])}
 
 
 def run_capture_shard(cfg: StudyConfig, shard: tuple[int, int], progress: bool = True) -> list[Path]:
@@ -217,7 +222,7 @@ def run_capture_shard(cfg: StudyConfig, shard: tuple[int, int], progress: bool =
         sessions = study.stage("sessions", "", out / "sessions", h_sess, lambda w: build_sessions(cfg, w))
     stores = []
     for entry in cfg.data["models"] if cfg.get("capture.enabled") else []:
-        h = capture_hash(cfg, h_sess, {"model": entry, "weights": model_fingerprint(entry["path"])})
+        h = stage_hash(cfg, "capture", [h_sess], capture_extra(model_fp(entry)))
         folder = out / entry["name"] / "capture"
         if marker_hash(folder / "stage.json") == h:
             continue
@@ -578,7 +583,7 @@ def run_study(config: str | os.PathLike | StudyConfig | dict | None = None, over
     reads: list[str] = []
     mitigated: list[str] = []  # read by the figures only: the statistics need no mitigation stage
     for entry in cfg.data["models"]:
-        fp = {"model": entry, "weights": model_fingerprint(entry["path"])}
+        fp = model_fp(entry)
 
         def model_stage(name: str, upstream: list[str], fn: Callable[[Path], None], extra: Any = fp) -> str | None:
             """Run (or skip) one per-model stage; returns its hash, None when disabled."""
@@ -595,7 +600,7 @@ def run_study(config: str | os.PathLike | StudyConfig | dict | None = None, over
         h_leak = model_stage("leakage", [h_sess], lambda w: run_leakage_stage(study, entry, sessions, w),
                              extra={**fp, "scorer": SCORER_VERSION})
         h_cap = model_stage("capture", [h_sess], lambda w: run_capture_stage(study, entry, sessions, w),
-                            extra={**fp, "store_format": STORE_FORMAT})
+                            extra=capture_extra(fp))
         h_probe = model_stage("probes", [h_cap], lambda w: run_probes_stage(study, entry, cap_dir, w), extra=None)
         h_patch = model_stage("patching", [h_sess], lambda w: run_patching_stage(study, entry, sessions, w))
         reads += [h for h in (h_leak, h_probe, h_patch) if h is not None]

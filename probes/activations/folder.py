@@ -111,11 +111,14 @@ def clear_store(path: str | os.PathLike) -> None:
 def write_private_labels(path: str | os.PathLike, sessions: Iterable[Session]) -> Path:
     """`<store>/private_labels.jsonl`: the private labels of `sessions`, added to those already there (PII: the
     file to leave out when sharing a store)."""
+    return add_private_labels(path, {s.session_id: s.private_labels() for s in sessions})
+
+
+def add_private_labels(path: str | os.PathLike, new: dict[str, dict[str, Any]]) -> Path:
+    """`write_private_labels` from session id -> private labels (another store's file, when merging)."""
     target = Path(path) / PRIVATE_FILE
     with exclusive(Path(path) / f"{LOCK_FILE}.private"):  # shard workers add theirs at the same time
-        labels = read_private_labels(path)
-        for s in sessions:
-            labels[s.session_id] = s.private_labels()
+        labels = {**read_private_labels(path), **new}
         lines = [json.dumps({"session_id": sid, "labels": lab}, ensure_ascii=False, sort_keys=True)
                  for sid, lab in sorted(labels.items())]
         atomic_write_text(target, "".join(line + "\n" for line in lines))

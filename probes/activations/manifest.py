@@ -148,13 +148,14 @@ def drop_stale_parts(folder: Path, finished: Iterable[str]) -> None:
             part.unlink(missing_ok=True)
 
 
-def read_rows(files: list[Path], filters: dict[str, Any] | None = None, columns: list[str] | None = None
-              ) -> pd.DataFrame:
+def read_rows(files: list[Path], filters: dict[str, Any] | None = None, columns: list[str] | None = None,
+              schema: pa.Schema | None = None) -> pd.DataFrame:
     """Rows of `files` where every `filters` column is one of the given values, compacted; pyarrow reads only the
-    row groups and columns it needs. The files' union of columns (sessions may carry other labels)."""
+    row groups and columns it needs. The files' union of columns (sessions may carry other labels): `schema`, when
+    the caller has already read it (`union_schema`)."""
     if not files:
         return pd.DataFrame(columns=BASE_COLUMNS)
-    dataset = ds.dataset([str(f) for f in files], format="parquet", schema=_union_schema(files))
+    dataset = ds.dataset([str(f) for f in files], format="parquet", schema=schema or union_schema(files))
     expr = None
     for col, values in (filters or {}).items():
         values = list(values) if isinstance(values, (list, tuple, set, np.ndarray)) else [values]
@@ -189,7 +190,8 @@ def _object_categories(part: pd.Series) -> pd.Categorical:
     return pd.Categorical(part).set_categories(part.cat.categories.astype(object))
 
 
-def _union_schema(files: list[Path]) -> pa.Schema:
+def union_schema(files: list[Path]) -> pa.Schema:
+    """Every column any of the files has, each with a type that holds all of them (schemas only, no rows)."""
     schemas = [pq.read_schema(f) for f in files]
     fields: dict[str, pa.Field] = {}
     for s in schemas:

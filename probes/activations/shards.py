@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from safetensors import safe_open
 
 from probes.activations.errors import StoreError
-from probes.activations.folder import compare_spec, read_private_labels, read_spec, write_private_labels
+from probes.activations.folder import add_private_labels, compare_spec, read_private_labels, read_spec
 from probes.activations.lock import StoreLock
 from probes.activations.manifest import consolidate, cover, finished_shards, shards_in
 from probes.activations.store import ActivationStore
@@ -160,19 +160,10 @@ def merge_stores(out: str | os.PathLike, sources: Sequence[str | os.PathLike]) -
                 _copy_session(src / "shards", out / "shards", name)
             private = read_private_labels(src)
             if private:
-                write_private_labels(out, [_Labels(sid, lab) for sid, lab in private.items()])
+                add_private_labels(out, private)
         finished = finished_shards(out / "shards")
         consolidate(out, cover(out, finished)[0])
     return verify_store(out)
-
-
-@dataclass
-class _Labels:  # what write_private_labels reads of a session
-    session_id: str
-    labels: dict
-
-    def private_labels(self) -> dict:
-        return self.labels
 
 
 def _copy_session(src: Path, dst: Path, name: str) -> None:

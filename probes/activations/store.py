@@ -39,7 +39,6 @@ from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import torch
 from jaxtyping import Float
 from safetensors import safe_open
@@ -57,6 +56,7 @@ from probes.activations.manifest import (
     finished_shards,
     parquet_bytes,
     read_rows,
+    union_schema,
 )
 from probes.data.files import atomic_write_bytes, atomic_write_text
 from probes.data.session import Session, SessionError, read_sessions
@@ -202,11 +202,11 @@ class ActivationStore:
         missing = sorted(set(want) - set(stored))
         if missing:
             raise StoreError(f"query: layers {missing} not stored for {kind!r} (stored: {stored})")
-        columns = _columns_of(files)
+        schema = union_schema(files)
         for col in filters:
-            if col not in columns:
-                raise StoreError(f"query: unknown column {col!r}; columns: {', '.join(columns)}")
-        meta = read_rows(files, {**filters, "scope": info[kind]["scope"]})
+            if col not in schema.names:
+                raise StoreError(f"query: unknown column {col!r}; columns: {', '.join(schema.names)}")
+        meta = read_rows(files, {**filters, "scope": info[kind]["scope"]}, schema=schema)
         if position_group is not None and len(meta):
             meta = meta[meta["groups"].astype(str).str.split(",").map(lambda g: position_group in g)]
         meta = meta.drop(columns=["scope"]).reset_index(drop=True)
@@ -259,12 +259,14 @@ class ActivationStore:
     def summary(self) -> str:
         """A short human-readable description (what `mmret inspect` prints); no PII values."""
         m = self.manifest
+        n_sessions = len(self.finished_ids())
         lines = [f"store: {self.path}", f"model: {self.spec.get('model')} (family {self.spec.get('family')})"]
-        kinds = self.kinds() if len(self.finished_ids()) else {}
-        n_vectors = sum(int((m["scope"] == scope_of(k)).sum()) * len(v) for k, v in kinds.items()) if len(m) else 0
-        lines.append(f"sessions: {len(self.finished_ids())}, positions: {len(m)}, vectors: {n_vectors}")
+        kinds = self.kinds() if n_sessions else {}
+        per_layer = {k: int((m["scope"] == scope_of(k)).sum()) if len(m) else 0 for k in kinds}
+        lines.append(f"sessions: {n_sessions}, positions: {len(m)}, "
+                     f"vectors: {sum(per_layer[k] * len(v) for k, v in kinds.items())}")
         for kind, layers in kinds.items():
-            lines.append(f"  {kind}: layers {layers}, vectors per layer {int((m['scope'] == scope_of(kind)).sum())}")
+            lines.append(f"  {kind}: layers {layers}, vectors per layer {per_layer[kind]}")
         if len(m):
             lines.append(f"turns: {[int(t) for t in sorted(m['turn'].unique())]}")
             lines.append(f"segments: {_counts(m['segment'])}")
@@ -280,11 +282,6 @@ def _shard_kinds(path: Path) -> dict[str, dict[str, Any]]:
     if "kinds" not in meta:
         raise StoreError(f"{path}: a shard without its kinds' layers (written by another format); capture again")
     return json.loads(meta["kinds"])
-
-
-def _columns_of(files: list[Path]) -> list[str]:
-    """Every column any of the files has (sessions may carry other labels); schemas only, no rows."""
-    return list(dict.fromkeys(name for f in files for name in pq.read_schema(f).names))
 
 
 def _read_vectors(shards: Path, kind: str, meta: pd.DataFrame, slots: list[int]) -> Tensor:
